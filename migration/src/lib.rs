@@ -1,0 +1,37 @@
+//! Schema migrations of the ampd metadata database.
+//!
+//! Each `mYYYYMMDD_HHMMSS_<what>.rs` file is one logical change, built with sea-query. The list in
+//! [`Migrator::migrations`] is maintained by `sea-orm-cli migrate generate`; keep the
+//! `impl MigratorTrait` block last in this file so that the tool can rewrite it.
+//!
+//! Released migrations are frozen: every applied migration's checksum is recorded, and `ampd migrate`
+//! refuses to run when a migration's source no longer matches what was applied.
+pub use sea_orm_migration::prelude::*;
+
+mod checksum;
+pub use checksum::{CHECKSUMS, canonical_tokens, checksum_of, source_checksum};
+
+mod m20261101_000001_create_workers;
+mod m20261101_000002_create_jobs;
+mod m20261101_000003_create_datasets;
+mod m20261101_000004_create_physical_tables;
+mod m20261101_000005_create_files;
+mod m20261101_000006_add_jobs_idempotency_key;
+mod m20261101_000007_backfill_jobs_idempotency_key;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261101_000001_create_workers::Migration),
+            Box::new(m20261101_000002_create_jobs::Migration),
+            Box::new(m20261101_000003_create_datasets::Migration),
+            Box::new(m20261101_000004_create_physical_tables::Migration),
+            Box::new(m20261101_000005_create_files::Migration),
+            Box::new(m20261101_000006_add_jobs_idempotency_key::Migration),
+            Box::new(m20261101_000007_backfill_jobs_idempotency_key::Migration),
+        ]
+    }
+}

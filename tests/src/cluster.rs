@@ -1,0 +1,231 @@
+//! Where the tests get a PostgreSQL server from.
+//!
+//! `AMP_TEST_DATABASE_URL`, when set, is an admin URL of a running server (the harness creates and
+//! drops databases through it). Otherwise the harness starts a private, throw-away cluster once per
+//! test process: `initdb` into a temporary directory and `postgres` listening only on a Unix socket
+//! in that directory, as the unprivileged `postgres` user (through `setpriv`) when the process runs as root (both
+//! programs refuse to run as root). A watchdog shell holds the read end of a pipe whose write end the
+//! test process keeps open; when the test process exits for any reason the pipe closes and the
+//! watchdog stops the server and removes the directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The admin URL of the server the tests use (created on first use).
+pub fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| match std::env::var("AMP_TEST_DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => {
+            let cluster = PrivateCluster::start().unwrap_or_else(|e| {
+                panic!(
+                    "cannot start a private PostgreSQL cluster for the tests ({e}); install \
+                     PostgreSQL (initdb, postgres) or set AMP_TEST_DATABASE_URL to an admin URL"
+                )
+            });
+            let url = cluster.admin_url();
+            // Kept for the life of the process; its watchdog cleans up after the process exits.
+            std::mem::forget(cluster);
+            url
+        }
+    })
+}
+
+/// A private PostgreSQL cluster on a Unix socket in a temporary directory.
+pub struct PrivateCluster {
+    dir: PathBuf,
+    /// The write end of the watchdog's pipe: closing it (dropping this, or the process exiting)
+    /// stops the server.
+    watchdog: Option<std::process::ChildStdin>,
+    child: std::process::Child,
+}
+
+impl PrivateCluster {
+    /// Runs `initdb` and starts `postgres`; returns once the server accepts connections.
+    pub fn start() -> Result<Self, String> {
+        let bindir = find_bindir()?;
+        let dir = std::env::temp_dir().join(format!(
+            "ampd-test-pg-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32())
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let run_as = if is_root() { Some("postgres") } else { None };
+        if let Some(user) = run_as {
+            let status = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(&dir)
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !status.success() {
+                return Err(format!("chown {user} {} failed", dir.display()));
+            }
+        }
+        let data = dir.join("data");
+        let out = as_user(run_as, &bindir.join("initdb"))
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+
+        // The watchdog: starts postgres, waits for stdin to close, then stops it and cleans up.
+        let postgres = bindir.join("postgres");
+        let script = format!(
+            "{runas}{postgres} -D {data} -k {dir} -c listen_addresses= -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+             -c shared_buffers=128MB >{dir}/server.log 2>&1 & pid=$!; \
+             cat >/dev/null; kill -INT $pid 2>/dev/null; \
+             while kill -0 $pid 2>/dev/null; do sleep 0.1; done; rm -rf {dir}",
+            runas = run_as
+                .map(|u| format!("setpriv --reuid={u} --regid={u} --init-groups "))
+                .unwrap_or_default(),
+            postgres = sh_quote(&postgres),
+            data = sh_quote(&data),
+            dir = sh_quote(&dir),
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("start postgres: {e}"))?;
+        let watchdog = child.stdin.take().ok_or("no watchdog pipe")?;
+        let cluster = PrivateCluster {
+            dir,
+            watchdog: Some(watchdog),
+            child,
+        };
+        cluster.wait_ready(&bindir)?;
+        Ok(cluster)
+    }
+
+    /// Admin URL of this cluster (the `postgres` role and database, over the Unix socket).
+    pub fn admin_url(&self) -> String {
+        format!(
+            "postgresql://postgres@localhost/postgres?host={}",
+            self.dir.display()
+        )
+    }
+
+    fn wait_ready(&self, bindir: &Path) -> Result<(), String> {
+        let socket = self.dir.join(".s.PGSQL.5432");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pg_isready = bindir.join("pg_isready");
+        while Instant::now() < deadline {
+            if socket.exists() {
+                let ready = Command::new(&pg_isready)
+                    .arg("-h")
+                    .arg(&self.dir)
+                    .arg("-q")
+                    .status()
+                    .map(|s| s.success())
+                    // Without pg_isready, the socket existing is good enough.
+                    .unwrap_or(true);
+                if ready {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        Err(format!(
+            "postgres did not start within 30 s: {}",
+            log.trim()
+        ))
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        // Closing the pipe makes the watchdog stop the server and remove the directory.
+        drop(self.watchdog.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn find_bindir() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("AMP_TEST_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    // Debian/Ubuntu: /usr/lib/postgresql/<major>/bin, newest first.
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<(u32, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let major = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").exists().then_some((major, bin))
+            })
+            .collect();
+        versions.sort();
+        if let Some((_, bin)) = versions.pop() {
+            return Ok(bin);
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if bin.join("initdb").exists() {
+            return Ok(bin);
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        if dir.join("initdb").exists() && dir.join("postgres").exists() {
+            return Ok(dir);
+        }
+    }
+    Err("initdb and postgres not found (set AMP_TEST_PG_BINDIR)".into())
+}
+
+fn as_user(user: Option<&str>, program: &Path) -> Command {
+    match user {
+        Some(user) => {
+            // setpriv execs the program (no intermediate process), as `user`.
+            let mut cmd = Command::new("setpriv");
+            cmd.arg(format!("--reuid={user}"))
+                .arg(format!("--regid={user}"))
+                .arg("--init-groups")
+                .arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn sh_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::process::id()) as u32
+}

@@ -1,0 +1,172 @@
+//! Test harness: every test gets its own freshly created PostgreSQL database, dropped afterwards, so
+//! tests run in parallel with nothing shared. See [`cluster`] for where the server comes from.
+
+pub mod catalog;
+pub mod cluster;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, Statement};
+
+pub use cluster::admin_url;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A database of its own for one test. Dropped (with any connections still open to it) when this
+/// value is dropped.
+pub struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// A new, empty database (no tables at all).
+    pub async fn empty() -> TestDb {
+        let name = unique_name("t");
+        admin_exec(&format!("CREATE DATABASE \"{name}\"")).await;
+        let url = database_url(&name);
+        TestDb { name, url }
+    }
+
+    /// A new database migrated to head. Cloned from a template database that is migrated once per
+    /// set of migrations, which keeps a test's set-up to one `CREATE DATABASE`.
+    pub async fn migrated() -> TestDb {
+        let template = ensure_template().await;
+        let name = unique_name("t");
+        admin_exec(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+        ))
+        .await;
+        let url = database_url(&name);
+        TestDb { name, url }
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A connection URL for this database (same credentials as the admin URL).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A small SeaORM pool on this database.
+    pub async fn connect(&self) -> DatabaseConnection {
+        connect(&self.url, 5).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(admin_exec(&sql));
+        })
+        .join();
+    }
+}
+
+/// Connects to `url` with a pool of at most `max` connections and quiet statement logging.
+pub async fn connect(url: &str, max: u32) -> DatabaseConnection {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.max_connections(max)
+        .min_connections(0)
+        .sqlx_logging(false);
+    Database::connect(opts)
+        .await
+        .unwrap_or_else(|e| panic!("connect to test database: {e}"))
+}
+
+/// Runs one statement on the admin database.
+pub async fn admin_exec(sql: &str) {
+    let db = connect(admin_url(), 1).await;
+    db.execute_unprepared(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let _ = db.close().await;
+}
+
+/// The URL of database `name` on the test server.
+pub fn database_url(name: &str) -> String {
+    let mut url = url::Url::parse(admin_url()).expect("admin URL is a URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("ampd_{prefix}_{}_{n}_{nanos}", std::process::id())
+}
+
+/// Creates (once per server and set of migrations) a database migrated to head to clone tests from.
+async fn ensure_template() -> String {
+    static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    TEMPLATE
+        .get_or_init(|| async {
+            let fingerprint: String = migration::CHECKSUMS
+                .iter()
+                .map(|(name, sum)| format!("{name}{sum}"))
+                .collect();
+            let digest = {
+                use std::hash::{DefaultHasher, Hash, Hasher};
+                let mut h = DefaultHasher::new();
+                fingerprint.hash(&mut h);
+                h.finish()
+            };
+            let template = format!("ampd_template_{digest:016x}");
+            // Serialise template creation across test processes with an advisory lock.
+            let admin = connect(admin_url(), 1).await;
+            admin
+                .execute_unprepared("SELECT pg_advisory_lock(4242001)")
+                .await
+                .expect("template lock");
+            let exists = admin
+                .query_one_raw(Statement::from_string(
+                    admin.get_database_backend(),
+                    format!("SELECT 1 FROM pg_database WHERE datname = '{template}'"),
+                ))
+                .await
+                .expect("look up template")
+                .is_some();
+            if !exists {
+                let building = unique_name("building");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE \"{building}\""))
+                    .await
+                    .expect("create template");
+                let db = connect(&database_url(&building), 1).await;
+                migrate_to_head(&db).await.expect("migrate template");
+                db.close().await.expect("close template");
+                admin
+                    .execute_unprepared(&format!(
+                        "ALTER DATABASE \"{building}\" RENAME TO \"{template}\""
+                    ))
+                    .await
+                    .expect("rename template");
+            }
+            admin
+                .execute_unprepared("SELECT pg_advisory_unlock(4242001)")
+                .await
+                .expect("template unlock");
+            let _ = admin.close().await;
+            template
+        })
+        .await
+        .clone()
+}
+
+/// Applies every migration with SeaORM's own migrator.
+pub async fn migrate_to_head(db: &DatabaseConnection) -> Result<(), DbErr> {
+    Migrator::up(db, None).await
+}
