@@ -1,1 +1,12 @@
-//! placeholder
+//! The ampd daemon's library: configuration, the metadata database (migrations and data access),
+//! the long-running services, and the command line the `ampd` binary runs.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+mod logging;
+pub mod metadata;
+pub mod migrate;
+mod migrate_cmd;
+pub mod service;
+mod service_cmd;

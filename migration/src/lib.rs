@@ -7,6 +7,8 @@
 //! Released migrations are frozen: every applied migration's checksum is recorded, and `ampd migrate`
 //! refuses to run when a migration's source no longer matches what was applied.
 pub use sea_orm_migration::prelude::*;
+/// SeaORM's own record of applied migrations, re-exported for ampd's migrator.
+pub use sea_orm_migration::seaql_migrations;
 
 mod checksum;
 pub use checksum::{CHECKSUMS, canonical_tokens, checksum_of, source_checksum};

@@ -2,7 +2,9 @@
 //! tests run in parallel with nothing shared. See [`cluster`] for where the server comes from.
 
 pub mod catalog;
+pub mod cli;
 pub mod cluster;
+pub mod fixtures;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,0 +1,111 @@
+//! The `ampd` command line: clap types, logging set-up, dispatch, error printing and the exit
+//! code. It lives in the library so that the same command line can be built around another list of
+//! migrations (the test suite builds one with test-only migrations); `main.rs` only picks the
+//! metadata schema's migrations.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::migrate::MigrationSet;
+use crate::{logging, migrate_cmd, service_cmd};
+
+/// The ampd data daemon.
+#[derive(Debug, Parser)]
+#[command(name = "ampd", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Every key can be overridden from the environment as
+    /// AMP_CONFIG_<SECTION>__<KEY>, e.g. AMP_CONFIG_METADATA_DB__URL.
+    #[arg(long, global = true, env = "AMP_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply pending metadata database migrations, then exit (0: up to date, 1: error).
+    Migrate(migrate_cmd::MigrateArgs),
+    /// Run the controller: reassigns jobs of dead workers and retries failed ones.
+    Controller,
+    /// Run the server: follows revision changes of the metadata database.
+    Server,
+    /// Run a worker node: registers, heartbeats and follows the jobs assigned to it.
+    Worker {
+        /// This worker's node id: 1-64 characters of [A-Za-z0-9_.-], starting with a letter.
+        #[arg(long, value_name = "ID")]
+        node_id: String,
+    },
+    /// Run controller, server and a worker in one process (metadata_db.auto_migrate defaults to
+    /// true).
+    Solo {
+        /// The embedded worker's node id.
+        #[arg(long, value_name = "ID", default_value = "solo")]
+        node_id: String,
+    },
+}
+
+/// Runs the command line of the process with the migrations `migrations` returns, and gives the
+/// exit code: 0 on success, 1 on any error (usage errors included).
+pub fn main(migrations: fn() -> MigrationSet) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    logging::init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            print_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, migrations)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(e.as_ref());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn std::error::Error>> {
+    let path = cli.config.ok_or(
+        "no configuration file: pass --config <path> (before or after the subcommand) or set AMP_CONFIG=<path>",
+    )?;
+    let config = crate::config::Config::load(&path)?;
+    logging::add_secrets_of(&config.metadata_db.url);
+    match cli.command {
+        Command::Migrate(args) => migrate_cmd::run(&config, args, &migrations()).await,
+        Command::Controller => service_cmd::controller(config, migrations).await,
+        Command::Server => service_cmd::server(config, migrations).await,
+        Command::Worker { node_id } => service_cmd::worker(config, node_id, migrations).await,
+        Command::Solo { node_id } => service_cmd::solo(config, node_id, migrations).await,
+    }
+}
+
+/// `error: <what failed>` and one `  caused by: <why>` line per source, secrets redacted.
+fn print_error(err: &dyn std::error::Error) {
+    let mut out = format!("error: {err}\n");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !out.contains(&line) {
+            out.push_str(&format!("  caused by: {line}\n"));
+        }
+        source = cause.source();
+    }
+    let _ = std::io::stderr().write_all(logging::redact(&out).as_bytes());
+}

@@ -1,0 +1,201 @@
+//! Connecting to the metadata database: retries with backoff within the configured connect timeout,
+//! clear errors with the URL redacted, and PostgreSQL error details for callers that need them.
+
+use std::time::{Duration, Instant};
+
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
+use sea_orm::sqlx::{self, ConnectOptions as _};
+use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxPostgresConnector};
+
+use crate::config::{DatabaseUrl, MetadataDbConfig};
+
+/// Why the metadata database could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server did not accept a connection within the connect timeout (refused, unreachable,
+    /// DNS failure, TLS failure, or the server is starting up).
+    #[error(
+        "failed to connect to metadata database: {cause} (url {url}; gave up after {:.1} s)",
+        elapsed.as_secs_f64()
+    )]
+    Unreachable {
+        /// The URL, password redacted.
+        url: String,
+        /// The last error seen.
+        cause: String,
+        /// Time spent trying.
+        elapsed: Duration,
+    },
+    /// The server answered, but the database named in the URL does not exist.
+    #[error(
+        "failed to connect to metadata database: database \"{database}\" does not exist (url {url}); create it (CREATE DATABASE \"{database}\") or fix metadata_db.url"
+    )]
+    DatabaseMissing {
+        /// The URL, password redacted.
+        url: String,
+        /// The database name the server reported missing.
+        database: String,
+    },
+    /// The server refused the credentials or the role.
+    #[error(
+        "failed to connect to metadata database: {cause} (url {url}); check the user and password in metadata_db.url"
+    )]
+    Rejected {
+        /// The URL, password redacted.
+        url: String,
+        /// The server's message.
+        cause: String,
+    },
+    /// The URL could not be turned into connection options.
+    #[error("failed to connect to metadata database: invalid url {url}: {cause}")]
+    InvalidUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// Why it is invalid.
+        cause: String,
+    },
+}
+
+/// A PostgreSQL error's SQLSTATE and message, when `err` came from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    /// The five-character SQLSTATE, e.g. `42501`.
+    pub code: String,
+    /// The server's primary message.
+    pub message: String,
+    /// The server's detail line, if any.
+    pub detail: Option<String>,
+    /// The constraint involved, if any.
+    pub constraint: Option<String>,
+}
+
+/// The server's error inside `err`, if it is one.
+pub fn pg_error(err: &DbErr) -> Option<PgError> {
+    let runtime = match err {
+        DbErr::Exec(e) | DbErr::Query(e) | DbErr::Conn(e) => e,
+        _ => return None,
+    };
+    let RuntimeErr::SqlxError(sqlx_err) = runtime else {
+        return None;
+    };
+    pg_error_of_sqlx(sqlx_err)
+}
+
+fn pg_error_of_sqlx(err: &sqlx::Error) -> Option<PgError> {
+    let sqlx::Error::Database(db_err) = err else {
+        return None;
+    };
+    let pg = db_err.try_downcast_ref::<PgDatabaseError>()?;
+    Some(PgError {
+        code: pg.code().to_owned(),
+        message: pg.message().to_owned(),
+        detail: pg.detail().map(str::to_owned),
+        constraint: pg.constraint().map(str::to_owned),
+    })
+}
+
+/// Whether `err` means the server or the network is not (yet) available, so trying again may help.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(_) => pg_error_of_sqlx(err).is_some_and(|e| {
+            // cannot_connect_now (starting up / shutting down), too_many_connections,
+            // admin_shutdown / crash_shutdown.
+            matches!(e.code.as_str(), "57P03" | "53300" | "57P01" | "57P02")
+        }),
+        _ => false,
+    }
+}
+
+/// Options for one pool on `url`, with statement logging at debug level.
+fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> {
+    let opts: PgConnectOptions =
+        url.expose()
+            .parse()
+            .map_err(|e: sqlx::Error| ConnectError::InvalidUrl {
+                url: url.redacted(),
+                cause: crate::config::redact_url(&e.to_string()),
+            })?;
+    Ok(opts
+        .log_statements(log::LevelFilter::Debug)
+        .application_name("ampd"))
+}
+
+/// Opens a pool of at most `max_connections` on the metadata database and proves it works with
+/// one connection. sqlx retries a refused connection with exponential backoff until
+/// `cfg.connect_timeout_secs` has passed; a missing database or rejected credentials fail at once.
+///
+/// The pool is built directly on sqlx rather than through `sea_orm::Database::connect`, whose
+/// trace-level span would record the URL, password included.
+pub async fn connect(
+    cfg: &MetadataDbConfig,
+    max_connections: u32,
+) -> Result<DatabaseConnection, ConnectError> {
+    let opts = connect_options(&cfg.url)?;
+    let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
+    let started = Instant::now();
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .min_connections(cfg.min_connections.min(max_connections))
+        .acquire_timeout(Duration::from_secs(cfg.acquire_timeout_secs.max(1)))
+        .idle_timeout(Some(Duration::from_secs(cfg.idle_timeout_secs.max(1))))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts.clone());
+    let err = match tokio::time::timeout(timeout, pool.acquire()).await {
+        Ok(Ok(conn)) => {
+            drop(conn);
+            return Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool));
+        }
+        Ok(Err(e)) => e,
+        Err(_) => sqlx::Error::PoolTimedOut,
+    };
+    pool.close().await;
+    Err(classify(cfg, &opts, err, started.elapsed(), timeout).await)
+}
+
+async fn classify(
+    cfg: &MetadataDbConfig,
+    opts: &PgConnectOptions,
+    err: sqlx::Error,
+    elapsed: Duration,
+    timeout: Duration,
+) -> ConnectError {
+    if let Some(pg) = pg_error_of_sqlx(&err) {
+        match pg.code.as_str() {
+            "3D000" => {
+                return ConnectError::DatabaseMissing {
+                    url: cfg.url.redacted(),
+                    database: cfg.url.database().unwrap_or_default(),
+                };
+            }
+            "28P01" | "28000" | "42501" => {
+                return ConnectError::Rejected {
+                    url: cfg.url.redacted(),
+                    cause: pg.message,
+                };
+            }
+            _ => {}
+        }
+    }
+    if !is_transient(&err) {
+        return ConnectError::Rejected {
+            url: cfg.url.redacted(),
+            cause: crate::config::redact_url(&err.to_string()),
+        };
+    }
+    // The pool only says it timed out: one more direct attempt tells why.
+    let cause = match &err {
+        sqlx::Error::PoolTimedOut => {
+            match tokio::time::timeout(Duration::from_secs(1), opts.connect()).await {
+                Ok(Err(e)) => crate::config::redact_url(&e.to_string()),
+                _ => format!("no answer within {} s", timeout.as_secs()),
+            }
+        }
+        other => crate::config::redact_url(&other.to_string()),
+    };
+    ConnectError::Unreachable {
+        url: cfg.url.redacted(),
+        cause,
+        elapsed,
+    }
+}

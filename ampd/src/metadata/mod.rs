@@ -1,0 +1,1 @@
+//! Data access over the metadata database, one module per domain.

@@ -1,0 +1,141 @@
+//! Test-only migration sets for the `ampd-fixture` binary (the `ampd` command line built around
+//! them) and for in-process tests. Chosen with `AMPD_FIXTURE_MIGRATIONS`:
+//!
+//! | value | migrations |
+//! |---|---|
+//! | unset or `schema` | the metadata schema's own (same as `ampd`) |
+//! | `failing` | the schema's, then one that creates a table and then fails |
+//! | `slow` | the schema's, then one that sleeps `AMPD_FIXTURE_SLEEP_SECS` (default 30) inside the run |
+//! | `alter-jobs` | the schema's, then one that adds a column to `jobs` (needs its lock) |
+//! | `synthetic:N` | N trivial migrations (each creates and drops nothing but a comment) |
+
+use ampd::migrate::MigrationSet;
+use migration::{DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
+use sea_orm::ConnectionTrait;
+use sha2::{Digest, Sha256};
+
+/// The migration set named by `AMPD_FIXTURE_MIGRATIONS` (see the module docs).
+pub fn from_env() -> MigrationSet {
+    let which = std::env::var("AMPD_FIXTURE_MIGRATIONS").unwrap_or_default();
+    named(&which).unwrap_or_else(|| {
+        eprintln!("unknown AMPD_FIXTURE_MIGRATIONS={which:?}; using the schema's migrations");
+        MigrationSet::ampd()
+    })
+}
+
+/// The migration set called `which`, if there is one.
+pub fn named(which: &str) -> Option<MigrationSet> {
+    let extra: Box<dyn MigrationTrait> = match which {
+        "" | "schema" => return Some(MigrationSet::ampd()),
+        "failing" => Box::new(Failing),
+        "slow" => Box::new(Slow),
+        "alter-jobs" => Box::new(AlterJobs),
+        other => {
+            let n: usize = other.strip_prefix("synthetic:")?.parse().ok()?;
+            return Some(synthetic(n));
+        }
+    };
+    let mut migrations = migration::Migrator::migrations();
+    migrations.push(extra);
+    Some(MigrationSet::new(migrations, checksum))
+}
+
+/// The schema's checksums for its migrations; a fixed one derived from the name for fixtures.
+fn checksum(name: &str) -> Option<String> {
+    migration::checksum_of(name)
+        .map(str::to_owned)
+        .or_else(|| Some(hex::encode(Sha256::digest(format!("fixture:{name}")))))
+}
+
+/// Creates a table, then runs a statement PostgreSQL rejects.
+pub struct Failing;
+
+impl MigrationName for Failing {
+    fn name(&self) -> &str {
+        "m20991231_000001_fixture_fails"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Failing {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        db.execute_unprepared("CREATE TABLE fixture_created_before_failure (id bigint)")
+            .await?;
+        db.execute_unprepared("ALTER TABLE no_such_table ADD COLUMN x int")
+            .await?;
+        Ok(())
+    }
+}
+
+/// Sleeps inside the run, so a test can interrupt it half-way.
+pub struct Slow;
+
+impl MigrationName for Slow {
+    fn name(&self) -> &str {
+        "m20991231_000002_fixture_slow"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Slow {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let secs: f64 = std::env::var("AMPD_FIXTURE_SLEEP_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30.0);
+        let db = manager.get_connection();
+        db.execute_unprepared("CREATE TABLE fixture_slow_started (id bigint)")
+            .await?;
+        db.execute_unprepared(&format!("SELECT pg_sleep({secs})"))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Adds a column to `jobs`, which needs an ACCESS EXCLUSIVE lock on it.
+pub struct AlterJobs;
+
+impl MigrationName for AlterJobs {
+    fn name(&self) -> &str {
+        "m20991231_000003_fixture_alter_jobs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AlterJobs {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("ALTER TABLE jobs ADD COLUMN fixture_note text")
+            .await
+            .map(|_| ())
+    }
+}
+
+/// `n` trivial migrations, named in order.
+pub fn synthetic(n: usize) -> MigrationSet {
+    let migrations: Vec<Box<dyn MigrationTrait>> = (0..n)
+        .map(|i| Box::new(Synthetic(format!("m20000101_{:06}_synthetic", i + 1))) as _)
+        .collect();
+    MigrationSet::new(migrations, checksum)
+}
+
+struct Synthetic(String);
+
+impl MigrationName for Synthetic {
+    fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Synthetic {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("SELECT 1")
+            .await
+            .map(|_| ())
+    }
+}

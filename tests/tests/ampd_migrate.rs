@@ -1,0 +1,583 @@
+//! `ampd migrate`, run as a user runs it: the built binary, a config file, exit codes and output.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use tests::cli::{self, TempDir, config_toml};
+use tests::{TestDb, catalog};
+
+const SCHEMA_MIGRATIONS: usize = 7;
+const HEAD: &str = "m20261101_000007_backfill_jobs_idempotency_key";
+
+/// `url` with its user and password replaced.
+fn with_credentials(url: &str, user: &str, password: Option<&str>) -> String {
+    let mut u = url::Url::parse(url).expect("url");
+    u.set_username(user).expect("set user");
+    u.set_password(password).expect("set password");
+    u.to_string()
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("one row");
+    row.try_get_by_index::<i64>(0).expect("a count")
+}
+
+async fn migrate(config: &std::path::Path) -> cli::Output {
+    cli::ampd_with_config(config, &["migrate"]).await
+}
+
+#[tokio::test]
+async fn migrate_applies_everything_then_a_second_run_is_a_noop() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+
+    let first = migrate(&config).await;
+    assert_eq!(first.code, Some(0), "{}", first.all());
+    assert!(
+        first
+            .stdout
+            .contains(&format!("applied {SCHEMA_MIGRATIONS} migrations in")),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains(&format!("schema at version {HEAD}")),
+        "{}",
+        first.stdout
+    );
+    for name in migration::CHECKSUMS.iter().map(|(n, _)| n) {
+        assert!(
+            first.stderr.contains(name),
+            "progress names {name}: {}",
+            first.stderr
+        );
+    }
+
+    let second = migrate(&config).await;
+    assert_eq!(second.code, Some(0), "{}", second.all());
+    assert_eq!(
+        second.stdout.trim(),
+        format!("schema is up to date (version {HEAD})")
+    );
+
+    let conn = db.connect().await;
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        SCHEMA_MIGRATIONS as i64
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM ampd_migrations WHERE execution_ms IS NOT NULL AND ampd_version <> ''")
+            .await,
+        SCHEMA_MIGRATIONS as i64
+    );
+}
+
+#[tokio::test]
+async fn amp_config_names_the_config_file() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let out = cli::run(
+        cli::ampd(),
+        &["migrate"],
+        &[("AMP_CONFIG", config.to_str().unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("applied 7 migrations"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn environment_override_beats_the_file() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    // The file points at a database that does not exist; the environment at the real one.
+    let wrong = tests::database_url("ampd_no_such_database");
+    let config = dir.file("config.toml", &config_toml(&wrong, ""));
+    let out = cli::run(
+        cli::ampd(),
+        &["--config", config.to_str().unwrap(), "migrate"],
+        &[("AMP_CONFIG_METADATA_DB__URL", db.url())],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("applied 7 migrations"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn without_a_config_the_error_says_how_to_pass_one() {
+    let out = cli::run(cli::ampd(), &["migrate"], &[], Duration::from_secs(30)).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.stderr.contains("--config <path>"), "{}", out.stderr);
+    assert!(out.stderr.contains("AMP_CONFIG"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn missing_unreadable_and_malformed_config_files_are_clear_errors() {
+    let dir = TempDir::new();
+    let missing = dir.path().join("nope.toml");
+    let out = cli::ampd_with_config(&missing, &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("cannot read config file"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("nope.toml"), "{}", out.stderr);
+
+    // A directory cannot be read as a file (and, unlike permissions, this holds for root too).
+    let out = cli::ampd_with_config(dir.path(), &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("cannot read config file"),
+        "{}",
+        out.stderr
+    );
+
+    let bad = dir.file(
+        "bad.toml",
+        "[metadata_db]\nurl = \"postgresql://x@h/db\"\nmax_connections = \n",
+    );
+    let out = cli::ampd_with_config(&bad, &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("bad.toml"), "{}", out.stderr);
+    assert!(out.stderr.contains("line 3"), "{}", out.stderr);
+
+    let wrong_type = dir.file(
+        "type.toml",
+        "[metadata_db]\nurl = \"postgresql://x@h/db\"\nmax_connections = \"many\"\n",
+    );
+    let out = cli::ampd_with_config(&wrong_type, &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("metadata_db.max_connections"),
+        "{}",
+        out.stderr
+    );
+
+    let unknown = dir.file(
+        "unknown.toml",
+        "[metadata_db]\nurl = \"postgresql://x@h/db\"\npool_size = 3\n",
+    );
+    let out = cli::ampd_with_config(&unknown, &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("metadata_db.pool_size"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_missing_url_is_named() {
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", "[metadata_db]\nauto_migrate = false\n");
+    let out = cli::ampd_with_config(&config, &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("metadata_db.url"), "{}", out.stderr);
+    assert!(out.stderr.contains("config.toml"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_fails_within_the_connect_timeout() {
+    let dir = TempDir::new();
+    let config = dir.file(
+        "config.toml",
+        &config_toml(
+            "postgresql://amp:Unreachable-Pw@127.0.0.1:1/amp",
+            "connect_timeout_secs = 2",
+        ),
+    );
+    let out = migrate(&config).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.elapsed < Duration::from_secs(5),
+        "gave up after {:?}, connect timeout is 2 s",
+        out.elapsed
+    );
+    assert!(
+        out.stderr
+            .contains("failed to connect to metadata database: "),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("postgresql://amp:***@127.0.0.1:1/amp"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.all().contains("Unreachable-Pw"));
+}
+
+#[tokio::test]
+async fn a_wrong_database_name_is_reported_as_missing() {
+    let dir = TempDir::new();
+    let url = tests::database_url("ampd_database_that_does_not_exist");
+    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let out = migrate(&config).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("database \"ampd_database_that_does_not_exist\" does not exist"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_role_without_create_gets_the_grant_to_ask_for() {
+    let db = TestDb::empty().await;
+    let role = format!("ampd_nocreate_{}", std::process::id());
+    tests::admin_exec(&format!("DROP ROLE IF EXISTS {role}")).await;
+    tests::admin_exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'x'")).await;
+    let dir = TempDir::new();
+    let config = dir.file(
+        "config.toml",
+        &config_toml(&with_credentials(db.url(), &role, Some("x")), ""),
+    );
+    let out = migrate(&config).await;
+    let conn = db.connect().await;
+    let tables = catalog::tables(&conn).await;
+    drop(conn);
+    tests::admin_exec(&format!("DROP ROLE IF EXISTS {role}")).await;
+
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.stderr.contains("permission denied"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "GRANT CREATE ON DATABASE {} TO {role}; GRANT ALL ON SCHEMA public TO {role};",
+            db.name()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(tables.is_empty(), "nothing was created: {tables:?}");
+}
+
+#[tokio::test]
+async fn eight_concurrent_runs_all_succeed_and_apply_each_migration_once() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let runs = (0..8).map(|_| {
+        let config = config.clone();
+        async move { migrate(&config).await }
+    });
+    let outputs = futures_join_all(runs).await;
+    let mut applied_by = 0;
+    for out in &outputs {
+        assert_eq!(out.code, Some(0), "{}", out.all());
+        if out.stdout.contains("applied 7 migrations") {
+            applied_by += 1;
+        } else {
+            assert!(
+                out.stdout.contains("schema is up to date"),
+                "{}",
+                out.stdout
+            );
+        }
+    }
+    assert_eq!(applied_by, 1, "exactly one run applied the migrations");
+    let conn = db.connect().await;
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(DISTINCT version) FROM seaql_migrations"
+        )
+        .await,
+        SCHEMA_MIGRATIONS as i64
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        SCHEMA_MIGRATIONS as i64
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM ampd_migrations").await,
+        SCHEMA_MIGRATIONS as i64
+    );
+}
+
+/// Waits for every future (a small join_all, to avoid a dependency for one use).
+pub async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+async fn fixture(config: &std::path::Path, set: &str, args: &[&str]) -> cli::Output {
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    cli::run(
+        cli::ampd_fixture(),
+        &all,
+        &[("AMPD_FIXTURE_MIGRATIONS", set)],
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_failing_migration_leaves_no_trace_on_an_empty_database() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let out = fixture(&config, "failing", &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("migration m20991231_000001_fixture_fails failed"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("relation \"no_such_table\" does not exist"),
+        "{}",
+        out.stderr
+    );
+    let conn = db.connect().await;
+    assert_eq!(
+        catalog::tables(&conn).await,
+        Vec::<String>::new(),
+        "not even bookkeeping tables"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_migration_leaves_a_current_database_exactly_as_it_was() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    assert_eq!(migrate(&config).await.code, Some(0));
+    let conn = db.connect().await;
+    let before = catalog::snapshot(&conn).await;
+    let history = count(&conn, "SELECT count(*) FROM ampd_migrations").await;
+
+    let out = fixture(&config, "failing", &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert_eq!(catalog::snapshot(&conn).await, before);
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM ampd_migrations").await,
+        history
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'fixture_created_before_failure'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_checksum_is_refused_and_nothing_changes() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    assert_eq!(migrate(&config).await.code, Some(0));
+    let conn = db.connect().await;
+    conn.execute_unprepared(
+        "UPDATE ampd_migrations SET checksum = repeat('0', 64) \
+         WHERE version = 'm20261101_000003_create_datasets'",
+    )
+    .await
+    .expect("tamper");
+    let before = catalog::snapshot(&conn).await;
+
+    // A run that has something to apply (the fixture's extra migration) still applies nothing.
+    let out = fixture(&config, "alter-jobs", &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("migration checksum mismatch"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("m20261101_000003_create_datasets"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("Restore the original migration"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(catalog::snapshot(&conn).await, before);
+
+    let status = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
+    assert_eq!(status.code, Some(0), "{}", status.all());
+    let states: serde_json::Value = serde_json::from_str(&status.stdout).expect("json");
+    let datasets = states
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "m20261101_000003_create_datasets")
+        .expect("listed");
+    assert_eq!(datasets["checksum"], "mismatch");
+}
+
+#[tokio::test]
+async fn an_applied_migration_unknown_to_this_binary_is_refused() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    // A newer ampd (here: the fixture with one more migration) migrated this database.
+    assert_eq!(
+        fixture(&config, "alter-jobs", &["migrate"]).await.code,
+        Some(0)
+    );
+    let conn = db.connect().await;
+    let before = catalog::snapshot(&conn).await;
+
+    let out = migrate(&config).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("database is newer than this ampd"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("m20991231_000003_fixture_alter_jobs"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(catalog::snapshot(&conn).await, before);
+
+    let status = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
+    let states: serde_json::Value = serde_json::from_str(&status.stdout).expect("json");
+    let last = states.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["name"], "m20991231_000003_fixture_alter_jobs");
+    assert_eq!(last["checksum"], "unknown");
+}
+
+#[tokio::test]
+async fn status_is_read_only_and_reports_every_migration() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+
+    let out = cli::ampd_with_config(&config, &["migrate", "status"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("0 applied, 7 pending"),
+        "{}",
+        out.stdout
+    );
+    let conn = db.connect().await;
+    assert!(
+        catalog::tables(&conn).await.is_empty(),
+        "status created nothing"
+    );
+
+    assert_eq!(migrate(&config).await.code, Some(0));
+    let out = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
+    let states: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let states = states.as_array().expect("array");
+    assert_eq!(states.len(), SCHEMA_MIGRATIONS);
+    for s in states {
+        assert_eq!(s["state"], "applied");
+        assert_eq!(s["checksum"], "ok");
+        assert!(s["applied_at"].is_string());
+        assert!(s["duration_ms"].is_number());
+        assert_eq!(s["ampd_version"], env!("CARGO_PKG_VERSION"));
+    }
+}
+
+#[tokio::test]
+async fn dry_run_prints_the_sql_in_order_and_changes_nothing() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let out = cli::ampd_with_config(&config, &["migrate", "--dry-run"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let workers = out
+        .stdout
+        .find("CREATE TABLE \"workers\"")
+        .expect("workers DDL");
+    let jobs = out.stdout.find("CREATE TABLE \"jobs\"").expect("jobs DDL");
+    let backfill = out
+        .stdout
+        .find("UPDATE \"jobs\" SET \"idempotency_key\"")
+        .expect("backfill");
+    assert!(workers < jobs && jobs < backfill, "in migration order");
+    let conn = db.connect().await;
+    assert!(catalog::tables(&conn).await.is_empty());
+
+    assert_eq!(migrate(&config).await.code, Some(0));
+    let out = cli::ampd_with_config(&config, &["migrate", "--dry-run"]).await;
+    assert!(out.stdout.contains("nothing would run"), "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn no_password_appears_in_any_output_at_any_log_level() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    // `@`, `:`, `/`, `%` and unicode, percent-encoded in the URL.
+    let password = "S3cr3t@:/%pässwört";
+    let url = with_credentials(db.url(), "postgres", Some(password));
+    let encoded = url::Url::parse(&url)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_owned();
+    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let bad_port = dir.file(
+        "unreachable.toml",
+        &config_toml(
+            &with_credentials("postgresql://x@127.0.0.1:1/amp", "amp", Some(password)),
+            "connect_timeout_secs = 1",
+        ),
+    );
+    let malformed = dir.file("malformed.toml", &format!("[metadata_db]\nurl = \"{url}\n"));
+    let mut outputs = Vec::new();
+    for level in ["info", "trace"] {
+        let env = [("RUST_LOG", level)];
+        for (config, args) in [
+            (&config, vec!["migrate"]),
+            (&config, vec!["migrate"]),
+            (&config, vec!["migrate", "status"]),
+            (&config, vec!["migrate", "status", "--json"]),
+            (&config, vec!["migrate", "--dry-run"]),
+            (&bad_port, vec!["migrate"]),
+            (&malformed, vec!["migrate"]),
+        ] {
+            let mut all = vec!["--config", config.to_str().unwrap()];
+            all.extend(args);
+            outputs.push(cli::run(cli::ampd(), &all, &env, Duration::from_secs(60)).await);
+        }
+    }
+    assert!(
+        outputs.iter().any(|o| o.code == Some(0)),
+        "the good config worked"
+    );
+    for out in outputs {
+        let all = out.all();
+        for secret in [password, encoded.as_str(), "S3cr3t"] {
+            assert!(!all.contains(secret), "{secret:?} leaked:\n{all}");
+        }
+    }
+}
