@@ -118,7 +118,10 @@ fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> 
             })?;
     Ok(opts
         .log_statements(log::LevelFilter::Debug)
-        .application_name("ampd"))
+        .application_name("ampd")
+        // Let the server notice within a second that a client died in the middle of a statement
+        // (a killed `ampd migrate`), so its transaction and locks go with it (PostgreSQL 14+).
+        .options([("client_connection_check_interval", "1000")]))
 }
 
 /// Opens a pool of at most `max_connections` on the metadata database and proves it works with

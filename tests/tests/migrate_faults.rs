@@ -1,0 +1,409 @@
+//! `ampd migrate` under faults: killed mid-run, its backend terminated, DDL blocked by a long
+//! transaction, dozens of concurrent runs, and hostile configuration files.
+//!
+//! Figures are printed (`cargo test -p tests --test migrate_faults -- --nocapture`) for the
+//! README's reliability section; no test asserts on timing beyond generous bounds that separate
+//! "bounded" from "hung".
+
+use std::time::{Duration, Instant};
+
+use ampd::config::Config;
+use ampd::migrate::{self, MigrationSet};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use tests::cli::{self, TempDir, config_toml};
+use tests::{TestDb, catalog};
+
+const SCHEMA_MIGRATIONS: i64 = 7;
+
+async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> i64 {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("an integer")
+}
+
+/// Whether any session holds the migration lock.
+async fn lock_held(db: &DatabaseConnection) -> bool {
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND ((classid::bigint << 32) | objid::bigint) = {}",
+        migrate::LOCK_KEY
+    );
+    scalar_i64(db, &sql).await > 0
+}
+
+/// Polls `check` every 20 ms until it is true or `limit` passes; returns the time it took.
+async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+fn fixture_command(
+    config: &std::path::Path,
+    set: &str,
+    sleep_secs: &str,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(cli::ampd_fixture());
+    cmd.args(["--config", config.to_str().unwrap(), "migrate"])
+        .env_remove("RUST_LOG")
+        .env("AMPD_FIXTURE_MIGRATIONS", set)
+        .env("AMPD_FIXTURE_SLEEP_SECS", sleep_secs)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A database at head, migrated by the real `ampd`, with its config file.
+async fn database_at_head(dir: &TempDir, extra: &str) -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::empty().await;
+    let config = dir.file("config.toml", &config_toml(db.url(), extra));
+    let out = cli::ampd_with_config(&config, &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    (db, config)
+}
+
+/// Whether the slow fixture migration is running (its table exists in the open transaction and
+/// its backend is sleeping).
+async fn slow_migration_running(db: &DatabaseConnection) -> bool {
+    scalar_i64(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ampd' \
+         AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+    )
+    .await
+        > 0
+}
+
+#[tokio::test]
+async fn killing_ampd_mid_run_leaves_the_previous_version_and_releases_the_lock() {
+    let dir = TempDir::new();
+    let (db, config) = database_at_head(&dir, "").await;
+    let conn = db.connect().await;
+    let before = catalog::snapshot(&conn).await;
+
+    let mut child = fixture_command(&config, "slow", "30")
+        .spawn()
+        .expect("spawn");
+    wait_until(Duration::from_secs(30), || slow_migration_running(&conn))
+        .await
+        .expect("the slow migration started");
+    assert!(lock_held(&conn).await);
+
+    let killed_at = Instant::now();
+    child.start_kill().expect("kill -9");
+    let _ = child.wait().await;
+    let released = wait_until(Duration::from_secs(10), || async {
+        !lock_held(&conn).await
+    })
+    .await
+    .expect("the lock is released after the process dies");
+    println!(
+        "kill -9 mid-run: lock released {:?} after the kill",
+        killed_at
+            .elapsed()
+            .min(released + Duration::from_millis(20))
+    );
+
+    assert_eq!(
+        catalog::snapshot(&conn).await,
+        before,
+        "schema exactly as before"
+    );
+    assert_eq!(
+        scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        SCHEMA_MIGRATIONS
+    );
+    assert_eq!(
+        scalar_i64(
+            &conn,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'fixture_slow_started'"
+        )
+        .await,
+        0
+    );
+
+    let out = fixture_command(&config, "slow", "0")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied 1 migration in"));
+}
+
+#[tokio::test]
+async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
+    let dir = TempDir::new();
+    let (db, config) = database_at_head(&dir, "").await;
+    let conn = db.connect().await;
+    let before = catalog::snapshot(&conn).await;
+
+    let child = fixture_command(&config, "slow", "30")
+        .spawn()
+        .expect("spawn");
+    wait_until(Duration::from_secs(30), || slow_migration_running(&conn))
+        .await
+        .expect("the slow migration started");
+    let terminated = scalar_i64(
+        &conn,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'ampd' AND query LIKE 'SELECT pg_sleep%') t",
+    )
+    .await;
+    assert_eq!(terminated, 1);
+
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("ampd exits after losing its connection")
+        .expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("m20991231_000002_fixture_slow"), "{stderr}");
+    assert!(!lock_held(&conn).await);
+    assert_eq!(catalog::snapshot(&conn).await, before);
+
+    let out = fixture_command(&config, "slow", "0")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
+    let dir = TempDir::new();
+    let (db, config) = database_at_head(&dir, "ddl_lock_timeout_ms = 1000").await;
+    let conn = db.connect().await;
+    let before = catalog::snapshot(&conn).await;
+
+    // A long-running application transaction holding a lock on `jobs`.
+    let holder = tests::connect(db.url(), 1).await;
+    holder.execute_unprepared("BEGIN").await.unwrap();
+    holder
+        .execute_unprepared("SELECT count(*) FROM jobs")
+        .await
+        .unwrap();
+
+    let mut command = fixture_command(&config, "alter-jobs", "0");
+    let started = Instant::now();
+    let child = command.spawn().expect("spawn");
+    wait_until(Duration::from_secs(30), || async {
+        scalar_i64(
+            &conn,
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'jobs' AND NOT l.granted",
+        )
+        .await
+            > 0
+    })
+    .await
+    .expect("ampd waits for the jobs lock");
+
+    // An application query arriving now queues behind ampd's lock request: measure how long.
+    let app = tests::connect(db.url(), 1).await;
+    let query_started = Instant::now();
+    app.execute_unprepared("SELECT count(*) FROM jobs")
+        .await
+        .unwrap();
+    let app_blocked = query_started.elapsed();
+
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("ampd gives up")
+        .expect("output");
+    let run = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    holder.execute_unprepared("ROLLBACK").await.unwrap();
+
+    println!(
+        "blocked DDL (ddl_lock_timeout_ms = 1000): ampd failed after {run:?}; an application query \
+         on the table waited {app_blocked:?}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("m20991231_000003_fixture_alter_jobs"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("locked by another session"), "{stderr}");
+    assert!(
+        app_blocked < Duration::from_secs(5),
+        "the application was not held for long"
+    );
+    assert_eq!(
+        catalog::snapshot(&conn).await,
+        before,
+        "nothing half-applied"
+    );
+    assert!(!lock_held(&conn).await);
+}
+
+#[tokio::test]
+async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_once() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..32)
+        .map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move { cli::ampd_with_config(&config, &["migrate"]).await })
+        })
+        .collect();
+    let mut applied = 0;
+    for h in handles {
+        let out = h.await.expect("task");
+        assert_eq!(out.code, Some(0), "{}", out.all());
+        applied += usize::from(out.stdout.contains("applied 7 migrations"));
+    }
+    println!(
+        "32 concurrent `ampd migrate` processes: all exited 0 in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(applied, 1);
+    let conn = db.connect().await;
+    assert_eq!(
+        scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        SCHEMA_MIGRATIONS
+    );
+    assert_eq!(
+        scalar_i64(&conn, "SELECT count(*) FROM ampd_migrations").await,
+        SCHEMA_MIGRATIONS
+    );
+}
+
+#[tokio::test]
+async fn thirty_two_concurrent_in_process_callers_of_the_startup_entry_point_all_succeed() {
+    let db = TestDb::empty().await;
+    let config = Config::from_parts(
+        std::path::Path::new("test.toml"),
+        &config_toml(db.url(), ""),
+        Vec::<(String, String)>::new(),
+    )
+    .expect("config");
+    let started = Instant::now();
+    let handles: Vec<_> = (0..32)
+        .map(|_| {
+            let cfg = config.metadata_db.clone();
+            tokio::spawn(async move { migrate::migrate(&cfg, &MigrationSet::ampd()).await })
+        })
+        .collect();
+    let mut applied = 0;
+    for h in handles {
+        let report = h.await.expect("task").expect("migrate");
+        applied += report.applied.len();
+    }
+    println!(
+        "32 concurrent in-process migrate() calls: all succeeded in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        applied, SCHEMA_MIGRATIONS as usize,
+        "each migration applied once in all"
+    );
+    let conn = db.connect().await;
+    assert_eq!(
+        scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        SCHEMA_MIGRATIONS
+    );
+}
+
+/// A small deterministic generator, so a failure names the case that caused it.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn hostile_config_files_always_exit_1_with_one_clear_error_line() {
+    let dir = TempDir::new();
+    let seeds = [
+        "[metadata_db]\nurl = \"postgresql://u:S3cr3tPw@h/db\"\nmax_connections = ",
+        "[metadata_db]\nurl = 42\n",
+        "[metadata_db]\nurl = \"mysql://u:S3cr3tPw@h/db\"\n",
+        "[metadata_db]\nurl = \"postgresql://u:S3cr3tPw@h/db\"\nmax_connections = -1\n",
+        "[metadata_db]\nurl = \"postgresql://u:S3cr3tPw@h/db\"\n[worker]\nliveness_window_ms = 1\n",
+        "[metadata_db]\nurl = \"postgresql://u:S3cr3tPw@h/db\"\n[nope]\nx = 1\n",
+        "[[metadata_db]]\nurl = \"x\"\n",
+        "metadata_db = \"postgresql://u:S3cr3tPw@h/db\"\n",
+        "\u{feff}[metadata_db]\nurl = \"postgresql://u:S3cr3tPw@h/db\"\nurl = \"again\"\n",
+    ];
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut cases: Vec<Vec<u8>> = seeds.iter().map(|s| s.as_bytes().to_vec()).collect();
+    for seed in seeds {
+        // Mutations: truncation, byte flips and inserted junk.
+        for _ in 0..3 {
+            let mut bytes = seed.as_bytes().to_vec();
+            match rng.next() % 3 {
+                0 => bytes.truncate((rng.next() as usize) % bytes.len().max(1)),
+                1 => {
+                    let i = (rng.next() as usize) % bytes.len();
+                    bytes[i] = (rng.next() % 256) as u8;
+                }
+                _ => {
+                    let i = (rng.next() as usize) % bytes.len();
+                    let junk: Vec<u8> = (0..8).map(|_| (rng.next() % 256) as u8).collect();
+                    bytes.splice(i..i, junk);
+                }
+            }
+            cases.push(bytes);
+        }
+    }
+    for (i, bytes) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = cli::run(
+            cli::ampd(),
+            &["--config", path.to_str().unwrap(), "migrate"],
+            &[("AMP_CONFIG_METADATA_DB__CONNECT_TIMEOUT_SECS", "1")],
+            Duration::from_secs(30),
+        )
+        .await;
+        let case = String::from_utf8_lossy(bytes);
+        assert_eq!(out.code, Some(1), "case {i} {case:?}: {}", out.all());
+        assert!(
+            !out.stderr.contains("panicked"),
+            "case {i} {case:?}: {}",
+            out.stderr
+        );
+        assert!(
+            !out.all().contains("S3cr3tPw"),
+            "case {i} {case:?}: {}",
+            out.all()
+        );
+        let errors: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "case {i} {case:?}: {}", out.stderr);
+    }
+}
