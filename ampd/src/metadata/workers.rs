@@ -1,0 +1,212 @@
+//! Worker nodes: registration, heartbeats, liveness, and the exclusive claim of a node id.
+
+use std::time::Duration;
+
+use entity::workers;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sqlx::{self, Connection as _, PgConnection};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sha2::{Digest, Sha256};
+
+use super::{Error, Result, micros};
+
+/// The longest node id (`workers_node_id_check`).
+pub const MAX_NODE_ID_LEN: usize = 64;
+
+/// Checks a node id against `workers_node_id_check`: 1-64 characters of `[A-Za-z0-9_.-]`, starting
+/// with a letter.
+pub fn validate_node_id(node_id: &str) -> Result<()> {
+    let mut chars = node_id.chars();
+    let valid = node_id.len() <= MAX_NODE_ID_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "node id {node_id:?} is invalid: use 1-{MAX_NODE_ID_LEN} characters of [A-Za-z0-9_.-], \
+             starting with a letter"
+        )))
+    }
+}
+
+/// Registers a worker, or registers it again: the first registration sets `created_at`; every one
+/// sets `info`, `registered_at` and `heartbeat_at` to now. One statement (an upsert).
+#[tracing::instrument(skip(db, info), err)]
+pub async fn register<C>(db: &C, node_id: &str, info: serde_json::Value) -> Result<workers::Model>
+where
+    C: ConnectionTrait,
+{
+    validate_node_id(node_id)?;
+    let worker = workers::Entity::insert(workers::ActiveModel {
+        node_id: Set(node_id.to_owned()),
+        info: Set(info),
+        ..Default::default()
+    })
+    .on_conflict(
+        OnConflict::column(workers::Column::NodeId)
+            .update_column(workers::Column::Info)
+            .value(workers::Column::RegisteredAt, Expr::current_timestamp())
+            .value(workers::Column::HeartbeatAt, Expr::current_timestamp())
+            .to_owned(),
+    )
+    .exec_with_returning(db)
+    .await?;
+    Ok(worker)
+}
+
+/// Records a heartbeat of `node_id` (`heartbeat_at = now()`, the database clock). One statement.
+/// `NotFound` when no worker of that id has registered.
+#[tracing::instrument(skip(db), err)]
+pub async fn heartbeat<C>(db: &C, node_id: &str) -> Result<()>
+where
+    C: ConnectionTrait,
+{
+    let res = workers::Entity::update_many()
+        .col_expr(workers::Column::HeartbeatAt, Expr::current_timestamp())
+        .filter(workers::Column::NodeId.eq(node_id))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Err(Error::not_found("worker", node_id));
+    }
+    Ok(())
+}
+
+/// The worker `node_id`, if it has registered.
+pub async fn get<C>(db: &C, node_id: &str) -> Result<Option<workers::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(workers::Entity::find()
+        .filter(workers::Column::NodeId.eq(node_id))
+        .one(db)
+        .await?)
+}
+
+/// Every worker ever registered, by node id.
+pub async fn list<C>(db: &C) -> Result<Vec<workers::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(workers::Entity::find()
+        .order_by_asc(workers::Column::NodeId)
+        .all(db)
+        .await?)
+}
+
+/// The live workers: `heartbeat_at > now() - window`, by the database clock; by node id.
+pub async fn list_live<C>(db: &C, window: Duration) -> Result<Vec<workers::Model>>
+where
+    C: ConnectionTrait,
+{
+    let window = micros("liveness window", window)?;
+    Ok(workers::Entity::find()
+        .filter(
+            Expr::col(workers::Column::HeartbeatAt).gt(Expr::cust_with_values(
+                "now() - $1 * interval '1 microsecond'",
+                [window],
+            )),
+        )
+        .order_by_asc(workers::Column::NodeId)
+        .all(db)
+        .await?)
+}
+
+/// The advisory lock key of a node claim, in the two-`int4` key space (see the module docs of
+/// [`crate::metadata`]): the first 8 bytes of `sha256("ampd/node-claim/" || node_id)` as two
+/// big-endian `i32`s.
+pub fn claim_key(node_id: &str) -> (i32, i32) {
+    let digest = Sha256::new()
+        .chain_update(b"ampd/node-claim/")
+        .chain_update(node_id.as_bytes())
+        .finalize();
+    let bytes: [u8; 32] = digest.into();
+    let [a, b, c, d, e, f, g, h, ..] = bytes;
+    (
+        i32::from_be_bytes([a, b, c, d]),
+        i32::from_be_bytes([e, f, g, h]),
+    )
+}
+
+/// Exclusive use of a node id, held for as long as this value (and its dedicated connection)
+/// lives. Dropping it closes the connection, which releases the claim; [`NodeClaim::release`] does
+/// the same and waits for it.
+///
+/// If the connection is lost (server restart, network, `pg_terminate_backend`), the claim is lost
+/// with it: [`NodeClaim::check`] tells.
+#[derive(Debug)]
+pub struct NodeClaim {
+    node_id: String,
+    key: (i32, i32),
+    conn: PgConnection,
+}
+
+/// Claims `node_id` for this process: a session-level `pg_try_advisory_lock(k1, k2)` (key:
+/// [`claim_key`]) on a dedicated connection to `url`, which the claim keeps open. `Conflict` when
+/// another session holds the claim; `Unavailable` when the database cannot be reached.
+#[tracing::instrument(skip(url), err)]
+pub async fn claim(url: &str, node_id: &str) -> Result<NodeClaim> {
+    validate_node_id(node_id)?;
+    let key = claim_key(node_id);
+    let mut conn = PgConnection::connect(url).await?;
+    let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(key.0)
+        .bind(key.1)
+        .fetch_one(&mut conn)
+        .await?;
+    if !acquired {
+        let _ = conn.close().await;
+        return Err(Error::Conflict(format!(
+            "node id {node_id:?} is claimed by another process (advisory lock ({}, {})); stop \
+             that process or choose another node id",
+            key.0, key.1
+        )));
+    }
+    Ok(NodeClaim {
+        node_id: node_id.to_owned(),
+        key,
+        conn,
+    })
+}
+
+impl NodeClaim {
+    /// The node id claimed.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Checks that the claim is still held: the connection is alive and the session still holds
+    /// the lock. `Unavailable` when the connection is gone (and the claim with it), `Conflict` if
+    /// the lock was released behind this value's back.
+    pub async fn check(&mut self) -> Result<()> {
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_backend_pid() AND granted AND objsubid = 2 \
+             AND classid = ($1::int4)::oid AND objid = ($2::int4)::oid)",
+        )
+        .bind(self.key.0)
+        .bind(self.key.1)
+        .fetch_one(&mut self.conn)
+        .await?;
+        if held {
+            Ok(())
+        } else {
+            Err(Error::Conflict(format!(
+                "the claim of node id {:?} is no longer held",
+                self.node_id
+            )))
+        }
+    }
+
+    /// Releases the claim and closes its connection.
+    pub async fn release(mut self) -> Result<()> {
+        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1, $2)")
+            .bind(self.key.0)
+            .bind(self.key.1)
+            .fetch_one(&mut self.conn)
+            .await?;
+        self.conn.close().await?;
+        Ok(())
+    }
+}

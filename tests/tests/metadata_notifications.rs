@@ -1,0 +1,265 @@
+//! `metadata::notifications`: typed NOTIFY payloads and a listener that skips malformed ones and
+//! survives a lost connection.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ampd::metadata::notifications::{
+    self, Action, JOB_ACTIONS, JobAction, LISTENER_APPLICATION_NAME, Listener, Notification,
+    PayloadError, REVISION_CHANGES, RevisionChange,
+};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use tests::TestDb;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn raw_notify(db: &DatabaseConnection, channel: &str, payload: &str) {
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [channel.into(), payload.into()],
+    ))
+    .await
+    .expect("pg_notify");
+}
+
+fn start(job_id: i64) -> JobAction {
+    JobAction {
+        node_id: "w1".into(),
+        job_id,
+        action: Action::Start,
+    }
+}
+
+async fn recv(listener: &mut Listener) -> Notification {
+    tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("a notification in time")
+        .expect("recv")
+}
+
+/// Collects what `tracing` writes while it is the default subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("not poisoned").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("not poisoned")).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn notifications_sent_with_notify_functions_arrive_typed() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let mut listener = Listener::connect(db.url()).await.expect("listener");
+
+    notifications::notify_job_action(
+        &conn,
+        &JobAction {
+            node_id: "w1".into(),
+            job_id: 7,
+            action: Action::Stop,
+        },
+    )
+    .await
+    .unwrap();
+    notifications::notify_revision_change(
+        &conn,
+        &RevisionChange {
+            physical_table_id: 1,
+            revision_id: 2,
+        },
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(
+        recv(&mut listener).await,
+        Notification::JobAction(JobAction {
+            node_id: "w1".into(),
+            job_id: 7,
+            action: Action::Stop,
+        })
+    );
+    assert_eq!(
+        recv(&mut listener).await,
+        Notification::RevisionChange(RevisionChange {
+            physical_table_id: 1,
+            revision_id: 2,
+        })
+    );
+}
+
+#[tokio::test]
+async fn the_payloads_are_those_of_schema_md() {
+    let parsed = notifications::parse(
+        JOB_ACTIONS,
+        r#"{"node_id": "w1", "job_id": 1, "action": "START"}"#,
+    )
+    .unwrap();
+    assert_eq!(parsed, Notification::JobAction(start(1)));
+    let parsed = notifications::parse(
+        REVISION_CHANGES,
+        r#"{"physical_table_id": 1, "revision_id": 2}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        parsed,
+        Notification::RevisionChange(RevisionChange {
+            physical_table_id: 1,
+            revision_id: 2
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(start(1)).unwrap(),
+        serde_json::json!({"node_id": "w1", "job_id": 1, "action": "START"})
+    );
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_payloads_are_skipped_with_a_warning() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish(),
+    );
+    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    // Valid in every respect but its size (PostgreSQL accepts up to 8000 bytes).
+    let oversized = format!(
+        r#"{{"node_id": "w1", "job_id": 1, "action": "START", "padding": "{}"}}"#,
+        "x".repeat(7850)
+    );
+    assert!(oversized.len() > 7900 && oversized.len() < 8000);
+    assert!(matches!(
+        notifications::parse(JOB_ACTIONS, &oversized),
+        Err(PayloadError::TooLong(_))
+    ));
+    let bad = [
+        (JOB_ACTIONS, "not json".to_owned()),
+        (JOB_ACTIONS, r#"{"node_id": "w1"}"#.to_owned()),
+        (
+            JOB_ACTIONS,
+            r#"{"node_id": "w1", "job_id": 1, "action": "PAUSE"}"#.to_owned(),
+        ),
+        (
+            JOB_ACTIONS,
+            r#"{"node_id": "1 bad", "job_id": 1, "action": "STOP"}"#.to_owned(),
+        ),
+        (
+            REVISION_CHANGES,
+            r#"{"physical_table_id": "one"}"#.to_owned(),
+        ),
+        (REVISION_CHANGES, "[]".to_owned()),
+        (JOB_ACTIONS, oversized),
+    ];
+    for (channel, payload) in &bad {
+        raw_notify(&conn, channel, payload).await;
+    }
+    raw_notify(
+        &conn,
+        JOB_ACTIONS,
+        r#"{"node_id": "w1", "job_id": 42, "action": "START"}"#,
+    )
+    .await;
+
+    assert_eq!(
+        recv(&mut listener).await,
+        Notification::JobAction(start(42))
+    );
+    let log = captured.text();
+    assert_eq!(
+        log.matches("skipping a malformed notification").count(),
+        bad.len(),
+        "{log}"
+    );
+    assert!(log.contains("over the limit"), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+}
+
+#[tokio::test]
+async fn the_listener_reconnects_after_its_backend_is_terminated() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let pid = listener.backend_pid().await.expect("pid");
+    let row = conn
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
+            ),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get::<i64>("", "n").unwrap(), 1, "named connection");
+
+    conn.execute_unprepared(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
+
+    // The listener reconnects inside `recv`; notifications sent before it has are lost. Keep
+    // sending (job ids from 1000 up) until one arrives.
+    let received = {
+        let recv = listener.recv();
+        tokio::pin!(recv);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut job_id = 1000;
+        loop {
+            tokio::select! {
+                got = &mut recv => break got.expect("recv after reconnecting"),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    assert!(tokio::time::Instant::now() < deadline, "no notification after reconnecting");
+                    notifications::notify_job_action(&conn, &start(job_id)).await.unwrap();
+                    job_id += 1;
+                }
+            }
+        }
+    };
+    match received {
+        Notification::JobAction(action) => assert!(action.job_id >= 1000, "{action:?}"),
+        other => panic!("{other:?}"),
+    }
+    let new_pid = listener.backend_pid().await.expect("pid");
+    assert_ne!(new_pid, pid, "a new connection");
+
+    // And it keeps listening on both channels.
+    notifications::notify_revision_change(
+        &conn,
+        &RevisionChange {
+            physical_table_id: 5,
+            revision_id: 6,
+        },
+    )
+    .await
+    .unwrap();
+    loop {
+        match recv(&mut listener).await {
+            Notification::RevisionChange(change) => {
+                assert_eq!(change.revision_id, 6);
+                break;
+            }
+            // Left over from the sending loop.
+            Notification::JobAction(_) => continue,
+        }
+    }
+}

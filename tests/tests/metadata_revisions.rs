@@ -1,0 +1,302 @@
+//! `metadata::revisions`: physical tables, their revisions, and the one active revision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ampd::metadata::notifications::{Listener, Notification, RevisionChange};
+use ampd::metadata::{Error, datasets, files, jobs, revisions};
+use entity::{physical_table_revisions, physical_tables};
+use sea_orm::DatabaseConnection;
+use serde_json::json;
+use tests::TestDb;
+
+struct Fixture {
+    hash: String,
+    blocks: physical_tables::Model,
+    logs: physical_tables::Model,
+}
+
+async fn fixture(db: &DatabaseConnection) -> Fixture {
+    let hash = datasets::register_manifest(db, "static", b"manifest", "m.json")
+        .await
+        .unwrap();
+    let blocks = revisions::register_table(db, "eth", "mainnet", &hash, "blocks")
+        .await
+        .unwrap();
+    let logs = revisions::register_table(db, "eth", "mainnet", &hash, "logs")
+        .await
+        .unwrap();
+    Fixture { hash, blocks, logs }
+}
+
+async fn revision(db: &DatabaseConnection, table: &physical_tables::Model) -> i64 {
+    revisions::create_revision(db, table.id, None, json!({}))
+        .await
+        .expect("create revision")
+        .id
+}
+
+async fn active_id(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
+    revisions::active(db, table_id).await.unwrap().map(|r| r.id)
+}
+
+#[tokio::test]
+async fn register_table_is_idempotent_and_validates_its_arguments() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+
+    let again = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "blocks")
+        .await
+        .unwrap();
+    assert_eq!(again, f.blocks);
+    assert_ne!(f.blocks.id, f.logs.id);
+    assert_eq!(
+        revisions::list_tables(&conn, "eth", "mainnet")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let err = revisions::register_table(&conn, "eth", "mainnet", &"f".repeat(64), "blocks")
+        .await
+        .expect_err("unknown manifest");
+    assert!(
+        matches!(
+            err,
+            Error::NotFound {
+                entity: "manifest",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    for (ns, name, table) in [("Eth", "m", "t"), ("eth", "m", "a/b"), ("eth", "m", "")] {
+        let err = revisions::register_table(&conn, ns, name, &f.hash, table)
+            .await
+            .expect_err("invalid");
+        assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let (job, _) = jobs::schedule(
+        &conn,
+        "materialize-static",
+        json!({"namespace": "eth", "name": "mainnet", "manifest_hash": f.hash}),
+        None,
+    )
+    .await
+    .unwrap();
+
+    let rev = revisions::create_revision(&conn, f.blocks.id, Some(job.id), json!({"rows": 1}))
+        .await
+        .unwrap();
+
+    let uuid = rev
+        .path
+        .strip_prefix("eth/mainnet/blocks/")
+        .unwrap_or_else(|| panic!("path {}", rev.path));
+    let uuid = uuid::Uuid::parse_str(uuid).expect("a uuid");
+    assert_eq!(uuid.get_version_num(), 7);
+    assert_eq!(rev.writer, Some(job.id));
+    assert_eq!(rev.metadata, json!({"rows": 1}));
+    let second = revision(&conn, &f.blocks).await;
+    assert_ne!(second, rev.id);
+
+    let err = revisions::create_revision(&conn, 999_999, None, json!({}))
+        .await
+        .expect_err("unknown table");
+    assert!(
+        matches!(
+            err,
+            Error::NotFound {
+                entity: "physical table",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = revisions::create_revision(&conn, f.blocks.id, Some(999_999), json!({}))
+        .await
+        .expect_err("unknown writer");
+    assert!(
+        matches!(err, Error::NotFound { entity: "job", .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn activate_replaces_the_previous_active_revision_and_notifies() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let first = revision(&conn, &f.blocks).await;
+    let second = revision(&conn, &f.blocks).await;
+    let mut listener = Listener::connect(db.url()).await.expect("listener");
+
+    let a = revisions::activate(&conn, f.blocks.id, first)
+        .await
+        .unwrap();
+    assert_eq!(a.previous, None);
+    assert_eq!(a.table.active_revision_id, Some(first));
+    let b = revisions::activate(&conn, f.blocks.id, second)
+        .await
+        .unwrap();
+    assert_eq!(b.previous, Some(first));
+    assert_eq!(active_id(&conn, f.blocks.id).await, Some(second));
+    assert_eq!(active_id(&conn, f.logs.id).await, None);
+
+    for expected in [first, second] {
+        let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("delivered")
+            .expect("recv");
+        assert_eq!(
+            got,
+            Notification::RevisionChange(RevisionChange {
+                physical_table_id: f.blocks.id,
+                revision_id: expected,
+            })
+        );
+    }
+}
+
+#[tokio::test]
+async fn activating_a_revision_of_another_table_is_a_conflict() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let blocks_rev = revision(&conn, &f.blocks).await;
+    let logs_rev = revision(&conn, &f.logs).await;
+    revisions::activate(&conn, f.blocks.id, blocks_rev)
+        .await
+        .unwrap();
+
+    let err = revisions::activate(&conn, f.blocks.id, logs_rev)
+        .await
+        .expect_err("other table");
+
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    assert_eq!(active_id(&conn, f.blocks.id).await, Some(blocks_rev));
+    assert_eq!(active_id(&conn, f.logs.id).await, None);
+}
+
+#[tokio::test]
+async fn activating_an_unknown_table_or_revision_is_not_found() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let rev = revision(&conn, &f.blocks).await;
+    let err = revisions::activate(&conn, 999_999, rev)
+        .await
+        .expect_err("no table");
+    assert!(
+        matches!(
+            err,
+            Error::NotFound {
+                entity: "physical table",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = revisions::activate(&conn, f.blocks.id, 999_999)
+        .await
+        .expect_err("no revision");
+    assert!(
+        matches!(
+            err,
+            Error::NotFound {
+                entity: "revision",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_active() {
+    let db = TestDb::migrated().await;
+    let conn = tests::connect(db.url(), 4).await;
+    let f = fixture(&conn).await;
+    for round in 0..10 {
+        let a = revision(&conn, &f.blocks).await;
+        let b = revision(&conn, &f.blocks).await;
+        let before = active_id(&conn, f.blocks.id).await;
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let race = |rev: i64| {
+            let conn = conn.clone();
+            let barrier = barrier.clone();
+            let table = f.blocks.id;
+            tokio::spawn(async move {
+                barrier.wait().await;
+                revisions::activate(&conn, table, rev).await
+            })
+        };
+        let (ta, tb) = (race(a), race(b));
+        let ra = ta.await.unwrap().expect("activate a");
+        let rb = tb.await.unwrap().expect("activate b");
+
+        let active = active_id(&conn, f.blocks.id).await;
+        assert!(active == Some(a) || active == Some(b), "round {round}");
+        // They took turns: the loser of the race replaced the winner's revision.
+        let (first, second) = if active == Some(b) {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        assert_eq!(first.previous, before, "round {round}");
+        assert_eq!(
+            second.previous, first.table.active_revision_id,
+            "round {round}"
+        );
+        let actives = revisions::list(&conn, f.blocks.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| Some(r.id) == active)
+            .count();
+        assert_eq!(actives, 1);
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let old = revision(&conn, &f.blocks).await;
+    let current = revision(&conn, &f.blocks).await;
+    revisions::activate(&conn, f.blocks.id, current)
+        .await
+        .unwrap();
+    files::register(&conn, old, "a.parquet", 10, None, None, json!({}))
+        .await
+        .unwrap();
+
+    let err = revisions::delete(&conn, current).await.expect_err("active");
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    assert!(revisions::get(&conn, current).await.unwrap().is_some());
+    assert_eq!(active_id(&conn, f.blocks.id).await, Some(current));
+
+    revisions::delete(&conn, old).await.expect("inactive");
+    assert!(revisions::get(&conn, old).await.unwrap().is_none());
+    assert!(files::list(&conn, old).await.unwrap().is_empty());
+    let left: Vec<i64> = revisions::list(&conn, f.blocks.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r: &physical_table_revisions::Model| r.id)
+        .collect();
+    assert_eq!(left, [current]);
+
+    let err = revisions::delete(&conn, old).await.expect_err("gone");
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
