@@ -21,6 +21,10 @@ pub enum ServiceError {
     /// The metadata database could not be reached.
     #[error(transparent)]
     Connect(#[from] crate::db::ConnectError),
+    /// A data-access call failed in a way the service cannot recover from (an invalid or already
+    /// claimed node id, a lost claim, ...).
+    #[error(transparent)]
+    Metadata(#[from] crate::metadata::Error),
 }
 
 /// Connects the service's pool, first migrating when `metadata_db.auto_migrate` is true (or unset
