@@ -157,6 +157,15 @@ pub enum MigrateError {
         /// PostgreSQL's (or the migration's) message.
         message: String,
     },
+    /// A service found migrations pending and was not asked to apply them.
+    #[error(
+        "the metadata database is not migrated ({pending} pending migration(s)): run `ampd migrate` \
+         first, or set metadata_db.auto_migrate = true"
+    )]
+    NotMigrated {
+        /// How many migrations are pending.
+        pending: usize,
+    },
     /// Any other database error while reading or recording migration state.
     #[error("metadata database error: {0}")]
     Database(String),
@@ -661,6 +670,26 @@ async fn record_history<C: ConnectionTrait>(
         ])
         .to_owned();
     db.execute(&stmt).await.map(|_| ())
+}
+
+/// Verifies, read-only, that the database is at this binary's head: the check a service makes at
+/// startup when it does not migrate itself. Errors as [`migrate`] would refuse, or
+/// [`MigrateError::NotMigrated`] when migrations are pending.
+pub async fn verify_current(
+    db: &DatabaseConnection,
+    set: &MigrationSet,
+) -> Result<(), MigrateError> {
+    let state = read_state(db, false)
+        .await
+        .map_err(MigrateError::database)?;
+    let plan = plan(set, &state)?;
+    if plan.pending.is_empty() {
+        Ok(())
+    } else {
+        Err(MigrateError::NotMigrated {
+            pending: plan.pending.len(),
+        })
+    }
 }
 
 /// The applied and pending migrations of the database, read-only (creates nothing).

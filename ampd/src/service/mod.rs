@@ -36,11 +36,16 @@ pub async fn connect(
     migrations: fn() -> MigrationSet,
 ) -> Result<DatabaseConnection, ServiceError> {
     let db = &config.metadata_db;
-    if db.auto_migrate.unwrap_or(auto_migrate_default) {
+    let auto_migrate = db.auto_migrate.unwrap_or(auto_migrate_default);
+    if auto_migrate {
         let report = migrate::migrate(db, &migrations()).await?;
         tracing::info!("{}", report.summary());
     }
-    Ok(crate::db::connect(db, db.max_connections).await?)
+    let pool = crate::db::connect(db, db.max_connections).await?;
+    if !auto_migrate {
+        migrate::verify_current(&pool, &migrations()).await?;
+    }
+    Ok(pool)
 }
 
 /// Completes on Ctrl-C or SIGTERM.
