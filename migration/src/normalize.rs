@@ -31,9 +31,9 @@ fn write_stream(stream: TokenStream, top_level: bool, out: &mut String) {
         match &tokens[i] {
             // `#[doc = "..."]` (a doc comment) and `#![doc = "..."]`: documentation only.
             TokenTree::Punct(p) if p.as_char() == '#' => {
-                let (bang, group_at) = match tokens.get(i + 1) {
-                    Some(TokenTree::Punct(b)) if b.as_char() == '!' => (true, i + 2),
-                    _ => (false, i + 1),
+                let group_at = match tokens.get(i + 1) {
+                    Some(TokenTree::Punct(b)) if b.as_char() == '!' => i + 2,
+                    _ => i + 1,
                 };
                 if let Some(TokenTree::Group(g)) = tokens.get(group_at)
                     && g.delimiter() == Delimiter::Bracket
@@ -42,7 +42,6 @@ fn write_stream(stream: TokenStream, top_level: bool, out: &mut String) {
                     i = group_at + 1;
                     continue;
                 }
-                let _ = bang;
                 push_token(&tokens[i], out);
             }
             // `use ...;` and `pub use ...;` at the top level: rustfmt reorders them freely and they

@@ -1,0 +1,134 @@
+//! Migration checksums: what changes them and what must not.
+
+use std::path::Path;
+use std::process::Command;
+
+use migration::{CHECKSUMS, MigratorTrait, checksum_of, source_checksum};
+
+fn source(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .join(format!("{name}.rs")),
+    )
+    .expect("migration source")
+}
+
+const SAMPLE: &str = "m20261101_000002_create_jobs";
+
+#[test]
+fn every_migration_has_the_checksum_of_its_source() {
+    let names: Vec<String> = migration::Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        CHECKSUMS.len(),
+        "one checksum per migration file"
+    );
+    for name in &names {
+        let built = checksum_of(name).unwrap_or_else(|| panic!("{name} has a checksum"));
+        assert_eq!(built, source_checksum(&source(name)).unwrap(), "{name}");
+        assert_eq!(built.len(), 64);
+    }
+    let unique: std::collections::HashSet<_> = CHECKSUMS.iter().map(|(_, c)| c).collect();
+    assert_eq!(
+        unique.len(),
+        CHECKSUMS.len(),
+        "different migrations, different checksums"
+    );
+}
+
+#[test]
+fn comments_doc_comments_and_whitespace_do_not_change_a_checksum() {
+    let original = source(SAMPLE);
+    let commented = original
+        .replace(
+            "#[async_trait::async_trait]",
+            "/* block */ #[async_trait::async_trait] // trailing",
+        )
+        .replace(
+            "pub struct Migration;",
+            "/// A doc comment.\n/// Another.\npub struct Migration; // c",
+        )
+        .replace(
+            "    async fn down(",
+            "    // Explaining down.\n    /// Documented.\n    async fn down(",
+        );
+    assert_ne!(commented, original);
+    let squeezed: String = original
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("//"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let expected = source_checksum(&original).unwrap();
+    assert_eq!(source_checksum(&commented).unwrap(), expected);
+    assert_eq!(source_checksum(&squeezed).unwrap(), expected);
+}
+
+#[test]
+fn trailing_commas_and_import_order_do_not_change_a_checksum() {
+    let original = source(SAMPLE);
+    let expected = source_checksum(&original).unwrap();
+    let commas = original
+        .replace(".auto_increment(),\n", ".auto_increment(),,\n")
+        .replace("\"FATAL\",\n];", "\"FATAL\"\n];");
+    assert_ne!(commas, original);
+    // (A doubled comma is not Rust; the point is the closing one, which rustfmt adds or drops.)
+    let commas = commas.replace(",,", ",");
+    assert_eq!(source_checksum(&commas).unwrap(), expected);
+    let reordered = format!("use std::fmt;\n{original}");
+    assert_eq!(source_checksum(&reordered).unwrap(), expected);
+}
+
+#[test]
+fn rustfmt_of_a_badly_formatted_copy_gives_the_same_checksum() {
+    let original = source(SAMPLE);
+    let expected = source_checksum(&original).unwrap();
+    let ugly = original.replace('\n', " \n\n ").replace("    ", "\t");
+    let dir = std::env::temp_dir().join(format!("checksum-rustfmt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("m.rs");
+    std::fs::write(&file, &ugly).unwrap();
+    let status = Command::new("rustfmt")
+        .args(["--edition", "2024"])
+        .arg(&file)
+        .status();
+    let formatted = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.expect("rustfmt runs").success());
+    assert_ne!(formatted, ugly);
+    assert_eq!(source_checksum(&formatted).unwrap(), expected);
+    assert_eq!(source_checksum(&ugly).unwrap(), expected);
+}
+
+#[test]
+fn a_real_change_to_what_a_migration_does_changes_its_checksum() {
+    let original = source(SAMPLE);
+    let expected = source_checksum(&original).unwrap();
+    for (from, to) in [
+        (
+            "ColumnDef::new(Jobs::Kind).text()",
+            "ColumnDef::new(Jobs::Kind).string()",
+        ),
+        ("\"jobs_status_check\"", "\"jobs_status_chk\""),
+        (".default(0)", ".default(1)"),
+        ("ForeignKeyAction::Cascade", "ForeignKeyAction::SetNull"),
+        ("\"FATAL\",\n];", "\"FATAL\",\n    \"PAUSED\",\n];"),
+    ] {
+        assert!(original.contains(from), "{from}");
+        let changed = original.replacen(from, to, 1);
+        assert_ne!(
+            source_checksum(&changed).unwrap(),
+            expected,
+            "{from} -> {to}"
+        );
+    }
+}
+
+#[test]
+fn text_that_is_not_rust_has_no_checksum() {
+    assert!(source_checksum("fn x() { \"unterminated }").is_err());
+}
