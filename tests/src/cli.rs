@@ -37,10 +37,40 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// The cargo running these tests, as a command without the variables cargo sets for a test
+/// process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Build scripts watch some of them (ring's
+/// reruns when `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME` changes), so a nested build that inherited
+/// them would find those dependencies dirty next to a build from a shell, and the two would rebuild
+/// ring, rustls, sqlx and sea-orm in turn, minutes each time.
+pub fn cargo() -> std::process::Command {
+    const SET_FOR_TESTS: [&str; 9] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if SET_FOR_TESTS.contains(&key)
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Builds (if needed) and returns a binary of this workspace. Cargo makes the nested build a
 /// no-op when `cargo test --workspace` already built it, and a fresh build otherwise.
 fn built(package: &str, bin: &str) -> PathBuf {
-    let status = std::process::Command::new(env!("CARGO"))
+    let status = cargo()
         .args(["build", "-q", "-p", package, "--bin", bin])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
