@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgSslMode};
 use sea_orm::sqlx::{self, ConnectOptions as _};
 use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxPostgresConnector};
 
@@ -116,6 +116,13 @@ fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> 
                 url: url.redacted(),
                 cause: crate::config::redact_url(&e.to_string()),
             })?;
+    // PostgreSQL never offers TLS on a Unix socket, and libpq does not ask there; sqlx would, and
+    // pay a round trip for the certain "no" before every connection.
+    let on_socket = opts.get_socket().is_some() || opts.get_host().starts_with('/');
+    let opts = match opts.get_ssl_mode() {
+        PgSslMode::Prefer | PgSslMode::Allow if on_socket => opts.ssl_mode(PgSslMode::Disable),
+        _ => opts,
+    };
     Ok(opts
         .log_statements(log::LevelFilter::Debug)
         .application_name("ampd")

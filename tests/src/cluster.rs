@@ -33,9 +33,23 @@ pub fn admin_url() -> &'static str {
     })
 }
 
+/// What a private cluster is started with beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Extra server settings, each passed as `-c name=value` (for example
+    /// `("shared_preload_libraries", "pg_stat_statements")`).
+    pub settings: Vec<(String, String)>,
+    /// Also listen on `127.0.0.1` (a free port) with TLS on, with a throw-away self-signed
+    /// certificate made by `openssl` (see [`PrivateCluster::tcp_admin_url`]).
+    pub tcp_tls: bool,
+}
+
 /// A private PostgreSQL cluster on a Unix socket in a temporary directory.
 pub struct PrivateCluster {
     dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+    tcp_tls: bool,
     /// The write end of the watchdog's pipe: closing it (dropping this, or the process exiting)
     /// stops the server.
     watchdog: Option<std::process::ChildStdin>,
@@ -45,6 +59,11 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// Runs `initdb` and starts `postgres`; returns once the server accepts connections.
     pub fn start() -> Result<Self, String> {
+        Self::start_with(&ClusterOptions::default())
+    }
+
+    /// [`start`](Self::start) with extra settings and, optionally, a TCP listener with TLS.
+    pub fn start_with(options: &ClusterOptions) -> Result<Self, String> {
         let bindir = find_bindir()?;
         let dir = std::env::temp_dir().join(format!(
             "ampd-test-pg-{}-{}",
@@ -86,10 +105,28 @@ impl PrivateCluster {
             ));
         }
 
+        let mut extra = String::new();
+        let mut port = 5432;
+        if options.tcp_tls {
+            port = free_port()?;
+            let (cert, key) = self_signed_certificate(&dir, run_as)?;
+            extra.push_str(&format!(
+                " -p {port} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} \
+                 -c ssl_key_file={}",
+                sh_quote(&cert),
+                sh_quote(&key)
+            ));
+        } else {
+            extra.push_str(" -c listen_addresses=");
+        }
+        for (name, value) in &options.settings {
+            extra.push_str(&format!(" -c {}", sh_quote_str(&format!("{name}={value}"))));
+        }
+
         // The watchdog: starts postgres, waits for stdin to close, then stops it and cleans up.
         let postgres = bindir.join("postgres");
         let script = format!(
-            "{runas}{postgres} -D {data} -k {dir} -c listen_addresses= -c fsync=off \
+            "{runas}{postgres} -D {data} -k {dir}{extra} -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
              -c shared_buffers=128MB >{dir}/server.log 2>&1 & pid=$!; \
              cat >/dev/null; kill -INT $pid 2>/dev/null; \
@@ -112,6 +149,9 @@ impl PrivateCluster {
         let watchdog = child.stdin.take().ok_or("no watchdog pipe")?;
         let cluster = PrivateCluster {
             dir,
+            bindir: bindir.clone(),
+            port,
+            tcp_tls: options.tcp_tls,
             watchdog: Some(watchdog),
             child,
         };
@@ -121,14 +161,35 @@ impl PrivateCluster {
 
     /// Admin URL of this cluster (the `postgres` role and database, over the Unix socket).
     pub fn admin_url(&self) -> String {
+        let port = if self.port == 5432 {
+            String::new()
+        } else {
+            format!(":{}", self.port)
+        };
         format!(
-            "postgresql://postgres@localhost/postgres?host={}",
+            "postgresql://postgres@localhost{port}/postgres?host={}",
             self.dir.display()
         )
     }
 
+    /// Admin URL over TCP on `127.0.0.1`, TLS required, when started with
+    /// [`ClusterOptions::tcp_tls`].
+    pub fn tcp_admin_url(&self) -> Option<String> {
+        self.tcp_tls.then(|| {
+            format!(
+                "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=require",
+                self.port
+            )
+        })
+    }
+
+    /// The directory of the PostgreSQL programs this cluster runs (`psql`, `pg_dump`, ...).
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
     fn wait_ready(&self, bindir: &Path) -> Result<(), String> {
-        let socket = self.dir.join(".s.PGSQL.5432");
+        let socket = self.dir.join(format!(".s.PGSQL.{}", self.port));
         let deadline = Instant::now() + Duration::from_secs(30);
         let pg_isready = bindir.join("pg_isready");
         while Instant::now() < deadline {
@@ -136,6 +197,8 @@ impl PrivateCluster {
                 let ready = Command::new(&pg_isready)
                     .arg("-h")
                     .arg(&self.dir)
+                    .arg("-p")
+                    .arg(self.port.to_string())
                     .arg("-q")
                     .status()
                     .map(|s| s.success())
@@ -163,7 +226,60 @@ impl Drop for PrivateCluster {
     }
 }
 
-fn find_bindir() -> Result<PathBuf, String> {
+/// A port on `127.0.0.1` nothing listens on right now.
+fn free_port() -> Result<u16, String> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("find a free port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("find a free port: {e}"))
+}
+
+/// A self-signed certificate for `localhost`/`127.0.0.1` and its key, in `dir`, readable by the
+/// server's user only (PostgreSQL refuses a key others may read).
+fn self_signed_certificate(dir: &Path, owner: Option<&str>) -> Result<(PathBuf, PathBuf), String> {
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-addext"])
+        .arg("subjectAltName=DNS:localhost,IP:127.0.0.1")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run openssl (needed for a TLS listener): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", key.display()))?;
+    if let Some(user) = owner {
+        let status = Command::new("chown")
+            .arg(format!("{user}:"))
+            .arg(&cert)
+            .arg(&key)
+            .status()
+            .map_err(|e| format!("chown: {e}"))?;
+        if !status.success() {
+            return Err(format!("chown {user} {} failed", key.display()));
+        }
+    }
+    Ok((cert, key))
+}
+
+/// The directory holding PostgreSQL's programs: `AMP_TEST_PG_BINDIR`, else the newest
+/// `/usr/lib/postgresql/<major>/bin`, else `pg_config --bindir`, else the first `PATH` entry with
+/// `initdb` and `postgres`.
+pub fn find_bindir() -> Result<PathBuf, String> {
     if let Ok(dir) = std::env::var("AMP_TEST_PG_BINDIR") {
         return Ok(PathBuf::from(dir));
     }
@@ -222,7 +338,11 @@ fn is_root() -> bool {
 }
 
 fn sh_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+    sh_quote_str(&path.display().to_string())
+}
+
+fn sh_quote_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn rand_u32() -> u32 {

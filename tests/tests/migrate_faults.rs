@@ -178,9 +178,11 @@ async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("m20991231_000002_fixture_slow"), "{stderr}");
     // The server tells the client before the dying backend has released its locks.
-    wait_until(Duration::from_secs(10), || async { !lock_held(&conn).await })
-        .await
-        .expect("the lock is released with the terminated backend");
+    wait_until(Duration::from_secs(10), || async {
+        !lock_held(&conn).await
+    })
+    .await
+    .expect("the lock is released with the terminated backend");
     assert_eq!(catalog::snapshot(&conn).await, before);
 
     let out = fixture_command(&config, "slow", "0")

@@ -1,0 +1,173 @@
+//! Counting what a client asks the server to run, at the protocol level: a proxy on `127.0.0.1`
+//! that forwards everything to the real server and counts the client's `Query` (simple protocol)
+//! and `Execute` (extended protocol) messages. Each of those is one statement the server runs
+//! (a `Query` holding several `;`-separated statements counts once) and one wait for its answer.
+//!
+//! It needs nothing from the server (unlike `pg_stat_statements`, which must be preloaded), so
+//! tests can count statements on any server. The client side is plain TCP (a TLS request is
+//! answered "no", as a server without TLS would); the server side is the admin URL's own transport,
+//! without TLS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+/// `SSLRequest` and `GSSENCRequest`: the 8-byte requests a client may send before its startup
+/// message.
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+
+/// Where the proxy forwards to.
+#[derive(Debug, Clone)]
+enum Upstream {
+    Tcp(String, u16),
+    Unix(PathBuf),
+}
+
+/// A running counting proxy; stops when dropped.
+pub struct StatementCounter {
+    url: String,
+    statements: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatementCounter {
+    /// Starts a proxy to the server of `url` (a `postgresql://` URL, TCP or `?host=/socket/dir`).
+    pub async fn start(url: &str) -> StatementCounter {
+        let parsed = url::Url::parse(url).expect("database URL");
+        let port = parsed.port().unwrap_or(5432);
+        let socket_dir = parsed
+            .query_pairs()
+            .find(|(k, _)| k == "host")
+            .map(|(_, v)| v.into_owned())
+            .filter(|h| h.starts_with('/'));
+        let upstream = match socket_dir {
+            Some(dir) => Upstream::Unix(PathBuf::from(dir).join(format!(".s.PGSQL.{port}"))),
+            None => Upstream::Tcp(parsed.host_str().unwrap_or("localhost").to_owned(), port),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let local = listener.local_addr().expect("proxy address");
+        let mut client_url = parsed.clone();
+        client_url.set_host(Some("127.0.0.1")).expect("set host");
+        client_url.set_port(Some(local.port())).expect("set port");
+        let kept: Vec<(String, String)> = parsed
+            .query_pairs()
+            .filter(|(k, _)| k != "host" && k != "sslmode")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        client_url
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(kept)
+            .append_pair("sslmode", "disable");
+
+        let statements = Arc::new(AtomicU64::new(0));
+        let counter = statements.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
+                let upstream = upstream.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let _ = match upstream {
+                        Upstream::Tcp(host, port) => match TcpStream::connect((host, port)).await {
+                            Ok(server) => {
+                                let _ = server.set_nodelay(true);
+                                relay(client, server, counter).await
+                            }
+                            Err(e) => Err(e),
+                        },
+                        Upstream::Unix(path) => match UnixStream::connect(path).await {
+                            Ok(server) => relay(client, server, counter).await,
+                            Err(e) => Err(e),
+                        },
+                    };
+                });
+            }
+        });
+        StatementCounter {
+            url: client_url.to_string(),
+            statements,
+            task,
+        }
+    }
+
+    /// The URL to connect through the proxy (same user and database, `sslmode=disable`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Statements sent through the proxy since it started or since the last [`reset`](Self::reset).
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::SeqCst)
+    }
+
+    /// Sets the count back to zero.
+    pub fn reset(&self) {
+        self.statements.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for StatementCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Forwards one client connection: the server's bytes as they come, the client's message by
+/// message, counting `Query` and `Execute`.
+async fn relay<S>(client: TcpStream, server: S, statements: Arc<AtomicU64>) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = tokio::io::split(server);
+
+    // Before the startup message: refuse TLS and GSS encryption, so the rest is readable.
+    let startup = loop {
+        let len = from_client.read_u32().await?;
+        let mut body = vec![0; (len as usize).saturating_sub(4)];
+        from_client.read_exact(&mut body).await?;
+        let code = body
+            .get(..4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        if len == 8 && matches!(code, Some(SSL_REQUEST | GSSENC_REQUEST)) {
+            to_client.write_all(b"N").await?;
+            continue;
+        }
+        let mut message = len.to_be_bytes().to_vec();
+        message.extend_from_slice(&body);
+        break message;
+    };
+    to_server.write_all(&startup).await?;
+
+    let downstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+    });
+    let upstream = async {
+        loop {
+            let kind = from_client.read_u8().await?;
+            let len = from_client.read_u32().await?;
+            let mut message = Vec::with_capacity(len as usize + 1);
+            message.push(kind);
+            message.extend_from_slice(&len.to_be_bytes());
+            message.resize(len as usize + 1, 0);
+            from_client.read_exact(&mut message[5..]).await?;
+            if matches!(kind, b'Q' | b'E') {
+                statements.fetch_add(1, Ordering::SeqCst);
+            }
+            to_server.write_all(&message).await?;
+            if kind == b'X' {
+                return Ok::<(), std::io::Error>(());
+            }
+        }
+    };
+    let result = upstream.await;
+    let _ = to_server.shutdown().await;
+    let _ = downstream.await;
+    result
+}
