@@ -3,7 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgSslMode};
+use std::future::Future;
+
+use sea_orm::sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions, PgSslMode,
+};
 use sea_orm::sqlx::{self, ConnectOptions as _};
 use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxPostgresConnector};
 
@@ -160,11 +164,81 @@ pub async fn connect(
         Err(_) => sqlx::Error::PoolTimedOut,
     };
     pool.close().await;
-    Err(classify(cfg, &opts, err, started.elapsed(), timeout).await)
+    Err(classify(&cfg.url, &opts, err, started.elapsed(), timeout).await)
+}
+
+/// The URL for work that needs a real session of its own (LISTEN, node claims): the metadata
+/// database's.
+pub fn session_url(cfg: &MetadataDbConfig) -> &DatabaseUrl {
+    &cfg.url
+}
+
+/// Server settings of a dedicated session: the server probes an idle client every few seconds and
+/// drops it when it is gone, so a vanished worker's node claim (an advisory lock held by its session)
+/// is released within about half a minute rather than the operating system's two hours. Ignored on
+/// a Unix socket, where the kernel tells the server at once.
+const SESSION_KEEPALIVES: &str =
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 4";
+
+/// Runs `attempt` (one try at opening something on `url`) until it succeeds, retrying refused or
+/// unreachable connections with exponential backoff (50 ms doubling to 1 s) for at most
+/// `cfg.connect_timeout_secs`; a missing database, rejected credentials or any other error fail at
+/// once. The error is classified as [`connect`]'s is, URL redacted.
+pub async fn with_connect_retry<T, F, Fut>(
+    url: &DatabaseUrl,
+    cfg: &MetadataDbConfig,
+    mut attempt: F,
+) -> Result<T, ConnectError>
+where
+    F: FnMut(PgConnectOptions) -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let opts = connect_options(url)?;
+    let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let err = match tokio::time::timeout(left, attempt(opts.clone())).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => e,
+            Err(_) => sqlx::Error::PoolTimedOut,
+        };
+        if !is_transient(&err) || started.elapsed() + delay >= timeout {
+            return Err(classify(url, &opts, err, started.elapsed(), timeout).await);
+        }
+        tracing::debug!(error = %crate::config::redact_url(&err.to_string()), "connect failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Opens one connection of its own (not from a pool) to `url`, for work that needs a real session
+/// (a node claim's advisory lock), with the pool's connect options and retries
+/// ([`with_connect_retry`]), named `application_name`, with [`SESSION_KEEPALIVES`] applied.
+pub async fn connect_session(
+    url: &DatabaseUrl,
+    cfg: &MetadataDbConfig,
+    application_name: &str,
+) -> Result<PgConnection, ConnectError> {
+    with_connect_retry(url, cfg, |opts| async move {
+        let mut conn = opts.application_name(application_name).connect().await?;
+        apply_session_settings(&mut conn).await?;
+        Ok(conn)
+    })
+    .await
+}
+
+/// Applies [`SESSION_KEEPALIVES`] on a dedicated connection (or a listener's).
+pub async fn apply_session_settings<'c, E>(conn: E) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    conn.execute(SESSION_KEEPALIVES).await.map(|_| ())
 }
 
 async fn classify(
-    cfg: &MetadataDbConfig,
+    url: &DatabaseUrl,
     opts: &PgConnectOptions,
     err: sqlx::Error,
     elapsed: Duration,
@@ -174,13 +248,13 @@ async fn classify(
         match pg.code.as_str() {
             "3D000" => {
                 return ConnectError::DatabaseMissing {
-                    url: cfg.url.redacted(),
-                    database: cfg.url.database().unwrap_or_default(),
+                    url: url.redacted(),
+                    database: url.database().unwrap_or_default(),
                 };
             }
             "28P01" | "28000" | "42501" => {
                 return ConnectError::Rejected {
-                    url: cfg.url.redacted(),
+                    url: url.redacted(),
                     cause: pg.message,
                 };
             }
@@ -189,7 +263,7 @@ async fn classify(
     }
     if !is_transient(&err) {
         return ConnectError::Rejected {
-            url: cfg.url.redacted(),
+            url: url.redacted(),
             cause: crate::config::redact_url(&err.to_string()),
         };
     }
@@ -204,7 +278,7 @@ async fn classify(
         other => crate::config::redact_url(&other.to_string()),
     };
     ConnectError::Unreachable {
-        url: cfg.url.redacted(),
+        url: url.redacted(),
         cause,
         elapsed,
     }

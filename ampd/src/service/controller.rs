@@ -1,11 +1,13 @@
-//! The controller service: on every tick, hands the active jobs of dead workers to live ones and
-//! reschedules failed jobs whose retry backoff has passed. The policy lives here; the mechanisms
-//! (`jobs::list_orphaned`, `jobs::reassign`, `jobs::list_due_for_retry`, `jobs::reschedule`) in
-//! the data-access layer.
+//! The controller service: on every tick, recovers the jobs of lost workers and retries failed
+//! jobs whose backoff has passed, giving up after `max_attempts`. The policy lives here; the
+//! mechanisms (`jobs::fail_lost`, `jobs::reassign`, `jobs::stop_lost`, `jobs::reschedule`,
+//! `jobs::give_up`) in the data-access layer, each guarded on the row the controller saw, so any
+//! number of controllers may run at once and each job still gets exactly one new attempt.
 
 use std::future::Future;
 use std::time::Duration;
 
+use entity::JobStatus;
 use sea_orm::DatabaseConnection;
 
 use crate::config::{ControllerConfig, WorkerConfig};
@@ -16,6 +18,31 @@ use super::ServiceError;
 /// At most this many jobs are retried per tick.
 const RETRY_BATCH: u64 = 100;
 
+/// What a reconcile pass goes by.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// A worker without a heartbeat for this long is lost.
+    pub liveness_window: Duration,
+    /// First retry delay of the exponential backoff.
+    pub retry_base_delay: Duration,
+    /// Backoff cap.
+    pub retry_max_delay: Duration,
+    /// A job that has failed on this many attempts is given up (FATAL).
+    pub max_attempts: i32,
+}
+
+impl Policy {
+    /// The policy of a controller configured with `controller` and `worker`.
+    pub fn new(controller: &ControllerConfig, worker: &WorkerConfig) -> Policy {
+        Policy {
+            liveness_window: Duration::from_millis(worker.liveness_window_ms),
+            retry_base_delay: Duration::from_millis(controller.retry_base_delay_ms),
+            retry_max_delay: Duration::from_millis(controller.retry_max_delay_ms),
+            max_attempts: 5,
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` completes. Database errors are logged and retried at the
 /// next tick; they never stop the controller.
 pub async fn run(
@@ -24,7 +51,7 @@ pub async fn run(
     worker_config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let window = Duration::from_millis(worker_config.liveness_window_ms);
+    let policy = Policy::new(&config, &worker_config);
     let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!("controller started");
@@ -33,7 +60,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
-                if let Err(e) = reconcile(&db, &config, window).await {
+                if let Err(e) = reconcile(&db, &policy).await {
                     tracing::warn!(error = %e, "reconcile failed; retrying at the next tick");
                 }
             }
@@ -43,13 +70,24 @@ pub async fn run(
     Ok(())
 }
 
-/// One pass: reassign orphaned jobs round-robin over live workers, then reschedule due retries
-/// (on their previous node when it is live, else on the next live worker).
-pub async fn reconcile(
-    db: &DatabaseConnection,
-    config: &ControllerConfig,
-    window: Duration,
-) -> Result<(), metadata::Error> {
+/// Whether `err` only says that someone else acted on the job first (another controller, the
+/// worker itself), so there is nothing left to do.
+fn lost_race(err: &metadata::Error) -> bool {
+    matches!(
+        err,
+        metadata::Error::Fenced { .. }
+            | metadata::Error::StateConflict { .. }
+            | metadata::Error::Conflict(_)
+    )
+}
+
+/// One pass. Jobs of lost workers: RUNNING ones fail with `worker_lost` (and are retried below, at
+/// once, as a new attempt); SCHEDULED ones (and unassigned ones) move to a live worker; stops the lost
+/// worker was asked for complete without it. Then ERROR jobs due for a retry get a new attempt on a
+/// live worker (their previous node when it is live, else the next one round-robin), or are given
+/// up once they have failed `max_attempts` times.
+pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), metadata::Error> {
+    let window = policy.liveness_window;
     let live: Vec<String> = workers::list_live(db, window)
         .await?
         .into_iter()
@@ -57,33 +95,61 @@ pub async fn reconcile(
         .collect();
     let mut next = live.iter().cycle();
     for job in jobs::list_orphaned(db, window).await? {
-        let Some(to) = next.next() else { break };
-        match jobs::reassign(db, job.id, job.node_id.as_deref(), Some(to)).await {
-            Ok(_) => {
-                tracing::info!(job_id = job.id, from = ?job.node_id, to = %to, "reassigned job of a dead worker")
+        let done = match job.job_status() {
+            Ok(JobStatus::Running) => jobs::fail_lost(db, &job, window).await,
+            Ok(JobStatus::Scheduled) => match next.next() {
+                Some(to) => jobs::reassign(db, &job, Some(to)).await,
+                None => continue,
+            },
+            Ok(JobStatus::StopRequested | JobStatus::Stopping) => {
+                jobs::stop_lost(db, &job, window).await
             }
-            // Someone else moved or finished it first: nothing to do.
-            Err(metadata::Error::Conflict(_) | metadata::Error::StateConflict { .. }) => {}
+            _ => continue,
+        };
+        match done {
+            Ok(moved) => tracing::info!(
+                job_id = job.id,
+                lost_node = ?job.node_id,
+                status = %moved.status,
+                node = ?moved.node_id,
+                "recovered a job of a lost worker"
+            ),
+            Err(e) if lost_race(&e) => {}
             Err(e) => return Err(e),
         }
     }
     let due = jobs::list_due_for_retry(
         db,
-        Duration::from_millis(config.retry_base_delay_ms),
-        Duration::from_millis(config.retry_max_delay_ms),
+        policy.retry_base_delay,
+        policy.retry_max_delay,
         RETRY_BATCH,
     )
     .await?;
     for job in due {
-        let node = match &job.node_id {
-            Some(node) if live.contains(node) => Some(node.as_str()),
-            _ => next.next().map(String::as_str),
+        let done = if job.attempt >= policy.max_attempts {
+            let detail = serde_json::json!({
+                "reason": "max_attempts",
+                "attempts": job.attempt,
+                "last_error": job.detail,
+            });
+            jobs::give_up(db, &job, detail).await
+        } else {
+            let node = match &job.node_id {
+                Some(node) if live.contains(node) => Some(node.as_str()),
+                _ => next.next().map(String::as_str),
+            };
+            let Some(node) = node else { continue };
+            jobs::reschedule(db, &job, Some(node)).await
         };
-        match jobs::reschedule(db, job.id, node).await {
-            Ok(j) => {
-                tracing::info!(job_id = j.id, attempt = j.attempt, node = ?j.node_id, "retrying failed job")
-            }
-            Err(metadata::Error::StateConflict { .. }) => {}
+        match done {
+            Ok(j) => tracing::info!(
+                job_id = j.id,
+                status = %j.status,
+                attempt = j.attempt,
+                node = ?j.node_id,
+                "retried a failed job"
+            ),
+            Err(e) if lost_race(&e) => {}
             Err(e) => return Err(e),
         }
     }

@@ -22,7 +22,7 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let mut listener = Listener::connect(config.metadata_db.url.expose()).await?;
+    let mut listener = Listener::connect(&config.metadata_db).await?;
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     tracing::info!("server started");
     tokio::pin!(shutdown);

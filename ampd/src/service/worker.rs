@@ -28,8 +28,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     workers::validate_node_id(node_id)?;
-    let url = config.metadata_db.url.expose();
-    let mut claim = workers::claim(url, node_id).await?;
+    let mut claim = workers::claim(&config.metadata_db, node_id).await?;
     let worker = workers::register(&db, node_id, info()).await?;
     let active = jobs::list_active_for_node(&db, node_id).await?;
     tracing::info!(
@@ -39,7 +38,7 @@ pub async fn run(
         "worker registered"
     );
 
-    let mut listener = Listener::connect(url).await?;
+    let mut listener = Listener::connect(&config.metadata_db).await?;
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(config.worker.heartbeat_interval_ms));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
