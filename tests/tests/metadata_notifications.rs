@@ -243,13 +243,45 @@ async fn the_listener_reports_a_reconnect_after_its_backend_is_terminated() {
     )
     .await
     .unwrap();
-    loop {
-        match recv(&mut listener).await {
-            Notification::RevisionChange(change) => {
-                assert_eq!(change.revision_id, 6);
-                break;
-            }
-            other => panic!("{other:?}"),
-        }
+    match recv(&mut listener).await {
+        Notification::RevisionChange(change) => assert_eq!(change.revision_id, 6),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_listener_or_claim_that_cannot_connect_gives_up_after_the_connect_timeout_url_redacted() {
+    // A port nothing listens on: connection refused, retried until the timeout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let text = format!(
+        "[metadata_db]\nurl = \"postgresql://ampd:s3cret-pw@127.0.0.1:{port}/amp\"\n\
+         connect_timeout_secs = 2\n"
+    );
+    let cfg = ampd::config::Config::from_parts(std::path::Path::new("t.toml"), &text, Vec::new())
+        .unwrap()
+        .metadata_db;
+    let started = std::time::Instant::now();
+    let err = Listener::connect(&cfg).await.expect_err("nothing listens");
+    let listener_took = started.elapsed();
+    let started = std::time::Instant::now();
+    let claim_err = ampd::metadata::workers::claim(&cfg, "w1")
+        .await
+        .expect_err("nothing listens");
+    let claim_took = started.elapsed();
+    for (what, err, took) in [
+        ("listener", err, listener_took),
+        ("claim", claim_err, claim_took),
+    ] {
+        let message = err.to_string();
+        assert!(err.is_retryable(), "{what}: {message}");
+        assert!(message.contains("gave up after"), "{what}: {message}");
+        assert!(!message.contains("s3cret-pw"), "{what}: {message}");
+        assert!(message.contains("ampd:***@"), "{what}: {message}");
+        // Retried for the connect timeout (a lower bound), then given up (a generous upper one).
+        assert!(took >= Duration::from_millis(1500), "{what}: {took:?}");
+        assert!(took < Duration::from_secs(30), "{what}: {took:?}");
     }
 }

@@ -2,6 +2,7 @@
 //! fires (or on a fatal error).
 
 pub mod controller;
+pub mod gc;
 pub mod server;
 pub mod worker;
 
