@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 mod logging;
+pub mod manifest;
 pub mod metadata;
 pub mod migrate;
 mod migrate_cmd;

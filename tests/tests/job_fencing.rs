@@ -243,7 +243,7 @@ async fn eight_concurrent_controllers_give_each_of_100_orphaned_jobs_exactly_one
         for pass in passes {
             pass.await.unwrap().expect("reconcile");
         }
-        let waiting = jobs::list(&db, Some(JobStatus::Error), None, 1000)
+        let waiting = jobs::list(&db, &[JobStatus::Error], None, 1000)
             .await
             .unwrap();
         if waiting.is_empty() {

@@ -546,11 +546,11 @@ async fn list_pages_by_id_and_filters_by_status() {
     start(&conn, ids[1]).await;
     start(&conn, ids[3]).await;
 
-    let page1 = jobs::list(&conn, None, None, 2).await.unwrap();
-    let page2 = jobs::list(&conn, None, page1.last().map(|j| j.id), 2)
+    let page1 = jobs::list(&conn, &[], None, 2).await.unwrap();
+    let page2 = jobs::list(&conn, &[], page1.last().map(|j| j.id), 2)
         .await
         .unwrap();
-    let page3 = jobs::list(&conn, None, page2.last().map(|j| j.id), 2)
+    let page3 = jobs::list(&conn, &[], page2.last().map(|j| j.id), 2)
         .await
         .unwrap();
     let paged: Vec<i64> = [page1, page2, page3]
@@ -560,14 +560,14 @@ async fn list_pages_by_id_and_filters_by_status() {
         .collect();
     assert_eq!(paged, ids);
 
-    let running: Vec<i64> = jobs::list(&conn, Some(JobStatus::Running), None, 10)
+    let running: Vec<i64> = jobs::list(&conn, &[JobStatus::Running], None, 10)
         .await
         .unwrap()
         .iter()
         .map(|j| j.id)
         .collect();
     assert_eq!(running, [ids[1], ids[3]]);
-    let after: Vec<i64> = jobs::list(&conn, Some(JobStatus::Scheduled), Some(ids[2]), 10)
+    let after: Vec<i64> = jobs::list(&conn, &[JobStatus::Scheduled], Some(ids[2]), 10)
         .await
         .unwrap()
         .iter()
@@ -846,7 +846,7 @@ async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_activ
 
     let rest = jobs::delete_terminal(&conn, None).await.unwrap();
     assert_eq!(rest, 1);
-    let left: Vec<i64> = jobs::list(&conn, None, None, 10)
+    let left: Vec<i64> = jobs::list(&conn, &[], None, 10)
         .await
         .unwrap()
         .iter()

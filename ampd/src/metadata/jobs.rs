@@ -773,11 +773,11 @@ where
         .await?)
 }
 
-/// A page of jobs by ascending id: those with `status` (any status for `None`) and an id above
-/// `after_id` (keyset pagination: pass the last id of the previous page), at most `limit`.
+/// A page of jobs by ascending id: those in one of `statuses` (any status when empty) with an id
+/// above `after_id` (keyset pagination: pass the last id of the previous page), at most `limit`.
 pub async fn list<C>(
     db: &C,
-    status: Option<JobStatus>,
+    statuses: &[JobStatus],
     after_id: Option<i64>,
     limit: u64,
 ) -> Result<Vec<jobs::Model>>
@@ -785,8 +785,8 @@ where
     C: ConnectionTrait,
 {
     let mut query = jobs::Entity::find();
-    if let Some(status) = status {
-        query = query.filter(jobs::Column::Status.eq(status.as_str()));
+    if !statuses.is_empty() {
+        query = query.filter(jobs::Column::Status.is_in(names(statuses)));
     }
     if let Some(after) = after_id {
         query = query.filter(jobs::Column::Id.gt(after));
@@ -794,6 +794,48 @@ where
     Ok(query
         .order_by_asc(jobs::Column::Id)
         .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Deletes job `job_id` with its events, if it is terminal (COMPLETED, STOPPED, ERROR, FATAL):
+/// `StateConflict` while it is active, `NotFound` when there is no such job. One statement.
+#[tracing::instrument(skip(db), err)]
+pub async fn delete<C>(db: &C, job_id: i64) -> Result<()>
+where
+    C: ConnectionTrait,
+{
+    let deleted = jobs::Entity::delete_many()
+        .filter(jobs::Column::Id.eq(job_id))
+        .filter(jobs::Column::Status.is_in(names(&TERMINAL)))
+        .exec(db)
+        .await?;
+    if deleted.rows_affected == 1 {
+        return Ok(());
+    }
+    match get(db, job_id).await? {
+        None => Err(Error::not_found("job", job_id)),
+        Some(job) => Err(Error::StateConflict {
+            expected: TERMINAL.to_vec(),
+            actual: status_of(&job)?,
+        }),
+    }
+}
+
+/// How many active jobs each node has (nodes without any are absent).
+pub async fn count_active_by_node<C>(db: &C) -> Result<Vec<(String, i64)>>
+where
+    C: ConnectionTrait,
+{
+    Ok(jobs::Entity::find()
+        .select_only()
+        .column(jobs::Column::NodeId)
+        .column_as(jobs::Column::Id.count(), "active")
+        .filter(jobs::Column::Status.is_in(names(&ACTIVE)))
+        .filter(jobs::Column::NodeId.is_not_null())
+        .group_by(jobs::Column::NodeId)
+        .order_by_asc(jobs::Column::NodeId)
+        .into_tuple()
         .all(db)
         .await?)
 }

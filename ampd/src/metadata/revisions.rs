@@ -135,6 +135,25 @@ where
         .await?)
 }
 
+/// The tables of manifest `manifest_hash` of dataset `namespace/name`, by table name.
+pub async fn list_tables_of_manifest<C>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    manifest_hash: &str,
+) -> Result<Vec<tables::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(tables::Entity::find()
+        .filter(tables::Column::DatasetNamespace.eq(namespace))
+        .filter(tables::Column::DatasetName.eq(name))
+        .filter(tables::Column::ManifestHash.eq(manifest_hash))
+        .order_by_asc(tables::Column::TableName)
+        .all(db)
+        .await?)
+}
+
 /// Keys of a revision's `metadata` that this module maintains; a caller's metadata must not use
 /// them.
 pub const RESERVED_METADATA_KEYS: [&str; 5] = [

@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod gc;
+pub mod http;
 pub mod server;
 pub mod worker;
 
