@@ -46,6 +46,11 @@ pub enum ConnectError {
         /// The server's message.
         cause: String,
     },
+    /// No URL is configured (`metadata_db.url`).
+    #[error(
+        "failed to connect to metadata database: no URL is configured (set metadata_db.url or AMP_CONFIG_METADATA_DB__URL)"
+    )]
+    NoUrl,
     /// The URL could not be turned into connection options.
     #[error("failed to connect to metadata database: invalid url {url}: {cause}")]
     InvalidUrl {
@@ -114,7 +119,7 @@ fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> 
             .parse()
             .map_err(|e: sqlx::Error| ConnectError::InvalidUrl {
                 url: url.redacted(),
-                cause: crate::config::redact_url(&e.to_string()),
+                cause: crate::redact::redact_url(&e.to_string()),
             })?;
     // PostgreSQL never offers TLS on a Unix socket, and libpq does not ask there; sqlx would, and
     // pay a round trip for the certain "no" before every connection.
@@ -141,7 +146,8 @@ pub async fn connect(
     cfg: &MetadataDbConfig,
     max_connections: u32,
 ) -> Result<DatabaseConnection, ConnectError> {
-    let opts = connect_options(&cfg.url)?;
+    let url = cfg.url.as_ref().ok_or(ConnectError::NoUrl)?;
+    let opts = connect_options(url)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
     let pool = PgPoolOptions::new()
@@ -160,11 +166,11 @@ pub async fn connect(
         Err(_) => sqlx::Error::PoolTimedOut,
     };
     pool.close().await;
-    Err(classify(cfg, &opts, err, started.elapsed(), timeout).await)
+    Err(classify(url, &opts, err, started.elapsed(), timeout).await)
 }
 
 async fn classify(
-    cfg: &MetadataDbConfig,
+    url: &DatabaseUrl,
     opts: &PgConnectOptions,
     err: sqlx::Error,
     elapsed: Duration,
@@ -174,13 +180,13 @@ async fn classify(
         match pg.code.as_str() {
             "3D000" => {
                 return ConnectError::DatabaseMissing {
-                    url: cfg.url.redacted(),
-                    database: cfg.url.database().unwrap_or_default(),
+                    url: url.redacted(),
+                    database: url.database().unwrap_or_default(),
                 };
             }
             "28P01" | "28000" | "42501" => {
                 return ConnectError::Rejected {
-                    url: cfg.url.redacted(),
+                    url: url.redacted(),
                     cause: pg.message,
                 };
             }
@@ -189,22 +195,22 @@ async fn classify(
     }
     if !is_transient(&err) {
         return ConnectError::Rejected {
-            url: cfg.url.redacted(),
-            cause: crate::config::redact_url(&err.to_string()),
+            url: url.redacted(),
+            cause: crate::redact::redact_url(&err.to_string()),
         };
     }
     // The pool only says it timed out: one more direct attempt tells why.
     let cause = match &err {
         sqlx::Error::PoolTimedOut => {
             match tokio::time::timeout(Duration::from_secs(1), opts.connect()).await {
-                Ok(Err(e)) => crate::config::redact_url(&e.to_string()),
+                Ok(Err(e)) => crate::redact::redact_url(&e.to_string()),
                 _ => format!("no answer within {} s", timeout.as_secs()),
             }
         }
-        other => crate::config::redact_url(&other.to_string()),
+        other => crate::redact::redact_url(&other.to_string()),
     };
     ConnectError::Unreachable {
-        url: cfg.url.redacted(),
+        url: url.redacted(),
         cause,
         elapsed,
     }

@@ -8,5 +8,6 @@ mod logging;
 pub mod metadata;
 pub mod migrate;
 mod migrate_cmd;
+pub mod redact;
 pub mod service;
 mod service_cmd;

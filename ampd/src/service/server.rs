@@ -9,6 +9,7 @@ use std::time::Duration;
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 
 use crate::config::Config;
+use crate::db::ConnectError;
 use crate::metadata::notifications::{Listener, Notification};
 
 use super::ServiceError;
@@ -22,7 +23,12 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let mut listener = Listener::connect(config.metadata_db.url.expose()).await?;
+    // LISTEN needs a session of its own, which a transaction pooler does not give.
+    let url = config
+        .metadata_db
+        .session_url()
+        .ok_or(ConnectError::NoUrl)?;
+    let mut listener = Listener::connect(url.expose()).await?;
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     tracing::info!("server started");
     tokio::pin!(shutdown);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sea_orm::DatabaseConnection;
 
 use crate::config::Config;
+use crate::db::ConnectError;
 use crate::metadata::notifications::{Listener, Notification};
 use crate::metadata::{jobs, workers};
 
@@ -28,7 +29,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     workers::validate_node_id(node_id)?;
-    let url = config.metadata_db.url.expose();
+    // The claim and LISTEN need a session of their own, which a transaction pooler does not give.
+    let url = config
+        .metadata_db
+        .session_url()
+        .ok_or(ConnectError::NoUrl)?
+        .expose();
     let mut claim = workers::claim(url, node_id).await?;
     let worker = workers::register(&db, node_id, info()).await?;
     let active = jobs::list_active_for_node(&db, node_id).await?;
