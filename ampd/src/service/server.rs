@@ -14,9 +14,6 @@ use crate::metadata::notifications::{Listener, Notification};
 
 use super::ServiceError;
 
-/// How often the server re-reads the tables' active revisions.
-const RECONCILE_EVERY: Duration = Duration::from_secs(30);
-
 /// Runs the server until `shutdown` completes.
 pub async fn run(
     db: DatabaseConnection,
@@ -29,7 +26,8 @@ pub async fn run(
         .session_url()
         .ok_or(ConnectError::NoUrl)?;
     let mut listener = Listener::connect(url.expose()).await?;
-    let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+    let every = Duration::from_millis(config.server.reconcile_interval_ms);
+    let mut reconcile = tokio::time::interval(every);
     tracing::info!("server started");
     tokio::pin!(shutdown);
     loop {
