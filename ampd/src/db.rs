@@ -50,6 +50,11 @@ pub enum ConnectError {
         /// The server's message.
         cause: String,
     },
+    /// No URL is configured (`metadata_db.url`).
+    #[error(
+        "failed to connect to metadata database: no URL is configured (set metadata_db.url or AMP_CONFIG_METADATA_DB__URL)"
+    )]
+    NoUrl,
     /// The URL could not be turned into connection options.
     #[error("failed to connect to metadata database: invalid url {url}: {cause}")]
     InvalidUrl {
@@ -118,7 +123,7 @@ fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> 
             .parse()
             .map_err(|e: sqlx::Error| ConnectError::InvalidUrl {
                 url: url.redacted(),
-                cause: crate::config::redact_url(&e.to_string()),
+                cause: crate::redact::redact_url(&e.to_string()),
             })?;
     // PostgreSQL never offers TLS on a Unix socket, and libpq does not ask there; sqlx would, and
     // pay a round trip for the certain "no" before every connection.
@@ -145,7 +150,8 @@ pub async fn connect(
     cfg: &MetadataDbConfig,
     max_connections: u32,
 ) -> Result<DatabaseConnection, ConnectError> {
-    let opts = connect_options(&cfg.url)?;
+    let url = cfg.url.as_ref().ok_or(ConnectError::NoUrl)?;
+    let opts = connect_options(url)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
     let pool = PgPoolOptions::new()
@@ -164,13 +170,13 @@ pub async fn connect(
         Err(_) => sqlx::Error::PoolTimedOut,
     };
     pool.close().await;
-    Err(classify(&cfg.url, &opts, err, started.elapsed(), timeout).await)
+    Err(classify(url, &opts, err, started.elapsed(), timeout).await)
 }
 
-/// The URL for work that needs a real session of its own (LISTEN, node claims): the metadata
-/// database's.
-pub fn session_url(cfg: &MetadataDbConfig) -> &DatabaseUrl {
-    &cfg.url
+/// The URL for work that needs a real session of its own (LISTEN, node claims):
+/// `metadata_db.direct_url`, else `metadata_db.url`.
+pub fn session_url(cfg: &MetadataDbConfig) -> Result<&DatabaseUrl, ConnectError> {
+    cfg.session_url().ok_or(ConnectError::NoUrl)
 }
 
 /// Server settings of a dedicated session: the server probes an idle client every few seconds and
@@ -207,7 +213,7 @@ where
         if !is_transient(&err) || started.elapsed() + delay >= timeout {
             return Err(classify(url, &opts, err, started.elapsed(), timeout).await);
         }
-        tracing::debug!(error = %crate::config::redact_url(&err.to_string()), "connect failed; retrying");
+        tracing::debug!(error = %crate::redact::redact_url(&err.to_string()), "connect failed; retrying");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
     }
@@ -264,18 +270,18 @@ async fn classify(
     if !is_transient(&err) {
         return ConnectError::Rejected {
             url: url.redacted(),
-            cause: crate::config::redact_url(&err.to_string()),
+            cause: crate::redact::redact_url(&err.to_string()),
         };
     }
     // The pool only says it timed out: one more direct attempt tells why.
     let cause = match &err {
         sqlx::Error::PoolTimedOut => {
             match tokio::time::timeout(Duration::from_secs(1), opts.connect()).await {
-                Ok(Err(e)) => crate::config::redact_url(&e.to_string()),
+                Ok(Err(e)) => crate::redact::redact_url(&e.to_string()),
                 _ => format!("no answer within {} s", timeout.as_secs()),
             }
         }
-        other => crate::config::redact_url(&other.to_string()),
+        other => crate::redact::redact_url(&other.to_string()),
     };
     ConnectError::Unreachable {
         url: url.redacted(),

@@ -9,5 +9,6 @@ pub mod manifest;
 pub mod metadata;
 pub mod migrate;
 mod migrate_cmd;
+pub mod redact;
 pub mod service;
 mod service_cmd;

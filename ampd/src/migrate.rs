@@ -187,7 +187,7 @@ fn describe(err: &DbErr) -> String {
             }
             s
         }
-        None => crate::config::redact_url(&err.to_string()),
+        None => crate::redact::redact_url(&err.to_string()),
     }
 }
 

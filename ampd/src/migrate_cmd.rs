@@ -50,7 +50,7 @@ pub async fn run(
             write!(stdout, "{}", plan.script())?;
         }
         (None, false) => {
-            tracing::info!(url = %db.url, "migrating metadata database");
+            tracing::info!(url = %config.require_url()?, "migrating metadata database");
             let report = migrate::migrate(db, set).await?;
             for name in &report.adopted {
                 writeln!(stdout, "recorded {name} (applied earlier without ampd)")?;

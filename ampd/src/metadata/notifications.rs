@@ -204,7 +204,7 @@ impl Listener {
     /// Connects to the metadata database of `cfg` and listens on both channels.
     #[tracing::instrument(skip_all, err)]
     pub async fn connect(cfg: &MetadataDbConfig) -> Result<Listener> {
-        let url = db::session_url(cfg).clone();
+        let url = db::session_url(cfg)?.clone();
         let inner = listen(&url, cfg).await?;
         Ok(Listener {
             url,
@@ -266,7 +266,7 @@ impl Listener {
 
     fn connection_lost(&mut self, why: &str) {
         tracing::warn!(
-            error = %crate::config::redact_url(why),
+            error = %crate::redact::redact_url(why),
             "notification listener lost its connection; notifications are lost until it connects \
              again"
         );

@@ -182,7 +182,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn claim(cfg: &MetadataDbConfig, node_id: &str) -> Result<NodeClaim> {
     validate_node_id(node_id)?;
     let key = claim_key(node_id);
-    let mut conn = db::connect_session(db::session_url(cfg), cfg, CLAIM_APPLICATION_NAME).await?;
+    let mut conn = db::connect_session(db::session_url(cfg)?, cfg, CLAIM_APPLICATION_NAME).await?;
     let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(key.0)
         .bind(key.1)

@@ -38,7 +38,7 @@ impl Policy {
             liveness_window: Duration::from_millis(worker.liveness_window_ms),
             retry_base_delay: Duration::from_millis(controller.retry_base_delay_ms),
             retry_max_delay: Duration::from_millis(controller.retry_max_delay_ms),
-            max_attempts: 5,
+            max_attempts: i32::try_from(controller.max_attempts).unwrap_or(i32::MAX),
         }
     }
 }

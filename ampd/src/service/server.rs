@@ -13,9 +13,6 @@ use crate::metadata::notifications::{Listener, Notification};
 
 use super::ServiceError;
 
-/// How often the server re-reads the tables' active revisions.
-const RECONCILE_EVERY: Duration = Duration::from_secs(30);
-
 /// Runs the server until `shutdown` completes.
 pub async fn run(
     db: DatabaseConnection,
@@ -23,7 +20,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     let mut listener = Listener::connect(&config.metadata_db).await?;
-    let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+    let every = Duration::from_millis(config.server.reconcile_interval_ms);
+    let mut reconcile = tokio::time::interval(every);
     tracing::info!("server started");
     tokio::pin!(shutdown);
     loop {

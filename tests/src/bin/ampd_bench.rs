@@ -286,7 +286,7 @@ async fn start_server(tmp: &Path) -> Res<Server> {
     {
         let bindir = tests::cluster::find_bindir()?;
         let tls = uses_tls(&bindir, &url, tmp)?;
-        let redacted = ampd::config::redact_url(&url);
+        let redacted = ampd::redact::redact_url(&url);
         return Ok(Server {
             _cluster: None,
             transports: vec![Transport {
