@@ -29,6 +29,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[worker]`: liveness, job execution and the files jobs write.
     pub worker: WorkerConfig,
+    /// `[storage]`: the data directory every service shares.
+    pub storage: StorageConfig,
     /// Where the configuration came from, for messages.
     #[serde(skip)]
     origin: Origin,
@@ -88,10 +90,17 @@ pub struct ControllerConfig {
 pub struct ServerConfig {
     /// Where the server listens: an IP address and a port.
     pub addr: SocketAddr,
-    /// The directory tables' files are read from; see [`ServerConfig::data_dir`].
-    pub data_dir: Option<PathBuf>,
     /// Milliseconds between re-reads of every table's active revision; at least 1.
     pub reconcile_interval_ms: u64,
+}
+
+/// `[storage]`: where manifests and tables' files live, shared by the services (the controller
+/// stores manifests there, workers write tables' files, the server reads them).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The data directory; see [`StorageConfig::data_dir`].
+    pub data_dir: Option<PathBuf>,
 }
 
 /// `[worker]`: liveness, job execution and the files jobs write.
@@ -102,8 +111,6 @@ pub struct WorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// A worker whose last heartbeat is older than this (ms) is dead; > `heartbeat_interval_ms`.
     pub liveness_window_ms: u64,
-    /// The directory jobs write revisions' files under; see [`WorkerConfig::data_dir`].
-    pub data_dir: Option<PathBuf>,
     /// The directory a manifest's relative CSV paths are resolved in (nothing outside it is
     /// read); see [`WorkerConfig::sources_dir`].
     pub sources_dir: Option<PathBuf>,
@@ -154,7 +161,6 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1603)),
-            data_dir: None,
             reconcile_interval_ms: 30_000,
         }
     }
@@ -165,7 +171,6 @@ impl Default for WorkerConfig {
         WorkerConfig {
             heartbeat_interval_ms: 1000,
             liveness_window_ms: 5000,
-            data_dir: None,
             sources_dir: None,
             max_concurrent_jobs: 2,
             gc_grace_secs: 300,
@@ -176,7 +181,7 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Default of `server.data_dir` and `worker.data_dir`.
+/// Default of `storage.data_dir`.
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Default of `worker.sources_dir`.
 pub const DEFAULT_SOURCES_DIR: &str = "./sources";
@@ -188,7 +193,7 @@ impl MetadataDbConfig {
     }
 }
 
-impl ServerConfig {
+impl StorageConfig {
     /// `data_dir`, or [`DEFAULT_DATA_DIR`] when unset.
     pub fn data_dir(&self) -> &Path {
         self.data_dir
@@ -198,13 +203,6 @@ impl ServerConfig {
 }
 
 impl WorkerConfig {
-    /// `data_dir`, or [`DEFAULT_DATA_DIR`] when unset.
-    pub fn data_dir(&self) -> &Path {
-        self.data_dir
-            .as_deref()
-            .unwrap_or(Path::new(DEFAULT_DATA_DIR))
-    }
-
     /// `sources_dir`, or [`DEFAULT_SOURCES_DIR`] when unset.
     pub fn sources_dir(&self) -> &Path {
         (self.sources_dir.as_deref()).unwrap_or(Path::new(DEFAULT_SOURCES_DIR))
@@ -1075,10 +1073,12 @@ mod tests {
         };
         let err = toml::from_str::<Config>(&text).unwrap_err();
         let message = err.message().replace(" or ", ", ");
+        // serde says "expected `a`", "expected `a`, `b`" or "expected one of `a`, `b`, `c`".
         let list = message
-            .split_once("expected one of ")
+            .split_once("expected ")
             .unwrap_or_else(|| panic!("{message}"))
             .1;
+        let list = list.strip_prefix("one of ").unwrap_or(list);
         list.split(", ")
             .map(|k| k.trim_matches('`').to_owned())
             .collect()
@@ -1136,18 +1136,18 @@ mod tests {
         let mut c = load(&text, &[]).unwrap();
         assert!(c.metadata_db.url.is_some() && c.metadata_db.direct_url.is_some());
         assert!(c.controller.admin_token.is_some());
-        assert_eq!(c.server.data_dir(), Path::new(DEFAULT_DATA_DIR));
-        assert_eq!(c.worker.data_dir(), Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(c.storage.data_dir(), Path::new(DEFAULT_DATA_DIR));
         assert_eq!(c.worker.sources_dir(), Path::new(DEFAULT_SOURCES_DIR));
         (c.metadata_db.url, c.metadata_db.direct_url) = (None, None);
         c.metadata_db.auto_migrate = None;
         c.controller.admin_token = None;
-        c.server.data_dir = None;
-        (c.worker.data_dir, c.worker.sources_dir) = (None, None);
+        c.storage.data_dir = None;
+        c.worker.sources_dir = None;
         assert_eq!(c.metadata_db, MetadataDbConfig::default());
         assert_eq!(c.controller, ControllerConfig::default());
         assert_eq!(c.server, ServerConfig::default());
         assert_eq!(c.worker, WorkerConfig::default());
+        assert_eq!(c.storage, StorageConfig::default());
     }
 
     #[test]
@@ -1160,15 +1160,11 @@ mod tests {
         assert_eq!(c.controller.max_attempts, 5);
         assert_eq!(c.controller.max_body_bytes, 4_194_304);
         assert_eq!(c.server.addr.to_string(), "127.0.0.1:1603");
-        assert_eq!(c.server.data_dir, None);
-        assert_eq!(c.server.data_dir(), Path::new("./data"));
+        assert_eq!(c.storage.data_dir, None);
+        assert_eq!(c.storage.data_dir(), Path::new("./data"));
         assert_eq!(c.server.reconcile_interval_ms, 30_000);
         let w = &c.worker;
-        assert_eq!(
-            (w.data_dir.as_deref(), w.sources_dir.as_deref()),
-            (None, None)
-        );
-        assert_eq!(w.data_dir(), Path::new("./data"));
+        assert_eq!(w.sources_dir, None);
         assert_eq!(w.sources_dir(), Path::new("./sources"));
         assert_eq!(w.max_concurrent_jobs, 2);
         assert_eq!(w.gc_grace_secs, 300);
@@ -1182,7 +1178,7 @@ mod tests {
         let text = with_url(
             "direct_url = \"postgresql://amp:Dir3ctPw@primary:5432/amp\"\n\
              [controller]\nadmin_addr = \"0.0.0.0:9000\"\nmax_attempts = 3\nmax_body_bytes = 10\n\
-             [server]\naddr = \"[::1]:9001\"\ndata_dir = \"/srv/amp\"\nreconcile_interval_ms = 7\n\
+             [server]\naddr = \"[::1]:9001\"\nreconcile_interval_ms = 7\n\
              [worker]\nsources_dir = \"src\"\nmax_concurrent_jobs = 8\ngc_grace_secs = 0\n\
              gc_interval_ms = 9\nreconcile_interval_ms = 11\nrows_per_file = 12\n",
         );
@@ -1191,7 +1187,7 @@ mod tests {
             &[
                 // Read as TOML numbers first, but these keys want text.
                 ("AMP_CONFIG_CONTROLLER__ADMIN_TOKEN", "12345"),
-                ("AMP_CONFIG_WORKER__DATA_DIR", "2024"),
+                ("AMP_CONFIG_STORAGE__DATA_DIR", "2024"),
                 ("AMP_CONFIG_SERVER__ADDR", "127.0.0.1:7"),
             ],
         )
@@ -1209,10 +1205,10 @@ mod tests {
             (3, 10)
         );
         assert_eq!(c.server.addr.to_string(), "127.0.0.1:7");
-        assert_eq!(c.server.data_dir(), Path::new("/srv/amp"));
+
         assert_eq!(c.server.reconcile_interval_ms, 7);
         let w = &c.worker;
-        assert_eq!(w.data_dir(), Path::new("2024"));
+        assert_eq!(c.storage.data_dir(), Path::new("2024"));
         assert_eq!(w.sources_dir(), Path::new("src"));
         assert_eq!((w.max_concurrent_jobs, w.gc_grace_secs), (8, 0));
         assert_eq!(
@@ -1240,8 +1236,7 @@ mod tests {
             );
         }
         for key in [
-            "server.data_dir",
-            "worker.data_dir",
+            "storage.data_dir",
             "worker.sources_dir",
             "controller.admin_token",
         ] {
@@ -1420,7 +1415,7 @@ mod tests {
             Just("[metadata_db]\nurl = \"postgresql://h/db?sslpassword=S3cr3tPw\"\nmax_connections = \"x\"\n"),
             Just("[metadata_db]\ndirect_url = \"postgresql://u:S3cr3tPw@h/db\"\n[worker]\nrows_per_file = 0\n"),
             Just("[controller]\nadmin_token = \"S3cr3tPw\"\nmax_attempts = \"S3cr3tPw\"\n"),
-            Just("[server]\ndata_dir = \"\"\n[controller]\nadmin_token = 'S3cr3tPw'\n"),
+            Just("[storage]\ndata_dir = \"\"\n[controller]\nadmin_token = 'S3cr3tPw'\n"),
         ]
         .prop_map(str::to_owned)
     }
@@ -1473,7 +1468,7 @@ mod tests {
                 ("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", auto),
                 ("AMP_CONFIG_WORKER__HEARTBEAT_INTERVAL_MS", heartbeat),
                 ("AMP_CONFIG_CONTROLLER__ADMIN_TOKEN", token),
-                ("AMP_CONFIG_WORKER__DATA_DIR", data_dir),
+                ("AMP_CONFIG_STORAGE__DATA_DIR", data_dir),
                 ("AMP_CONFIG_NOPE__X", unknown),
             ] {
                 if let Some(value) = value {

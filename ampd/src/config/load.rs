@@ -311,8 +311,7 @@ impl Problems<'_> {
             "controller.admin_token",
             c.admin_token.as_ref().map(|t| t.expose()),
         );
-        self.not_empty("server.data_dir", s.data_dir.as_ref());
-        self.not_empty("worker.data_dir", w.data_dir.as_ref());
+        self.not_empty("storage.data_dir", config.storage.data_dir.as_ref());
         self.not_empty("worker.sources_dir", w.sources_dir.as_ref());
     }
 
