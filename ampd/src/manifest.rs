@@ -25,6 +25,41 @@ use serde::{Deserialize, Serialize};
 
 /// The manifest kind this module knows.
 pub const STATIC: &str = "static";
+/// The job kind that materializes a static manifest.
+pub const MATERIALIZE_STATIC: &str = "materialize-static";
+/// The format of the files a materialization writes (one JSON object per line).
+pub const FORMAT_JSONL: &str = "jsonl";
+
+/// Where a manifest is stored, relative to the data directory (`manifest_files.path`): its bytes,
+/// exactly those its hash is taken of.
+pub fn manifest_path(hash: &str) -> String {
+    format!("manifests/{hash}.json")
+}
+
+/// The name of the `index`th file (from 0) of a revision a materialization writes.
+pub fn part_file_name(index: usize) -> String {
+    format!("part-{index:05}.{FORMAT_JSONL}")
+}
+
+/// The `metadata` of a revision a materialization writes: what a reader needs to read its files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RevisionMeta {
+    /// The files' format: `jsonl`.
+    pub format: String,
+    /// The table's columns, in order.
+    pub columns: Vec<Column>,
+    /// Rows in all the revision's files.
+    pub rows: u64,
+}
+
+/// The `metadata` of a file a materialization writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FileMeta {
+    /// Rows in the file.
+    pub rows: u64,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: String,
+}
 /// The longest table or column name.
 pub const MAX_NAME_LEN: usize = 63;
 
