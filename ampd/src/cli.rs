@@ -40,12 +40,17 @@ enum Command {
         #[arg(long, value_name = "ID")]
         node_id: String,
     },
-    /// Run controller, server and a worker in one process (metadata_db.auto_migrate defaults to
-    /// true). Without --config / AMP_CONFIG it takes its configuration from the environment alone.
+    /// Run the controller, the server and a worker in one process, with nothing to set up: without
+    /// metadata_db.url it runs its own PostgreSQL in the amp directory (metadata_db.auto_migrate
+    /// defaults to true). Configuration: --config / AMP_CONFIG, else <amp dir>/config.toml if it
+    /// exists, else the defaults and the AMP_CONFIG_* environment.
     Solo {
         /// The embedded worker's node id.
         #[arg(long, value_name = "ID", default_value = "solo")]
         node_id: String,
+        /// Where solo keeps everything: its database (metadb/), data/, sources/, config.toml.
+        #[arg(long, env = "AMP_DIR", value_name = "DIR", default_value = crate::solo::DEFAULT_AMP_DIR)]
+        amp_dir: PathBuf,
     },
 }
 
@@ -83,25 +88,27 @@ pub fn main(migrations: fn() -> MigrationSet) -> ExitCode {
 }
 
 async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn std::error::Error>> {
-    let solo = matches!(cli.command, Command::Solo { .. });
-    let config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None if solo => Config::from_env()?,
-        None => return Err(NO_CONFIG.into()),
-    };
-    if !solo {
+    let load = || -> Result<Config, Box<dyn std::error::Error>> {
+        let config = match &cli.config {
+            Some(path) => Config::load(path)?,
+            None => return Err(NO_CONFIG.into()),
+        };
         config.require_url()?;
-    }
-    config
-        .secrets()
-        .iter()
-        .for_each(|secret| redact::register(secret));
+        config
+            .secrets()
+            .iter()
+            .for_each(|secret| redact::register(secret));
+        Ok(config)
+    };
     match cli.command {
-        Command::Migrate(args) => migrate_cmd::run(&config, args, &migrations()).await,
-        Command::Controller => service_cmd::controller(config, migrations).await,
-        Command::Server => service_cmd::server(config, migrations).await,
-        Command::Worker { node_id } => service_cmd::worker(config, node_id, migrations).await,
-        Command::Solo { node_id } => service_cmd::solo(config, node_id, migrations).await,
+        // Solo finds its configuration itself (it may live in its directory, or not exist).
+        Command::Solo { node_id, amp_dir } => {
+            crate::solo::run(cli.config.as_deref(), &amp_dir, node_id, migrations).await
+        }
+        Command::Migrate(args) => migrate_cmd::run(&load()?, args, &migrations()).await,
+        Command::Controller => service_cmd::controller(load()?, migrations).await,
+        Command::Server => service_cmd::server(load()?, migrations).await,
+        Command::Worker { node_id } => service_cmd::worker(load()?, node_id, migrations).await,
     }
 }
 

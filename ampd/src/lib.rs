@@ -9,6 +9,8 @@ pub mod manifest;
 pub mod metadata;
 pub mod migrate;
 mod migrate_cmd;
+pub mod postgres;
 pub mod redact;
 pub mod service;
 mod service_cmd;
+pub mod solo;

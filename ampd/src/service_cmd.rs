@@ -1,4 +1,4 @@
-//! `ampd controller|server|worker|solo`: run until Ctrl-C or SIGTERM (exit 0). Each listens for the
+//! `ampd controller|server|worker`: run until Ctrl-C or SIGTERM (exit 0). Each listens for the
 //! signals before anything else, so one that arrives while it is still connecting or migrating
 //! stops it cleanly.
 
@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::migrate::MigrationSet;
-use crate::service::{self, Component, controller, server, worker};
+use crate::service::{self, controller, server, worker};
 
 type Result = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -50,32 +50,5 @@ pub async fn worker(config: Config, node_id: String, migrations: fn() -> Migrati
         return Ok(());
     };
     worker::run(db, Arc::new(config), node_id, shutdown).await?;
-    Ok(())
-}
-
-pub async fn solo(config: Config, node_id: String, migrations: fn() -> MigrationSet) -> Result {
-    let Some((db, shutdown)) = start(&config, true, migrations).await? else {
-        return Ok(());
-    };
-    let config = Arc::new(config);
-    let components: Vec<Component> = vec![
-        (
-            "controller",
-            Box::pin(controller::run(
-                db.clone(),
-                config.clone(),
-                shutdown.clone(),
-            )),
-        ),
-        (
-            "server",
-            Box::pin(server::run(db.clone(), config.clone(), shutdown.clone())),
-        ),
-        (
-            "worker",
-            Box::pin(worker::run(db, config, node_id, shutdown.clone())),
-        ),
-    ];
-    service::supervise(shutdown, components).await?;
     Ok(())
 }

@@ -1,0 +1,336 @@
+//! `ampd solo`: the controller, the server and one worker in one process, with nothing to set up.
+//!
+//! Everything lives in the amp directory (`--amp-dir`, `AMP_DIR`, default `./.amp`): the managed
+//! database's cluster (`metadb/`, also the directory of its Unix socket), its log
+//! (`postgres.log`), the data (`data/`), the sources CSV paths resolve in (`sources/`), an optional
+//! `config.toml`, and `solo.lock`, which one `ampd solo` holds while it runs. Without
+//! `metadata_db.url`, solo runs PostgreSQL itself ([`crate::postgres`]): `initdb` on the first start,
+//! the same cluster afterwards, listening on its socket only (no TCP port, so nothing conflicts).
+//! With a URL it uses that database and manages nothing. `metadata_db.auto_migrate` defaults to
+//! true.
+//!
+//! Stopping (Ctrl-C or SIGTERM): the services stop, the pool is closed, then PostgreSQL gets a fast
+//! shutdown and ampd waits for it (forced after 30 s). If ampd is killed, PostgreSQL's watchdog
+//! gives it the same fast shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::sqlx::{self, Connection as _};
+
+use crate::config::{Config, DatabaseUrl};
+use crate::migrate::MigrationSet;
+use crate::postgres::{self, PostgresError, Server};
+use crate::service::{self, Component, controller, server, worker};
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// The default amp directory.
+pub const DEFAULT_AMP_DIR: &str = "./.amp";
+/// The managed database's superuser.
+const DB_USER: &str = "ampd";
+/// The managed database.
+const DB_NAME: &str = "amp";
+/// The port naming the managed server's socket (no TCP listener uses it).
+const DB_PORT: u16 = 5432;
+/// How long a fast shutdown of the managed server may take before it is forced.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why solo cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SoloError {
+    /// Another `ampd solo` holds the amp directory.
+    #[error(
+        "another ampd solo is running on {} (it holds {}); stop it first, or give this one another \
+         --amp-dir",
+        .dir.display(),
+        .lock.display()
+    )]
+    Busy {
+        /// The amp directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A file or directory of the amp directory could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The managed database could not be started.
+    #[error("the managed PostgreSQL in {}: {source}", .dir.display())]
+    Postgres {
+        /// Its data directory.
+        dir: PathBuf,
+        /// Why.
+        source: PostgresError,
+    },
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> SoloError {
+    move |source| SoloError::Io { what, source }
+}
+
+/// The amp directory's lock, held while solo runs.
+struct AmpDirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock(dir: &Path) -> std::result::Result<AmpDirLock, SoloError> {
+    let path = dir.join("solo.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("open {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(AmpDirLock(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SoloError::Busy {
+            dir: dir.to_owned(),
+            lock: path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(format!("lock {}", path.display()))(e)),
+    }
+}
+
+/// The configuration: `--config` / `AMP_CONFIG` when given, else `<amp_dir>/config.toml` when it
+/// exists, else the defaults and the `AMP_CONFIG_*` environment. Paths left unset go under the amp
+/// directory.
+fn load_config(explicit: Option<&Path>, amp_dir: &Path) -> Result<Config> {
+    let in_dir = amp_dir.join("config.toml");
+    let mut config = match explicit {
+        Some(path) => Config::load(path)?,
+        None if in_dir.is_file() => Config::load(&in_dir)?,
+        None => Config::from_env()?,
+    };
+    config
+        .storage
+        .data_dir
+        .get_or_insert_with(|| amp_dir.join("data"));
+    config
+        .worker
+        .sources_dir
+        .get_or_insert_with(|| amp_dir.join("sources"));
+    Ok(config)
+}
+
+fn absolute(dir: &Path) -> std::result::Result<PathBuf, SoloError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    dir.canonicalize()
+        .map_err(io(format!("resolve {}", dir.display())))
+}
+
+/// Starts (creating it the first time) the managed cluster in `<amp_dir>/metadb`. A server left
+/// running on it by an earlier solo that died (no solo holds the directory, so nothing else owns
+/// it) is given a fast shutdown first.
+fn start_managed(amp_dir: &Path) -> std::result::Result<(Server, bool), PostgresError> {
+    let bindir = postgres::find_bindir(None)?;
+    let user = postgres::server_user()?;
+    let data = amp_dir.join("metadb");
+    let fresh = !postgres::is_initialized(&data);
+    if fresh {
+        tracing::info!(dir = %data.display(), "creating the managed PostgreSQL cluster (initdb)");
+        // A half-created cluster (a start that died during initdb) is not reused.
+        if data.exists() {
+            std::fs::remove_dir_all(&data).map_err(|source| PostgresError::Io {
+                what: format!("remove the incomplete {}", data.display()),
+                source,
+            })?;
+        }
+        postgres::initdb(
+            &bindir,
+            &data,
+            user.as_deref(),
+            &postgres::InitOptions {
+                superuser: DB_USER.to_owned(),
+                no_sync: false,
+            },
+        )?;
+    } else {
+        match postgres::prepare_data_dir(&data) {
+            Err(PostgresError::AlreadyRunning { pid, .. }) => {
+                tracing::warn!(
+                    pid,
+                    "stopping a PostgreSQL left running by an earlier ampd solo"
+                );
+                stop_orphan(pid)?;
+                postgres::prepare_data_dir(&data)?;
+            }
+            other => other?,
+        }
+    }
+    let server = Server::start(
+        &bindir,
+        &data,
+        user.as_deref(),
+        &postgres::StartOptions {
+            socket_dir: data.clone(),
+            port: DB_PORT,
+            listen_address: None,
+            settings: Vec::new(),
+            log_file: amp_dir.join("postgres.log"),
+            remove_after_stop: None,
+            stop_timeout: STOP_TIMEOUT,
+            ready_timeout: Duration::from_secs(60),
+        },
+    )?;
+    Ok((server, fresh))
+}
+
+/// Fast shutdown of the orphaned server `pid`, waiting (bounded) until it is gone.
+fn stop_orphan(pid: u32) -> std::result::Result<(), PostgresError> {
+    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    // SAFETY: kill(2); `pid` was verified to be this amp directory's PostgreSQL.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+    while alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive() {
+        // SAFETY: as above; it ignored the fast shutdown.
+        unsafe { libc::kill(pid as i32, libc::SIGQUIT) };
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(())
+}
+
+/// Creates the managed database on the first start (idempotent).
+async fn ensure_database(server_url: &str) -> std::result::Result<(), sqlx::Error> {
+    // A server that has just started may still answer "starting up" for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        match sqlx::PgConnection::connect(server_url).await {
+            Ok(conn) => break conn,
+            Err(e) if crate::db::is_transient(&e) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(DB_NAME)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DB_NAME}")))
+            .execute(&mut conn)
+            .await?;
+    }
+    conn.close().await
+}
+
+/// Runs `ampd solo`.
+pub async fn run(
+    config_path: Option<&Path>,
+    amp_dir: &Path,
+    node_id: String,
+    migrations: fn() -> MigrationSet,
+) -> Result {
+    let shutdown = service::stop_on_signals()?;
+    let amp_dir = absolute(amp_dir)?;
+    let _lock = lock(&amp_dir)?;
+    let mut config = load_config(config_path, &amp_dir)?;
+    config
+        .secrets()
+        .iter()
+        .for_each(|secret| crate::redact::register(secret));
+    for dir in [config.storage.data_dir(), config.worker.sources_dir()] {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+
+    let managed = if config.metadata_db.url.is_none() {
+        let dir = amp_dir.join("metadb");
+        let started = {
+            let amp_dir = amp_dir.clone();
+            tokio::task::spawn_blocking(move || start_managed(&amp_dir)).await?
+        };
+        let (server, _fresh) = started.map_err(|source| SoloError::Postgres { dir, source })?;
+        ensure_database(&server.url(DB_USER, "postgres")).await?;
+        config.metadata_db.url = Some(DatabaseUrl::parse(&server.url(DB_USER, DB_NAME))?);
+        Some(server)
+    } else {
+        None
+    };
+    print_banner(&config, &amp_dir, &node_id, managed.as_ref());
+
+    let result = run_services(config, node_id, migrations, shutdown).await;
+    if let Some(server) = managed {
+        tokio::task::spawn_blocking(move || server.stop()).await??;
+    }
+    result
+}
+
+/// Connects (migrating), runs the three services until a stop is asked for or one fails, then
+/// closes the pool.
+async fn run_services(
+    config: Config,
+    node_id: String,
+    migrations: fn() -> MigrationSet,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result {
+    let connect = service::connect(&config, true, migrations);
+    let Some(db) = service::until_stopped(&shutdown, connect)
+        .await
+        .transpose()?
+    else {
+        return Ok(());
+    };
+    let config = Arc::new(config);
+    let components: Vec<Component> = vec![
+        (
+            "controller",
+            Box::pin(controller::run(
+                db.clone(),
+                config.clone(),
+                shutdown.clone(),
+            )),
+        ),
+        (
+            "server",
+            Box::pin(server::run(db.clone(), config.clone(), shutdown.clone())),
+        ),
+        (
+            "worker",
+            Box::pin(worker::run(db.clone(), config, node_id, shutdown.clone())),
+        ),
+    ];
+    let result = service::supervise(shutdown, components).await;
+    let _ = db.close().await;
+    Ok(result?)
+}
+
+fn print_banner(config: &Config, amp_dir: &Path, node_id: &str, managed: Option<&Server>) {
+    let url = config
+        .metadata_db
+        .url
+        .as_ref()
+        .map(|u| u.redacted())
+        .unwrap_or_default();
+    let (database, hint) = match managed {
+        Some(server) => (
+            format!(
+                "{url}\n                (managed: {}, log {})",
+                server.socket_dir().display(),
+                amp_dir.join("postgres.log").display()
+            ),
+            format!(
+                "\n  while solo runs, other commands reach its database with\n    \
+                 AMP_CONFIG_METADATA_DB__URL='{url}' ampd migrate status\n"
+            ),
+        ),
+        None => (url.clone(), String::new()),
+    };
+    println!(
+        "ampd solo\n  amp dir       {}\n  database      {database}\n  admin API     http://{}\n  \
+         server        http://{}\n  worker        {node_id}\n  data          {}\n  sources       {}\n{hint}",
+        amp_dir.display(),
+        config.controller.admin_addr,
+        config.server.addr,
+        config.storage.data_dir().display(),
+        config.worker.sources_dir().display(),
+    );
+}
