@@ -1,5 +1,6 @@
 //! The long-running subcommands, run as a user runs them: they migrate on startup when asked to,
-//! a node id can be run by one worker process at a time, and SIGTERM stops them with exit 0.
+//! a node id can be run by one worker process at a time, and SIGTERM stops them with exit 0, also
+//! while they are still starting.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,26 +23,40 @@ fn spawn(config: &std::path::Path, args: &[&str]) -> tokio::process::Child {
         .expect("spawn ampd")
 }
 
-async fn registered(db: &DatabaseConnection, node_id: &str) -> bool {
-    let sql = format!("SELECT count(*) FROM workers WHERE node_id = '{node_id}'");
+/// When worker `node_id` last registered (microseconds since the epoch), if it has.
+async fn registered_at(db: &DatabaseConnection, node_id: &str) -> Option<i64> {
+    let sql = format!(
+        "SELECT (extract(epoch FROM registered_at) * 1000000)::bigint FROM workers \
+         WHERE node_id = '{node_id}'"
+    );
     match db
         .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
         .await
     {
-        Ok(Some(row)) => row.try_get_by_index::<i64>(0).unwrap_or(0) > 0,
-        _ => false,
+        Ok(Some(row)) => row.try_get_by_index::<i64>(0).ok(),
+        _ => None,
+    }
+}
+
+/// Waits until worker `node_id` has registered after `since` (a `registered_at` read before the
+/// process was started; `None`: never registered before).
+async fn wait_registered_after(db: &DatabaseConnection, node_id: &str, since: Option<i64>) {
+    let started = Instant::now();
+    loop {
+        match registered_at(db, node_id).await {
+            Some(at) if since.is_none_or(|since| at > since) => return,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{node_id} did not register (again) within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn wait_registered(db: &DatabaseConnection, node_id: &str) {
-    let started = Instant::now();
-    while !registered(db, node_id).await {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{node_id} never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_registered_after(db, node_id, None).await;
 }
 
 async fn terminate(child: tokio::process::Child) -> std::process::Output {
@@ -63,11 +78,13 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
     let dir = TempDir::new();
     let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
     let conn = db.connect().await;
+    let node = tests::unique_name("w1");
+    let worker = ["worker", "--node-id", node.as_str()];
 
-    let first = spawn(&config, &["worker", "--node-id", "w1"]);
-    wait_registered(&conn, "w1").await;
+    let first = spawn(&config, &worker);
+    wait_registered(&conn, &node).await;
 
-    let second = spawn(&config, &["worker", "--node-id", "w1"]);
+    let second = spawn(&config, &worker);
     let out = tokio::time::timeout(Duration::from_secs(30), second.wait_with_output())
         .await
         .expect("the second worker gives up")
@@ -75,7 +92,7 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("node id \"w1\" is claimed by another process"),
+        stderr.contains(&format!("node id \"{node}\" is claimed by another process")),
         "{stderr}"
     );
 
@@ -87,11 +104,12 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Once the first is gone, the node id is free again.
-    let third = spawn(&config, &["worker", "--node-id", "w1"]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = Instant::now();
-    wait_registered(&conn, "w1").await;
+    // Once the first is gone, the node id is free again: a third process claims it and registers
+    // anew (a registration newer than the first one's).
+    let before = registered_at(&conn, &node).await;
+    assert!(before.is_some(), "the first worker registered");
+    let third = spawn(&config, &worker);
+    wait_registered_after(&conn, &node, before).await;
     let out = terminate(third).await;
     assert_eq!(
         out.status.code(),
@@ -99,7 +117,57 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(before.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
+    // The worker migrates first; its SIGTERM arrives while the migration holds the lock, or
+    // earlier, while it connects. Either way it stops at once, with exit 0 and nothing registered.
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
+    let conn = db.connect().await;
+    // Hold the migration lock, so the worker cannot get past migrating.
+    let key = ampd::migrate::LOCK_KEY;
+    conn.execute_unprepared(&format!("SELECT pg_advisory_lock({key})"))
+        .await
+        .expect("take the migration lock");
+    let node = tests::unique_name("w1");
+    let child = spawn(&config, &["worker", "--node-id", node.as_str()]);
+    // Evidence that it is waiting for the lock: its request shows in this database's pg_locks.
+    let started = Instant::now();
+    loop {
+        let row = conn
+            .query_one_raw(Statement::from_string(
+                conn.get_database_backend(),
+                format!(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND ((classid::bigint << 32) | objid::bigint) = {key} \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
+            ))
+            .await
+            .expect("read pg_locks")
+            .expect("a row");
+        if row.try_get_by_index::<i64>(0).expect("a count") > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the worker never asked for the migration lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = terminate(child).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    conn.execute_unprepared(&format!("SELECT pg_advisory_unlock({key})"))
+        .await
+        .expect("release the migration lock");
+    assert!(
+        tests::catalog::tables(&conn).await.is_empty(),
+        "nothing was migrated: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +182,8 @@ async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
     let out = terminate(solo).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("applied 7 migrations"), "{stderr}");
+    let applied = format!("applied {} migrations", tests::schema_migration_count());
+    assert!(stderr.contains(&applied), "{stderr}");
 }
 
 #[tokio::test]
@@ -125,9 +194,10 @@ async fn a_service_without_auto_migrate_does_not_touch_the_schema() {
         "config.toml",
         &config_toml(db.url(), "auto_migrate = false"),
     );
+    let node = tests::unique_name("w1");
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        spawn(&config, &["worker", "--node-id", "w1"]).wait_with_output(),
+        spawn(&config, &["worker", "--node-id", node.as_str()]).wait_with_output(),
     )
     .await
     .expect("exits")
@@ -135,9 +205,10 @@ async fn a_service_without_auto_migrate_does_not_touch_the_schema() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(
-            "the metadata database is not migrated (7 pending migration(s)): run `ampd migrate`"
-        ),
+        stderr.contains(&format!(
+            "the metadata database is not migrated ({} pending migration(s)): run `ampd migrate`",
+            tests::schema_migration_count()
+        )),
         "{stderr}"
     );
     let conn = db.connect().await;

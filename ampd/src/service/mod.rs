@@ -48,35 +48,59 @@ pub async fn connect(
     Ok(pool)
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Ctrl-C (SIGINT) and SIGTERM, listened for from the moment this is created: a signal that
+/// arrives while the service is still connecting or migrating is kept and stops it, instead of
+/// killing the process with the signal's default action. Create it before anything else.
+pub struct Shutdown {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    tracing::info!("shutdown requested");
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
 }
 
-/// A shutdown signal that can be awaited by several services at once.
-pub fn shared_shutdown() -> (tokio::sync::watch::Receiver<bool>, impl Future<Output = ()>) {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let fire = async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    };
-    (rx, fire)
+impl Shutdown {
+    /// Starts listening for SIGINT and SIGTERM (needs the Tokio runtime).
+    pub fn install() -> std::io::Result<Shutdown> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Shutdown {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Shutdown {})
+    }
+
+    /// Completes when a signal has arrived (at once if one arrived before).
+    pub async fn requested(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown requested");
+    }
+
+    /// Runs `work` to completion, or gives `None` if a signal arrives first.
+    pub async fn unless_requested<F: Future>(&mut self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            out = work => Some(out),
+            () = self.requested() => None,
+        }
+    }
+
+    /// A shutdown signal that can be awaited by several services at once: the receiver turns
+    /// true once the returned future (spawn it) has seen a signal.
+    pub fn shared(mut self) -> (tokio::sync::watch::Receiver<bool>, impl Future<Output = ()>) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let fire = async move {
+            self.requested().await;
+            let _ = tx.send(true);
+        };
+        (rx, fire)
+    }
 }
