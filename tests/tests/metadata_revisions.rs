@@ -6,7 +6,7 @@ use std::time::Duration;
 use ampd::metadata::notifications::{Listener, Notification, RevisionChange};
 use ampd::metadata::{Error, datasets, files, jobs, revisions};
 use entity::{physical_table_revisions, physical_tables};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::json;
 use tests::TestDb;
 
@@ -34,6 +34,16 @@ async fn revision(db: &DatabaseConnection, table: &physical_tables::Model) -> i6
         .await
         .expect("create revision")
         .id
+}
+
+/// The single count `sql` selects.
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a count")
 }
 
 async fn active_id(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
@@ -257,13 +267,28 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
             second.previous, first.table.active_revision_id,
             "round {round}"
         );
-        let actives = revisions::list(&conn, f.blocks.id)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|r| Some(r.id) == active)
-            .count();
-        assert_eq!(actives, 1);
+        // Exactly one of the table's revisions is active, read from the tables themselves: one
+        // pointer, of any table, leads to a revision of this table, and it is one of the racers'.
+        let pointed_at = count(
+            &conn,
+            &format!(
+                "SELECT count(*) FROM physical_table_revisions r \
+                 JOIN physical_tables t ON t.active_revision_id = r.id \
+                 WHERE r.physical_table_id = {}",
+                f.blocks.id
+            ),
+        )
+        .await;
+        assert_eq!(pointed_at, 1, "round {round}");
+        let racers_active = count(
+            &conn,
+            &format!("SELECT count(*) FROM physical_tables WHERE active_revision_id IN ({a}, {b})"),
+        )
+        .await;
+        assert_eq!(
+            racers_active, 1,
+            "round {round}: one of {a} and {b} is active"
+        );
     }
 }
 
