@@ -26,8 +26,9 @@ impl Output {
     }
 }
 
-fn target_dir() -> PathBuf {
-    // <target>/debug/deps/<test binary> -> <target>/debug
+/// The directory cargo puts this workspace's binaries in: `<target>/<profile>` of the running test
+/// (`<target>/<profile>/deps/<test binary>`).
+pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let deps = exe.parent().expect("deps dir");
     if deps.file_name().is_some_and(|n| n == "deps") {
@@ -37,7 +38,98 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// The cargo running these tests, as a command without the variables cargo sets for a test
+/// The root of this workspace.
+pub fn workspace_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace root")
+            .to_path_buf()
+    })
+}
+
+/// Binary `bin` of workspace package `package`, as cargo built it beside the running test; no
+/// build is started from here. `cargo test --workspace` builds every binary of the workspace (a
+/// package's binaries are built for its integration tests), and `cargo test -p tests` those of
+/// this package (cargo tells the test where they are, as `CARGO_BIN_EXE_<name>`).
+///
+/// A binary of another package is not rebuilt by `cargo test -p tests`: it is refused, saying how
+/// to build it, when it is missing or older than one of the source files cargo built it from (as
+/// listed in its dep-info file, `<bin>.d`), so a test never runs a stale binary.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{bin}")) {
+        return PathBuf::from(path);
+    }
+    let path = target_dir().join(bin);
+    let build = format!(
+        "build it with `cargo build -p {package} --bin {bin}`, or run `cargo test --workspace`"
+    );
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; {build}", path.display()));
+    let dep_info = target_dir().join(format!("{bin}.d"));
+    let sources = std::fs::read_to_string(&dep_info)
+        .unwrap_or_else(|e| panic!("{}: {e}; {build}", dep_info.display()));
+    if let Some(newer) = dep_info_sources(&sources).into_iter().find(|source| {
+        std::fs::metadata(source)
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| modified > built)
+    }) {
+        panic!(
+            "{} is older than {}: {build}",
+            path.display(),
+            newer.display()
+        );
+    }
+    path
+}
+
+/// The files a Makefile-style dep-info file (`target: source source ...`, spaces in names
+/// escaped as `\ `) lists for its first target.
+fn dep_info_sources(text: &str) -> Vec<PathBuf> {
+    let line = text.lines().next().unwrap_or_default();
+    let deps = line.split_once(": ").map_or("", |(_, deps)| deps);
+    let mut paths = Vec::new();
+    let mut current = String::new();
+    let mut chars = deps.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ' ' => {
+                if !current.is_empty() {
+                    paths.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        paths.push(PathBuf::from(current));
+    }
+    paths
+}
+
+/// The `ampd` binary.
+pub fn ampd() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("ampd", "ampd"))
+}
+
+/// The `ampd` command line built around a test-only migration set (`AMPD_FIXTURE_MIGRATIONS`).
+pub fn ampd_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("tests", "ampd-fixture"))
+}
+
+/// SeaORM's migration command line for this workspace's migrations (`migration/src/main.rs`).
+pub fn seaorm_migration_cli() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("migration", "migration"))
+}
+
+/// The cargo running these tests, as a command (for the one test that compiles a scaffolded
+/// migration in a copy of the workspace), without the variables cargo sets for a test
 /// process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Build scripts watch some of them (ring's
 /// reruns when `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME` changes), so a nested build that inherited
 /// them would find those dependencies dirty next to a build from a shell, and the two would rebuild
@@ -65,35 +157,6 @@ pub fn cargo() -> std::process::Command {
         }
     }
     cmd
-}
-
-/// Builds (if needed) and returns a binary of this workspace. Cargo makes the nested build a
-/// no-op when `cargo test --workspace` already built it, and a fresh build otherwise.
-fn built(package: &str, bin: &str) -> PathBuf {
-    let status = cargo()
-        .args(["build", "-q", "-p", package, "--bin", bin])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(
-        status.success(),
-        "cargo build -p {package} --bin {bin} failed"
-    );
-    let path = target_dir().join(bin);
-    assert!(path.exists(), "{} was not built", path.display());
-    path
-}
-
-/// The `ampd` binary.
-pub fn ampd() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| built("ampd", "ampd"))
-}
-
-/// The `ampd` command line built around a test-only migration set (`AMPD_FIXTURE_MIGRATIONS`).
-pub fn ampd_fixture() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| built("tests", "ampd-fixture"))
 }
 
 /// A temporary directory removed on drop.

@@ -7,6 +7,10 @@
 //! programs refuse to run as root). A watchdog shell holds the read end of a pipe whose write end the
 //! test process keeps open; when the test process exits for any reason the pipe closes and the
 //! watchdog stops the server and removes the directory.
+//!
+//! A private cluster trusts every connection except those of members of
+//! [`PASSWORD_ROLES`], whose passwords it checks (`scram-sha-256`), and preloads
+//! `pg_stat_statements` when PostgreSQL has it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +36,10 @@ pub fn admin_url() -> &'static str {
         }
     })
 }
+
+/// The group role whose members must log in with their password on a private cluster (its
+/// `pg_hba.conf` asks them for `scram-sha-256` before it trusts everyone else).
+pub const PASSWORD_ROLES: &str = "ampd_password_roles";
 
 /// What a private cluster is started with beyond the defaults.
 #[derive(Debug, Clone, Default)]
@@ -105,6 +113,8 @@ impl PrivateCluster {
             ));
         }
 
+        write_hba(&data, run_as)?;
+
         let mut extra = String::new();
         let mut port = 5432;
         if options.tcp_tls {
@@ -118,6 +128,13 @@ impl PrivateCluster {
             ));
         } else {
             extra.push_str(" -c listen_addresses=");
+        }
+        let preload_set = options
+            .settings
+            .iter()
+            .any(|(name, _)| name == "shared_preload_libraries");
+        if !preload_set && has_pg_stat_statements(&bindir) {
+            extra.push_str(" -c shared_preload_libraries=pg_stat_statements");
         }
         for (name, value) in &options.settings {
             extra.push_str(&format!(" -c {}", sh_quote_str(&format!("{name}={value}"))));
@@ -224,6 +241,53 @@ impl Drop for PrivateCluster {
         drop(self.watchdog.take());
         let _ = self.child.wait();
     }
+}
+
+/// Replaces the `pg_hba.conf` of a new cluster at `data`: members of [`PASSWORD_ROLES`] log in with
+/// `scram-sha-256` (over the socket and TCP); every other role is trusted.
+fn write_hba(data: &Path, owner: Option<&str>) -> Result<(), String> {
+    let group = PASSWORD_ROLES;
+    let hba = data.join("pg_hba.conf");
+    let rules = format!(
+        "# TYPE  DATABASE USER    ADDRESS       METHOD\n\
+         local   all      +{group}                scram-sha-256\n\
+         host    all      +{group} 127.0.0.1/32  scram-sha-256\n\
+         host    all      +{group} ::1/128       scram-sha-256\n\
+         local   all      all                   trust\n\
+         host    all      all     127.0.0.1/32  trust\n\
+         host    all      all     ::1/128       trust\n"
+    );
+    std::fs::write(&hba, rules).map_err(|e| format!("write {}: {e}", hba.display()))?;
+    if let Some(user) = owner {
+        let status = Command::new("chown")
+            .arg(format!("{user}:"))
+            .arg(&hba)
+            .status()
+            .map_err(|e| format!("chown: {e}"))?;
+        if !status.success() {
+            return Err(format!("chown {user} {} failed", hba.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the PostgreSQL of `bindir` has the `pg_stat_statements` module (Debian's server package
+/// ships it; elsewhere it may come with a `contrib` package).
+pub fn has_pg_stat_statements(bindir: &Path) -> bool {
+    let pkglibdir = Command::new(bindir.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        .unwrap_or_else(|| bindir.join("../lib"));
+    pkglibdir.join("pg_stat_statements.so").exists()
+}
+
+/// Whether the harness started the server the tests use (no `AMP_TEST_DATABASE_URL`), and so
+/// knows how it is configured.
+pub fn is_private() -> bool {
+    std::env::var("AMP_TEST_DATABASE_URL").map_or(true, |url| url.trim().is_empty())
 }
 
 /// A port on `127.0.0.1` nothing listens on right now.
