@@ -81,14 +81,7 @@ impl PrivateCluster {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let run_as = if is_root() { Some("postgres") } else { None };
         if let Some(user) = run_as {
-            let status = Command::new("chown")
-                .arg(format!("{user}:"))
-                .arg(&dir)
-                .status()
-                .map_err(|e| format!("chown: {e}"))?;
-            if !status.success() {
-                return Err(format!("chown {user} {} failed", dir.display()));
-            }
+            chown(user, &[&dir])?;
         }
         let data = dir.join("data");
         let out = as_user(run_as, &bindir.join("initdb"))
@@ -259,14 +252,20 @@ fn write_hba(data: &Path, owner: Option<&str>) -> Result<(), String> {
     );
     std::fs::write(&hba, rules).map_err(|e| format!("write {}: {e}", hba.display()))?;
     if let Some(user) = owner {
-        let status = Command::new("chown")
-            .arg(format!("{user}:"))
-            .arg(&hba)
-            .status()
-            .map_err(|e| format!("chown: {e}"))?;
-        if !status.success() {
-            return Err(format!("chown {user} {} failed", hba.display()));
-        }
+        chown(user, &[&hba])?;
+    }
+    Ok(())
+}
+
+/// Gives `paths` to `user` (and its group).
+fn chown(user: &str, paths: &[&Path]) -> Result<(), String> {
+    let status = Command::new("chown")
+        .arg(format!("{user}:"))
+        .args(paths)
+        .status()
+        .map_err(|e| format!("chown: {e}"))?;
+    if !status.success() {
+        return Err(format!("chown {user} {paths:?} failed"));
     }
     Ok(())
 }
@@ -327,15 +326,7 @@ fn self_signed_certificate(dir: &Path, owner: Option<&str>) -> Result<(PathBuf, 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", key.display()))?;
     if let Some(user) = owner {
-        let status = Command::new("chown")
-            .arg(format!("{user}:"))
-            .arg(&cert)
-            .arg(&key)
-            .status()
-            .map_err(|e| format!("chown: {e}"))?;
-        if !status.success() {
-            return Err(format!("chown {user} {} failed", key.display()));
-        }
+        chown(user, &[&cert, &key])?;
     }
     Ok((cert, key))
 }

@@ -13,6 +13,21 @@ async fn exec(db: &DatabaseConnection, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Claims `node_id`, polling while another connection (one that is going away) still holds it;
+/// fails if it is still held after 10 s.
+async fn claim_once_free(url: &str, node_id: &str) -> workers::NodeClaim {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match workers::claim(url, node_id).await {
+            Ok(claim) => return claim,
+            Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{node_id} is still claimed 10 s after its holder went: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn register_upserts_by_node_id_keeping_created_at_and_refreshing_the_rest() {
     let db = TestDb::migrated().await;
@@ -187,17 +202,8 @@ async fn dropping_a_node_claim_closes_its_connection_and_frees_the_node_id() {
 
     drop(first);
 
-    // The server notices the closed socket asynchronously: poll for a little while.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match workers::claim(db.url(), &w1).await {
-            Ok(_) => break,
-            Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("still claimed after the first connection closed: {e}"),
-        }
-    }
+    // The server notices the closed socket asynchronously.
+    claim_once_free(db.url(), &w1).await;
 }
 
 #[tokio::test]
@@ -248,16 +254,7 @@ async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
         }
     };
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match workers::claim(db.url(), &w1).await {
-            Ok(_) => break,
-            Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("the node id is not free again: {e}"),
-        }
-    }
+    claim_once_free(db.url(), &w1).await;
 }
 
 #[tokio::test]

@@ -38,38 +38,51 @@ async fn registered_at(db: &DatabaseConnection, node_id: &str) -> Option<i64> {
     }
 }
 
-/// Waits until worker `node_id` has registered after `since` (a `registered_at` read before the
-/// process was started; `None`: never registered before).
-async fn wait_registered_after(db: &DatabaseConnection, node_id: &str, since: Option<i64>) {
+/// Polls `check` every 50 ms until it is true; fails, naming `what`, after 30 s.
+async fn wait_for<F>(what: &str, mut check: impl FnMut() -> F)
+where
+    F: std::future::Future<Output = bool>,
+{
     let started = Instant::now();
-    loop {
-        match registered_at(db, node_id).await {
-            Some(at) if since.is_none_or(|since| at > since) => return,
-            _ => {}
-        }
+    while !check().await {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "{node_id} did not register (again) within 30 s"
+            "{what}: not within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until worker `node_id` has registered after `since` (a `registered_at` read before the
+/// process was started; `None`: never registered before).
+async fn wait_registered_after(db: &DatabaseConnection, node_id: &str, since: Option<i64>) {
+    wait_for(&format!("{node_id} registers"), || async {
+        registered_at(db, node_id)
+            .await
+            .is_some_and(|at| since.is_none_or(|since| at > since))
+    })
+    .await;
 }
 
 async fn wait_registered(db: &DatabaseConnection, node_id: &str) {
     wait_registered_after(db, node_id, None).await;
 }
 
-async fn terminate(child: tokio::process::Child) -> std::process::Output {
+/// Sends SIGTERM; the process must exit 0 within 20 s. Returns its stderr.
+async fn terminate(child: tokio::process::Child) -> String {
     let pid = child.id().expect("running") as i32;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("stops after SIGTERM")
-        .expect("output")
+        .expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "exit 0 after SIGTERM: {stderr}");
+    stderr
 }
 
 #[tokio::test]
@@ -96,13 +109,7 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
         "{stderr}"
     );
 
-    let out = terminate(first).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    terminate(first).await;
 
     // Once the first is gone, the node id is free again: a third process claims it and registers
     // anew (a registration newer than the first one's).
@@ -110,13 +117,7 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
     assert!(before.is_some(), "the first worker registered");
     let third = spawn(&config, &worker);
     wait_registered_after(&conn, &node, before).await;
-    let out = terminate(third).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    terminate(third).await;
 }
 
 #[tokio::test]
@@ -135,32 +136,24 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
     let node = tests::unique_name("w1");
     let child = spawn(&config, &["worker", "--node-id", node.as_str()]);
     // Evidence that it is waiting for the lock: its request shows in this database's pg_locks.
-    let started = Instant::now();
-    loop {
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND ((classid::bigint << 32) | objid::bigint) = {key} \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    );
+    wait_for("the worker asks for the migration lock", || async {
         let row = conn
             .query_one_raw(Statement::from_string(
                 conn.get_database_backend(),
-                format!(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                     AND ((classid::bigint << 32) | objid::bigint) = {key} \
-                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                ),
+                waiting.clone(),
             ))
             .await
             .expect("read pg_locks")
             .expect("a row");
-        if row.try_get_by_index::<i64>(0).expect("a count") > 0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the worker never asked for the migration lock"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let out = terminate(child).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+        row.try_get_by_index::<i64>(0).expect("a count") > 0
+    })
+    .await;
+    let stderr = terminate(child).await;
     conn.execute_unprepared(&format!("SELECT pg_advisory_unlock({key})"))
         .await
         .expect("release the migration lock");
@@ -179,9 +172,7 @@ async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
 
     let solo = spawn(&config, &["solo"]);
     wait_registered(&conn, "solo").await;
-    let out = terminate(solo).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stderr = terminate(solo).await;
     let applied = format!("applied {} migrations", tests::schema_migration_count());
     assert!(stderr.contains(&applied), "{stderr}");
 }
