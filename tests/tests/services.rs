@@ -122,8 +122,8 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
 
 #[tokio::test]
 async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
-    // The worker migrates first; its SIGTERM arrives while the migration holds the lock, or
-    // earlier, while it connects. Either way it stops at once, with exit 0 and nothing registered.
+    // The worker migrates on startup, and is kept waiting for the migration lock (held here); the
+    // SIGTERM arrives while it waits. It stops at once, with exit 0, having migrated nothing.
     let db = TestDb::empty().await;
     let dir = TempDir::new();
     let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
