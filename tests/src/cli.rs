@@ -55,9 +55,10 @@ pub fn workspace_root() -> &'static Path {
 /// this package (cargo tells the test where they are, as `CARGO_BIN_EXE_<name>`).
 ///
 /// A binary of another package is not rebuilt by `cargo test -p tests`: it is refused, saying how
-/// to build it, when it is missing or older than one of the source files cargo built it from (as
-/// listed in its dep-info file, `<bin>.d`), so a test never runs a stale binary.
-pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+/// to build it, when it is missing or older than a source file of its package (`src/`, `build.rs`)
+/// or of a workspace library it links (`libs`: their `src/` but `main.rs` and `bin/`), so a test
+/// never runs a stale binary.
+pub fn workspace_binary(package: &str, bin: &str, libs: &[&str]) -> PathBuf {
     if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{bin}")) {
         return PathBuf::from(path);
     }
@@ -68,14 +69,21 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let built = std::fs::metadata(&path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}; {build}", path.display()));
-    let dep_info = target_dir().join(format!("{bin}.d"));
-    let sources = std::fs::read_to_string(&dep_info)
-        .unwrap_or_else(|e| panic!("{}: {e}; {build}", dep_info.display()));
-    if let Some(newer) = dep_info_sources(&sources).into_iter().find(|source| {
-        std::fs::metadata(source)
-            .and_then(|m| m.modified())
-            .is_ok_and(|modified| modified > built)
-    }) {
+    let root = workspace_root();
+    let newer = std::iter::once((package, true))
+        .chain(libs.iter().map(|lib| (*lib, false)))
+        .flat_map(|(krate, own)| {
+            let dir = root.join(krate);
+            let mut sources = vec![dir.join("build.rs")];
+            rust_sources(&dir.join("src"), own, &mut sources);
+            sources
+        })
+        .find(|source| {
+            std::fs::metadata(source)
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified > built)
+        });
+    if let Some(newer) = newer {
         panic!(
             "{} is older than {}: {build}",
             path.display(),
@@ -85,47 +93,41 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// The files a Makefile-style dep-info file (`target: source source ...`, spaces in names
-/// escaped as `\ `) lists for its first target.
-fn dep_info_sources(text: &str) -> Vec<PathBuf> {
-    let line = text.lines().next().unwrap_or_default();
-    let deps = line.split_once(": ").map_or("", |(_, deps)| deps);
-    let mut paths = Vec::new();
-    let mut current = String::new();
-    let mut chars = deps.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => current.extend(chars.next()),
-            ' ' => {
-                if !current.is_empty() {
-                    paths.push(PathBuf::from(std::mem::take(&mut current)));
-                }
-            }
-            c => current.push(c),
+/// The `.rs` files under `dir`; without `main.rs` and `bin/` unless `with_binaries`.
+fn rust_sources(dir: &Path, with_binaries: bool, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !with_binaries && (name == "main.rs" || name == "bin") {
+            continue;
+        }
+        if path.is_dir() {
+            rust_sources(&path, with_binaries, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
     }
-    if !current.is_empty() {
-        paths.push(PathBuf::from(current));
-    }
-    paths
 }
 
 /// The `ampd` binary.
 pub fn ampd() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_binary("ampd", "ampd"))
+    BIN.get_or_init(|| workspace_binary("ampd", "ampd", &["entity", "migration"]))
 }
 
 /// The `ampd` command line built around a test-only migration set (`AMPD_FIXTURE_MIGRATIONS`).
 pub fn ampd_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_binary("tests", "ampd-fixture"))
+    BIN.get_or_init(|| workspace_binary("tests", "ampd-fixture", &["ampd", "entity", "migration"]))
 }
 
 /// SeaORM's migration command line for this workspace's migrations (`migration/src/main.rs`).
 pub fn seaorm_migration_cli() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_binary("migration", "migration"))
+    BIN.get_or_init(|| workspace_binary("migration", "migration", &[]))
 }
 
 /// The cargo running these tests, as a command (for the one test that compiles a scaffolded
