@@ -87,6 +87,9 @@ async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn s
     )?;
     let config = crate::config::Config::load(&path)?;
     logging::add_secrets_of(&config.metadata_db.url);
+    if let Some(direct) = &config.metadata_db.direct_url {
+        logging::add_secrets_of(direct);
+    }
     match cli.command {
         Command::Migrate(args) => migrate_cmd::run(&config, args, &migrations()).await,
         Command::Controller => service_cmd::controller(config, migrations).await,

@@ -62,6 +62,10 @@ pub struct Config {
 pub struct MetadataDbConfig {
     /// `postgres://` or `postgresql://` URL (required).
     pub url: DatabaseUrl,
+    /// A URL of a real session (PostgreSQL itself or a session-mode pooler) for the work that needs
+    /// one: migrations and their lock, LISTEN, node-id claims. Unset: `url`.
+    #[serde(default)]
+    pub direct_url: Option<DatabaseUrl>,
     /// Apply pending migrations at start-up. `None` = not set: solo mode treats
     /// it as `true`, the other modes as `false`.
     #[serde(default)]
@@ -87,6 +91,13 @@ pub struct MetadataDbConfig {
     /// PostgreSQL `lock_timeout` for migration DDL; 1 ..= 2147483647.
     #[serde(default = "default_ddl_lock_timeout_ms")]
     pub ddl_lock_timeout_ms: u64,
+}
+
+impl MetadataDbConfig {
+    /// The URL of session-bound work: `direct_url`, or `url` when it is not set.
+    pub fn session_url(&self) -> &DatabaseUrl {
+        self.direct_url.as_ref().unwrap_or(&self.url)
+    }
 }
 
 /// `[worker]`: heartbeat timing.
@@ -536,6 +547,7 @@ const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
         "metadata_db",
         &[
             ("url", Kind::Str),
+            ("direct_url", Kind::Str),
             ("auto_migrate", Kind::Scalar),
             ("max_connections", Kind::Scalar),
             ("min_connections", Kind::Scalar),

@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::cli::{self, TempDir, config_toml};
 use tests::{TestDb, catalog};
 
-const SCHEMA_MIGRATIONS: i64 = 7;
+const SCHEMA_MIGRATIONS: i64 = 8;
 
 async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> i64 {
     db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
@@ -281,7 +281,7 @@ async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_on
     for h in handles {
         let out = h.await.expect("task");
         assert_eq!(out.code, Some(0), "{}", out.all());
-        applied += usize::from(out.stdout.contains("applied 7 migrations"));
+        applied += usize::from(out.stdout.contains("applied 8 migrations"));
     }
     println!(
         "32 concurrent `ampd migrate` processes: all exited 0 in {:?}",

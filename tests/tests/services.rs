@@ -114,7 +114,7 @@ async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
     let out = terminate(solo).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("applied 7 migrations"), "{stderr}");
+    assert!(stderr.contains("applied 8 migrations"), "{stderr}");
 }
 
 #[tokio::test]
@@ -136,7 +136,7 @@ async fn a_service_without_auto_migrate_does_not_touch_the_schema() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(
-            "the metadata database is not migrated (7 pending migration(s)): run `ampd migrate`"
+            "the metadata database is not migrated (8 pending migration(s)): run `ampd migrate`"
         ),
         "{stderr}"
     );

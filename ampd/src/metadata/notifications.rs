@@ -10,7 +10,7 @@
 //! Notifications sent while the listener is disconnected are lost: a listener reconnects by itself,
 //! but its owner must also reconcile from the tables (on a timer, and after a reconnect).
 
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::{Deserialize, Serialize};
 
@@ -163,8 +163,7 @@ impl std::fmt::Debug for Listener {
 }
 
 async fn listen(url: &str) -> Result<PgListener> {
-    let options: PgConnectOptions = url
-        .parse()
+    let options = crate::db::pg_options(url)
         .map_err(|e| Error::InvalidInput(format!("database URL: {e}")))?;
     let options = options.application_name(LISTENER_APPLICATION_NAME);
     // What `PgListener::connect` does, plus the application name: a pool of one without timeouts,

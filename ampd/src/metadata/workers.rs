@@ -149,7 +149,7 @@ pub struct NodeClaim {
 pub async fn claim(url: &str, node_id: &str) -> Result<NodeClaim> {
     validate_node_id(node_id)?;
     let key = claim_key(node_id);
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = PgConnection::connect_with(&crate::db::pg_options(url)?).await?;
     let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(key.0)
         .bind(key.1)

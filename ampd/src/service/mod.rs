@@ -30,6 +30,10 @@ pub enum ServiceError {
 /// Connects the service's pool, first migrating when `metadata_db.auto_migrate` is true (or unset
 /// and `auto_migrate_default` is true, as in solo mode). Migration uses the same entry point as
 /// `ampd migrate`, so concurrent starts are safe.
+///
+/// Before a service starts it proves that its URLs can carry what it sends: the pool's URL keeps
+/// prepared statements (a pooler in transaction mode must track them), and the session URL
+/// (`direct_url`, default `url`), used for LISTEN and node-id claims, gives a session of its own.
 pub async fn connect(
     config: &Config,
     auto_migrate_default: bool,
@@ -42,6 +46,8 @@ pub async fn connect(
         tracing::info!("{}", report.summary());
     }
     let pool = crate::db::connect(db, db.max_connections).await?;
+    crate::db::check_prepared_statements(db).await?;
+    crate::db::require_session(db, "LISTEN and node-id claims").await?;
     if !auto_migrate {
         migrate::verify_current(&pool, &migrations()).await?;
     }

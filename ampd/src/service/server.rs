@@ -22,7 +22,8 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let mut listener = Listener::connect(config.metadata_db.url.expose()).await?;
+    // LISTEN needs a session of its own: `direct_url`, not a transaction pooler.
+    let mut listener = Listener::connect(config.metadata_db.session_url().expose()).await?;
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     tracing::info!("server started");
     tokio::pin!(shutdown);

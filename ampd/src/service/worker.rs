@@ -28,7 +28,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     workers::validate_node_id(node_id)?;
-    let url = config.metadata_db.url.expose();
+    // The claim and LISTEN need a session of their own: `direct_url`, not a transaction pooler.
+    let url = config.metadata_db.session_url().expose();
     let mut claim = workers::claim(url, node_id).await?;
     let worker = workers::register(&db, node_id, info()).await?;
     let active = jobs::list_active_for_node(&db, node_id).await?;

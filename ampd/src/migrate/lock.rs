@@ -1,0 +1,80 @@
+//! The migration lock: a session-level advisory lock on the migration session.
+//!
+//! A run waits for it by asking `pg_try_advisory_lock` again and again, with backoff, never by
+//! blocking in `pg_advisory_lock`: a session blocked there keeps a snapshot, `CREATE INDEX
+//! CONCURRENTLY` in the lock holder waits for every older snapshot, and PostgreSQL then finds a
+//! deadlock and aborts one of them. Between two questions a waiting run holds nothing.
+
+use std::time::{Duration, Instant};
+
+use super::LOCK_KEY;
+use super::error::MigrateError;
+use super::session::Session;
+
+/// The first pause between two attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+fn try_lock_sql() -> String {
+    format!("SELECT pg_try_advisory_lock({LOCK_KEY})")
+}
+
+fn unlock_sql() -> String {
+    format!("SELECT pg_advisory_unlock({LOCK_KEY})")
+}
+
+/// Takes the lock, waiting at most `limit`.
+pub(super) async fn acquire(session: &Session, limit: Duration) -> Result<(), MigrateError> {
+    let started = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    let note = format!(
+        "asked again while it answers false, after {} ms doubling up to {} ms, for at most {} s; \
+         nothing is held in between",
+        FIRST_BACKOFF.as_millis(),
+        MAX_BACKOFF.as_millis(),
+        limit.as_secs()
+    );
+    let mut attempts = 0_u32;
+    loop {
+        let note = (attempts == 0).then(|| note.clone());
+        attempts += 1;
+        if session
+            .ask(&try_lock_sql(), note, true)
+            .await
+            .map_err(MigrateError::database)?
+        {
+            tracing::debug!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                attempts,
+                "migration lock taken"
+            );
+            return Ok(());
+        }
+        let waited = started.elapsed();
+        if waited >= limit {
+            return Err(MigrateError::LockTimeout {
+                waited_secs: waited.as_secs(),
+            });
+        }
+        if attempts == 1 {
+            tracing::info!("another ampd holds the migration lock; waiting for it");
+        }
+        tokio::time::sleep(backoff.min(limit - waited)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Releases the lock, and fails if the session no longer held it.
+pub(super) async fn release(session: &Session) -> Result<(), MigrateError> {
+    let held = session
+        .ask(&unlock_sql(), None, true)
+        .await
+        .map_err(MigrateError::database)?;
+    if held {
+        Ok(())
+    } else {
+        Err(MigrateError::LockLost)
+    }
+}
