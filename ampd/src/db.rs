@@ -309,6 +309,10 @@ async fn classify(
     }
 }
 
+/// How long a check's second connection may wait for a server process before the check concludes
+/// that a pooler in session mode has none free.
+pub const SECOND_CONNECTION_WAIT: Duration = Duration::from_secs(2);
+
 /// The statement that asks which server process serves a connection.
 pub const BACKEND_PID_SQL: &str = "SELECT pg_backend_pid()";
 
@@ -335,6 +339,10 @@ pub fn session_key(cfg: &MetadataDbConfig) -> &'static str {
 /// second connection must be served by another server process than `first` (the process that
 /// served `first`'s latest statement, `first_pid`). A pooler in transaction or statement mode hands
 /// the server process it just released to the next client, so both connections reach the same one.
+///
+/// A second connection that gets no server process within [`SECOND_CONNECTION_WAIT`] means a
+/// pooler in session mode with all its server connections taken (a pooler in transaction mode
+/// would have handed it the first connection's, idle meanwhile): the check passes.
 pub async fn check_session(
     cfg: &MetadataDbConfig,
     first_pid: i32,
@@ -342,7 +350,11 @@ pub async fn check_session(
 ) -> Result<(), ConnectError> {
     let url = cfg.session_url();
     let mut second = open(cfg, url).await?;
-    let pid = backend_pid(&mut second).await;
+    let Ok(pid) = tokio::time::timeout(SECOND_CONNECTION_WAIT, backend_pid(&mut second)).await
+    else {
+        tracing::debug!("no server process for a second connection yet: a full session pool");
+        return Ok(());
+    };
     let _ = second.close().await;
     let pid = pid.map_err(|e| ConnectError::Refused {
         url: url.redacted(),
@@ -399,10 +411,17 @@ pub async fn check_prepared_statements(cfg: &MetadataDbConfig) -> Result<(), Con
         } else {
             &mut second
         };
-        let answer: Result<i32, sqlx::Error> = sqlx::query_scalar("SELECT $1::int4")
-            .bind(1_i32)
-            .fetch_one(conn)
-            .await;
+        let answer = tokio::time::timeout(
+            SECOND_CONNECTION_WAIT,
+            sqlx::query_scalar::<_, i32>("SELECT $1::int4")
+                .bind(1_i32)
+                .fetch_one(conn),
+        )
+        .await;
+        let Ok(answer) = answer else {
+            // No server process free for one of them: a full pool in session mode.
+            break;
+        };
         if let Err(e) = answer {
             result = Err(match pg_error_of_sqlx(&e) {
                 // invalid_sql_statement_name, duplicate_prepared_statement, protocol_violation.

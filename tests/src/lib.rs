@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod cli;
 pub mod cluster;
 pub mod fixtures;
+pub mod pgbouncer;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};

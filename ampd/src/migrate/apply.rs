@@ -15,11 +15,11 @@ use sea_orm::DbErr;
 use serde::Serialize;
 
 use super::error::{Identity, MigrateError, describe, privilege_error, quote_literal};
-use super::leftovers;
 use super::plan::{Plan, Step, StepKind};
 use super::record;
 use super::session::Session;
 use super::set::MigrationSet;
+use super::{leftovers, lock};
 use crate::db::pg_error;
 
 /// One migration applied by a run.
@@ -154,6 +154,10 @@ async fn transaction_step(
         .begin()
         .await
         .map_err(|e| Failed::Refused(MigrateError::database(e)))?;
+    if let Err(e) = lock::ensure_held(session).await {
+        session.rollback().await;
+        return Err(Failed::Refused(e));
+    }
     let mut applied = Vec::new();
     if step.bookkeeping {
         record::ensure(session, &plan.bookkeeping, |name| {
@@ -188,6 +192,7 @@ async fn alone_step(
 ) -> Result<Vec<Applied>, Failed> {
     let mut applied = Vec::new();
     for &migration in &step.migrations {
+        lock::ensure_held(session).await.map_err(Failed::Refused)?;
         leftovers::check(session, migration)
             .await
             .map_err(Failed::Refused)?;

@@ -73,6 +73,14 @@ pub enum MigrateError {
          statement from the migration"
     )]
     LockLost,
+    /// A step was about to run on a server session that does not hold the migration lock.
+    #[error(
+        "the server session about to run a migration step does not hold the migration lock: the \
+         connection was moved to another server session (a pooler in transaction mode behind \
+         metadata_db.direct_url or url) or a migration released the lock; nothing of this step was \
+         applied. Point metadata_db.direct_url at PostgreSQL itself (or a pooler in session mode)"
+    )]
+    LockNotHere,
     /// The role may not create tables where the migration creates them.
     #[error(
         "permission denied to create table in {place} ({message}): role {role} may not create tables \

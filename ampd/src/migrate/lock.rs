@@ -66,6 +66,36 @@ pub(super) async fn acquire(session: &Session, limit: Duration) -> Result<(), Mi
     }
 }
 
+/// Whether the session serving the statement holds the lock.
+fn held_sql() -> String {
+    // A bigint key is (classid, objid) = (high, low) 32 bits, objsubid 1.
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND pid = pg_backend_pid() AND objsubid = 1 AND classid = {}::oid AND objid = {}::oid)",
+        (LOCK_KEY as u64) >> 32,
+        (LOCK_KEY as u64) & 0xffff_ffff
+    )
+}
+
+/// Checks, at the start of a step, that the server session running it holds the lock: a pooler
+/// that moved the client to another server session (or a migration that released the lock) would
+/// otherwise let two runs apply at once.
+pub(super) async fn ensure_held(session: &Session) -> Result<(), MigrateError> {
+    let held = session
+        .ask(
+            &held_sql(),
+            Some("the session running this step must be the one holding the lock".into()),
+            true,
+        )
+        .await
+        .map_err(MigrateError::database)?;
+    if held {
+        Ok(())
+    } else {
+        Err(MigrateError::LockNotHere)
+    }
+}
+
 /// Releases the lock, and fails if the session no longer held it.
 pub(super) async fn release(session: &Session) -> Result<(), MigrateError> {
     let held = session
