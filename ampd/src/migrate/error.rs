@@ -100,8 +100,8 @@ pub enum MigrateError {
     #[error(
         "migration {name} failed: {message}: {object} belongs to role {owner}, and ampd connects as \
          {role}; only its owner (or a member of the owning role) may change it. {outcome}. Run ampd \
-         migrate as {owner} (metadata_db.direct_url with that role's credentials), or as an \
-         administrator run: {fix}"
+         migrate as {owner} (metadata_db.direct_url with that role's credentials), or make ampd's \
+         role the owner; as an administrator run: {fix}"
     )]
     NotOwner {
         /// The migration.
@@ -116,7 +116,7 @@ pub enum MigrateError {
         role: String,
         /// What stays applied.
         outcome: String,
-        /// The statement that lets ampd's role change the object.
+        /// The statement that makes ampd's role the object's owner.
         fix: String,
     },
     /// The role lacks another privilege a migration (or the bookkeeping) needs.
@@ -267,19 +267,11 @@ pub(super) fn privilege_error(
     let role = quote_ident(&who.role);
     if let Some(object) = pg.message.strip_prefix("must be owner of ") {
         let (kind, object_name) = object.split_once(' ').unwrap_or(("object", object));
-        let fix = match owner {
-            Some(owner) => format!(
-                "GRANT {} TO {role}; (or make {role} the owner: ALTER {} {} OWNER TO {role};)",
-                quote_ident(owner),
-                kind.to_uppercase(),
-                quote_ident(object_name)
-            ),
-            None => format!(
-                "ALTER {} {} OWNER TO {role};",
-                kind.to_uppercase(),
-                quote_ident(object_name)
-            ),
-        };
+        let fix = format!(
+            "ALTER {} {} OWNER TO {role};",
+            kind.to_uppercase(),
+            quote_ident(object_name)
+        );
         return MigrateError::NotOwner {
             name: name.to_owned(),
             message: pg.message.clone(),
@@ -384,7 +376,10 @@ mod tests {
             text.contains("table \"jobs\" belongs to role \"admin\""),
             "{text}"
         );
-        assert!(text.contains("GRANT \"admin\" TO \"amp-app\";"), "{text}");
+        assert!(
+            text.contains("ALTER TABLE \"jobs\" OWNER TO \"amp-app\";"),
+            "{text}"
+        );
         assert!(!text.contains("create table"), "{text}");
     }
 
