@@ -5,18 +5,22 @@
 //! - the pool of a service, on `metadata_db.url`, which may be a pooler in transaction mode when it
 //!   keeps prepared statements across transactions ([`check_prepared_statements`]);
 //! - single connections for work that needs a session of its own (the migration lock and its
-//!   transaction, LISTEN, node-id claims), on `metadata_db.direct_url` (default: `url`), which must
-//!   be PostgreSQL itself or a session-mode pooler ([`check_session`]).
+//!   transactions, LISTEN, node-id claims), on `metadata_db.direct_url` (default: `url`), which
+//!   must be PostgreSQL itself or a session-mode pooler ([`check_session`]).
 //!
 //! Connections send no settings at startup beyond what every pooler accepts (user, database,
-//! application name, the client encoding, date style and time zone sqlx always sends): PgBouncer
-//! refuses a connection with any other startup parameter. Settings a session needs are `SET` after
-//! connecting, by the code that needs them.
+//! application name, and the client encoding, date style and time zone sqlx always sends):
+//! PgBouncer refuses a connection with any other startup parameter. Settings a session needs are
+//! `SET` after connecting, by the code that needs them.
 
 use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgSslMode};
-use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _, PgConnection};
+use std::future::Future;
+
+use sea_orm::sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions, PgSslMode,
+};
+use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxPostgresConnector};
 
 use crate::config::{DatabaseUrl, MetadataDbConfig};
@@ -58,6 +62,11 @@ pub enum ConnectError {
         /// The server's message.
         cause: String,
     },
+    /// No URL is configured (`metadata_db.url`).
+    #[error(
+        "failed to connect to metadata database: no URL is configured (set metadata_db.url or AMP_CONFIG_METADATA_DB__URL)"
+    )]
+    NoUrl,
     /// The server (or a pooler in front of it) refused the connection for another reason than the
     /// credentials, e.g. a startup parameter it does not support or a database it does not serve.
     #[error(
@@ -136,8 +145,7 @@ pub fn pg_error(err: &DbErr) -> Option<PgError> {
     pg_error_of_sqlx(sqlx_err)
 }
 
-/// The server's error inside a sqlx error, if it is one.
-pub fn pg_error_of_sqlx(err: &sqlx::Error) -> Option<PgError> {
+fn pg_error_of_sqlx(err: &sqlx::Error) -> Option<PgError> {
     let sqlx::Error::Database(db_err) = err else {
         return None;
     };
@@ -164,10 +172,16 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
 }
 
 /// Connection options for `url` as ampd uses them everywhere: no startup parameter a pooler could
-/// refuse, IPv6 literal hosts (`[::1]`) as addresses, no TLS request on a Unix socket, statements
-/// logged at debug level, application name `ampd`.
-pub fn pg_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
-    let opts: PgConnectOptions = url.parse()?;
+/// refuse, an IPv6 literal host (`[::1]`) as an address, no TLS request on a Unix socket,
+/// statements logged at debug level, application name `ampd`.
+fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> {
+    let opts: PgConnectOptions =
+        url.expose()
+            .parse()
+            .map_err(|e: sqlx::Error| ConnectError::InvalidUrl {
+                url: url.redacted(),
+                cause: crate::redact::redact_url(&e.to_string()),
+            })?;
     // The URL keeps an IPv6 literal in brackets (`[::1]`); as a host name it cannot be resolved.
     let opts = match opts
         .get_host()
@@ -195,14 +209,6 @@ pub fn pg_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
         .extra_float_digits(None))
 }
 
-/// [`pg_options`] for a configured URL, with the error ampd reports.
-fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> {
-    pg_options(url.expose()).map_err(|e| ConnectError::InvalidUrl {
-        url: url.redacted(),
-        cause: crate::config::redact_url(&e.to_string()),
-    })
-}
-
 /// Opens a pool of at most `max_connections` on the metadata database and proves it works with
 /// one connection. sqlx retries a refused connection with exponential backoff until
 /// `cfg.connect_timeout_secs` has passed; a missing database or rejected credentials fail at once.
@@ -213,7 +219,8 @@ pub async fn connect(
     cfg: &MetadataDbConfig,
     max_connections: u32,
 ) -> Result<DatabaseConnection, ConnectError> {
-    let opts = connect_options(&cfg.url)?;
+    let url = cfg.url.as_ref().ok_or(ConnectError::NoUrl)?;
+    let opts = connect_options(url)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
     let pool = PgPoolOptions::new()
@@ -232,29 +239,77 @@ pub async fn connect(
         Err(_) => sqlx::Error::PoolTimedOut,
     };
     pool.close().await;
-    Err(classify(&cfg.url, &opts, err, started.elapsed(), timeout).await)
+    Err(classify(url, &opts, err, started.elapsed(), timeout).await)
 }
 
-/// Opens one connection of its own to `url`, retrying a refused connection with backoff until
-/// `cfg.connect_timeout_secs` has passed (a missing database or rejected credentials fail at once).
-pub async fn open(cfg: &MetadataDbConfig, url: &DatabaseUrl) -> Result<PgConnection, ConnectError> {
+/// The URL for work that needs a real session of its own (LISTEN, node claims):
+/// `metadata_db.direct_url`, else `metadata_db.url`.
+pub fn session_url(cfg: &MetadataDbConfig) -> Result<&DatabaseUrl, ConnectError> {
+    cfg.session_url().ok_or(ConnectError::NoUrl)
+}
+
+/// Server settings of a dedicated session: the server probes an idle client every few seconds and
+/// drops it when it is gone, so a vanished worker's node claim (an advisory lock held by its session)
+/// is released within about half a minute rather than the operating system's two hours. Ignored on
+/// a Unix socket, where the kernel tells the server at once.
+const SESSION_KEEPALIVES: &str =
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 4";
+
+/// Runs `attempt` (one try at opening something on `url`) until it succeeds, retrying refused or
+/// unreachable connections with exponential backoff (50 ms doubling to 1 s) for at most
+/// `cfg.connect_timeout_secs`; a missing database, rejected credentials or any other error fail at
+/// once. The error is classified as [`connect`]'s is, URL redacted.
+pub async fn with_connect_retry<T, F, Fut>(
+    url: &DatabaseUrl,
+    cfg: &MetadataDbConfig,
+    mut attempt: F,
+) -> Result<T, ConnectError>
+where
+    F: FnMut(PgConnectOptions) -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
     let opts = connect_options(url)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
-    let mut backoff = Duration::from_millis(20);
+    let mut delay = Duration::from_millis(50);
     loop {
-        let remaining = timeout.saturating_sub(started.elapsed());
-        let err = match tokio::time::timeout(remaining, PgConnection::connect_with(&opts)).await {
-            Ok(Ok(conn)) => return Ok(conn),
+        let left = timeout.saturating_sub(started.elapsed());
+        let err = match tokio::time::timeout(left, attempt(opts.clone())).await {
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e,
             Err(_) => sqlx::Error::PoolTimedOut,
         };
-        if !is_transient(&err) || started.elapsed() + backoff >= timeout {
+        if !is_transient(&err) || started.elapsed() + delay >= timeout {
             return Err(classify(url, &opts, err, started.elapsed(), timeout).await);
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        tracing::debug!(error = %crate::redact::redact_url(&err.to_string()), "connect failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Opens one connection of its own (not from a pool) to `url`, for work that needs a real session
+/// (a node claim's advisory lock), with the pool's connect options and retries
+/// ([`with_connect_retry`]), named `application_name`, with [`SESSION_KEEPALIVES`] applied.
+pub async fn connect_session(
+    url: &DatabaseUrl,
+    cfg: &MetadataDbConfig,
+    application_name: &str,
+) -> Result<PgConnection, ConnectError> {
+    with_connect_retry(url, cfg, |opts| async move {
+        let mut conn = opts.application_name(application_name).connect().await?;
+        apply_session_settings(&mut conn).await?;
+        Ok(conn)
+    })
+    .await
+}
+
+/// Applies [`SESSION_KEEPALIVES`] on a dedicated connection (or a listener's).
+pub async fn apply_session_settings<'c, E>(conn: E) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    conn.execute(SESSION_KEEPALIVES).await.map(|_| ())
 }
 
 async fn classify(
@@ -289,24 +344,30 @@ async fn classify(
     if !is_transient(&err) {
         return ConnectError::Refused {
             url: url.redacted(),
-            cause: crate::config::redact_url(&err.to_string()),
+            cause: crate::redact::redact_url(&err.to_string()),
         };
     }
     // The pool only says it timed out: one more direct attempt tells why.
     let cause = match &err {
         sqlx::Error::PoolTimedOut => {
             match tokio::time::timeout(Duration::from_secs(1), opts.connect()).await {
-                Ok(Err(e)) => crate::config::redact_url(&e.to_string()),
+                Ok(Err(e)) => crate::redact::redact_url(&e.to_string()),
                 _ => format!("no answer within {} s", timeout.as_secs()),
             }
         }
-        other => crate::config::redact_url(&other.to_string()),
+        other => crate::redact::redact_url(&other.to_string()),
     };
     ConnectError::Unreachable {
         url: url.redacted(),
         cause,
         elapsed,
     }
+}
+
+/// Opens one plain connection of its own to `url` (no settings applied), with the pool's connect
+/// options and retries ([`with_connect_retry`]).
+pub async fn open(cfg: &MetadataDbConfig, url: &DatabaseUrl) -> Result<PgConnection, ConnectError> {
+    with_connect_retry(url, cfg, |opts| async move { opts.connect().await }).await
 }
 
 /// How long a check's second connection may wait for a server process before the check concludes
@@ -335,7 +396,7 @@ pub fn session_key(cfg: &MetadataDbConfig) -> &'static str {
     }
 }
 
-/// Checks that `cfg.session_url()` gives each connection a session of its own, as `work` needs: a
+/// Checks that the session URL (`direct_url`, default `url`) gives each connection a session of its own, as `work` needs: a
 /// second connection must be served by another server process than `first` (the process that
 /// served `first`'s latest statement, `first_pid`). A pooler in transaction or statement mode hands
 /// the server process it just released to the next client, so both connections reach the same one.
@@ -348,7 +409,7 @@ pub async fn check_session(
     first_pid: i32,
     work: &'static str,
 ) -> Result<(), ConnectError> {
-    let url = cfg.session_url();
+    let url = session_url(cfg)?;
     let mut second = open(cfg, url).await?;
     let Ok(pid) = tokio::time::timeout(SECOND_CONNECTION_WAIT, backend_pid(&mut second)).await
     else {
@@ -358,7 +419,7 @@ pub async fn check_session(
     let _ = second.close().await;
     let pid = pid.map_err(|e| ConnectError::Refused {
         url: url.redacted(),
-        cause: crate::config::redact_url(&e.to_string()),
+        cause: crate::redact::redact_url(&e.to_string()),
     })?;
     if pid == first_pid {
         return Err(ConnectError::NotASession {
@@ -377,13 +438,14 @@ pub async fn require_session(
     cfg: &MetadataDbConfig,
     work: &'static str,
 ) -> Result<(), ConnectError> {
-    let mut first = open(cfg, cfg.session_url()).await?;
+    let url = session_url(cfg)?;
+    let mut first = open(cfg, url).await?;
     let pid = backend_pid(&mut first).await;
     let result = match pid {
         Ok(pid) => check_session(cfg, pid, work).await,
         Err(e) => Err(ConnectError::Refused {
-            url: cfg.session_url().redacted(),
-            cause: crate::config::redact_url(&e.to_string()),
+            url: url.redacted(),
+            cause: crate::redact::redact_url(&e.to_string()),
         }),
     };
     let _ = first.close().await;
@@ -396,8 +458,9 @@ pub async fn require_session(
 /// not track prepared statements hands the second connection the first one's server process, where
 /// the statement's name is already taken (or later misses it), and the server says so.
 pub async fn check_prepared_statements(cfg: &MetadataDbConfig) -> Result<(), ConnectError> {
-    let mut first = open(cfg, &cfg.url).await?;
-    let mut second = match open(cfg, &cfg.url).await {
+    let url = cfg.url.as_ref().ok_or(ConnectError::NoUrl)?;
+    let mut first = open(cfg, url).await?;
+    let mut second = match open(cfg, url).await {
         Ok(conn) => conn,
         Err(e) => {
             let _ = first.close().await;
@@ -427,13 +490,13 @@ pub async fn check_prepared_statements(cfg: &MetadataDbConfig) -> Result<(), Con
                 // invalid_sql_statement_name, duplicate_prepared_statement, protocol_violation.
                 Some(pg) if matches!(pg.code.as_str(), "26000" | "42P05" | "08P01") => {
                     ConnectError::PreparedStatementsLost {
-                        url: cfg.url.redacted(),
+                        url: url.redacted(),
                         cause: format!("{} (SQLSTATE {})", pg.message, pg.code),
                     }
                 }
                 _ => ConnectError::Refused {
-                    url: cfg.url.redacted(),
-                    cause: crate::config::redact_url(&e.to_string()),
+                    url: url.redacted(),
+                    cause: crate::redact::redact_url(&e.to_string()),
                 },
             });
             break;

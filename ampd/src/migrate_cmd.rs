@@ -113,7 +113,7 @@ pub async fn run(
             print(&plan.script())?;
         }
         (None, false, _) => {
-            tracing::info!(url = %db.session_url(), "migrating metadata database");
+            tracing::info!(url = %crate::db::session_url(db)?, "migrating metadata database");
             let report = migrate::migrate(db, set).await?;
             let mut out = String::new();
             for name in &report.adopted {

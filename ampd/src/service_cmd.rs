@@ -1,55 +1,81 @@
-//! `ampd controller|server|worker|solo`: run until Ctrl-C or SIGTERM.
+//! `ampd controller|server|worker|solo`: run until Ctrl-C or SIGTERM (exit 0). Each listens for the
+//! signals before anything else, so one that arrives while it is still connecting or migrating
+//! stops it cleanly.
+
+use std::sync::Arc;
+
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::migrate::MigrationSet;
-use crate::service::{self, controller, server, worker};
+use crate::service::{self, Component, controller, server, worker};
 
 type Result = std::result::Result<(), Box<dyn std::error::Error>>;
 
-async fn until_shutdown(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
+/// Listens for the stop signals, then connects (migrating first when configured to). `None` when a
+/// signal arrived before the service was connected.
+async fn start(
+    config: &Config,
+    auto_migrate_default: bool,
+    migrations: fn() -> MigrationSet,
+) -> std::result::Result<Option<(DatabaseConnection, CancellationToken)>, Box<dyn std::error::Error>>
+{
+    let shutdown = service::stop_on_signals()?;
+    let connect = service::connect(config, auto_migrate_default, migrations);
+    let db = service::until_stopped(&shutdown, connect)
+        .await
+        .transpose()?;
+    Ok(db.map(|db| (db, shutdown)))
 }
 
 pub async fn controller(config: Config, migrations: fn() -> MigrationSet) -> Result {
-    let db = service::connect(&config, false, migrations).await?;
-    controller::run(
-        db,
-        config.controller.clone(),
-        config.worker.clone(),
-        service::shutdown_signal(),
-    )
-    .await?;
+    let Some((db, shutdown)) = start(&config, false, migrations).await? else {
+        return Ok(());
+    };
+    controller::run(db, Arc::new(config), shutdown).await?;
     Ok(())
 }
 
 pub async fn server(config: Config, migrations: fn() -> MigrationSet) -> Result {
-    let db = service::connect(&config, false, migrations).await?;
-    server::run(db, &config, service::shutdown_signal()).await?;
+    let Some((db, shutdown)) = start(&config, false, migrations).await? else {
+        return Ok(());
+    };
+    server::run(db, Arc::new(config), shutdown).await?;
     Ok(())
 }
 
 pub async fn worker(config: Config, node_id: String, migrations: fn() -> MigrationSet) -> Result {
-    let db = service::connect(&config, false, migrations).await?;
-    worker::run(db, &config, &node_id, service::shutdown_signal()).await?;
+    let Some((db, shutdown)) = start(&config, false, migrations).await? else {
+        return Ok(());
+    };
+    worker::run(db, Arc::new(config), node_id, shutdown).await?;
     Ok(())
 }
 
 pub async fn solo(config: Config, node_id: String, migrations: fn() -> MigrationSet) -> Result {
-    let db = service::connect(&config, true, migrations).await?;
-    let (rx, fire) = service::shared_shutdown();
-    tokio::spawn(fire);
-    let (c, s, w) = tokio::join!(
-        controller::run(
-            db.clone(),
-            config.controller.clone(),
-            config.worker.clone(),
-            until_shutdown(rx.clone())
+    let Some((db, shutdown)) = start(&config, true, migrations).await? else {
+        return Ok(());
+    };
+    let config = Arc::new(config);
+    let components: Vec<Component> = vec![
+        (
+            "controller",
+            Box::pin(controller::run(
+                db.clone(),
+                config.clone(),
+                shutdown.clone(),
+            )),
         ),
-        server::run(db.clone(), &config, until_shutdown(rx.clone())),
-        worker::run(db.clone(), &config, &node_id, until_shutdown(rx)),
-    );
-    c?;
-    s?;
-    w?;
+        (
+            "server",
+            Box::pin(server::run(db.clone(), config.clone(), shutdown.clone())),
+        ),
+        (
+            "worker",
+            Box::pin(worker::run(db, config, node_id, shutdown.clone())),
+        ),
+    ];
+    service::supervise(shutdown, components).await?;
     Ok(())
 }

@@ -159,19 +159,21 @@ async fn get_and_list_return_registered_workers() {
 #[tokio::test]
 async fn only_one_of_two_connections_claims_a_node_id_until_the_first_is_released() {
     let db = TestDb::migrated().await;
-    let first = workers::claim(db.url(), "w1").await.expect("first claim");
+    let first = workers::claim(&db.config(), "w1")
+        .await
+        .expect("first claim");
     assert_eq!(first.node_id(), "w1");
 
-    let err = workers::claim(db.url(), "w1")
+    let err = workers::claim(&db.config(), "w1")
         .await
         .expect_err("already claimed");
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    let other = workers::claim(db.url(), "w2")
+    let other = workers::claim(&db.config(), "w2")
         .await
         .expect("another node id is free");
 
     first.release().await.expect("release");
-    let second = workers::claim(db.url(), "w1")
+    let second = workers::claim(&db.config(), "w1")
         .await
         .expect("free after release");
     drop((second, other));
@@ -180,15 +182,17 @@ async fn only_one_of_two_connections_claims_a_node_id_until_the_first_is_release
 #[tokio::test]
 async fn dropping_a_node_claim_closes_its_connection_and_frees_the_node_id() {
     let db = TestDb::migrated().await;
-    let first = workers::claim(db.url(), "w1").await.expect("first claim");
-    assert!(workers::claim(db.url(), "w1").await.is_err());
+    let first = workers::claim(&db.config(), "w1")
+        .await
+        .expect("first claim");
+    assert!(workers::claim(&db.config(), "w1").await.is_err());
 
     drop(first);
 
     // The server notices the closed socket asynchronously: poll for a little while.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match workers::claim(db.url(), "w1").await {
+        match workers::claim(&db.config(), "w1").await {
             Ok(_) => break,
             Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -202,7 +206,7 @@ async fn dropping_a_node_claim_closes_its_connection_and_frees_the_node_id() {
 async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let mut claim = workers::claim(db.url(), "w1").await.expect("claim");
+    let mut claim = workers::claim(&db.config(), "w1").await.expect("claim");
     claim.check().await.expect("held");
 
     let (k1, k2) = workers::claim_key("w1");
@@ -220,8 +224,8 @@ async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
     assert!(row.try_get::<bool>("", "terminated").unwrap());
 
     let err = claim.check().await.expect_err("connection gone");
-    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-    workers::claim(db.url(), "w1")
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    workers::claim(&db.config(), "w1")
         .await
         .expect("the node id is free again");
 }
@@ -234,7 +238,7 @@ async fn claim_keys_use_the_two_key_space_and_differ_between_node_ids() {
     let key = ampd::migrate::LOCK_KEY;
     assert_eq!(key, 0x616d_7064_6d69_6772);
     exec(&conn, &format!("SELECT pg_advisory_lock({key})")).await;
-    let _claim = workers::claim(db.url(), "w1").await.expect("claim");
+    let _claim = workers::claim(&db.config(), "w1").await.expect("claim");
     assert_ne!(workers::claim_key("w1"), workers::claim_key("w2"));
     assert_eq!(workers::claim_key("w1"), workers::claim_key("w1"));
 }

@@ -101,7 +101,8 @@ pub async fn dry_run(cfg: &MetadataDbConfig, set: &MigrationSet) -> Result<DryRu
         format!(
             "ampd migrate --dry-run: what a run would send to {}, in order, on one session. The \
              statements that only read were run; nothing else was sent.",
-            cfg.session_url().redacted()
+            cfg.session_url()
+                .map_or_else(|| "(no url)".to_owned(), |url| url.redacted())
         ),
         session.script(),
     ))

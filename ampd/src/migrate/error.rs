@@ -215,7 +215,7 @@ impl MigrateError {
 pub(super) fn describe(err: &DbErr) -> String {
     match pg_error(err) {
         Some(pg) => describe_pg(&pg),
-        None => crate::config::redact_url(&err.to_string()),
+        None => crate::redact::redact_url(&err.to_string()),
     }
 }
 

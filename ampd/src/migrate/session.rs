@@ -94,7 +94,7 @@ impl Session {
 
     /// Connects the session of a real run to `metadata_db.direct_url` (default `url`).
     pub async fn live(cfg: &MetadataDbConfig) -> Result<Session, MigrateError> {
-        let conn = db::open(cfg, cfg.session_url()).await?;
+        let conn = db::open(cfg, db::session_url(cfg)?).await?;
         Ok(Session::new(Some(conn), false))
     }
 
@@ -102,7 +102,7 @@ impl Session {
     /// reading nothing.
     pub async fn dry(cfg: Option<&MetadataDbConfig>) -> Result<Session, MigrateError> {
         let conn = match cfg {
-            Some(cfg) => Some(db::open(cfg, cfg.session_url()).await?),
+            Some(cfg) => Some(db::open(cfg, db::session_url(cfg)?).await?),
             None => None,
         };
         Ok(Session::new(conn, true))
