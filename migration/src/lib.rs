@@ -25,6 +25,12 @@ mod m20261101_000006_add_jobs_idempotency_key;
 mod m20261101_000007_backfill_jobs_idempotency_key;
 mod m20261201_000001_index_physical_tables_active_revision;
 
+/// The Rust examples of the workspace's README, compiled as doc tests (`cargo test -p migration
+/// --doc`) so that they keep compiling as written.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
+
 pub struct Migrator;
 
 #[async_trait::async_trait]

@@ -14,8 +14,9 @@ use super::session::Session;
 /// The first pause between two attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The longest pause between two attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts: a waiting run asks at most four times a second, so it
+/// follows a short run quickly, and dozens of them cost the server next to nothing.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
 fn try_lock_sql() -> String {
     format!("SELECT pg_try_advisory_lock({LOCK_KEY})")
