@@ -98,26 +98,21 @@ pub enum MigrateError {
     },
     /// A migration changes an object that belongs to another role.
     #[error(
-        "migration {name} failed: {message}: {object} belongs to role {owner}, and ampd connects as \
-         {role}; only its owner (or a member of the owning role) may change it. {outcome}. Run ampd \
-         migrate as {owner} (metadata_db.direct_url with that role's credentials), or make ampd's \
-         role the owner; as an administrator run: {fix}"
+        "migration {name} failed: {message}: {} belongs to role {owner}, and ampd connects as \
+         {role}; only its owner (or a member of the owning role) may change it. {advice}",
+        owned_object(message)
     )]
     NotOwner {
         /// The migration.
         name: String,
         /// PostgreSQL's message (`must be owner of table jobs`).
         message: String,
-        /// The object, e.g. `table "jobs"`.
-        object: String,
-        /// Its owner, quoted (or `another role` when it could not be found).
+        /// The object's owner, quoted (or `another role` when it could not be found).
         owner: String,
         /// The connected role, quoted.
         role: String,
-        /// What stays applied.
-        outcome: String,
-        /// The statement that makes ampd's role the object's owner.
-        fix: String,
+        /// What stays applied, and how to go on.
+        advice: String,
     },
     /// The role lacks another privilege a migration (or the bookkeeping) needs.
     #[error(
@@ -243,6 +238,15 @@ pub fn quote_literal(text: &str) -> String {
     }
 }
 
+/// `table "jobs"` from PostgreSQL's `must be owner of table jobs`.
+fn owned_object(message: &str) -> String {
+    let object = message.strip_prefix("must be owner of ").unwrap_or(message);
+    match object.split_once(' ') {
+        Some((kind, name)) => format!("{kind} {}", quote_ident(name)),
+        None => quote_ident(object),
+    }
+}
+
 /// Who is connected where, for advice on privileges.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Identity {
@@ -267,19 +271,19 @@ pub(super) fn privilege_error(
     let role = quote_ident(&who.role);
     if let Some(object) = pg.message.strip_prefix("must be owner of ") {
         let (kind, object_name) = object.split_once(' ').unwrap_or(("object", object));
-        let fix = format!(
-            "ALTER {} {} OWNER TO {role};",
-            kind.to_uppercase(),
-            quote_ident(object_name)
-        );
+        let owner = owner.map_or_else(|| "another role".to_owned(), quote_ident);
         return MigrateError::NotOwner {
             name: name.to_owned(),
             message: pg.message.clone(),
-            object: format!("{kind} {}", quote_ident(object_name)),
-            owner: owner.map_or_else(|| "another role".to_owned(), quote_ident),
+            advice: format!(
+                "{outcome}. Run ampd migrate as {owner} (metadata_db.direct_url with that role's \
+                 credentials), or make ampd's role the owner; as an administrator run: ALTER {} {} \
+                 OWNER TO {role};",
+                kind.to_uppercase(),
+                quote_ident(object_name)
+            ),
+            owner,
             role,
-            outcome: outcome.to_owned(),
-            fix,
         };
     }
     if let Some(schema) = pg.message.strip_prefix("permission denied for schema ") {

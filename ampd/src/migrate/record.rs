@@ -30,8 +30,7 @@ use super::set::AMPD_VERSION;
 pub const HISTORY_TABLE: &str = "ampd_migrations";
 
 #[derive(sea_orm::DeriveIden)]
-enum History {
-    #[sea_orm(iden = "ampd_migrations")]
+enum AmpdMigrations {
     Table,
     Version,
     Checksum,
@@ -62,17 +61,17 @@ fn create_seaql_sql() -> String {
 /// (and of older ampds still running) read right.
 fn added_columns() -> [ColumnDef; 3] {
     [
-        ColumnDef::new(History::ChecksumAlgorithm)
+        ColumnDef::new(AmpdMigrations::ChecksumAlgorithm)
             .small_integer()
             .not_null()
             .default(1)
             .to_owned(),
-        ColumnDef::new(History::Adopted)
+        ColumnDef::new(AmpdMigrations::Adopted)
             .boolean()
             .not_null()
             .default(false)
             .to_owned(),
-        ColumnDef::new(History::ChecksumHistory)
+        ColumnDef::new(AmpdMigrations::ChecksumHistory)
             .json_binary()
             .not_null()
             .default(Expr::cust("'[]'::jsonb"))
@@ -82,14 +81,22 @@ fn added_columns() -> [ColumnDef; 3] {
 
 fn create_history_sql() -> String {
     let mut stmt = Table::create();
-    stmt.table(History::Table)
+    stmt.table(AmpdMigrations::Table)
         .if_not_exists()
-        .col(ColumnDef::new(History::Version).string().not_null())
-        .col(ColumnDef::new(History::Checksum).text().not_null())
-        .col(ColumnDef::new(History::ExecutionMs).big_integer().null())
-        .col(ColumnDef::new(History::AmpdVersion).text().not_null())
+        .col(ColumnDef::new(AmpdMigrations::Version).string().not_null())
+        .col(ColumnDef::new(AmpdMigrations::Checksum).text().not_null())
         .col(
-            ColumnDef::new(History::AppliedAt)
+            ColumnDef::new(AmpdMigrations::ExecutionMs)
+                .big_integer()
+                .null(),
+        )
+        .col(
+            ColumnDef::new(AmpdMigrations::AmpdVersion)
+                .text()
+                .not_null(),
+        )
+        .col(
+            ColumnDef::new(AmpdMigrations::AppliedAt)
                 .timestamp_with_time_zone()
                 .not_null()
                 .default(Expr::current_timestamp()),
@@ -100,12 +107,12 @@ fn create_history_sql() -> String {
     stmt.primary_key(
         Index::create()
             .name("ampd_migrations_pkey")
-            .col(History::Version),
+            .col(AmpdMigrations::Version),
     )
     .foreign_key(
         ForeignKey::create()
             .name("ampd_migrations_version_fkey")
-            .from(History::Table, History::Version)
+            .from(AmpdMigrations::Table, AmpdMigrations::Version)
             .to(Seaql::Table, Seaql::Version)
             .on_delete(ForeignKeyAction::Cascade),
     );
@@ -116,7 +123,7 @@ fn create_history_sql() -> String {
 /// those without a duration were recorded after SeaORM's CLI applied the migration.
 fn upgrade_history_sql() -> [String; 2] {
     let mut alter = Table::alter();
-    alter.table(History::Table);
+    alter.table(AmpdMigrations::Table);
     for column in added_columns() {
         alter.add_column_if_not_exists(column);
     }
@@ -155,7 +162,9 @@ pub(super) async fn ensure(
                 quote_literal(AMPD_VERSION)
             ))
             .await?;
-        tracing::info!(migration = %name, "recorded a migration applied without ampd");
+        if !session.is_dry() {
+            tracing::info!(migration = %name, "recorded a migration applied without ampd");
+        }
     }
     Ok(())
 }
