@@ -344,6 +344,22 @@ fn slow_set(secs: &'static str) -> MigrationSet {
     set(vec![tx("m20990104_000001_slow", sql)])
 }
 
+/// Waits until a session of database `db` sleeps in a slow migration (holding the lock).
+async fn holder_sleeps(conn: &DatabaseConnection, db: &str) {
+    let started = Instant::now();
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state = 'active' \
+         AND query LIKE 'SELECT pg_sleep%'"
+    );
+    while scalar::<i64>(conn, &sql).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the holder never slept"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The sessions of database `db` (other than the caller's) whose last statement was the lock
 /// poll: (state, whether they hold a snapshot).
 async fn pollers(conn: &DatabaseConnection, db: &str) -> Vec<(String, bool)> {
@@ -377,24 +393,7 @@ async fn a_run_waiting_for_the_lock_holds_no_snapshot_and_never_blocks_in_pg_adv
         tokio::spawn(async move { migrate::migrate(&cfg, &slow_set("3")).await })
     };
     // Wait until the holder sleeps under the lock, then start a second run with work to do.
-    let started = Instant::now();
-    while scalar::<i64>(
-        &conn,
-        &format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state = 'active' \
-             AND query LIKE 'SELECT pg_sleep%'",
-            db.name()
-        ),
-    )
-    .await
-        == 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the holder never slept"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    holder_sleeps(&conn, db.name()).await;
     let waiter = {
         let cfg = cfg.clone();
         tokio::spawn(async move { migrate::migrate(&cfg, &slow_set("0")).await })
@@ -441,24 +440,7 @@ async fn waiting_for_the_lock_gives_up_after_migration_lock_timeout_secs() {
         let cfg = cfg.clone();
         tokio::spawn(async move { migrate::migrate(&cfg, &slow_set("4")).await })
     };
-    let started = Instant::now();
-    while scalar::<i64>(
-        &conn,
-        &format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state = 'active' \
-             AND query LIKE 'SELECT pg_sleep%'",
-            db.name()
-        ),
-    )
-    .await
-        == 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the holder never slept"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    holder_sleeps(&conn, db.name()).await;
     let impatient = config(db.url(), "migration_lock_timeout_secs = 1");
     let waited = Instant::now();
     let err = migrate::migrate(&impatient, &slow_set("0"))

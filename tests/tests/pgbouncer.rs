@@ -7,13 +7,13 @@
 //!
 //! Outputs are printed for the record (`-- --nocapture`).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::TestDb;
 use tests::cli::{self, TempDir, config_toml};
 use tests::pgbouncer::{PgBouncer, PoolMode};
+use tests::services::{Service, Workspace};
 
 const SCHEMA_MIGRATIONS: i64 = 8;
 
@@ -80,67 +80,27 @@ async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
     );
 }
 
-fn spawn(config: &std::path::Path, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(cli::ampd())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn ampd")
+/// The `[storage]` and `[worker]` keys of a worker's config, in `workspace`.
+fn worker_sections(workspace: &Workspace) -> String {
+    format!(
+        "\n[storage]\ndata_dir = {:?}\n\n[worker]\nsources_dir = {:?}\n",
+        workspace.data_dir().display().to_string(),
+        workspace.sources_dir().display().to_string()
+    )
 }
 
-/// Waits until `node_id` is registered (or `child` exits), then stops `child` with SIGTERM and
-/// returns its stderr.
-async fn registers_then_stops(
-    conn: &DatabaseConnection,
-    mut child: tokio::process::Child,
-    node_id: &str,
-) -> String {
-    let started = Instant::now();
-    let sql = format!("SELECT count(*) FROM workers WHERE node_id = '{node_id}'");
-    loop {
-        if conn
-            .query_one_raw(Statement::from_string(conn.get_database_backend(), &sql))
-            .await
-            .ok()
-            .flatten()
-            .and_then(|r| r.try_get_by_index::<i64>(0).ok())
-            .unwrap_or(0)
-            > 0
-        {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let out = child.wait_with_output().await.expect("output");
-            panic!(
-                "the worker exited ({status}) before registering: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{node_id} never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-        .await
-        .expect("stops after SIGTERM")
-        .expect("output");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    stderr
+/// Runs `ampd worker --node-id <node>` on `config` until it has registered, then stops it with
+/// SIGTERM; returns its log.
+async fn worker_registers_then_stops(config: &std::path::Path, node: &str) -> String {
+    let mut worker = Service::start("worker", config, &["worker", "--node-id", node], &[]);
+    worker
+        .wait_for_log(Duration::from_secs(30), |log| {
+            log.contains("worker registered")
+        })
+        .await;
+    let exit = worker.stop().await;
+    assert_eq!(exit.code, Some(0), "{}", exit.log);
+    exit.log
 }
 
 #[tokio::test]
@@ -150,8 +110,13 @@ async fn session_mode_migrate_and_services_work_through_pgbouncer() {
     };
     println!("--- PgBouncer {:?}, pool_mode = session", bouncer.version());
     let db = TestDb::empty().await;
-    let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(&bouncer.url(db.name()), ""));
+    let workspace = Workspace::new();
+    let config = workspace.path().join("config.toml");
+    std::fs::write(
+        &config,
+        config_toml(&bouncer.url(db.name()), &worker_sections(&workspace)),
+    )
+    .expect("config");
 
     let out = ampd("session mode", &config, &["migrate"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
@@ -169,15 +134,9 @@ async fn session_mode_migrate_and_services_work_through_pgbouncer() {
     );
 
     // A worker (node-id claim and LISTEN on session connections, its pool too) through PgBouncer.
-    let conn = db.connect().await;
     let node = format!("pgbs{}", std::process::id());
-    let stderr = registers_then_stops(
-        &conn,
-        spawn(&config, &["worker", "--node-id", &node]),
-        &node,
-    )
-    .await;
-    println!("--- session mode: ampd worker --node-id {node}\n{stderr}");
+    let log = worker_registers_then_stops(&config, &node).await;
+    println!("--- session mode: ampd worker --node-id {node}\n{log}");
 }
 
 #[tokio::test]
@@ -316,24 +275,24 @@ async fn services_with_a_transaction_mode_url_work_when_pgbouncer_keeps_prepared
         return;
     };
     let db = TestDb::migrated().await;
-    let dir = TempDir::new();
-    let config = dir.file(
-        "config.toml",
-        &config_toml(
+    let workspace = Workspace::new();
+    let config = workspace.path().join("config.toml");
+    std::fs::write(
+        &config,
+        config_toml(
             &bouncer.url(db.name()),
-            &format!("direct_url = \"{}\"", db.url()),
+            &format!(
+                "direct_url = \"{}\"\n{}",
+                db.url(),
+                worker_sections(&workspace)
+            ),
         ),
-    );
+    )
+    .expect("config");
     let node = format!("pgbp{}", std::process::id());
     if bouncer.keeps_prepared_statements() {
-        let conn = db.connect().await;
-        let stderr = registers_then_stops(
-            &conn,
-            spawn(&config, &["worker", "--node-id", &node]),
-            &node,
-        )
-        .await;
-        println!("--- transaction mode url, direct_url: ampd worker\n{stderr}");
+        let log = worker_registers_then_stops(&config, &node).await;
+        println!("--- transaction mode url, direct_url: ampd worker\n{log}");
     } else {
         // PgBouncer before 1.21 hands a client's prepared statements to other clients and loses
         // them between transactions; ampd's pool would fail at random, so it refuses to start.

@@ -5,15 +5,13 @@
 //! algorithm, the reason, the time and this ampd's version are appended to the row's
 //! `checksum_history`.
 
-use std::time::Duration;
-
 use migration::Algorithm;
 
 use super::error::MigrateError;
 use super::session::Session;
 use super::set::MigrationSet;
 use super::verify::{ChecksumState, checksum_state};
-use super::{lock, record, settings_sql, state};
+use super::{lock, record, state};
 use crate::config::MetadataDbConfig;
 
 /// A checksum accepted by [`accept_checksum`].
@@ -44,33 +42,12 @@ pub async fn accept_checksum(
         });
     }
     let session = Session::live(cfg).await?;
-    let result = locked(&session, cfg, set, name, reason).await;
+    let result = lock::holding(&session, cfg, async || {
+        accept(&session, set, name, reason).await
+    })
+    .await;
     session.close().await;
     result
-}
-
-async fn locked(
-    session: &Session,
-    cfg: &MetadataDbConfig,
-    set: &MigrationSet,
-    name: &str,
-    reason: &str,
-) -> Result<Option<Accepted>, MigrateError> {
-    session.check_own(cfg).await?;
-    session
-        .write(&settings_sql(cfg))
-        .await
-        .map_err(MigrateError::database)?;
-    lock::acquire(
-        session,
-        Duration::from_secs(cfg.migration_lock_timeout_secs),
-    )
-    .await?;
-    let result = accept(session, set, name, reason).await;
-    let released = lock::release(session).await;
-    let accepted = result?;
-    released?;
-    Ok(accepted)
 }
 
 async fn accept(

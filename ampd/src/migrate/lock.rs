@@ -7,9 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::LOCK_KEY;
 use super::error::MigrateError;
 use super::session::Session;
+use super::{LOCK_KEY, settings_sql};
+use crate::config::MetadataDbConfig;
 
 /// The first pause between two attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -26,8 +27,33 @@ fn unlock_sql() -> String {
     format!("SELECT pg_advisory_unlock({LOCK_KEY})")
 }
 
+/// Runs `work` under the lock: first proves the session is one of its own and sets its settings
+/// (nothing has changed yet), then waits for the lock (at most `migration_lock_timeout_secs`), runs
+/// `work`, and releases the lock, failing if it was no longer held.
+pub(super) async fn holding<T>(
+    session: &Session,
+    cfg: &MetadataDbConfig,
+    work: impl AsyncFnOnce() -> Result<T, MigrateError>,
+) -> Result<T, MigrateError> {
+    session.check_own(cfg).await?;
+    session
+        .write(&settings_sql(cfg))
+        .await
+        .map_err(MigrateError::database)?;
+    acquire(
+        session,
+        Duration::from_secs(cfg.migration_lock_timeout_secs),
+    )
+    .await?;
+    let result = work().await;
+    let released = release(session).await;
+    let value = result?;
+    released?;
+    Ok(value)
+}
+
 /// Takes the lock, waiting at most `limit`.
-pub(super) async fn acquire(session: &Session, limit: Duration) -> Result<(), MigrateError> {
+async fn acquire(session: &Session, limit: Duration) -> Result<(), MigrateError> {
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let note = format!(
@@ -98,7 +124,7 @@ pub(super) async fn ensure_held(session: &Session) -> Result<(), MigrateError> {
 }
 
 /// Releases the lock, and fails if the session no longer held it.
-pub(super) async fn release(session: &Session) -> Result<(), MigrateError> {
+async fn release(session: &Session) -> Result<(), MigrateError> {
     let held = session
         .ask(&unlock_sql(), None, true)
         .await

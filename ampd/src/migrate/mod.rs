@@ -140,21 +140,7 @@ async fn run(
             version: state.version(set.names().into_iter()),
         });
     }
-    session.check_own(cfg).await?;
-    session
-        .write(&settings_sql(cfg))
-        .await
-        .map_err(MigrateError::database)?;
-    lock::acquire(
-        session,
-        Duration::from_secs(cfg.migration_lock_timeout_secs),
-    )
-    .await?;
-    let result = locked(session, cfg, set).await;
-    let released = lock::release(session).await;
-    let outcome = result?;
-    released?;
-    Ok(outcome)
+    lock::holding(session, cfg, async || locked(session, cfg, set).await).await
 }
 
 /// The part of a run under the lock: read and validate again, plan, apply and record.

@@ -486,26 +486,45 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-#[async_trait::async_trait]
-impl ProxyDatabaseTrait for Proxy {
-    async fn query(&self, statement: Statement) -> Result<Vec<ProxyRow>, DbErr> {
+impl Proxy {
+    /// The session's wire for a migration's `statement`, after what must come first; `None` in a
+    /// dry run, which writes the statement into the script (with `note`) instead.
+    async fn wire_for(
+        &self,
+        statement: &Statement,
+        note: Option<&str>,
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, Wire>>, DbErr> {
         let inner = &self.0;
         let mut wire = inner.wire.lock().await;
         inner.settle(&mut wire).await?;
-        if let Some(script) = &inner.script {
-            push(
-                script,
-                Line::Sql {
-                    sql: display(&statement),
-                    note: Some(
-                        "returns rows in a real run; a dry run has none to give the migration, so \
-                         what it sends next may depend on the data"
-                            .into(),
-                    ),
-                },
-            );
-            return Ok(Vec::new());
+        match &inner.script {
+            Some(script) => {
+                push(
+                    script,
+                    Line::Sql {
+                        sql: display(statement),
+                        note: note.map(str::to_owned),
+                    },
+                );
+                Ok(None)
+            }
+            None => Ok(Some(wire)),
         }
+    }
+}
+
+/// What a dry run says about a statement whose rows a migration reads.
+const ROWS_NOTE: &str = "returns rows in a real run; a dry run has none to give the migration, so \
+                         what it sends next may depend on the data";
+
+// Statements with parameters are prepared and bound, as SeaORM sends them on its pools; those
+// without are sent as they are (they may hold several statements, as `execute_unprepared` allows).
+#[async_trait::async_trait]
+impl ProxyDatabaseTrait for Proxy {
+    async fn query(&self, statement: Statement) -> Result<Vec<ProxyRow>, DbErr> {
+        let Some(mut wire) = self.wire_for(&statement, Some(ROWS_NOTE)).await? else {
+            return Ok(Vec::new());
+        };
         let conn = wire.conn.as_mut().ok_or_else(lost)?;
         let rows = match statement.values {
             Some(values) => {
@@ -524,19 +543,9 @@ impl ProxyDatabaseTrait for Proxy {
     }
 
     async fn execute(&self, statement: Statement) -> Result<ProxyExecResult, DbErr> {
-        let inner = &self.0;
-        let mut wire = inner.wire.lock().await;
-        inner.settle(&mut wire).await?;
-        if let Some(script) = &inner.script {
-            push(
-                script,
-                Line::Sql {
-                    sql: display(&statement),
-                    note: None,
-                },
-            );
+        let Some(mut wire) = self.wire_for(&statement, None).await? else {
             return Ok(ProxyExecResult::default());
-        }
+        };
         let conn = wire.conn.as_mut().ok_or_else(lost)?;
         let done = match statement.values {
             Some(values) => {
