@@ -344,8 +344,17 @@ fn slow_set(secs: &'static str) -> MigrationSet {
     set(vec![tx("m20990104_000001_slow", sql)])
 }
 
-/// Waits until a session of database `db` sleeps in a slow migration (holding the lock).
-async fn holder_sleeps(conn: &DatabaseConnection, db: &str) {
+/// Starts a run whose migration sleeps `secs` under the lock, and returns once it sleeps.
+async fn holding_the_lock(
+    cfg: &MetadataDbConfig,
+    conn: &DatabaseConnection,
+    db: &str,
+    secs: &'static str,
+) -> tokio::task::JoinHandle<Result<migrate::MigrateReport, MigrateError>> {
+    let holder = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { migrate::migrate(&cfg, &slow_set(secs)).await })
+    };
     let started = Instant::now();
     let sql = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state = 'active' \
@@ -358,6 +367,7 @@ async fn holder_sleeps(conn: &DatabaseConnection, db: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    holder
 }
 
 /// The sessions of database `db` (other than the caller's) whose last statement was the lock
@@ -388,12 +398,8 @@ async fn a_run_waiting_for_the_lock_holds_no_snapshot_and_never_blocks_in_pg_adv
     let db = TestDb::empty().await;
     let cfg = config(db.url(), "");
     let conn = db.connect().await;
-    let holder = {
-        let cfg = cfg.clone();
-        tokio::spawn(async move { migrate::migrate(&cfg, &slow_set("3")).await })
-    };
-    // Wait until the holder sleeps under the lock, then start a second run with work to do.
-    holder_sleeps(&conn, db.name()).await;
+    // A run that sleeps 3 s under the lock; then a second run with work to do.
+    let holder = holding_the_lock(&cfg, &conn, db.name(), "3").await;
     let waiter = {
         let cfg = cfg.clone();
         tokio::spawn(async move { migrate::migrate(&cfg, &slow_set("0")).await })
@@ -436,11 +442,8 @@ async fn waiting_for_the_lock_gives_up_after_migration_lock_timeout_secs() {
     let db = TestDb::empty().await;
     let cfg = config(db.url(), "");
     let conn = db.connect().await;
-    let holder = {
-        let cfg = cfg.clone();
-        tokio::spawn(async move { migrate::migrate(&cfg, &slow_set("4")).await })
-    };
-    holder_sleeps(&conn, db.name()).await;
+    // A run that sleeps 4 s under the lock; then a second run with work to do.
+    let holder = holding_the_lock(&cfg, &conn, db.name(), "4").await;
     let impatient = config(db.url(), "migration_lock_timeout_secs = 1");
     let waited = Instant::now();
     let err = migrate::migrate(&impatient, &slow_set("0"))
