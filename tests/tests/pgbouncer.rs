@@ -316,3 +316,25 @@ async fn services_with_a_transaction_mode_url_work_when_pgbouncer_keeps_prepared
         );
     }
 }
+
+#[tokio::test]
+async fn a_startup_parameter_pgbouncer_refuses_is_not_reported_as_a_password_problem() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Session, 2, "pgbouncer startup parameters")
+    else {
+        return;
+    };
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    // ampd itself sends none; an `options` the operator puts in the URL is sent as given.
+    let url = format!("{}?options=-c%20work_mem%3D64MB", bouncer.url(db.name()));
+    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let out = ampd("a refused startup parameter", &config, &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("the server refused the connection: unsupported startup parameter: options"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("password"), "{}", out.stderr);
+}

@@ -131,6 +131,7 @@ async fn run(
     cfg: &MetadataDbConfig,
     set: &MigrationSet,
 ) -> Result<Outcome, MigrateError> {
+    // Read and validate without the lock: with nothing to do, that was the run's one query.
     let state = state::read(session).await.map_err(MigrateError::database)?;
     let verdict = verify::check(set, &state)?;
     if plan::plan(set, &state, &verdict).steps.is_empty() {
@@ -140,6 +141,7 @@ async fn run(
             version: state.version(set.names().into_iter()),
         });
     }
+    // The rest on a session proven to be one of its own, holding the lock.
     lock::holding(session, cfg, async || locked(session, cfg, set).await).await
 }
 
@@ -149,6 +151,7 @@ async fn locked(
     cfg: &MetadataDbConfig,
     set: &MigrationSet,
 ) -> Result<Outcome, MigrateError> {
+    // Another run may have migrated while this one waited: read and validate again.
     let state = state::read(session).await.map_err(MigrateError::database)?;
     tracing::debug!(
         applied = state.applied.len(),
@@ -157,6 +160,7 @@ async fn locked(
         "applied set under the lock"
     );
     let verdict = verify::check(set, &state)?;
+    // Plan the steps, then apply and record them one by one.
     let plan = plan::plan(set, &state, &verdict);
     let done = apply::apply(session, cfg.ddl_lock_timeout_ms, set, &state.who, &plan).await?;
     let version = set
