@@ -9,8 +9,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::Config;
 use crate::migrate::MigrationSet;
-use crate::{logging, migrate_cmd, service_cmd};
+use crate::{logging, migrate_cmd, redact, service_cmd};
 
 /// The ampd data daemon.
 #[derive(Debug, Parser)]
@@ -40,7 +41,7 @@ enum Command {
         node_id: String,
     },
     /// Run controller, server and a worker in one process (metadata_db.auto_migrate defaults to
-    /// true).
+    /// true). Without --config / AMP_CONFIG it takes its configuration from the environment alone.
     Solo {
         /// The embedded worker's node id.
         #[arg(long, value_name = "ID", default_value = "solo")]
@@ -82,11 +83,19 @@ pub fn main(migrations: fn() -> MigrationSet) -> ExitCode {
 }
 
 async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn std::error::Error>> {
-    let path = cli.config.ok_or(
-        "no configuration file: pass --config <path> (before or after the subcommand) or set AMP_CONFIG=<path>",
-    )?;
-    let config = crate::config::Config::load(&path)?;
-    logging::add_secrets_of(&config.metadata_db.url);
+    let solo = matches!(cli.command, Command::Solo { .. });
+    let config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None if solo => Config::from_env()?,
+        None => return Err(NO_CONFIG.into()),
+    };
+    if !solo {
+        config.require_url()?;
+    }
+    config
+        .secrets()
+        .iter()
+        .for_each(|secret| redact::register(secret));
     match cli.command {
         Command::Migrate(args) => migrate_cmd::run(&config, args, &migrations()).await,
         Command::Controller => service_cmd::controller(config, migrations).await,
@@ -95,6 +104,8 @@ async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn s
         Command::Solo { node_id } => service_cmd::solo(config, node_id, migrations).await,
     }
 }
+
+const NO_CONFIG: &str = "no configuration file: pass --config <path> (before or after the subcommand) or set AMP_CONFIG=<path>";
 
 /// `error: <what failed>` and one `  caused by: <why>` line per source, secrets redacted.
 fn print_error(err: &dyn std::error::Error) {
@@ -107,5 +118,5 @@ fn print_error(err: &dyn std::error::Error) {
         }
         source = cause.source();
     }
-    let _ = std::io::stderr().write_all(logging::redact(&out).as_bytes());
+    let _ = std::io::stderr().write_all(redact::redact(&out).as_bytes());
 }

@@ -1,11 +1,15 @@
-//! `ampd controller|server|worker|solo`: run until Ctrl-C or SIGTERM. Each listens for the
-//! signals first, so one that arrives while it is still connecting or migrating stops it (exit 0).
+//! `ampd controller|server|worker|solo`: run until Ctrl-C or SIGTERM (exit 0). Each listens for the
+//! signals before anything else, so one that arrives while it is still connecting or migrating
+//! stops it cleanly.
+
+use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::migrate::MigrationSet;
-use crate::service::{self, Shutdown, controller, server, worker};
+use crate::service::{self, Component, controller, server, worker};
 
 type Result = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -15,44 +19,37 @@ async fn start(
     config: &Config,
     auto_migrate_default: bool,
     migrations: fn() -> MigrationSet,
-) -> std::result::Result<Option<(DatabaseConnection, Shutdown)>, Box<dyn std::error::Error>> {
-    let mut shutdown = Shutdown::install()?;
+) -> std::result::Result<Option<(DatabaseConnection, CancellationToken)>, Box<dyn std::error::Error>>
+{
+    let shutdown = service::stop_on_signals()?;
     let connect = service::connect(config, auto_migrate_default, migrations);
-    let db = shutdown.unless_requested(connect).await.transpose()?;
+    let db = service::until_stopped(&shutdown, connect)
+        .await
+        .transpose()?;
     Ok(db.map(|db| (db, shutdown)))
 }
 
-async fn until_shutdown(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 pub async fn controller(config: Config, migrations: fn() -> MigrationSet) -> Result {
-    let Some((db, mut shutdown)) = start(&config, false, migrations).await? else {
+    let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };
-    controller::run(
-        db,
-        config.controller.clone(),
-        config.worker.clone(),
-        shutdown.requested(),
-    )
-    .await?;
+    controller::run(db, Arc::new(config), shutdown).await?;
     Ok(())
 }
 
 pub async fn server(config: Config, migrations: fn() -> MigrationSet) -> Result {
-    let Some((db, mut shutdown)) = start(&config, false, migrations).await? else {
+    let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };
-    server::run(db, &config, shutdown.requested()).await?;
+    server::run(db, Arc::new(config), shutdown).await?;
     Ok(())
 }
 
 pub async fn worker(config: Config, node_id: String, migrations: fn() -> MigrationSet) -> Result {
-    let Some((db, mut shutdown)) = start(&config, false, migrations).await? else {
+    let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };
-    worker::run(db, &config, &node_id, shutdown.requested()).await?;
+    worker::run(db, Arc::new(config), node_id, shutdown).await?;
     Ok(())
 }
 
@@ -60,20 +57,25 @@ pub async fn solo(config: Config, node_id: String, migrations: fn() -> Migration
     let Some((db, shutdown)) = start(&config, true, migrations).await? else {
         return Ok(());
     };
-    let (rx, fire) = shutdown.shared();
-    tokio::spawn(fire);
-    let (c, s, w) = tokio::join!(
-        controller::run(
-            db.clone(),
-            config.controller.clone(),
-            config.worker.clone(),
-            until_shutdown(rx.clone())
+    let config = Arc::new(config);
+    let components: Vec<Component> = vec![
+        (
+            "controller",
+            Box::pin(controller::run(
+                db.clone(),
+                config.clone(),
+                shutdown.clone(),
+            )),
         ),
-        server::run(db.clone(), &config, until_shutdown(rx.clone())),
-        worker::run(db.clone(), &config, &node_id, until_shutdown(rx)),
-    );
-    c?;
-    s?;
-    w?;
+        (
+            "server",
+            Box::pin(server::run(db.clone(), config.clone(), shutdown.clone())),
+        ),
+        (
+            "worker",
+            Box::pin(worker::run(db, config, node_id, shutdown.clone())),
+        ),
+    ];
+    service::supervise(shutdown, components).await?;
     Ok(())
 }

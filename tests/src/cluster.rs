@@ -290,7 +290,7 @@ pub fn is_private() -> bool {
 }
 
 /// A port on `127.0.0.1` nothing listens on right now.
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("find a free port: {e}"))?;
     listener
@@ -384,7 +384,7 @@ fn as_user(user: Option<&str>, program: &Path) -> Command {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -392,11 +392,11 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn sh_quote(path: &Path) -> String {
+pub(crate) fn sh_quote(path: &Path) -> String {
     sh_quote_str(&path.display().to_string())
 }
 
-fn sh_quote_str(s: &str) -> String {
+pub(crate) fn sh_quote_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

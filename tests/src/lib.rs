@@ -5,6 +5,8 @@ pub mod catalog;
 pub mod cli;
 pub mod cluster;
 pub mod fixtures;
+pub mod pgbouncer;
+pub mod services;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +100,12 @@ impl TestDb {
         &self.url
     }
 
+    /// ampd's `[metadata_db]` configuration for this database (defaults otherwise), for the
+    /// data-access functions that open connections of their own (listeners, node claims).
+    pub fn config(&self) -> ampd::config::MetadataDbConfig {
+        metadata_config(&self.url)
+    }
+
     /// A small SeaORM pool on this database.
     pub async fn connect(&self) -> DatabaseConnection {
         connect(&self.url, 5).await
@@ -125,6 +133,14 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// ampd's `[metadata_db]` configuration for `url`, everything else at its default.
+pub fn metadata_config(url: &str) -> ampd::config::MetadataDbConfig {
+    let text = format!("[metadata_db]\nurl = {url:?}\n");
+    ampd::config::Config::from_parts(std::path::Path::new("test.toml"), &text, Vec::new())
+        .unwrap_or_else(|e| panic!("config for {url}: {e}"))
+        .metadata_db
 }
 
 /// Connects to `url` with a pool of at most `max` connections and quiet statement logging.

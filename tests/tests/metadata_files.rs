@@ -14,7 +14,8 @@ struct Fixture {
     old: physical_table_revisions::Model,
 }
 
-/// A table with an old revision and an active one.
+/// A table with two revisions: `old`, and `active`, which [`activate`] makes active (once the test
+/// has registered its files: an active revision accepts none).
 async fn fixture(db: &DatabaseConnection) -> Fixture {
     let hash = datasets::register_manifest(db, "static", b"manifest", "m.json")
         .await
@@ -28,12 +29,17 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     let active = revisions::create_revision(db, table.id, None, json!({}))
         .await
         .unwrap();
-    revisions::activate(db, table.id, active.id).await.unwrap();
     Fixture {
         table_id: table.id,
         active,
         old,
     }
+}
+
+async fn activate(db: &DatabaseConnection, f: &Fixture) {
+    revisions::activate(db, f.table_id, f.active.id, Duration::from_secs(3600))
+        .await
+        .unwrap();
 }
 
 async fn file(db: &DatabaseConnection, revision_id: i64, name: &str) -> file_metadata::Model {
@@ -129,6 +135,7 @@ async fn schedule_gc_of_the_active_revision_is_a_conflict() {
     let conn = db.connect().await;
     let f = fixture(&conn).await;
     file(&conn, f.active.id, "a.parquet").await;
+    activate(&conn, &f).await;
 
     let err = files::schedule_gc(&conn, f.active.id, Duration::ZERO)
         .await
@@ -150,6 +157,7 @@ async fn schedule_gc_schedules_every_file_with_its_path_once() {
     let a = file(&conn, f.old.id, "a.parquet").await;
     let b = file(&conn, f.old.id, "b.parquet").await;
     file(&conn, f.active.id, "c.parquet").await;
+    activate(&conn, &f).await;
 
     let scheduled = files::schedule_gc(&conn, f.old.id, Duration::from_secs(3600))
         .await
@@ -222,6 +230,7 @@ async fn forget_deletes_scheduled_files_with_their_entries_and_leaves_the_others
     let a = file(&conn, f.old.id, "a").await;
     let b = file(&conn, f.old.id, "b").await;
     let live = file(&conn, f.active.id, "live").await;
+    activate(&conn, &f).await;
     files::schedule_gc(&conn, f.old.id, Duration::ZERO)
         .await
         .unwrap();

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ampd::metadata::jobs::{self, Scheduled};
+use ampd::metadata::jobs::{self, JobClaim, Scheduled};
 use ampd::metadata::notifications::{Action, JobAction, Listener, Notification};
 use ampd::metadata::{Error, workers};
 use entity::{JobStatus, job_events, jobs as job_rows};
@@ -57,22 +57,73 @@ async fn job(db: &DatabaseConnection, job_id: i64) -> job_rows::Model {
         .expect("job exists")
 }
 
-/// Applies the operation whose target status is `to`.
+/// A job row that is not in the database (for operations on a missing job).
+fn phantom(job_id: i64) -> job_rows::Model {
+    let now = chrono::Utc::now().fixed_offset();
+    job_rows::Model {
+        id: job_id,
+        kind: KIND.into(),
+        node_id: Some("w1".into()),
+        status: "ERROR".into(),
+        descriptor: descriptor("phantom"),
+        detail: None,
+        attempt: 1,
+        created_at: now,
+        updated_at: now,
+        idempotency_key: "0".repeat(64),
+    }
+}
+
+/// The claim of the worker the job is assigned to, on its current attempt.
+fn claim(job: &job_rows::Model) -> JobClaim {
+    JobClaim::of(job).expect("the job is assigned to a node")
+}
+
+/// Applies the operation whose target status is `to`, as worker w1 (holding the job's current
+/// attempt) or the controller would.
 async fn move_to(
     db: &DatabaseConnection,
     job_id: i64,
     to: JobStatus,
 ) -> Result<job_rows::Model, Error> {
+    let seen = jobs::get(db, job_id)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| phantom(job_id));
+    let claim = JobClaim {
+        job_id,
+        node_id: "w1".into(),
+        attempt: seen.attempt,
+    };
     match to {
-        JobStatus::Scheduled => jobs::reschedule(db, job_id, Some("w1")).await,
-        JobStatus::Running => jobs::mark_running(db, job_id, "w1").await,
-        JobStatus::Completed => jobs::mark_completed(db, job_id).await,
+        JobStatus::Scheduled => jobs::reschedule(db, &seen, Some("w1")).await,
+        JobStatus::Running => jobs::mark_running(db, &claim).await,
+        JobStatus::Completed => jobs::mark_completed(db, &claim, &[], Duration::ZERO)
+            .await
+            .map(|done| done.job),
         JobStatus::StopRequested => jobs::request_stop(db, job_id).await,
-        JobStatus::Stopping => jobs::mark_stopping(db, job_id).await,
-        JobStatus::Stopped => jobs::mark_stopped(db, job_id).await,
-        JobStatus::Error => jobs::mark_error(db, job_id, json!({"error": "boom"})).await,
-        JobStatus::Fatal => jobs::mark_fatal(db, job_id, json!({"error": "fatal"})).await,
+        JobStatus::Stopping => jobs::mark_stopping(db, &claim).await,
+        JobStatus::Stopped => jobs::mark_stopped(db, &claim).await,
+        JobStatus::Error => jobs::mark_error(db, &claim, json!({"error": "boom"})).await,
+        JobStatus::Fatal => jobs::mark_fatal(db, &claim, json!({"error": "fatal"})).await,
     }
+}
+
+/// SCHEDULED → RUNNING by the job's node.
+async fn start(db: &DatabaseConnection, job_id: i64) -> job_rows::Model {
+    let seen = job(db, job_id).await;
+    jobs::mark_running(db, &claim(&seen))
+        .await
+        .expect("running")
+}
+
+/// RUNNING → COMPLETED by the job's node, with no output.
+async fn complete(db: &DatabaseConnection, job_id: i64) -> job_rows::Model {
+    let seen = job(db, job_id).await;
+    jobs::mark_completed(db, &claim(&seen), &[], Duration::ZERO)
+        .await
+        .expect("completed")
+        .job
 }
 
 async fn setup() -> (TestDb, DatabaseConnection) {
@@ -212,7 +263,7 @@ async fn transitions_of_a_missing_job_are_not_found() {
             "{to}: {err:?}"
         );
     }
-    let err = jobs::reassign(&conn, 4242, None, Some("w1"))
+    let err = jobs::reassign(&conn, &phantom(4242), Some("w1"))
         .await
         .expect_err("no such job");
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
@@ -220,23 +271,44 @@ async fn transitions_of_a_missing_job_are_not_found() {
 }
 
 #[tokio::test]
-async fn mark_running_by_an_unregistered_worker_is_not_found_and_changes_nothing() {
+async fn mark_running_with_a_claim_of_another_node_or_attempt_is_fenced_and_changes_nothing() {
     let (_db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
+    workers::register(&conn, "w2", json!({})).await.unwrap();
+    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("w1"))
         .await
         .unwrap();
-    let err = jobs::mark_running(&conn, job.id, "ghost")
-        .await
-        .expect_err("unknown worker");
-    assert!(
-        matches!(&err, Error::NotFound { entity: "worker", key } if key == "ghost"),
-        "{err:?}"
-    );
-    assert_eq!(self::job(&conn, job.id).await, job);
-    let err = jobs::mark_running(&conn, job.id, "9bad")
-        .await
-        .expect_err("invalid node id");
-    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    let events_before = events(&conn, job.id).await;
+    let foreign = [
+        ("w2", job.attempt),
+        ("w1", job.attempt + 1),
+        ("ghost", job.attempt),
+    ];
+    for (node, attempt) in foreign {
+        let claim = JobClaim {
+            job_id: job.id,
+            node_id: node.into(),
+            attempt,
+        };
+        let err = jobs::mark_running(&conn, &claim)
+            .await
+            .expect_err("not this claim's job");
+        match err {
+            Error::Fenced {
+                job_id,
+                expected,
+                actual,
+            } => {
+                assert_eq!(job_id, job.id);
+                assert_eq!(expected.node_id.as_deref(), Some(node));
+                assert_eq!(expected.attempt, attempt);
+                assert_eq!(actual.node_id.as_deref(), Some("w1"));
+                assert_eq!(actual.attempt, job.attempt);
+            }
+            other => panic!("{node}/{attempt}: expected Fenced, got {other:?}"),
+        }
+        assert_eq!(self::job(&conn, job.id).await, job, "row unchanged");
+        assert_eq!(events(&conn, job.id).await, events_before, "no event");
+    }
 }
 
 #[tokio::test]
@@ -402,7 +474,7 @@ async fn sixteen_concurrent_schedules_of_one_key_create_exactly_one_job() {
 #[tokio::test]
 async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
     let (db, conn) = setup().await;
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
     let tx = conn.begin().await.unwrap();
     let (job, _) = jobs::schedule(&tx, KIND, descriptor("blocks"), Some("w1"))
@@ -464,8 +536,8 @@ async fn request_stop_of_an_assigned_job_sends_stop_to_its_node() {
     let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("w1"))
         .await
         .unwrap();
-    jobs::mark_running(&conn, job.id, "w1").await.unwrap();
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    start(&conn, job.id).await;
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
     jobs::request_stop(&conn, job.id).await.unwrap();
 
@@ -488,19 +560,19 @@ async fn list_pages_by_id_and_filters_by_status() {
     let (_db, conn) = setup().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("t{i}")), None)
+        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("t{i}")), Some("w1"))
             .await
             .unwrap();
         ids.push(job.id);
     }
-    jobs::mark_running(&conn, ids[1], "w1").await.unwrap();
-    jobs::mark_running(&conn, ids[3], "w1").await.unwrap();
+    start(&conn, ids[1]).await;
+    start(&conn, ids[3]).await;
 
-    let page1 = jobs::list(&conn, None, None, 2).await.unwrap();
-    let page2 = jobs::list(&conn, None, page1.last().map(|j| j.id), 2)
+    let page1 = jobs::list(&conn, &[], None, 2).await.unwrap();
+    let page2 = jobs::list(&conn, &[], page1.last().map(|j| j.id), 2)
         .await
         .unwrap();
-    let page3 = jobs::list(&conn, None, page2.last().map(|j| j.id), 2)
+    let page3 = jobs::list(&conn, &[], page2.last().map(|j| j.id), 2)
         .await
         .unwrap();
     let paged: Vec<i64> = [page1, page2, page3]
@@ -510,14 +582,14 @@ async fn list_pages_by_id_and_filters_by_status() {
         .collect();
     assert_eq!(paged, ids);
 
-    let running: Vec<i64> = jobs::list(&conn, Some(JobStatus::Running), None, 10)
+    let running: Vec<i64> = jobs::list(&conn, &[JobStatus::Running], None, 10)
         .await
         .unwrap()
         .iter()
         .map(|j| j.id)
         .collect();
     assert_eq!(running, [ids[1], ids[3]]);
-    let after: Vec<i64> = jobs::list(&conn, Some(JobStatus::Scheduled), Some(ids[2]), 10)
+    let after: Vec<i64> = jobs::list(&conn, &[JobStatus::Scheduled], Some(ids[2]), 10)
         .await
         .unwrap()
         .iter()
@@ -537,9 +609,9 @@ async fn list_active_for_node_lists_only_that_nodes_unfinished_jobs() {
             .unwrap();
         ids.push(job.id);
     }
-    jobs::mark_running(&conn, ids[1], "w1").await.unwrap();
-    jobs::mark_running(&conn, ids[2], "w1").await.unwrap();
-    jobs::mark_completed(&conn, ids[2]).await.unwrap();
+    start(&conn, ids[1]).await;
+    start(&conn, ids[2]).await;
+    complete(&conn, ids[2]).await;
 
     let active: Vec<i64> = jobs::list_active_for_node(&conn, "w1")
         .await
@@ -551,15 +623,13 @@ async fn list_active_for_node_lists_only_that_nodes_unfinished_jobs() {
 }
 
 #[tokio::test]
-async fn orphaned_jobs_of_a_dead_worker_are_found_and_reassigned_to_a_live_one() {
+async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state_machine() {
     let (db, conn) = setup().await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
     let (dead_running, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
         .await
         .unwrap();
-    jobs::mark_running(&conn, dead_running.id, "w1")
-        .await
-        .unwrap();
+    start(&conn, dead_running.id).await;
     let (unassigned, _) = jobs::schedule(&conn, KIND, descriptor("b"), None)
         .await
         .unwrap();
@@ -569,8 +639,11 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_reassigned_to_a_live_one()
     let (done, _) = jobs::schedule(&conn, KIND, descriptor("d"), Some("w1"))
         .await
         .unwrap();
-    jobs::mark_running(&conn, done.id, "w1").await.unwrap();
-    jobs::mark_completed(&conn, done.id).await.unwrap();
+    start(&conn, done.id).await;
+    complete(&conn, done.id).await;
+    let (dead_scheduled, _) = jobs::schedule(&conn, KIND, descriptor("e"), Some("w1"))
+        .await
+        .unwrap();
     // w1 last beat a minute ago; w2 just now.
     exec(
         &conn,
@@ -579,22 +652,35 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_reassigned_to_a_live_one()
     )
     .await;
     workers::heartbeat(&conn, "w2").await.unwrap();
+    let window = Duration::from_secs(5);
 
-    let orphans: Vec<i64> = jobs::list_orphaned(&conn, Duration::from_secs(5))
+    let orphans = jobs::list_orphaned(&conn, window).await.unwrap();
+    let ids: Vec<i64> = orphans.iter().map(|j| j.id).collect();
+    assert_eq!(ids, [dead_running.id, unassigned.id, dead_scheduled.id]);
+    assert!(!ids.contains(&live.id));
+
+    // A RUNNING job never moves to another node as it is: it fails with worker_lost, and its
+    // retry is a new attempt.
+    let running = &orphans[0];
+    let err = jobs::reassign(&conn, running, Some("w2"))
         .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(orphans, [dead_running.id, unassigned.id]);
-    assert!(!orphans.contains(&live.id));
+        .expect_err("a started job is not reassigned");
+    assert!(matches!(err, Error::StateConflict { .. }), "{err:?}");
+    let failed = jobs::fail_lost(&conn, running, window)
+        .await
+        .expect("fail_lost");
+    assert_eq!(failed.status, "ERROR");
+    assert_eq!(failed.detail, Some(jobs::worker_lost(Some("w1"))));
+    assert_eq!(failed.attempt, running.attempt);
 
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
-    let moved = jobs::reassign(&conn, dead_running.id, Some("w1"), Some("w2"))
+    // SCHEDULED jobs (unassigned, or on the dead node) move to a live one, with START and an event.
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
+    let moved = jobs::reassign(&conn, &orphans[2], Some("w2"))
         .await
         .expect("reassign");
     assert_eq!(moved.node_id.as_deref(), Some("w2"));
-    assert_eq!(moved.status, "RUNNING", "status unchanged");
+    assert_eq!(moved.status, "SCHEDULED");
+    assert_eq!(moved.attempt, dead_scheduled.attempt);
     let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
         .await
         .expect("delivered")
@@ -603,32 +689,51 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_reassigned_to_a_live_one()
         got,
         Notification::JobAction(JobAction {
             node_id: "w2".into(),
-            job_id: dead_running.id,
+            job_id: dead_scheduled.id,
             action: Action::Start,
         })
     );
-    jobs::reassign(&conn, unassigned.id, None, Some("w2"))
+    let last = events(&conn, dead_scheduled.id).await.pop().expect("event");
+    assert_eq!(
+        (last.event_type.as_str(), last.node_id.as_deref()),
+        ("SCHEDULED", Some("w2"))
+    );
+    jobs::reassign(&conn, &orphans[1], Some("w2"))
         .await
         .expect("assign the unassigned one");
 
-    let orphans = jobs::list_orphaned(&conn, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let orphans = jobs::list_orphaned(&conn, window).await.unwrap();
     assert!(orphans.is_empty(), "{orphans:?}");
 }
 
 #[tokio::test]
-async fn reassign_from_a_node_the_job_is_not_on_is_a_conflict() {
+async fn fail_lost_of_a_job_whose_worker_is_alive_is_refused() {
     let (_db, conn) = setup().await;
-    workers::register(&conn, "w2", json!({})).await.unwrap();
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w2"))
+    let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
         .await
         .unwrap();
-    let err = jobs::reassign(&conn, job.id, Some("w1"), Some("w1"))
+    let running = start(&conn, job.id).await;
+    workers::heartbeat(&conn, "w1").await.unwrap();
+    let err = jobs::fail_lost(&conn, &running, Duration::from_secs(60))
         .await
-        .expect_err("guarded on the current node");
+        .expect_err("w1 is live");
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    assert_eq!(self::job(&conn, job.id).await, job);
+    assert_eq!(self::job(&conn, job.id).await, running, "unchanged");
+}
+
+#[tokio::test]
+async fn reassign_of_a_job_that_moved_since_it_was_seen_is_fenced() {
+    let (_db, conn) = setup().await;
+    workers::register(&conn, "w2", json!({})).await.unwrap();
+    let (seen, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
+        .await
+        .unwrap();
+    let moved = jobs::reassign(&conn, &seen, Some("w2")).await.unwrap();
+    let err = jobs::reassign(&conn, &seen, Some("w1"))
+        .await
+        .expect_err("guarded on the node it was seen on");
+    assert!(matches!(err, Error::Fenced { .. }), "{err:?}");
+    assert_eq!(self::job(&conn, seen.id).await, moved);
 }
 
 #[tokio::test]
@@ -637,13 +742,16 @@ async fn reassign_of_a_finished_job_is_a_state_conflict() {
     let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
         .await
         .unwrap();
-    jobs::mark_fatal(&conn, job.id, json!({})).await.unwrap();
-    let err = jobs::reassign(&conn, job.id, Some("w1"), None)
+    jobs::mark_fatal(&conn, &claim(&job), json!({}))
         .await
-        .expect_err("not active");
+        .unwrap();
+    let fatal = self::job(&conn, job.id).await;
+    let err = jobs::reassign(&conn, &fatal, None)
+        .await
+        .expect_err("not scheduled");
     match err {
         Error::StateConflict { expected, actual } => {
-            assert_eq!(expected, jobs::ACTIVE);
+            assert_eq!(expected, [JobStatus::Scheduled]);
             assert_eq!(actual, JobStatus::Fatal);
         }
         other => panic!("{other:?}"),
@@ -656,10 +764,10 @@ async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
     // attempt -> backoff with base 10 s, max 60 s: 1 -> 10 s, 2 -> 20 s, 3 -> 40 s, 10 -> 60 s.
     let mut by_attempt = Vec::new();
     for attempt in [1, 2, 3, 10] {
-        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("a{attempt}")), None)
+        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("a{attempt}")), Some("w1"))
             .await
             .unwrap();
-        jobs::mark_error(&conn, job.id, json!({"e": attempt}))
+        jobs::mark_error(&conn, &claim(&job), json!({"e": attempt}))
             .await
             .unwrap();
         exec(
@@ -671,10 +779,12 @@ async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
         by_attempt.push((attempt, job.id));
     }
     // A fatal job failed long ago: never due.
-    let (fatal, _) = jobs::schedule(&conn, KIND, descriptor("fatal"), None)
+    let (fatal, _) = jobs::schedule(&conn, KIND, descriptor("fatal"), Some("w1"))
         .await
         .unwrap();
-    jobs::mark_fatal(&conn, fatal.id, json!({})).await.unwrap();
+    jobs::mark_fatal(&conn, &claim(&fatal), json!({}))
+        .await
+        .unwrap();
 
     let due_after = |secs: i64| {
         let conn = conn.clone();
@@ -758,7 +868,7 @@ async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_activ
 
     let rest = jobs::delete_terminal(&conn, None).await.unwrap();
     assert_eq!(rest, 1);
-    let left: Vec<i64> = jobs::list(&conn, None, None, 10)
+    let left: Vec<i64> = jobs::list(&conn, &[], None, 10)
         .await
         .unwrap()
         .iter()
@@ -773,11 +883,11 @@ async fn list_events_returns_a_jobs_history_in_order() {
     let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
         .await
         .unwrap();
-    jobs::mark_running(&conn, job.id, "w1").await.unwrap();
-    jobs::mark_error(&conn, job.id, json!({"e": 1}))
+    let running = start(&conn, job.id).await;
+    let failed = jobs::mark_error(&conn, &claim(&running), json!({"e": 1}))
         .await
         .unwrap();
-    jobs::reschedule(&conn, job.id, None).await.unwrap();
+    jobs::reschedule(&conn, &failed, None).await.unwrap();
     let types: Vec<String> = events(&conn, job.id)
         .await
         .into_iter()
@@ -817,18 +927,19 @@ async fn schedule_waiting_on_an_uncommitted_schedule_of_the_same_key_returns_tha
 #[tokio::test]
 async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() {
     let (_db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
+    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("w1"))
         .await
         .unwrap();
     let tx = conn.begin().await.unwrap();
-    jobs::mark_running(&tx, job.id, "w1").await.unwrap();
+    jobs::mark_running(&tx, &claim(&job)).await.unwrap();
 
     // The waiting statement's snapshot shows SCHEDULED, from which RUNNING is legal; when it gets
     // the row, the row is RUNNING and the guard fails. The error must report RUNNING, not the
     // snapshot's SCHEDULED.
     let waiting = {
         let conn = conn.clone();
-        tokio::spawn(async move { jobs::mark_running(&conn, job.id, "w1").await })
+        let claim = claim(&job);
+        tokio::spawn(async move { jobs::mark_running(&conn, &claim).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

@@ -63,7 +63,7 @@ impl Captured {
 async fn notifications_sent_with_notify_functions_arrive_typed() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
     notifications::notify_job_action(
         &conn,
@@ -141,7 +141,7 @@ async fn malformed_and_oversized_payloads_are_skipped_with_a_warning() {
             .with_max_level(tracing::Level::WARN)
             .finish(),
     );
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
     // Valid in every respect but its size (PostgreSQL accepts up to 8000 bytes).
     let oversized = format!(
         r#"{{"node_id": "w1", "job_id": 1, "action": "START", "padding": "{}"}}"#,
@@ -195,10 +195,10 @@ async fn malformed_and_oversized_payloads_are_skipped_with_a_warning() {
 }
 
 #[tokio::test]
-async fn the_listener_reconnects_after_its_backend_is_terminated() {
+async fn the_listener_reports_a_reconnect_after_its_backend_is_terminated() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
     let pid = listener.backend_pid().await.expect("pid");
     let row = conn
         .query_one_raw(Statement::from_string(
@@ -217,30 +217,21 @@ async fn the_listener_reconnects_after_its_backend_is_terminated() {
         .await
         .unwrap();
 
-    // The listener reconnects inside `recv`; notifications sent before it has are lost. Keep
-    // sending (job ids from 1000 up) until one arrives.
-    let received = {
-        let recv = listener.recv();
-        tokio::pin!(recv);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut job_id = 1000;
-        loop {
-            tokio::select! {
-                got = &mut recv => break got.expect("recv after reconnecting"),
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    assert!(tokio::time::Instant::now() < deadline, "no notification after reconnecting");
-                    notifications::notify_job_action(&conn, &start(job_id)).await.unwrap();
-                    job_id += 1;
-                }
-            }
-        }
-    };
-    match received {
-        Notification::JobAction(action) => assert!(action.job_id >= 1000, "{action:?}"),
-        other => panic!("{other:?}"),
-    }
+    // The loss is reported as an event of its own, after which the listener is connected again.
+    let got = tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("the listener reports the lost connection")
+        .expect("recv after reconnecting");
+    assert_eq!(got, Notification::Reconnected);
     let new_pid = listener.backend_pid().await.expect("pid");
     assert_ne!(new_pid, pid, "a new connection");
+    notifications::notify_job_action(&conn, &start(1000))
+        .await
+        .unwrap();
+    match recv(&mut listener).await {
+        Notification::JobAction(action) => assert_eq!(action.job_id, 1000),
+        other => panic!("{other:?}"),
+    }
 
     // And it keeps listening on both channels.
     notifications::notify_revision_change(
@@ -252,14 +243,45 @@ async fn the_listener_reconnects_after_its_backend_is_terminated() {
     )
     .await
     .unwrap();
-    loop {
-        match recv(&mut listener).await {
-            Notification::RevisionChange(change) => {
-                assert_eq!(change.revision_id, 6);
-                break;
-            }
-            // Left over from the sending loop.
-            Notification::JobAction(_) => continue,
-        }
+    match recv(&mut listener).await {
+        Notification::RevisionChange(change) => assert_eq!(change.revision_id, 6),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_listener_or_claim_that_cannot_connect_gives_up_after_the_connect_timeout_url_redacted() {
+    // A port nothing listens on: connection refused, retried until the timeout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let text = format!(
+        "[metadata_db]\nurl = \"postgresql://ampd:s3cret-pw@127.0.0.1:{port}/amp\"\n\
+         connect_timeout_secs = 2\n"
+    );
+    let cfg = ampd::config::Config::from_parts(std::path::Path::new("t.toml"), &text, Vec::new())
+        .unwrap()
+        .metadata_db;
+    let started = std::time::Instant::now();
+    let err = Listener::connect(&cfg).await.expect_err("nothing listens");
+    let listener_took = started.elapsed();
+    let started = std::time::Instant::now();
+    let claim_err = ampd::metadata::workers::claim(&cfg, "w1")
+        .await
+        .expect_err("nothing listens");
+    let claim_took = started.elapsed();
+    for (what, err, took) in [
+        ("listener", err, listener_took),
+        ("claim", claim_err, claim_took),
+    ] {
+        let message = err.to_string();
+        assert!(err.is_retryable(), "{what}: {message}");
+        assert!(message.contains("gave up after"), "{what}: {message}");
+        assert!(!message.contains("s3cret-pw"), "{what}: {message}");
+        assert!(message.contains("ampd:***@"), "{what}: {message}");
+        // Retried for the connect timeout (a lower bound), then given up (a generous upper one).
+        assert!(took >= Duration::from_millis(1500), "{what}: {took:?}");
+        assert!(took < Duration::from_secs(30), "{what}: {took:?}");
     }
 }

@@ -3,12 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ampd::metadata::jobs::JobClaim;
 use ampd::metadata::notifications::{Listener, Notification, RevisionChange};
-use ampd::metadata::{Error, datasets, files, jobs, revisions};
+use ampd::metadata::{Error, datasets, files, jobs, revisions, workers};
 use entity::{physical_table_revisions, physical_tables};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::json;
 use tests::TestDb;
+
+/// Grace period of a replaced revision's files: long, so nothing here expires.
+const GRACE: Duration = Duration::from_secs(3600);
 
 struct Fixture {
     hash: String,
@@ -95,16 +99,19 @@ async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
     let f = fixture(&conn).await;
+    workers::register(&conn, "w1", json!({})).await.unwrap();
     let (job, _) = jobs::schedule(
         &conn,
         "materialize-static",
         json!({"namespace": "eth", "name": "mainnet", "manifest_hash": f.hash}),
-        None,
+        Some("w1"),
     )
     .await
     .unwrap();
+    let claim = JobClaim::of(&job).unwrap();
+    jobs::mark_running(&conn, &claim).await.unwrap();
 
-    let rev = revisions::create_revision(&conn, f.blocks.id, Some(job.id), json!({"rows": 1}))
+    let rev = revisions::create_revision(&conn, f.blocks.id, Some(&claim), json!({"rows": 1}))
         .await
         .unwrap();
 
@@ -115,7 +122,11 @@ async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
     let uuid = uuid::Uuid::parse_str(uuid).expect("a uuid");
     assert_eq!(uuid.get_version_num(), 7);
     assert_eq!(rev.writer, Some(job.id));
-    assert_eq!(rev.metadata, json!({"rows": 1}));
+    assert_eq!(
+        rev.metadata,
+        json!({"rows": 1, "job_id": job.id, "attempt": 1, "node_id": "w1"}),
+        "the caller's metadata and the writing attempt"
+    );
     let second = revision(&conn, &f.blocks).await;
     assert_ne!(second, rev.id);
 
@@ -132,7 +143,11 @@ async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
         ),
         "{err:?}"
     );
-    let err = revisions::create_revision(&conn, f.blocks.id, Some(999_999), json!({}))
+    let unknown = JobClaim {
+        job_id: 999_999,
+        ..claim.clone()
+    };
+    let err = revisions::create_revision(&conn, f.blocks.id, Some(&unknown), json!({}))
         .await
         .expect_err("unknown writer");
     assert!(
@@ -148,14 +163,14 @@ async fn activate_replaces_the_previous_active_revision_and_notifies() {
     let f = fixture(&conn).await;
     let first = revision(&conn, &f.blocks).await;
     let second = revision(&conn, &f.blocks).await;
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
-    let a = revisions::activate(&conn, f.blocks.id, first)
+    let a = revisions::activate(&conn, f.blocks.id, first, GRACE)
         .await
         .unwrap();
     assert_eq!(a.previous, None);
     assert_eq!(a.table.active_revision_id, Some(first));
-    let b = revisions::activate(&conn, f.blocks.id, second)
+    let b = revisions::activate(&conn, f.blocks.id, second, GRACE)
         .await
         .unwrap();
     assert_eq!(b.previous, Some(first));
@@ -184,11 +199,11 @@ async fn activating_a_revision_of_another_table_is_a_conflict() {
     let f = fixture(&conn).await;
     let blocks_rev = revision(&conn, &f.blocks).await;
     let logs_rev = revision(&conn, &f.logs).await;
-    revisions::activate(&conn, f.blocks.id, blocks_rev)
+    revisions::activate(&conn, f.blocks.id, blocks_rev, GRACE)
         .await
         .unwrap();
 
-    let err = revisions::activate(&conn, f.blocks.id, logs_rev)
+    let err = revisions::activate(&conn, f.blocks.id, logs_rev, GRACE)
         .await
         .expect_err("other table");
 
@@ -203,7 +218,7 @@ async fn activating_an_unknown_table_or_revision_is_not_found() {
     let conn = db.connect().await;
     let f = fixture(&conn).await;
     let rev = revision(&conn, &f.blocks).await;
-    let err = revisions::activate(&conn, 999_999, rev)
+    let err = revisions::activate(&conn, 999_999, rev, GRACE)
         .await
         .expect_err("no table");
     assert!(
@@ -216,7 +231,7 @@ async fn activating_an_unknown_table_or_revision_is_not_found() {
         ),
         "{err:?}"
     );
-    let err = revisions::activate(&conn, f.blocks.id, 999_999)
+    let err = revisions::activate(&conn, f.blocks.id, 999_999, GRACE)
         .await
         .expect_err("no revision");
     assert!(
@@ -247,7 +262,7 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
             let table = f.blocks.id;
             tokio::spawn(async move {
                 barrier.wait().await;
-                revisions::activate(&conn, table, rev).await
+                revisions::activate(&conn, table, rev, GRACE).await
             })
         };
         let (ta, tb) = (race(a), race(b));
@@ -299,7 +314,7 @@ async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
     let f = fixture(&conn).await;
     let old = revision(&conn, &f.blocks).await;
     let current = revision(&conn, &f.blocks).await;
-    revisions::activate(&conn, f.blocks.id, current)
+    revisions::activate(&conn, f.blocks.id, current, GRACE)
         .await
         .unwrap();
     files::register(&conn, old, "a.parquet", 10, None, None, json!({}))

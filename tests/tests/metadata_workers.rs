@@ -15,10 +15,13 @@ async fn exec(db: &DatabaseConnection, sql: &str) {
 
 /// Claims `node_id`, polling while another connection (one that is going away) still holds it;
 /// fails if it is still held after 10 s.
-async fn claim_once_free(url: &str, node_id: &str) -> workers::NodeClaim {
+async fn claim_once_free(
+    cfg: &ampd::config::MetadataDbConfig,
+    node_id: &str,
+) -> workers::NodeClaim {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match workers::claim(url, node_id).await {
+        match workers::claim(cfg, node_id).await {
             Ok(claim) => return claim,
             Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -175,19 +178,21 @@ async fn get_and_list_return_registered_workers() {
 async fn only_one_of_two_connections_claims_a_node_id_until_the_first_is_released() {
     let db = TestDb::migrated().await;
     let (w1, w2) = (tests::unique_name("w1"), tests::unique_name("w2"));
-    let first = workers::claim(db.url(), &w1).await.expect("first claim");
+    let first = workers::claim(&db.config(), &w1)
+        .await
+        .expect("first claim");
     assert_eq!(first.node_id(), w1);
 
-    let err = workers::claim(db.url(), &w1)
+    let err = workers::claim(&db.config(), &w1)
         .await
         .expect_err("already claimed");
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    let other = workers::claim(db.url(), &w2)
+    let other = workers::claim(&db.config(), &w2)
         .await
         .expect("another node id is free");
 
     first.release().await.expect("release");
-    let second = workers::claim(db.url(), &w1)
+    let second = workers::claim(&db.config(), &w1)
         .await
         .expect("free after release");
     drop((second, other));
@@ -197,13 +202,15 @@ async fn only_one_of_two_connections_claims_a_node_id_until_the_first_is_release
 async fn dropping_a_node_claim_closes_its_connection_and_frees_the_node_id() {
     let db = TestDb::migrated().await;
     let w1 = tests::unique_name("w1");
-    let first = workers::claim(db.url(), &w1).await.expect("first claim");
-    assert!(workers::claim(db.url(), &w1).await.is_err());
+    let first = workers::claim(&db.config(), &w1)
+        .await
+        .expect("first claim");
+    assert!(workers::claim(&db.config(), &w1).await.is_err());
 
     drop(first);
 
     // The server notices the closed socket asynchronously.
-    claim_once_free(db.url(), &w1).await;
+    claim_once_free(&db.config(), &w1).await;
 }
 
 #[tokio::test]
@@ -211,7 +218,7 @@ async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
     let w1 = tests::unique_name("w1");
-    let mut claim = workers::claim(db.url(), &w1).await.expect("claim");
+    let mut claim = workers::claim(&db.config(), &w1).await.expect("claim");
     claim.check().await.expect("held");
 
     // Only this test's database: other tests hold claims of their own.
@@ -253,8 +260,8 @@ async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
             }
         }
     };
-    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-    claim_once_free(db.url(), &w1).await;
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    claim_once_free(&db.config(), &w1).await;
 }
 
 #[tokio::test]
@@ -265,7 +272,7 @@ async fn claim_keys_use_the_two_key_space_and_differ_between_node_ids() {
     let key = ampd::migrate::LOCK_KEY;
     assert_eq!(key, 0x616d_7064_6d69_6772);
     exec(&conn, &format!("SELECT pg_advisory_lock({key})")).await;
-    let _claim = workers::claim(db.url(), &tests::unique_name("w1"))
+    let _claim = workers::claim(&db.config(), &tests::unique_name("w1"))
         .await
         .expect("claim");
     assert_ne!(workers::claim_key("w1"), workers::claim_key("w2"));

@@ -88,7 +88,7 @@ fn hostile_payload_unbounded(rng: &mut XorShift) -> String {
 async fn random_and_oversized_payloads_never_break_a_listener() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let mut listener = Listener::connect(db.url()).await.expect("listener");
+    let mut listener = Listener::connect(&db.config()).await.expect("listener");
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
 
     for round in 0..5i64 {

@@ -135,12 +135,11 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
         .expect("take the migration lock");
     let node = tests::unique_name("w1");
     let child = spawn(&config, &["worker", "--node-id", node.as_str()]);
-    // Evidence that it is waiting for the lock: its request shows in this database's pg_locks.
-    let waiting = format!(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND ((classid::bigint << 32) | objid::bigint) = {key} \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    );
+    // Evidence that it is waiting for the lock: a session of this database (not this one) that
+    // asks for it (a waiting run polls pg_try_advisory_lock).
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
+        .to_owned();
     wait_for("the worker asks for the migration lock", || async {
         let row = conn
             .query_one_raw(Statement::from_string(

@@ -42,10 +42,44 @@ pub enum Error {
         message: String,
     },
 
-    /// The database could not be reached or the connection was lost: no connection from the pool
-    /// in time, connection refused or reset, server shutting down. Retrying later may succeed.
-    #[error("the metadata database is unavailable")]
-    Unavailable(#[source] DbErr),
+    /// A worker acted on a job through a claim that is no longer current: the job has moved to
+    /// another node or another attempt since the claim was taken (the worker was declared lost, the
+    /// job was retried or reassigned). Nothing was changed; the worker must drop the job.
+    #[error(
+        "job {job_id} is no longer this worker's: the claim is for attempt {} on {}, but the job \
+         is on attempt {} on {}",
+        expected.attempt,
+        expected.node(),
+        actual.attempt,
+        actual.node()
+    )]
+    Fenced {
+        /// The job.
+        job_id: i64,
+        /// The assignment the claim names.
+        expected: Assignment,
+        /// The job's assignment now.
+        actual: Assignment,
+    },
+
+    /// The operation may succeed if tried again: the database could not be reached or the
+    /// connection was lost (no connection from the pool in time, refused, reset, server shutting
+    /// down), or the server cancelled the statement for a reason that passes (serialization
+    /// failure 40001, deadlock 40P01, lock timeout 55P03, statement timeout 57014). `sqlstate` is
+    /// the server's code when there is one. Callers retry with backoff.
+    #[error("{}", unavailable_message(.sqlstate.as_deref()))]
+    Unavailable {
+        /// The server's SQLSTATE, when the server reported one.
+        sqlstate: Option<String>,
+        /// The database error.
+        #[source]
+        source: DbErr,
+    },
+
+    /// A connection of its own (a listener's, a node claim's) could not be opened within the
+    /// connect timeout; see the cause. Retryable when the server was unreachable.
+    #[error(transparent)]
+    Connect(crate::db::ConnectError),
 
     /// An argument is malformed (a node id, a dataset name, a version, a reference, a descriptor);
     /// the message says which and what a valid one looks like. Nothing was sent to the database.
@@ -55,6 +89,36 @@ pub enum Error {
     /// Any other database error (a bug, or something the schema does not expect).
     #[error("metadata database error")]
     Db(#[source] DbErr),
+}
+
+/// Which node a job is assigned to and which attempt it is on: what a worker's claim names
+/// ([`crate::metadata::jobs::JobClaim`]) and what a fenced transition finds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Assignment {
+    /// The node, `None` when the job is assigned to none.
+    pub node_id: Option<String>,
+    /// The attempt.
+    pub attempt: i32,
+}
+
+impl Assignment {
+    fn node(&self) -> &str {
+        self.node_id.as_deref().unwrap_or("no node")
+    }
+}
+
+fn unavailable_message(sqlstate: Option<&str>) -> String {
+    let why = match sqlstate {
+        Some("40001") => "a serialization failure (SQLSTATE 40001)",
+        Some("40P01") => "a deadlock (SQLSTATE 40P01)",
+        Some("55P03") => "a lock timeout (SQLSTATE 55P03)",
+        Some("57014") => "a statement timeout or cancellation (SQLSTATE 57014)",
+        Some(code) => {
+            return format!("the metadata database is unavailable (SQLSTATE {code}); try again");
+        }
+        None => return "the metadata database is unavailable; try again".to_owned(),
+    };
+    format!("the operation was cancelled by {why}; try again")
 }
 
 /// The result of a data-access function.
@@ -76,6 +140,14 @@ impl Error {
         }
     }
 
+    /// Whether trying the operation again may succeed ([`Error::Unavailable`]).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::Connect(crate::db::ConnectError::Unreachable { .. })
+        )
+    }
+
     /// The constraint a [`Error::ConstraintViolation`] names, if this is one.
     pub fn constraint(&self) -> Option<&str> {
         match self {
@@ -89,10 +161,16 @@ impl Error {
 impl From<DbErr> for Error {
     fn from(err: DbErr) -> Error {
         match &err {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Error::Unavailable(err),
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Error::Unavailable {
+                sqlstate: None,
+                source: err,
+            },
             DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
                 match classify_sqlx(e) {
-                    Kind::Unavailable => Error::Unavailable(err),
+                    Kind::Unavailable(sqlstate) => Error::Unavailable {
+                        sqlstate,
+                        source: err,
+                    },
                     Kind::Constraint(constraint, message) => Error::ConstraintViolation {
                         constraint,
                         message,
@@ -105,12 +183,22 @@ impl From<DbErr> for Error {
     }
 }
 
+/// A dedicated connection that could not be opened.
+impl From<crate::db::ConnectError> for Error {
+    fn from(err: crate::db::ConnectError) -> Error {
+        Error::Connect(err)
+    }
+}
+
 /// Errors of a dedicated sqlx connection (node claims, the listener), sorted the same way.
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Error {
         let err = Arc::new(err);
         match classify_sqlx(&err) {
-            Kind::Unavailable => Error::Unavailable(DbErr::Conn(RuntimeErr::SqlxError(err))),
+            Kind::Unavailable(sqlstate) => Error::Unavailable {
+                sqlstate,
+                source: DbErr::Conn(RuntimeErr::SqlxError(err)),
+            },
             Kind::Constraint(constraint, message) => Error::ConstraintViolation {
                 constraint,
                 message,
@@ -121,7 +209,7 @@ impl From<sqlx::Error> for Error {
 }
 
 enum Kind {
-    Unavailable,
+    Unavailable(Option<String>),
     Constraint(String, String),
     Other,
 }
@@ -132,7 +220,7 @@ fn classify_sqlx(err: &sqlx::Error) -> Kind {
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => Kind::Unavailable,
+        | sqlx::Error::WorkerCrashed => Kind::Unavailable(None),
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             match (code.get(..2), db.constraint()) {
@@ -141,10 +229,16 @@ fn classify_sqlx(err: &sqlx::Error) -> Kind {
                     Kind::Constraint(constraint.to_owned(), db.message().to_owned())
                 }
                 // Class 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
-                // cannot connect now; 53300: too many connections.
-                (Some("08"), _) => Kind::Unavailable,
-                _ if matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "53300") => {
-                    Kind::Unavailable
+                // cannot connect now; 53300: too many connections; 40001 serialization failure,
+                // 40P01 deadlock, 55P03 lock not available (lock_timeout), 57014 query cancelled
+                // (statement_timeout): the statement lost a race or a wait, not its meaning.
+                (Some("08"), _) => Kind::Unavailable(Some(code)),
+                _ if matches!(
+                    code.as_str(),
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03" | "57014"
+                ) =>
+                {
+                    Kind::Unavailable(Some(code))
                 }
                 _ => Kind::Other,
             }

@@ -1,19 +1,27 @@
 //! Data files of table revisions, and their garbage collection.
 //!
-//! A revision that is no longer active can be scheduled for garbage collection: each of its files
-//! gets a `gc_manifest` entry with its path (`<revision path>/<file name>`) and an expiration. Once
-//! expired, a collector deletes the objects and then [`forget`]s them.
+//! Files are registered into a revision while it is being written: never into one that is or was
+//! active, nor one scheduled for garbage collection, nor one whose writing attempt is over.
+//!
+//! A revision that is no longer active is scheduled for garbage collection ([`schedule_gc`]):
+//! each of its files gets a `gc_manifest` entry with its path (`<revision path>/<file name>`) and
+//! an expiration. Deleting is two steps, in one transaction of the collector's: [`list_expired`]
+//! (which locks the revisions it returns, so no activation can bring them back meanwhile), delete
+//! the objects from storage, [`forget`]. A collector that dies in between leaves the rows, and the
+//! next run deletes again (a missing object counts as deleted) and forgets them: files are never
+//! left behind without a row that names them. Files of an active revision are never listed nor
+//! forgotten.
 
 use std::time::Duration;
 
-use entity::{file_metadata, gc_manifest};
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use entity::{file_metadata, gc_manifest, physical_table_revisions as revisions};
+use sea_orm::sea_query::{Expr, ExprTrait, IntoTableRef, LockBehavior, LockType, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set, Statement, TransactionSession, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement, TransactionSession, TransactionTrait, Value,
 };
 
-use super::{Error, Result, micros, revisions};
+use super::{Error, Result, micros, revisions as revision_ops};
 
 fn validate_file_name(file_name: &str) -> Result<()> {
     if file_name.is_empty()
@@ -28,9 +36,22 @@ fn validate_file_name(file_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `revision_id` is not active: true for the rows of `table` (`gc_manifest` or `file_metadata`)
+/// whose revision no table has as its active one.
+fn revision_inactive(table: &str) -> Expr {
+    Expr::cust(format!(
+        "NOT EXISTS (SELECT 1 FROM physical_tables t \
+         WHERE t.active_revision_id = {table}.revision_id)"
+    ))
+}
+
 /// Registers file `file_name` of revision `revision_id`, or returns the row already registered
-/// under that name (unchanged, whatever the other arguments say). `NotFound` for an unknown
-/// revision.
+/// under that name (unchanged, whatever the other arguments say). The revision must be writable:
+/// never active, not scheduled for garbage collection, and, when a job attempt writes it, that
+/// attempt still RUNNING (`Conflict` otherwise, saying which). `NotFound` for an unknown revision.
+///
+/// One statement: the revision row is locked `FOR SHARE` and its state re-checked under the lock,
+/// so a concurrent activation or garbage-collection schedule either sees this file or refuses it.
 #[tracing::instrument(skip(db, metadata), err)]
 pub async fn register<C>(
     db: &C,
@@ -50,46 +71,64 @@ where
             "object size {object_size} of {file_name:?} is negative"
         )));
     }
-    let inserted = file_metadata::Entity::insert(file_metadata::ActiveModel {
-        revision_id: Set(revision_id),
-        file_name: Set(file_name.to_owned()),
-        object_size: Set(object_size),
-        object_e_tag: Set(e_tag.map(str::to_owned)),
-        object_version: Set(version.map(str::to_owned)),
-        metadata: Set(metadata),
-        ..Default::default()
-    })
-    .on_conflict_do_nothing_on([
-        file_metadata::Column::RevisionId,
-        file_metadata::Column::FileName,
-    ])
-    .exec_with_returning_many(db)
-    .await
-    .map_err(Error::from);
-    let inserted = match inserted {
-        Err(e) if e.constraint() == Some("file_metadata_revision_id_fkey") => {
-            return Err(Error::not_found("revision", revision_id));
-        }
-        other => other?,
-    };
-    // On a conflict, PostgreSQL returns no row (SeaORM reports that as `Inserted(vec![])` or
-    // `Conflicted`): read the existing one.
-    if let sea_orm::TryInsertResult::Inserted(rows) = inserted
-        && let Some(file) = rows.into_iter().next()
-    {
-        return Ok(file);
+    // Raw SQL: a locking CTE feeding an INSERT ... ON CONFLICT, with the existing row as fallback,
+    // is one round trip here and has no sea-query form.
+    let sql = "WITH writable AS ( \
+            SELECT id FROM physical_table_revisions r \
+            WHERE id = $1 AND NOT (metadata ? 'activated_at') \
+              AND NOT (metadata ? 'gc_expires_at') \
+              AND (NOT (metadata ? 'attempt') OR EXISTS (SELECT 1 FROM jobs j \
+                  WHERE j.id = r.writer AND j.attempt = (r.metadata ->> 'attempt')::int \
+                    AND j.status = 'RUNNING')) \
+            FOR SHARE), \
+        inserted AS ( \
+            INSERT INTO file_metadata \
+                (revision_id, file_name, object_size, object_e_tag, object_version, metadata) \
+            SELECT id, $2, $3, $4, $5, $6::jsonb FROM writable \
+            ON CONFLICT (revision_id, file_name) DO NOTHING \
+            RETURNING *) \
+        SELECT * FROM inserted \
+        UNION ALL \
+        SELECT * FROM file_metadata WHERE revision_id = $1 AND file_name = $2 \
+            AND NOT EXISTS (SELECT 1 FROM inserted)";
+    let row = file_metadata::Model::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        [
+            Value::from(revision_id),
+            Value::from(file_name),
+            Value::from(object_size),
+            Value::from(e_tag.map(str::to_owned)),
+            Value::from(version.map(str::to_owned)),
+            Value::from(metadata),
+        ],
+    ))
+    .one(db)
+    .await?;
+    match row {
+        Some(file) => Ok(file),
+        None => Err(not_writable(db, revision_id, file_name).await),
     }
-    file_metadata::Entity::find()
-        .filter(file_metadata::Column::RevisionId.eq(revision_id))
-        .filter(file_metadata::Column::FileName.eq(file_name))
-        .one(db)
-        .await?
-        .ok_or_else(|| {
-            Error::Conflict(format!(
-                "file {file_name:?} of revision {revision_id} was deleted while registering it; \
-                 try again"
-            ))
-        })
+}
+
+/// Why nothing was registered into `revision_id`.
+async fn not_writable<C: ConnectionTrait>(db: &C, revision_id: i64, file_name: &str) -> Error {
+    let revision = match revisions::Entity::find_by_id(revision_id).one(db).await {
+        Ok(Some(revision)) => revision,
+        Ok(None) => return Error::not_found("revision", revision_id),
+        Err(e) => return e.into(),
+    };
+    let meta = &revision.metadata;
+    let why = if meta.get("gc_expires_at").is_some() {
+        "it is scheduled for garbage collection"
+    } else if meta.get("activated_at").is_some() {
+        "it is (or was) active, and what is served never changes"
+    } else {
+        "the job attempt that writes it is no longer running"
+    };
+    Error::Conflict(format!(
+        "file {file_name:?} cannot be registered into revision {revision_id}: {why}"
+    ))
 }
 
 /// The files of revision `revision_id`, by id.
@@ -105,53 +144,87 @@ where
 }
 
 /// Schedules every file of revision `revision_id` for deletion `expiration` from now (database
-/// clock), with path `<revision path>/<file name>`. Files already scheduled keep their entry (so
-/// scheduling twice is a no-op). Returns how many files were newly scheduled. `Conflict` while the
-/// revision is active; `NotFound` when it does not exist. The revision is locked meanwhile, so it
-/// cannot be activated half-way.
+/// clock), with path `<revision path>/<file name>`, and marks the revision as scheduled (it then
+/// accepts no more files). Files already scheduled keep their entry, and a revision already
+/// scheduled keeps its expiration (so scheduling twice is a no-op). Returns how many files were
+/// newly scheduled. `Conflict` while the revision is active; `NotFound` when it does not exist.
+/// The revision is locked meanwhile, so it cannot be activated half-way.
 #[tracing::instrument(skip(db), err)]
 pub async fn schedule_gc<C>(db: &C, revision_id: i64, expiration: Duration) -> Result<u64>
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let expiration = micros("expiration", expiration)?;
     let tx = db.begin().await?;
-    revisions::lock_inactive(&tx, revision_id).await?;
-    // INSERT ... SELECT ... ON CONFLICT: one statement for all the revision's files.
-    let inserted = tx
+    let scheduled = schedule_gc_in(&tx, revision_id, expiration).await?;
+    tx.commit().await?;
+    Ok(scheduled)
+}
+
+/// [`schedule_gc`] inside the caller's transaction.
+pub(crate) async fn schedule_gc_in<C>(tx: &C, revision_id: i64, expiration: Duration) -> Result<u64>
+where
+    C: ConnectionTrait,
+{
+    let expiration = micros("expiration", expiration)?;
+    revision_ops::lock_inactive(tx, revision_id).await?;
+    revisions::Entity::update_many()
+        .col_expr(
+            revisions::Column::Metadata,
+            Expr::cust_with_values(
+                "CASE WHEN metadata ? 'gc_expires_at' THEN metadata ELSE metadata || \
+                 jsonb_build_object('gc_expires_at', now() + $1 * interval '1 microsecond') END",
+                [expiration],
+            ),
+        )
+        .filter(revisions::Column::Id.eq(revision_id))
+        .exec(tx)
+        .await?;
+    // INSERT ... SELECT ... ON CONFLICT: one statement for all the revision's files, each expiring
+    // with the revision (raw SQL: sea-query has no INSERT ... SELECT with a join and a conflict
+    // clause together).
+    Ok(tx
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "INSERT INTO gc_manifest (file_id, revision_id, file_path, expiration) \
              SELECT f.id, f.revision_id, r.path || '/' || f.file_name, \
-                 now() + $2 * interval '1 microsecond' \
+                 (r.metadata ->> 'gc_expires_at')::timestamptz \
              FROM file_metadata f JOIN physical_table_revisions r ON r.id = f.revision_id \
              WHERE f.revision_id = $1 \
              ON CONFLICT (file_id) DO NOTHING",
-            [Value::from(revision_id), Value::from(expiration)],
+            [Value::from(revision_id)],
         ))
         .await?
-        .rows_affected();
-    tx.commit().await?;
-    Ok(inserted)
+        .rows_affected())
 }
 
-/// Expired gc entries (`expiration <= now()`), soonest expired first, at most `limit`.
+/// Expired gc entries (`expiration <= now()`) of revisions that are not active, soonest expired
+/// first, at most `limit`. Call it inside the transaction that deletes the objects and then
+/// [`forget`]s them: it locks the entries' revisions (`FOR NO KEY UPDATE ... SKIP LOCKED`), so an
+/// activation of one of them waits until the files are forgotten and then refuses, and concurrent
+/// collectors take different revisions.
 pub async fn list_expired<C>(db: &C, limit: u64) -> Result<Vec<gc_manifest::Model>>
 where
     C: ConnectionTrait,
 {
-    Ok(gc_manifest::Entity::find()
+    let mut query = gc_manifest::Entity::find()
+        .inner_join(revisions::Entity)
         .filter(Expr::col(gc_manifest::Column::Expiration).lte(Expr::current_timestamp()))
+        .filter(revision_inactive("gc_manifest"))
         .order_by_asc(gc_manifest::Column::Expiration)
         .order_by_asc(gc_manifest::Column::FileId)
-        .limit(limit)
-        .all(db)
-        .await?)
+        .limit(limit);
+    QueryTrait::query(&mut query).lock_with_tables_behavior(
+        LockType::NoKeyUpdate,
+        [revisions::Entity.into_table_ref()],
+        LockBehavior::SkipLocked,
+    );
+    Ok(query.all(db).await?)
 }
 
 /// Forgets files that were scheduled for garbage collection (their objects deleted): deletes the
-/// `file_metadata` rows of those of `file_ids` that have a gc entry, and the entries with them.
-/// Ids without a gc entry are left alone. Returns how many files were forgotten.
+/// `file_metadata` rows of those of `file_ids` that have a gc entry and belong to a revision that is
+/// not active, and the entries with them. Other ids are left alone. Returns how many files were
+/// forgotten.
 #[tracing::instrument(skip(db, file_ids), fields(count = file_ids.len()), err)]
 pub async fn forget<C>(db: &C, file_ids: &[i64]) -> Result<u64>
 where
@@ -167,6 +240,7 @@ where
         .to_owned();
     Ok(file_metadata::Entity::delete_many()
         .filter(file_metadata::Column::Id.in_subquery(scheduled))
+        .filter(revision_inactive("file_metadata"))
         .exec(db)
         .await?
         .rows_affected)

@@ -7,15 +7,20 @@
 //!
 //! Receiving needs a dedicated connection: [`Listener`]. Anyone who can connect can `NOTIFY`, so a
 //! payload that is not what the channel carries is logged (`warn`) and skipped, never an error.
-//! Notifications sent while the listener is disconnected are lost: a listener reconnects by itself,
-//! but its owner must also reconcile from the tables (on a timer, and after a reconnect).
+//! Notifications sent while the listener is disconnected are lost: a listener reconnects by itself
+//! and says so ([`Notification::Reconnected`]); its owner reconciles from the tables then, and on a
+//! timer.
 
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use std::time::Duration;
+
+use sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::{Deserialize, Serialize};
 
 use super::workers::validate_node_id;
 use super::{Error, Result};
+use crate::config::{DatabaseUrl, MetadataDbConfig};
+use crate::db;
 
 /// The channel of START/STOP requests to worker nodes.
 pub const JOB_ACTIONS: &str = "job_actions";
@@ -74,6 +79,9 @@ pub enum Notification {
     JobAction(JobAction),
     /// From `revision_changes`.
     RevisionChange(RevisionChange),
+    /// The listener lost its connection and has connected and listened again: notifications sent
+    /// in between are lost, so the owner reconciles from the tables now.
+    Reconnected,
 }
 
 async fn notify<C, T>(db: &C, channel: &str, payload: &T) -> Result<()>
@@ -144,14 +152,25 @@ pub fn parse(channel: &str, payload: &str) -> Result<Notification, PayloadError>
     }
 }
 
+/// How long a listener waits for a notification before it checks, with a query, that its
+/// connection is still alive (sqlx offers no TCP keepalive on the client side).
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// How long that check may take before the connection counts as lost.
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Listens on `job_actions` and `revision_changes` on a dedicated connection.
 ///
-/// The connection is sqlx's [`PgListener`] over a private pool of one: when the connection drops
-/// (server restart, network, `pg_terminate_backend`), the next [`Listener::recv`] reconnects and
-/// `LISTEN`s again. Notifications sent in between are lost.
+/// The connection is opened like every other of ampd's (the configured connect timeout, retries
+/// with backoff, the URL redacted in errors) and checked with a query after every
+/// [`PING_EVERY`] without traffic. When it is lost (server restart, network, `pg_terminate_backend`),
+/// [`Listener::recv`] connects again, listens again, and returns [`Notification::Reconnected`], so
+/// the owner knows to reconcile: notifications sent in between are lost.
 pub struct Listener {
-    url: String,
+    url: DatabaseUrl,
+    cfg: MetadataDbConfig,
     inner: Option<PgListener>,
+    /// The connection was lost since the last [`Notification::Reconnected`].
+    lost: bool,
 }
 
 impl std::fmt::Debug for Listener {
@@ -162,54 +181,75 @@ impl std::fmt::Debug for Listener {
     }
 }
 
-async fn listen(url: &str) -> Result<PgListener> {
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|e| Error::InvalidInput(format!("database URL: {e}")))?;
-    let options = options.application_name(LISTENER_APPLICATION_NAME);
-    // What `PgListener::connect` does, plus the application name: a pool of one without timeouts,
-    // used only to reconnect.
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .max_lifetime(None)
-        .idle_timeout(None)
-        .connect_with(options)
-        .await?;
-    let mut listener = PgListener::connect_with(&pool).await?;
-    listener.ignore_pool_close_event(true);
-    listener.listen_all([JOB_ACTIONS, REVISION_CHANGES]).await?;
-    Ok(listener)
+async fn listen(url: &DatabaseUrl, cfg: &MetadataDbConfig) -> Result<PgListener> {
+    Ok(db::with_connect_retry(url, cfg, |opts| async move {
+        // What `PgListener::connect` does, with ampd's options: a private pool of one, used only
+        // to reconnect.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(opts.application_name(LISTENER_APPLICATION_NAME));
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.ignore_pool_close_event(true);
+        listener.eager_reconnect(false);
+        db::apply_session_settings(&mut listener).await?;
+        listener.listen_all([JOB_ACTIONS, REVISION_CHANGES]).await?;
+        Ok(listener)
+    })
+    .await?)
 }
 
 impl Listener {
-    /// Connects to `url` and listens on both channels.
-    #[tracing::instrument(skip(url), err)]
-    pub async fn connect(url: &str) -> Result<Listener> {
-        let inner = listen(url).await?;
+    /// Connects to the metadata database of `cfg` and listens on both channels.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn connect(cfg: &MetadataDbConfig) -> Result<Listener> {
+        let url = db::session_url(cfg)?.clone();
+        let inner = listen(&url, cfg).await?;
         Ok(Listener {
-            url: url.to_owned(),
+            url,
+            cfg: cfg.clone(),
             inner: Some(inner),
+            lost: false,
         })
     }
 
-    /// The next valid notification. Malformed payloads are logged and skipped. A lost connection
-    /// is re-established (and both channels listened to again) without an error; `Unavailable`
-    /// when that fails, and the next call tries again. Cancel-safe as far as sqlx's `PgListener::recv`
-    /// is: a notification is returned in the same poll that takes it off the connection.
+    /// The next valid notification, or [`Notification::Reconnected`] once after the connection was
+    /// lost and re-established. Malformed payloads are logged and skipped. When connecting again
+    /// fails (within the connect timeout), an error; the next call tries again. Cancel-safe as far
+    /// as sqlx's `PgListener::try_recv` is: a notification is returned in the same poll that takes it
+    /// off the connection.
     pub async fn recv(&mut self) -> Result<Notification> {
         loop {
             let listener = match self.inner.as_mut() {
                 Some(listener) => listener,
-                None => self.inner.insert(listen(&self.url).await?),
+                None => {
+                    let listener = self.inner.insert(listen(&self.url, &self.cfg).await?);
+                    if std::mem::take(&mut self.lost) {
+                        tracing::info!("notification listener connected again");
+                        return Ok(Notification::Reconnected);
+                    }
+                    listener
+                }
             };
-            let received = match listener.recv().await {
-                Ok(received) => received,
-                Err(e) => {
-                    // sqlx reconnects by itself after the usual ways a connection dies; for any
-                    // other error start afresh with a new listener on the next call.
-                    self.inner = None;
-                    tracing::warn!(error = %e, "notification listener lost its connection");
-                    return Err(Error::from(e));
+            let received = match tokio::time::timeout(PING_EVERY, listener.try_recv()).await {
+                Ok(Ok(Some(received))) => received,
+                Ok(Ok(None)) => {
+                    self.connection_lost("the connection was closed");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    self.connection_lost(&e.to_string());
+                    continue;
+                }
+                Err(_) => {
+                    let ping = sea_orm::sqlx::query("SELECT 1").execute(&mut *listener);
+                    match tokio::time::timeout(PING_TIMEOUT, ping).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => self.connection_lost(&e.to_string()),
+                        Err(_) => self.connection_lost("no answer to a check within 10 s"),
+                    }
+                    continue;
                 }
             };
             match parse(received.channel(), received.payload()) {
@@ -224,12 +264,22 @@ impl Listener {
         }
     }
 
+    fn connection_lost(&mut self, why: &str) {
+        tracing::warn!(
+            error = %crate::redact::redact_url(why),
+            "notification listener lost its connection; notifications are lost until it connects \
+             again"
+        );
+        self.inner = None;
+        self.lost = true;
+    }
+
     /// The server process id of the listener's current connection (to find it in
     /// `pg_stat_activity`). Connects first if it is not connected.
     pub async fn backend_pid(&mut self) -> Result<i32> {
         let listener = match self.inner.as_mut() {
             Some(listener) => listener,
-            None => self.inner.insert(listen(&self.url).await?),
+            None => self.inner.insert(listen(&self.url, &self.cfg).await?),
         };
         Ok(sea_orm::sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(listener)

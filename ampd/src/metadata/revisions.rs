@@ -3,15 +3,40 @@
 //!
 //! A revision's path is `<namespace>/<name>/<table>/<uuid v7>`, relative to the data directory.
 //! A revision is active iff its table's `active_revision_id` names it: activating one replaces the
-//! previous one in the same update, and an active revision cannot be deleted.
+//! previous one in the same transaction, and an active revision cannot be deleted.
+//!
+//! # A revision's life
+//! 1. *Written*: [`create_revision`] with a job's claim creates it while that attempt is RUNNING;
+//!    files are registered into it ([`crate::metadata::files::register`]) while it has never been
+//!    active nor scheduled for garbage collection.
+//! 2. *Active*: the attempt's completion activates it in the completion's transaction
+//!    ([`crate::metadata::jobs::mark_completed`]); an attempt that was fenced off never gets there.
+//!    Later, [`activate`] may make it active again (a roll back).
+//! 3. *Retired*: the revision it replaced is scheduled for garbage collection after a grace period
+//!    ([`crate::metadata::files::schedule_gc`]); so is an abandoned one ([`list_abandoned`]), at
+//!    once. A retired revision accepts no file; activating it cancels the schedule while it has not
+//!    expired, and is refused after.
+//! 4. *Gone*: the collector deletes the expired files and forgets them, then removes what is left
+//!    ([`list_emptied`], [`delete`]).
+//!
+//! The module keeps its state in the revision's `metadata` under the keys of
+//! [`RESERVED_METADATA_KEYS`]: `job_id`, `attempt` and `node_id` of the writer, `activated_at` (the
+//! last activation) and `gc_expires_at` (while retired).
 
-use entity::{physical_table_revisions as revisions, physical_tables as tables};
+use std::time::Duration;
+
+use entity::{
+    JobStatus, gc_manifest, jobs, physical_table_revisions as revisions, physical_tables as tables,
+};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Set, Statement, TransactionSession, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    Set, Statement, TransactionSession, TransactionTrait, Value,
 };
 
+use super::error::Assignment;
+use super::files;
+use super::jobs::JobClaim;
 use super::notifications::{RevisionChange, notify_revision_change};
 use super::{Error, Result, validate_dataset_part};
 
@@ -110,44 +135,136 @@ where
         .await?)
 }
 
-/// Creates a revision of table `table_id` at a new path `<namespace>/<name>/<table>/<uuid v7>`,
-/// written by job `writer` (if any). One statement, which reads the path's parts from the table.
-/// `NotFound` for an unknown table or writer job.
+/// The tables of manifest `manifest_hash` of dataset `namespace/name`, by table name.
+pub async fn list_tables_of_manifest<C>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    manifest_hash: &str,
+) -> Result<Vec<tables::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(tables::Entity::find()
+        .filter(tables::Column::DatasetNamespace.eq(namespace))
+        .filter(tables::Column::DatasetName.eq(name))
+        .filter(tables::Column::ManifestHash.eq(manifest_hash))
+        .order_by_asc(tables::Column::TableName)
+        .all(db)
+        .await?)
+}
+
+/// Keys of a revision's `metadata` that this module maintains; a caller's metadata must not use
+/// them.
+pub const RESERVED_METADATA_KEYS: [&str; 5] = [
+    "job_id",
+    "attempt",
+    "node_id",
+    "activated_at",
+    "gc_expires_at",
+];
+
+/// Creates a revision of table `table_id` at a new path `<namespace>/<name>/<table>/<uuid v7>`.
+/// With `writer`, the revision is written by that claim's attempt: the job must be RUNNING on the
+/// claim's node and attempt (`Fenced` / `StateConflict` otherwise), `writer` is set to the job and
+/// `metadata` records `job_id`, `attempt` and `node_id`, so that only that attempt's completion can
+/// activate it ([`crate::metadata::jobs::mark_completed`]) and the garbage collector can tell when
+/// it was abandoned ([`list_abandoned`]). `NotFound` for an unknown table or job; `InvalidInput`
+/// when `metadata` is not an object or uses a [`RESERVED_METADATA_KEYS`] key.
 #[tracing::instrument(skip(db, metadata), err)]
 pub async fn create_revision<C>(
     db: &C,
     table_id: i64,
-    writer: Option<i64>,
+    writer: Option<&JobClaim>,
     metadata: serde_json::Value,
 ) -> Result<revisions::Model>
 where
-    C: ConnectionTrait,
+    C: ConnectionTrait + TransactionTrait,
 {
-    let id = uuid::Uuid::now_v7().to_string();
-    let sql = "INSERT INTO physical_table_revisions (physical_table_id, path, writer, metadata) \
-         SELECT id, dataset_namespace || '/' || dataset_name || '/' || table_name || '/' || $2, \
-             $3, $4::jsonb \
-         FROM physical_tables WHERE id = $1 \
-         RETURNING *";
-    let created = revisions::Model::find_by_statement(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        sql,
-        [
-            Value::from(table_id),
-            Value::from(id),
-            Value::from(writer),
-            Value::from(metadata),
-        ],
-    ))
-    .one(db)
-    .await
-    .map_err(Error::from);
-    match created {
-        Err(e) if e.constraint() == Some("physical_table_revisions_writer_fkey") => Err(
-            Error::not_found("job", writer.map_or_else(String::new, |w| w.to_string())),
-        ),
-        other => other?.ok_or_else(|| Error::not_found("physical table", table_id)),
+    let serde_json::Value::Object(mut metadata) = metadata else {
+        return Err(Error::InvalidInput(
+            "revision metadata must be a JSON object".into(),
+        ));
+    };
+    if let Some(key) = RESERVED_METADATA_KEYS
+        .iter()
+        .find(|k| metadata.contains_key(**k))
+    {
+        return Err(Error::InvalidInput(format!(
+            "revision metadata key {key:?} is maintained by ampd and cannot be set"
+        )));
     }
+    let tx = db.begin().await?;
+    if let Some(claim) = writer {
+        // FOR SHARE: the job cannot change status or attempt until this revision is recorded.
+        let job = jobs::Entity::find_by_id(claim.job_id)
+            .lock_shared()
+            .one(&tx)
+            .await?
+            .ok_or_else(|| Error::not_found("job", claim.job_id))?;
+        check_running(&job, claim)?;
+        metadata.insert("job_id".into(), claim.job_id.into());
+        metadata.insert("attempt".into(), claim.attempt.into());
+        metadata.insert("node_id".into(), claim.node_id.clone().into());
+    }
+    let table = tables::Entity::find_by_id(table_id)
+        .one(&tx)
+        .await?
+        .ok_or_else(|| Error::not_found("physical table", table_id))?;
+    let path = format!(
+        "{}/{}/{}/{}",
+        table.dataset_namespace,
+        table.dataset_name,
+        table.table_name,
+        uuid::Uuid::now_v7()
+    );
+    let created = revisions::Entity::insert(revisions::ActiveModel {
+        physical_table_id: Set(table_id),
+        path: Set(path),
+        writer: Set(writer.map(|c| c.job_id)),
+        metadata: Set(serde_json::Value::Object(metadata)),
+        ..Default::default()
+    })
+    .exec_with_returning(&tx)
+    .await
+    .map_err(|e| match Error::from(e) {
+        // The table was deleted meanwhile.
+        e if e.constraint() == Some("physical_table_revisions_physical_table_id_fkey") => {
+            Error::not_found("physical table", table_id)
+        }
+        e => e,
+    })?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// `Fenced` unless `job` is on `claim`'s node and attempt, `StateConflict` unless it is RUNNING.
+fn check_running(job: &jobs::Model, claim: &JobClaim) -> Result<()> {
+    let actual = Assignment {
+        node_id: job.node_id.clone(),
+        attempt: job.attempt,
+    };
+    let expected = Assignment {
+        node_id: Some(claim.node_id.clone()),
+        attempt: claim.attempt,
+    };
+    if actual != expected {
+        return Err(Error::Fenced {
+            job_id: job.id,
+            expected,
+            actual,
+        });
+    }
+    let status = job
+        .job_status()
+        .map_err(|e| Error::InvalidInput(format!("job {}: {e}", job.id)))?;
+    if status != JobStatus::Running {
+        return Err(Error::StateConflict {
+            expected: vec![JobStatus::Running],
+            actual: status,
+        });
+    }
+    Ok(())
 }
 
 /// The revision `revision_id`, if it exists.
@@ -158,73 +275,205 @@ where
     Ok(revisions::Entity::find_by_id(revision_id).one(db).await?)
 }
 
-/// What [`activate`] did.
+/// What an activation did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Activated {
     /// The table, with its new `active_revision_id`.
     pub table: tables::Model,
     /// The revision that was active before (the one activated, if it already was; `None` if none
-    /// was).
+    /// was). When it was another one, its files are now scheduled for garbage collection.
     pub previous: Option<i64>,
 }
 
-/// Makes `revision_id` the active revision of table `table_id`, replacing the previous one in the
-/// same update, and sends a `revision_changes` notification (delivered on commit). `NotFound` for
-/// an unknown table or revision; `Conflict` when the revision belongs to another table.
+/// Makes `revision_id` the active revision of table `table_id` again (a roll back), replacing the
+/// previous one in the same transaction, schedules the replaced revision's files for garbage
+/// collection `gc_grace` from now, and sends a `revision_changes` notification (delivered on
+/// commit). `NotFound` for an unknown table or revision; `Conflict` when the revision belongs to
+/// another table, or was written by a job that never completed it (only a completion activates a
+/// job's output the first time), or its files are due for deletion.
 ///
-/// A transaction (three statements): the table row is locked first, so concurrent activations of one
-/// table take turns and each reports the revision it replaced.
+/// Garbage collection: activating a revision whose files are scheduled for garbage collection
+/// *cancels* that schedule while it has not expired (no collector may touch them yet: see
+/// [`crate::metadata::files::list_expired`]); once it has expired the files may be gone, and the
+/// activation is refused.
+///
+/// Locks the table row, then the revision row, so concurrent activations of one table take turns
+/// and each reports the revision it replaced.
 #[tracing::instrument(skip(db), err)]
-pub async fn activate<C>(db: &C, table_id: i64, revision_id: i64) -> Result<Activated>
+pub async fn activate<C>(
+    db: &C,
+    table_id: i64,
+    revision_id: i64,
+    gc_grace: Duration,
+) -> Result<Activated>
 where
     C: ConnectionTrait + TransactionTrait,
 {
     let tx = db.begin().await?;
-    let table = tables::Entity::find_by_id(table_id)
-        .lock_exclusive()
-        .one(&tx)
-        .await?
-        .ok_or_else(|| Error::not_found("physical table", table_id))?;
-    let revision = revisions::Entity::find_by_id(revision_id)
-        .one(&tx)
-        .await?
-        .ok_or_else(|| Error::not_found("revision", revision_id))?;
-    if revision.physical_table_id != table_id {
+    let table = lock_table(&tx, table_id).await?;
+    let locked = lock_revision(&tx, revision_id).await?;
+    if locked.revision.physical_table_id != table_id {
         return Err(Error::Conflict(format!(
             "revision {revision_id} belongs to table {}, not to table {table_id}",
-            revision.physical_table_id
+            locked.revision.physical_table_id
         )));
     }
-    let previous = table.active_revision_id;
-    // A guarded update: the revision must still belong to the table (and so still exist) when the
-    // row is written.
-    let updated = tables::Model::find_by_statement(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "UPDATE physical_tables SET active_revision_id = $2, updated_at = now() \
-         WHERE id = $1 AND EXISTS ( \
-             SELECT 1 FROM physical_table_revisions WHERE id = $2 AND physical_table_id = $1) \
-         RETURNING *",
-        [Value::from(table_id), Value::from(revision_id)],
-    ))
-    .one(&tx)
-    .await
-    .map_err(|e| match Error::from(e) {
-        // The revision was deleted (by a transaction that committed meanwhile).
-        e if e.constraint() == Some("physical_tables_active_revision_id_fkey") => {
-            Error::not_found("revision", revision_id)
+    let meta = &locked.revision.metadata;
+    if meta.get("job_id").is_some() && meta.get("activated_at").is_none() {
+        return Err(Error::Conflict(format!(
+            "revision {revision_id} was written by job {} and never completed: only the \
+             completion of the attempt that wrote it can make it active",
+            meta["job_id"]
+        )));
+    }
+    match locked.gc_due {
+        Some(true) => {
+            return Err(Error::Conflict(format!(
+                "revision {revision_id}'s files are due for deletion (scheduled for {}); it can no \
+                 longer be activated",
+                meta.get("gc_expires_at")
+                    .unwrap_or(&serde_json::Value::Null)
+            )));
         }
-        e => e,
-    })?
-    .ok_or_else(|| Error::not_found("revision", revision_id))?;
+        Some(false) => cancel_gc(&tx, revision_id).await?,
+        None => {}
+    }
+    let activated = switch_active(&tx, table, revision_id, gc_grace).await?;
+    tx.commit().await?;
+    Ok(activated)
+}
+
+/// Activates `revision_id`, written by `claim`'s attempt, as part of that attempt's completion
+/// (inside its transaction): `Conflict` when another attempt wrote it or it is scheduled for
+/// garbage collection.
+pub(crate) async fn activate_output<C>(
+    tx: &C,
+    claim: &JobClaim,
+    revision_id: i64,
+    gc_grace: Duration,
+) -> Result<Activated>
+where
+    C: ConnectionTrait,
+{
+    let table_id = revisions::Entity::find_by_id(revision_id)
+        .one(tx)
+        .await?
+        .ok_or_else(|| Error::not_found("revision", revision_id))?
+        .physical_table_id;
+    let table = lock_table(tx, table_id).await?;
+    let locked = lock_revision(tx, revision_id).await?;
+    let meta = &locked.revision.metadata;
+    let written_by_claim = locked.revision.writer == Some(claim.job_id)
+        && meta.get("attempt") == Some(&claim.attempt.into());
+    if !written_by_claim {
+        return Err(Error::Conflict(format!(
+            "revision {revision_id} was not written by attempt {} of job {}",
+            claim.attempt, claim.job_id
+        )));
+    }
+    if locked.gc_due.is_some() {
+        return Err(Error::Conflict(format!(
+            "revision {revision_id} is scheduled for garbage collection; it cannot be activated"
+        )));
+    }
+    switch_active(tx, table, revision_id, gc_grace).await
+}
+
+async fn lock_table<C: ConnectionTrait>(tx: &C, table_id: i64) -> Result<tables::Model> {
+    tables::Entity::find_by_id(table_id)
+        .lock_exclusive()
+        .one(tx)
+        .await?
+        .ok_or_else(|| Error::not_found("physical table", table_id))
+}
+
+/// A revision row locked `FOR UPDATE`, and whether its garbage collection is due (`None`: not
+/// scheduled).
+struct LockedRevision {
+    revision: revisions::Model,
+    gc_due: Option<bool>,
+}
+
+async fn lock_revision<C: ConnectionTrait>(tx: &C, revision_id: i64) -> Result<LockedRevision> {
+    let revision = revisions::Entity::find_by_id(revision_id)
+        .lock_exclusive()
+        .one(tx)
+        .await?
+        .ok_or_else(|| Error::not_found("revision", revision_id))?;
+    // A statement of its own, after the lock is held: a collector that held the revision while
+    // deleting its files has committed by now, and `clock_timestamp()` is the time now, not when
+    // the transaction began.
+    let gc_due = tx
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT (metadata ->> 'gc_expires_at')::timestamptz <= clock_timestamp() AS due \
+             FROM physical_table_revisions WHERE id = $1",
+            [Value::from(revision_id)],
+        ))
+        .await?
+        .map(|row| row.try_get::<Option<bool>>("", "due"))
+        .transpose()?
+        .flatten();
+    Ok(LockedRevision { revision, gc_due })
+}
+
+/// Removes the garbage collection schedule of a revision (its gc entries and its
+/// `gc_expires_at`). For a transaction holding the revision's lock.
+async fn cancel_gc<C: ConnectionTrait>(tx: &C, revision_id: i64) -> Result<()> {
+    gc_manifest::Entity::delete_many()
+        .filter(gc_manifest::Column::RevisionId.eq(revision_id))
+        .exec(tx)
+        .await?;
+    revisions::Entity::update_many()
+        .col_expr(
+            revisions::Column::Metadata,
+            Expr::cust("metadata - 'gc_expires_at'"),
+        )
+        .filter(revisions::Column::Id.eq(revision_id))
+        .exec(tx)
+        .await?;
+    Ok(())
+}
+
+/// Points `table` (locked) at `revision_id` (locked, belonging to it), records the activation time
+/// in the revision's metadata, schedules the replaced revision's files for garbage collection
+/// `gc_grace` from now, and sends the notification.
+async fn switch_active<C: ConnectionTrait>(
+    tx: &C,
+    table: tables::Model,
+    revision_id: i64,
+    gc_grace: Duration,
+) -> Result<Activated> {
+    let previous = table.active_revision_id;
+    let updated = tables::Entity::update_many()
+        .col_expr(tables::Column::ActiveRevisionId, Expr::value(revision_id))
+        .col_expr(tables::Column::UpdatedAt, Expr::current_timestamp())
+        .filter(tables::Column::Id.eq(table.id))
+        .exec_with_returning(tx)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::not_found("physical table", table.id))?;
+    revisions::Entity::update_many()
+        .col_expr(
+            revisions::Column::Metadata,
+            Expr::cust("metadata || jsonb_build_object('activated_at', now())"),
+        )
+        .col_expr(revisions::Column::UpdatedAt, Expr::current_timestamp())
+        .filter(revisions::Column::Id.eq(revision_id))
+        .exec(tx)
+        .await?;
+    if let Some(old) = previous.filter(|old| *old != revision_id) {
+        files::schedule_gc_in(tx, old, gc_grace).await?;
+    }
     notify_revision_change(
-        &tx,
+        tx,
         &RevisionChange {
-            physical_table_id: table_id,
+            physical_table_id: table.id,
             revision_id,
         },
     )
     .await?;
-    tx.commit().await?;
     Ok(Activated {
         table: updated,
         previous,
@@ -255,6 +504,51 @@ where
     Ok(revisions::Entity::find()
         .filter(revisions::Column::PhysicalTableId.eq(table_id))
         .order_by_asc(revisions::Column::Id)
+        .all(db)
+        .await?)
+}
+
+/// Revisions written by a job attempt that is over without having completed them (the job is no
+/// longer RUNNING, STOP_REQUESTED or STOPPING on the attempt recorded in the revision, or was
+/// deleted), never activated and not yet scheduled for garbage collection: a fenced-off, failed or
+/// stopped attempt's partial output, which the garbage collector schedules for deletion at once.
+/// By id, at most `limit`.
+pub async fn list_abandoned<C>(db: &C, limit: u64) -> Result<Vec<revisions::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(revisions::Entity::find()
+        .filter(Expr::cust(
+            "metadata ? 'attempt' AND NOT (metadata ? 'activated_at') \
+             AND NOT (metadata ? 'gc_expires_at') \
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = physical_table_revisions.writer \
+                 AND j.attempt = (physical_table_revisions.metadata ->> 'attempt')::int \
+                 AND j.status IN ('RUNNING', 'STOP_REQUESTED', 'STOPPING'))",
+        ))
+        .order_by_asc(revisions::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Revisions whose garbage collection is due and whose files have all been deleted and forgotten:
+/// what is left is the revision's directory (which may still hold files a writer never
+/// registered) and its row. The collector removes the directory, then the row ([`delete`]).
+/// Never an active revision. By id, at most `limit`.
+pub async fn list_emptied<C>(db: &C, limit: u64) -> Result<Vec<revisions::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(revisions::Entity::find()
+        .filter(Expr::cust(
+            "(metadata ->> 'gc_expires_at')::timestamptz <= now() \
+             AND NOT EXISTS (SELECT 1 FROM file_metadata f \
+                 WHERE f.revision_id = physical_table_revisions.id) \
+             AND NOT EXISTS (SELECT 1 FROM physical_tables t \
+                 WHERE t.active_revision_id = physical_table_revisions.id)",
+        ))
+        .order_by_asc(revisions::Column::Id)
+        .limit(limit)
         .all(db)
         .await?)
 }

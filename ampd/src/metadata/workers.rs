@@ -5,6 +5,9 @@ use std::time::Duration;
 use entity::workers;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::sqlx::{self, Connection as _, PgConnection};
+
+use crate::config::MetadataDbConfig;
+use crate::db;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 use sha2::{Digest, Sha256};
 
@@ -64,6 +67,29 @@ where
 {
     let res = workers::Entity::update_many()
         .col_expr(workers::Column::HeartbeatAt, Expr::current_timestamp())
+        .filter(workers::Column::NodeId.eq(node_id))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Err(Error::not_found("worker", node_id));
+    }
+    Ok(())
+}
+
+/// Signs worker `node_id` off as it shuts down: it stops counting as live at once (its
+/// `heartbeat_at` is set to `-infinity`), so the controller places nothing more on it and recovers
+/// its jobs without waiting out the liveness window. Registering again makes it live again.
+/// `NotFound` when no worker of that id has registered.
+#[tracing::instrument(skip(db), err)]
+pub async fn sign_off<C>(db: &C, node_id: &str) -> Result<()>
+where
+    C: ConnectionTrait,
+{
+    let res = workers::Entity::update_many()
+        .col_expr(
+            workers::Column::HeartbeatAt,
+            Expr::cust("'-infinity'::timestamptz"),
+        )
         .filter(workers::Column::NodeId.eq(node_id))
         .exec(db)
         .await?;
@@ -142,14 +168,21 @@ pub struct NodeClaim {
     conn: PgConnection,
 }
 
+/// The `application_name` of a node claim's connection, so it can be found in `pg_stat_activity`.
+pub const CLAIM_APPLICATION_NAME: &str = "ampd-node-claim";
+
+/// How long [`NodeClaim::check`] waits for an answer before the claim counts as lost.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Claims `node_id` for this process: a session-level `pg_try_advisory_lock(k1, k2)` (key:
-/// [`claim_key`]) on a dedicated connection to `url`, which the claim keeps open. `Conflict` when
-/// another session holds the claim; `Unavailable` when the database cannot be reached.
-#[tracing::instrument(skip(url), err)]
-pub async fn claim(url: &str, node_id: &str) -> Result<NodeClaim> {
+/// [`claim_key`]) on a dedicated connection to the metadata database of `cfg` (opened with the
+/// pool's connect options and retries), which the claim keeps open. `Conflict` when another
+/// session holds the claim; `Connect` when the database cannot be reached.
+#[tracing::instrument(skip(cfg), err)]
+pub async fn claim(cfg: &MetadataDbConfig, node_id: &str) -> Result<NodeClaim> {
     validate_node_id(node_id)?;
     let key = claim_key(node_id);
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = db::connect_session(db::session_url(cfg)?, cfg, CLAIM_APPLICATION_NAME).await?;
     let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(key.0)
         .bind(key.1)
@@ -177,18 +210,29 @@ impl NodeClaim {
     }
 
     /// Checks that the claim is still held: the connection is alive and the session still holds
-    /// the lock. `Unavailable` when the connection is gone (and the claim with it), `Conflict` if
-    /// the lock was released behind this value's back.
+    /// the lock. `Unavailable` when the connection is gone (and the claim with it) or gives no
+    /// answer within 10 s, `Conflict` if the lock was released behind this value's back.
     pub async fn check(&mut self) -> Result<()> {
-        let held: bool = sqlx::query_scalar(
+        let query = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
              AND pid = pg_backend_pid() AND granted AND objsubid = 2 \
              AND classid = ($1::int4)::oid AND objid = ($2::int4)::oid)",
         )
         .bind(self.key.0)
         .bind(self.key.1)
-        .fetch_one(&mut self.conn)
-        .await?;
+        .fetch_one(&mut self.conn);
+        let held: bool = match tokio::time::timeout(CHECK_TIMEOUT, query).await {
+            Ok(held) => held?,
+            Err(_) => {
+                return Err(Error::Unavailable {
+                    sqlstate: None,
+                    source: sea_orm::DbErr::Custom(format!(
+                        "the claim's connection gave no answer within {} s",
+                        CHECK_TIMEOUT.as_secs()
+                    )),
+                });
+            }
+        };
         if held {
             Ok(())
         } else {

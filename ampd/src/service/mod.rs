@@ -1,15 +1,27 @@
-//! Long-running services. Each is a function that takes its shutdown signal and returns when it
-//! fires (or on a fatal error).
+//! Long-running services. Each is a function that takes its shutdown token and returns once it is
+//! cancelled (or on a fatal error): [`controller::run`], [`server::run`], [`worker::run`].
+//!
+//! Every service command listens for SIGINT and SIGTERM before it does anything else
+//! ([`stop_on_signals`]), so a signal at any moment, even while connecting or migrating, stops it
+//! promptly with exit 0. Several services in one process ([`supervise`], as in `solo`) share the
+//! token: when one fails, the others are stopped and the failure is the process's error.
 
 pub mod controller;
+pub mod gc;
+pub mod http;
 pub mod server;
 pub mod worker;
 
 use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metadata;
 use crate::migrate::{self, MigrateError, MigrationSet};
 
 /// Why a service could not start or had to stop.
@@ -25,11 +37,133 @@ pub enum ServiceError {
     /// claimed node id, a lost claim, ...).
     #[error(transparent)]
     Metadata(#[from] crate::metadata::Error),
+    /// An HTTP service could not listen on its address.
+    #[error(transparent)]
+    Bind(#[from] http::BindError),
+    /// A file or directory the service needs could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A component stopped although no stop was asked for.
+    #[error("{0} stopped unexpectedly")]
+    Stopped(&'static str),
+}
+
+/// A token cancelled by the first SIGINT (Ctrl-C) or SIGTERM. Call it first: from then on a
+/// signal never kills the process by its default action, it asks for a clean stop.
+pub fn stop_on_signals() -> std::io::Result<CancellationToken> {
+    let token = CancellationToken::new();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let stop = token.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::info!("shutdown requested");
+            stop.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown requested");
+            stop.cancel();
+        });
+    }
+    Ok(token)
+}
+
+/// `work`'s output, or `None` when `shutdown` is cancelled first (the work is dropped).
+pub async fn until_stopped<F: Future>(shutdown: &CancellationToken, work: F) -> Option<F::Output> {
+    tokio::select! {
+        out = work => Some(out),
+        () = shutdown.cancelled() => None,
+    }
+}
+
+/// A service run as one component of a process.
+pub type Component = (
+    &'static str,
+    Pin<Box<dyn Future<Output = Result<(), ServiceError>> + Send>>,
+);
+
+/// Runs `components` at once until `shutdown` is cancelled and all have returned. When one fails
+/// (or returns before a stop was asked for), `shutdown` is cancelled so the others stop too, and the
+/// first failure is returned once they have.
+pub async fn supervise(
+    shutdown: CancellationToken,
+    components: Vec<Component>,
+) -> Result<(), ServiceError> {
+    let mut set = tokio::task::JoinSet::new();
+    for (name, task) in components {
+        set.spawn(async move { (name, task.await) });
+    }
+    let mut first: Option<ServiceError> = None;
+    while let Some(joined) = set.join_next().await {
+        let (name, result) = match joined {
+            Ok(done) => done,
+            Err(e) => (
+                "a component",
+                Err(ServiceError::Io {
+                    what: "a service task panicked or was aborted".into(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            ),
+        };
+        let result = match result {
+            Ok(()) if !shutdown.is_cancelled() => Err(ServiceError::Stopped(name)),
+            other => other,
+        };
+        if let Err(e) = result {
+            if first.is_none() {
+                tracing::error!(component = name, error = %e, "stopping the other services");
+                first = Some(e);
+            }
+            shutdown.cancel();
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Runs `op` until it succeeds or fails with an error that is not retryable
+/// ([`metadata::Error::is_retryable`]): a briefly unavailable database, a lost connection, a
+/// deadlock, a lock or statement timeout are retried with exponential backoff (100 ms doubling to
+/// 5 s, jittered) for up to a minute, each retry logged with `what`.
+pub async fn retrying<T, F, Fut>(what: &str, op: F) -> Result<T, metadata::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, metadata::Error>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_total_delay(Some(Duration::from_secs(60)))
+        .without_max_times()
+        .with_jitter();
+    op.retry(backoff)
+        .when(metadata::Error::is_retryable)
+        .notify(|e, delay| tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying"))
+        .await
 }
 
 /// Connects the service's pool, first migrating when `metadata_db.auto_migrate` is true (or unset
 /// and `auto_migrate_default` is true, as in solo mode). Migration uses the same entry point as
 /// `ampd migrate`, so concurrent starts are safe.
+///
+/// Before a service starts it proves that its URLs can carry what it sends: the pool's URL keeps
+/// prepared statements (a pooler in transaction mode must track them), and the session URL
+/// (`direct_url`, default `url`), used for LISTEN and node-id claims, gives a session of its own.
 pub async fn connect(
     config: &Config,
     auto_migrate_default: bool,
@@ -42,65 +176,10 @@ pub async fn connect(
         tracing::info!("{}", report.summary());
     }
     let pool = crate::db::connect(db, db.max_connections).await?;
+    crate::db::check_prepared_statements(db).await?;
+    crate::db::require_session(db, "LISTEN and node-id claims").await?;
     if !auto_migrate {
         migrate::verify_current(&pool, &migrations()).await?;
     }
     Ok(pool)
-}
-
-/// Ctrl-C (SIGINT) and SIGTERM, listened for from the moment this is created: a signal that
-/// arrives while the service is still connecting or migrating is kept and stops it, instead of
-/// killing the process with the signal's default action. Create it before anything else.
-pub struct Shutdown {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Shutdown {
-    /// Starts listening for SIGINT and SIGTERM (needs the Tokio runtime).
-    pub fn install() -> std::io::Result<Shutdown> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Shutdown {
-                interrupt: signal(SignalKind::interrupt())?,
-                terminate: signal(SignalKind::terminate())?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Shutdown {})
-    }
-
-    /// Completes when a signal has arrived (at once if one arrived before).
-    pub async fn requested(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown requested");
-    }
-
-    /// Runs `work` to completion, or gives `None` if a signal arrives first.
-    pub async fn unless_requested<F: Future>(&mut self, work: F) -> Option<F::Output> {
-        tokio::select! {
-            out = work => Some(out),
-            () = self.requested() => None,
-        }
-    }
-
-    /// A shutdown signal that can be awaited by several services at once: the receiver turns
-    /// true once the returned future (spawn it) has seen a signal.
-    pub fn shared(mut self) -> (tokio::sync::watch::Receiver<bool>, impl Future<Output = ()>) {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let fire = async move {
-            self.requested().await;
-            let _ = tx.send(true);
-        };
-        (rx, fire)
-    }
 }

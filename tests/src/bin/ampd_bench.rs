@@ -286,7 +286,7 @@ async fn start_server(tmp: &Path) -> Res<Server> {
     {
         let bindir = tests::cluster::find_bindir()?;
         let tls = uses_tls(&bindir, &url, tmp)?;
-        let redacted = ampd::config::redact_url(&url);
+        let redacted = ampd::redact::redact_url(&url);
         return Ok(Server {
             _cluster: None,
             transports: vec![Transport {
@@ -824,15 +824,23 @@ async fn pgbench_scripts() -> Res<(String, String)> {
         "bench",
         &jobs::target(&descriptor(HASH_MARK)).map_err(|e| e.to_string())?,
     );
+    let claim = jobs::JobClaim {
+        job_id: JOB_MARK,
+        node_id: NODE_MARK.to_owned(),
+        attempt: 1,
+    };
     let schedule = first_statement(|db| async move {
-        jobs::schedule(&db, "bench", descriptor(HASH_MARK), None).await
+        jobs::schedule(&db, "bench", descriptor(HASH_MARK), Some(NODE_MARK)).await
     })
     .await?;
-    let running =
-        first_statement(|db| async move { jobs::mark_running(&db, JOB_MARK, NODE_MARK).await })
-            .await?;
-    let completed =
-        first_statement(|db| async move { jobs::mark_completed(&db, JOB_MARK).await }).await?;
+    let running = {
+        let claim = claim.clone();
+        first_statement(|db| async move { jobs::mark_running(&db, &claim).await }).await?
+    };
+    let completed = first_statement(|db| async move {
+        jobs::mark_completed(&db, &claim, &[], Duration::ZERO).await
+    })
+    .await?;
     let heartbeat =
         first_statement(|db| async move { workers::heartbeat(&db, NODE_MARK).await }).await?;
     let vars = |sql: &str| {
@@ -948,13 +956,15 @@ async fn ampd_rate(url: &str, workload: Workload, secs: u64) -> Res<f64> {
                 match workload {
                     Workload::JobCycle => {
                         let hash = format!("{}-{task}-{n}", if warm { "warm" } else { "run" });
-                        let (job, _) = jobs::schedule(&db, "bench", descriptor(&hash), None)
-                            .await
-                            .map_err(|e| format!("schedule: {e}"))?;
-                        jobs::mark_running(&db, job.id, "bench-node")
+                        let (job, _) =
+                            jobs::schedule(&db, "bench", descriptor(&hash), Some("bench-node"))
+                                .await
+                                .map_err(|e| format!("schedule: {e}"))?;
+                        let claim = jobs::JobClaim::of(&job).ok_or("scheduled unassigned")?;
+                        jobs::mark_running(&db, &claim)
                             .await
                             .map_err(|e| format!("mark_running: {e}"))?;
-                        jobs::mark_completed(&db, job.id)
+                        jobs::mark_completed(&db, &claim, &[], Duration::ZERO)
                             .await
                             .map_err(|e| format!("mark_completed: {e}"))?;
                     }

@@ -1,10 +1,11 @@
 //! The worker service: claims its node id for as long as it runs (a second process with the same
 //! `--node-id` is refused), registers, heartbeats, and follows the job actions addressed to it.
 
-use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metadata::notifications::{Listener, Notification};
@@ -20,16 +21,16 @@ fn info() -> serde_json::Value {
     })
 }
 
-/// Runs worker `node_id` until `shutdown` completes.
+/// Runs worker `node_id` until `shutdown` is cancelled.
 pub async fn run(
     db: DatabaseConnection,
-    config: &Config,
-    node_id: &str,
-    shutdown: impl Future<Output = ()>,
+    config: Arc<Config>,
+    node_id: String,
+    shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
+    let node_id = node_id.as_str();
     workers::validate_node_id(node_id)?;
-    let url = config.metadata_db.url.expose();
-    let mut claim = workers::claim(url, node_id).await?;
+    let mut claim = workers::claim(&config.metadata_db, node_id).await?;
     let worker = workers::register(&db, node_id, info()).await?;
     let active = jobs::list_active_for_node(&db, node_id).await?;
     tracing::info!(
@@ -39,14 +40,13 @@ pub async fn run(
         "worker registered"
     );
 
-    let mut listener = Listener::connect(url).await?;
+    let mut listener = Listener::connect(&config.metadata_db).await?;
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(config.worker.heartbeat_interval_ms));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = shutdown.cancelled() => break,
             _ = heartbeat.tick() => {
                 if let Err(e) = workers::heartbeat(&db, node_id).await {
                     tracing::warn!(node_id, error = %e, "heartbeat failed; retrying at the next tick");

@@ -3,32 +3,30 @@
 //! following `revision_changes` and, because notifications sent while it is disconnected are lost,
 //! by re-reading the tables on a timer.
 
-use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metadata::notifications::{Listener, Notification};
 
 use super::ServiceError;
 
-/// How often the server re-reads the tables' active revisions.
-const RECONCILE_EVERY: Duration = Duration::from_secs(30);
-
-/// Runs the server until `shutdown` completes.
+/// Runs the server until `shutdown` is cancelled.
 pub async fn run(
     db: DatabaseConnection,
-    config: &Config,
-    shutdown: impl Future<Output = ()>,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
-    let mut listener = Listener::connect(config.metadata_db.url.expose()).await?;
-    let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+    let mut listener = Listener::connect(&config.metadata_db).await?;
+    let every = Duration::from_millis(config.server.reconcile_interval_ms);
+    let mut reconcile = tokio::time::interval(every);
     tracing::info!("server started");
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = shutdown.cancelled() => break,
             _ = reconcile.tick() => {
                 match entity::physical_tables::Entity::find().count(&db).await {
                     Ok(tables) => tracing::debug!(tables, "revisions reconciled"),

@@ -1,0 +1,679 @@
+//! Dataset manifests of kind `static`: tables with typed columns whose rows are given inline or as
+//! a CSV file, and the encoding of their rows as JSON Lines.
+//!
+//! ```json
+//! {"kind": "static",
+//!  "tables": {"prices": {"columns": [{"name": "symbol", "type": "string"},
+//!                                    {"name": "price", "type": "float64"}],
+//!                        "rows": [["ETH", 3100.5], ["BTC", 91000.0]]}}}
+//! ```
+//!
+//! A table has `"rows"` (an array of arrays, one value per column) or `"csv"` (a path relative to
+//! the worker's sources directory, to a file with a header row naming the same columns in the same
+//! order). Table and column names are lowercase `[a-z][a-z0-9_]*`. Column types: `int64` (a JSON
+//! integer; in CSV, an integer), `float64` (a finite number), `string`, `bool` (`true`/`false`),
+//! `timestamp` (RFC 3339, e.g. `2024-05-01T12:00:00Z`; written back in UTC). Other fields are
+//! allowed and ignored. A served row is a JSON object keyed by column name, in column order:
+//! `{"symbol":"ETH","price":3100.5}`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest kind this module knows.
+pub const STATIC: &str = "static";
+/// The job kind that materializes a static manifest.
+pub const MATERIALIZE_STATIC: &str = "materialize-static";
+/// The format of the files a materialization writes (one JSON object per line).
+pub const FORMAT_JSONL: &str = "jsonl";
+
+/// Where a manifest is stored, relative to the data directory (`manifest_files.path`): its bytes,
+/// exactly those its hash is taken of.
+pub fn manifest_path(hash: &str) -> String {
+    format!("manifests/{hash}.json")
+}
+
+/// The name of the `index`th file (from 0) of a revision a materialization writes.
+pub fn part_file_name(index: usize) -> String {
+    format!("part-{index:05}.{FORMAT_JSONL}")
+}
+
+/// The `metadata` of a revision a materialization writes: what a reader needs to read its files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RevisionMeta {
+    /// The files' format: `jsonl`.
+    pub format: String,
+    /// The table's columns, in order.
+    pub columns: Vec<Column>,
+    /// Rows in all the revision's files.
+    pub rows: u64,
+}
+
+/// The `metadata` of a file a materialization writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FileMeta {
+    /// Rows in the file.
+    pub rows: u64,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: String,
+}
+/// The longest table or column name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// The type of a column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    /// A 64-bit signed integer.
+    Int64,
+    /// A finite 64-bit float.
+    Float64,
+    /// UTF-8 text.
+    String,
+    /// `true` or `false`.
+    Bool,
+    /// An instant, RFC 3339.
+    Timestamp,
+}
+
+impl ColumnType {
+    /// The name used in manifests.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::String => "string",
+            ColumnType::Bool => "bool",
+            ColumnType::Timestamp => "timestamp",
+        }
+    }
+}
+
+/// A column of a table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Column {
+    /// Its name.
+    pub name: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+}
+
+/// Where a table's rows come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// Given in the manifest.
+    Rows(Vec<Vec<serde_json::Value>>),
+    /// A CSV file, relative to the sources directory.
+    Csv(String),
+}
+
+/// A table of a static manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Table {
+    /// Its name.
+    pub name: String,
+    /// Its columns, in order.
+    pub columns: Vec<Column>,
+    /// Its rows.
+    pub source: Source,
+}
+
+/// A parsed, validated static manifest: its tables by name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StaticManifest {
+    /// The tables, ordered by name.
+    pub tables: Vec<Table>,
+}
+
+/// What is wrong with a manifest, and where (`tables.prices.rows[3][1]`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: {message}")]
+pub struct ManifestError {
+    /// Where in the manifest (or the CSV file).
+    pub at: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(at: impl fmt::Display, message: impl Into<String>) -> ManifestError {
+    ManifestError {
+        at: at.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Deserialize)]
+struct RawManifest {
+    kind: serde_json::Value,
+    tables: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawTable {
+    columns: Option<serde_json::Value>,
+    rows: Option<serde_json::Value>,
+    csv: Option<serde_json::Value>,
+}
+
+/// A table or column name: `[a-z][a-z0-9_]*`, at most [`MAX_NAME_LEN`] characters.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= MAX_NAME_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// The manifest's `kind` (any string), or an error when there is none.
+pub fn kind_of(manifest: &serde_json::Value) -> Result<&str, ManifestError> {
+    manifest
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| err("kind", "a manifest needs a non-empty string field \"kind\""))
+}
+
+impl StaticManifest {
+    /// Parses and validates a static manifest: its structure, names and types, and every inline
+    /// row. CSV files are checked when they are read.
+    pub fn parse(manifest: &serde_json::Value) -> Result<StaticManifest, ManifestError> {
+        let raw: RawManifest = serde_json::from_value(manifest.clone())
+            .map_err(|e| err("manifest", format!("not a manifest object: {e}")))?;
+        if raw.kind.as_str() != Some(STATIC) {
+            return Err(err(
+                "kind",
+                format!(
+                    "unsupported manifest kind {}; this ampd runs \"static\"",
+                    raw.kind
+                ),
+            ));
+        }
+        let Some(serde_json::Value::Object(tables)) = raw.tables else {
+            return Err(err("tables", "expected an object of tables by name"));
+        };
+        if tables.is_empty() {
+            return Err(err("tables", "a manifest needs at least one table"));
+        }
+        let tables: BTreeMap<String, serde_json::Value> = tables.into_iter().collect();
+        let mut parsed = Vec::with_capacity(tables.len());
+        for (name, value) in tables {
+            let at = format!("tables.{name}");
+            if !valid_name(&name) {
+                return Err(err(
+                    &at,
+                    "invalid table name: use lowercase letters, digits and '_', starting with a \
+                     letter, at most 63 characters",
+                ));
+            }
+            parsed.push(parse_table(&at, name, value)?);
+        }
+        Ok(StaticManifest { tables: parsed })
+    }
+}
+
+fn parse_table(at: &str, name: String, value: serde_json::Value) -> Result<Table, ManifestError> {
+    let raw: RawTable = serde_json::from_value(value)
+        .map_err(|e| err(at, format!("expected a table object: {e}")))?;
+    let columns = parse_columns(&format!("{at}.columns"), raw.columns)?;
+    let source = match (raw.rows, raw.csv) {
+        (Some(rows), None) => Source::Rows(parse_rows(&format!("{at}.rows"), &columns, rows)?),
+        (None, Some(serde_json::Value::String(path))) => {
+            check_relative(&path).map_err(|m| err(format!("{at}.csv"), m))?;
+            Source::Csv(path)
+        }
+        (None, Some(_)) => return Err(err(format!("{at}.csv"), "expected a path string")),
+        (Some(_), Some(_)) => return Err(err(at, "give either \"rows\" or \"csv\", not both")),
+        (None, None) => return Err(err(at, "a table needs \"rows\" or \"csv\"")),
+    };
+    Ok(Table {
+        name,
+        columns,
+        source,
+    })
+}
+
+fn parse_columns(at: &str, value: Option<serde_json::Value>) -> Result<Vec<Column>, ManifestError> {
+    let Some(serde_json::Value::Array(items)) = value else {
+        return Err(err(at, "expected an array of {\"name\", \"type\"} objects"));
+    };
+    if items.is_empty() {
+        return Err(err(at, "a table needs at least one column"));
+    }
+    let mut columns: Vec<Column> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let column: Column = serde_json::from_value(item).map_err(|e| {
+            err(
+                &at,
+                format!(
+                    "{e}; a column is {{\"name\": ..., \"type\": ...}} with a type of int64, \
+                     float64, string, bool, timestamp"
+                ),
+            )
+        })?;
+        if !valid_name(&column.name) {
+            return Err(err(
+                &at,
+                format!(
+                    "invalid column name {:?}: use lowercase letters, digits and '_', starting \
+                     with a letter",
+                    column.name
+                ),
+            ));
+        }
+        if columns.iter().any(|c| c.name == column.name) {
+            return Err(err(&at, format!("duplicate column {:?}", column.name)));
+        }
+        columns.push(column);
+    }
+    Ok(columns)
+}
+
+fn parse_rows(
+    at: &str,
+    columns: &[Column],
+    value: serde_json::Value,
+) -> Result<Vec<Vec<serde_json::Value>>, ManifestError> {
+    let serde_json::Value::Array(rows) = value else {
+        return Err(err(at, "expected an array of rows"));
+    };
+    let encoder = RowEncoder::new(columns);
+    let mut scratch = Vec::new();
+    let mut parsed = Vec::with_capacity(rows.len());
+    for (r, row) in rows.into_iter().enumerate() {
+        let serde_json::Value::Array(values) = row else {
+            return Err(err(format!("{at}[{r}]"), "expected an array of values"));
+        };
+        if values.len() != columns.len() {
+            return Err(err(
+                format!("{at}[{r}]"),
+                format!(
+                    "has {} values, the table has {} columns",
+                    values.len(),
+                    columns.len()
+                ),
+            ));
+        }
+        scratch.clear();
+        encoder
+            .encode_json(&values, &mut scratch)
+            .map_err(|e| err(format!("{at}[{r}][{}]", e.column), e.message))?;
+        parsed.push(values);
+    }
+    Ok(parsed)
+}
+
+/// Checks that `path` is a plain relative path: not absolute, no `..` or `.`, not empty.
+fn check_relative(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(format!(
+            "{path:?} is not allowed: give a path relative to the sources directory, without \
+             '..', '.' or a leading '/'"
+        ));
+    }
+    Ok(())
+}
+
+/// Why a CSV source cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The path is absolute, uses `..`, or leads (through a symlink) outside the sources
+    /// directory.
+    #[error("{0}")]
+    Outside(String),
+    /// The file does not exist or cannot be opened.
+    #[error("cannot open {path:?} in the sources directory: {source}")]
+    Unreadable {
+        /// The path as given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The file `relative` names inside `sources_dir`, resolved (symlinks followed) and checked to be
+/// inside it; a path that is absolute, uses `..`, or leads outside through a symlink is refused, so
+/// a manifest can make a worker read nothing but the sources directory.
+pub fn resolve_source(sources_dir: &Path, relative: &str) -> Result<PathBuf, SourceError> {
+    check_relative(relative).map_err(SourceError::Outside)?;
+    let unreadable = |source| SourceError::Unreadable {
+        path: relative.to_owned(),
+        source,
+    };
+    let root = sources_dir
+        .canonicalize()
+        .map_err(|e| SourceError::Unreadable {
+            path: sources_dir.display().to_string(),
+            source: e,
+        })?;
+    let resolved = root.join(relative).canonicalize().map_err(unreadable)?;
+    if !resolved.starts_with(&root) {
+        return Err(SourceError::Outside(format!(
+            "{relative:?} leads outside the sources directory (through a symbolic link)"
+        )));
+    }
+    if !resolved.is_file() {
+        return Err(unreadable(std::io::Error::other("not a regular file")));
+    }
+    Ok(resolved)
+}
+
+/// A value that does not fit its column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellError {
+    /// The column's index.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Encodes rows of one table as JSON Lines objects keyed by column name, in column order.
+#[derive(Clone, Debug)]
+pub struct RowEncoder {
+    types: Vec<ColumnType>,
+    names: Vec<String>,
+    /// `{"a":`, `,"b":`, ...: what goes before each value.
+    prefixes: Vec<Vec<u8>>,
+}
+
+impl RowEncoder {
+    /// The encoder of a table with `columns`.
+    pub fn new(columns: &[Column]) -> RowEncoder {
+        let prefixes = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut p = if i == 0 { b"{".to_vec() } else { b",".to_vec() };
+                // Column names are [a-z0-9_]: nothing to escape.
+                p.extend_from_slice(format!("\"{}\":", c.name).as_bytes());
+                p
+            })
+            .collect();
+        RowEncoder {
+            types: columns.iter().map(|c| c.ty).collect(),
+            names: columns.iter().map(|c| c.name.clone()).collect(),
+            prefixes,
+        }
+    }
+
+    /// The column names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Appends the row given as text fields (a CSV record) to `out`, with its newline.
+    pub fn encode_text<'a>(
+        &self,
+        fields: impl IntoIterator<Item = &'a str>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CellError> {
+        let mut n = 0;
+        for (i, field) in fields.into_iter().enumerate() {
+            let Some(ty) = self.types.get(i) else {
+                return Err(CellError {
+                    column: i,
+                    message: format!("more fields than the {} columns", self.types.len()),
+                });
+            };
+            out.extend_from_slice(&self.prefixes[i]);
+            write_text(*ty, field, out).map_err(|message| CellError { column: i, message })?;
+            n += 1;
+        }
+        if n != self.types.len() {
+            return Err(CellError {
+                column: n,
+                message: format!("{n} fields, the table has {} columns", self.types.len()),
+            });
+        }
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+
+    /// Appends the row given as JSON values (an inline row) to `out`, with its newline.
+    pub fn encode_json(
+        &self,
+        values: &[serde_json::Value],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CellError> {
+        for (i, (ty, value)) in self.types.iter().zip(values).enumerate() {
+            out.extend_from_slice(&self.prefixes[i]);
+            write_json(*ty, value, out).map_err(|message| CellError { column: i, message })?;
+        }
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+}
+
+fn expected(ty: ColumnType, got: impl fmt::Display) -> String {
+    format!("expected {}, got {got}", ty.as_str())
+}
+
+fn write_text(ty: ColumnType, field: &str, out: &mut Vec<u8>) -> Result<(), String> {
+    match ty {
+        ColumnType::Int64 => {
+            let v: i64 = field
+                .parse()
+                .map_err(|_| expected(ty, format!("{field:?}")))?;
+            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        }
+        ColumnType::Float64 => {
+            let v: f64 = field
+                .parse()
+                .map_err(|_| expected(ty, format!("{field:?}")))?;
+            write_float(v, field, out)?;
+        }
+        ColumnType::String => write_string(field, out),
+        ColumnType::Bool => out.extend_from_slice(match field {
+            "true" => b"true",
+            "false" => b"false",
+            _ => return Err(expected(ty, format!("{field:?} (use true or false)"))),
+        }),
+        ColumnType::Timestamp => write_timestamp(field, out)?,
+    }
+    Ok(())
+}
+
+fn write_json(ty: ColumnType, value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), String> {
+    use serde_json::Value;
+    match (ty, value) {
+        (ColumnType::Int64, Value::Number(n)) if n.is_i64() => {
+            out.extend_from_slice(
+                itoa::Buffer::new()
+                    .format(n.as_i64().unwrap_or(0))
+                    .as_bytes(),
+            );
+        }
+        (ColumnType::Float64, Value::Number(n)) => match n.as_f64() {
+            Some(v) => write_float(v, n, out)?,
+            None => return Err(expected(ty, n)),
+        },
+        (ColumnType::String, Value::String(s)) => write_string(s, out),
+        (ColumnType::Bool, Value::Bool(b)) => {
+            out.extend_from_slice(if *b { b"true" } else { b"false" })
+        }
+        (ColumnType::Timestamp, Value::String(s)) => write_timestamp(s, out)?,
+        (_, other) => return Err(expected(ty, other)),
+    }
+    Ok(())
+}
+
+fn write_float(v: f64, shown: impl fmt::Display, out: &mut Vec<u8>) -> Result<(), String> {
+    if !v.is_finite() {
+        return Err(format!("expected a finite float64, got {shown}"));
+    }
+    out.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes());
+    Ok(())
+}
+
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    // serde_json's escaping of a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn write_timestamp(s: &str, out: &mut Vec<u8>) -> Result<(), String> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| {
+        expected(
+            ColumnType::Timestamp,
+            format!("{s:?} (use RFC 3339, e.g. 2024-05-01T12:00:00Z)"),
+        )
+    })?;
+    let utc = t.with_timezone(&chrono::Utc);
+    let _ = write!(
+        out,
+        "\"{}\"",
+        utc.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn manifest(tables: serde_json::Value) -> serde_json::Value {
+        json!({"kind": "static", "tables": tables})
+    }
+
+    #[test]
+    fn the_documented_example_parses_and_encodes_in_column_order() {
+        let m = StaticManifest::parse(&manifest(json!({"prices": {
+            "columns": [{"name": "symbol", "type": "string"}, {"name": "price", "type": "float64"}],
+            "rows": [["ETH", 3100.5], ["BTC", 91000.0]]}})))
+        .unwrap();
+        let t = &m.tables[0];
+        let enc = RowEncoder::new(&t.columns);
+        let mut out = Vec::new();
+        let Source::Rows(rows) = &t.source else {
+            panic!()
+        };
+        for row in rows {
+            enc.encode_json(row, &mut out).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"symbol\":\"ETH\",\"price\":3100.5}\n{\"symbol\":\"BTC\",\"price\":91000.0}\n"
+        );
+    }
+
+    #[test]
+    fn every_type_reads_text_and_rejects_what_does_not_fit() {
+        let cols: Vec<Column> = ["int64", "float64", "string", "bool", "timestamp"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::from_value(json!({"name": format!("c{i}"), "type": t})).unwrap()
+            })
+            .collect();
+        let enc = RowEncoder::new(&cols);
+        let mut out = Vec::new();
+        enc.encode_text(
+            ["-7", "1e3", "a \"q\"", "true", "2024-05-01T14:00:00+02:00"],
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"c0\":-7,\"c1\":1000.0,\"c2\":\"a \\\"q\\\"\",\"c3\":true,\"c4\":\"2024-05-01T12:00:00Z\"}\n"
+        );
+        for (bad, column) in [
+            (["x", "1", "s", "true", "2024-05-01T12:00:00Z"], 0),
+            (["1", "NaN", "s", "true", "2024-05-01T12:00:00Z"], 1),
+            (["1", "1", "s", "yes", "2024-05-01T12:00:00Z"], 3),
+            (["1", "1", "s", "true", "yesterday"], 4),
+        ] {
+            let e = enc.encode_text(bad, &mut Vec::new()).unwrap_err();
+            assert_eq!(e.column, column, "{e:?}");
+        }
+        let e = enc.encode_text(["1", "1"], &mut Vec::new()).unwrap_err();
+        assert_eq!(e.column, 2);
+    }
+
+    #[test]
+    fn a_manifest_that_can_never_succeed_is_rejected_naming_the_place() {
+        let cases = [
+            (json!({"kind": "evm-rpc"}), "kind"),
+            (manifest(json!({})), "tables"),
+            (
+                manifest(
+                    json!({"Bad": {"columns": [{"name": "a", "type": "string"}], "rows": []}}),
+                ),
+                "tables.Bad",
+            ),
+            (
+                manifest(json!({"t": {"columns": [{"name": "a", "type": "decimal"}], "rows": []}})),
+                "tables.t.columns[0]",
+            ),
+            (
+                manifest(
+                    json!({"t": {"columns": [{"name": "a", "type": "int64"}], "rows": [[1], ["x"]]}}),
+                ),
+                "tables.t.rows[1][0]",
+            ),
+            (
+                manifest(
+                    json!({"t": {"columns": [{"name": "a", "type": "int64"}], "rows": [[1, 2]]}}),
+                ),
+                "tables.t.rows[0]",
+            ),
+            (
+                manifest(
+                    json!({"t": {"columns": [{"name": "a", "type": "int64"}], "csv": "/etc/passwd"}}),
+                ),
+                "tables.t.csv",
+            ),
+            (
+                manifest(
+                    json!({"t": {"columns": [{"name": "a", "type": "int64"}], "csv": "../x.csv"}}),
+                ),
+                "tables.t.csv",
+            ),
+            (
+                manifest(
+                    json!({"t": {"columns": [{"name": "a", "type": "int64"}, {"name": "a", "type": "bool"}], "rows": []}}),
+                ),
+                "tables.t.columns[1]",
+            ),
+            (
+                manifest(json!({"t": {"columns": [{"name": "a", "type": "int64"}]}})),
+                "tables.t",
+            ),
+        ];
+        for (m, at) in cases {
+            let e = StaticManifest::parse(&m).expect_err(&m.to_string());
+            assert_eq!(e.at, at, "{m}: {e}");
+        }
+    }
+
+    #[test]
+    fn sources_resolve_inside_the_sources_directory_only() {
+        let dir = std::env::temp_dir().join(format!("ampd-sources-{}", std::process::id()));
+        let sources = dir.join("sources");
+        std::fs::create_dir_all(sources.join("sub")).unwrap();
+        std::fs::write(sources.join("sub/a.csv"), "a\n1\n").unwrap();
+        std::fs::write(dir.join("secret.csv"), "a\n1\n").unwrap();
+        std::os::unix::fs::symlink(dir.join("secret.csv"), sources.join("link.csv")).unwrap();
+        assert!(resolve_source(&sources, "sub/a.csv").is_ok());
+        for bad in [
+            "/etc/passwd",
+            "../secret.csv",
+            "sub/../../secret.csv",
+            "link.csv",
+            "./sub/a.csv",
+        ] {
+            assert!(
+                matches!(resolve_source(&sources, bad), Err(SourceError::Outside(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            resolve_source(&sources, "missing.csv"),
+            Err(SourceError::Unreadable { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,187 @@
+//! The controller's scheduler loop: on every tick it recovers the jobs of lost workers, places
+//! unassigned jobs, and retries failed jobs whose backoff has passed, giving up after
+//! `max_attempts`. The policy lives here; the mechanisms (`jobs::fail_lost`, `jobs::reassign`,
+//! `jobs::stop_lost`, `jobs::reschedule`, `jobs::give_up`) in the data-access layer, each guarded
+//! on the row the controller saw, so any number of controllers may run at once and each job still
+//! gets exactly one new attempt.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use entity::JobStatus;
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ControllerConfig, WorkerConfig};
+use crate::metadata::{self, jobs, workers};
+
+/// At most this many jobs are retried per tick.
+const RETRY_BATCH: u64 = 100;
+
+/// What a reconcile pass goes by.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// A worker without a heartbeat for this long is lost.
+    pub liveness_window: Duration,
+    /// First retry delay of the exponential backoff.
+    pub retry_base_delay: Duration,
+    /// Backoff cap.
+    pub retry_max_delay: Duration,
+    /// A job that has failed on this many attempts is given up (FATAL).
+    pub max_attempts: i32,
+}
+
+impl Policy {
+    /// The policy of a controller configured with `controller` and `worker`.
+    pub fn new(controller: &ControllerConfig, worker: &WorkerConfig) -> Policy {
+        Policy {
+            liveness_window: Duration::from_millis(worker.liveness_window_ms),
+            retry_base_delay: Duration::from_millis(controller.retry_base_delay_ms),
+            retry_max_delay: Duration::from_millis(controller.retry_max_delay_ms),
+            max_attempts: i32::try_from(controller.max_attempts).unwrap_or(i32::MAX),
+        }
+    }
+}
+
+/// Runs the scheduler loop until `shutdown` is cancelled. Database errors are logged and retried
+/// at the next tick; they never stop the loop.
+pub async fn run(
+    db: DatabaseConnection,
+    policy: Policy,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(e) = reconcile(&db, &policy).await {
+                    tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
+                }
+            }
+        }
+    }
+}
+
+/// The live workers, each with its number of active jobs: where to place a job (the least loaded,
+/// ties broken by node id).
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    load: BTreeMap<String, i64>,
+}
+
+impl Placement {
+    /// The live workers (heartbeat within `window`) and their loads, read now.
+    pub async fn read(
+        db: &DatabaseConnection,
+        window: Duration,
+    ) -> Result<Placement, metadata::Error> {
+        let mut load: BTreeMap<String, i64> = workers::list_live(db, window)
+            .await?
+            .into_iter()
+            .map(|w| (w.node_id, 0))
+            .collect();
+        for (node, active) in jobs::count_active_by_node(db).await? {
+            if let Some(n) = load.get_mut(&node) {
+                *n = active;
+            }
+        }
+        Ok(Placement { load })
+    }
+
+    /// Whether `node` is live.
+    pub fn is_live(&self, node: &str) -> bool {
+        self.load.contains_key(node)
+    }
+
+    /// The least-loaded live worker, counting the job about to be placed on it; `None` when no
+    /// worker is live.
+    pub fn pick(&mut self) -> Option<String> {
+        let (node, load) = self.load.iter_mut().min_by_key(|(_, load)| **load)?;
+        *load += 1;
+        Some(node.clone())
+    }
+}
+
+/// Whether `err` only says that someone else acted on the job first (another controller, the
+/// worker itself), so there is nothing left to do.
+fn lost_race(err: &metadata::Error) -> bool {
+    matches!(
+        err,
+        metadata::Error::Fenced { .. }
+            | metadata::Error::StateConflict { .. }
+            | metadata::Error::Conflict(_)
+    )
+}
+
+/// One pass. Jobs of lost workers: RUNNING ones fail with `worker_lost` (and are retried below, at
+/// once, as a new attempt); SCHEDULED ones (and unassigned ones) move to the least-loaded live
+/// worker; stops the lost worker was asked for complete without it. Then ERROR jobs due for a retry
+/// get a new attempt on a live worker (their previous node when it is live, else the least-loaded
+/// one), or are given up once they have failed `max_attempts` times.
+pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), metadata::Error> {
+    let window = policy.liveness_window;
+    let mut placement = Placement::read(db, window).await?;
+    for job in jobs::list_orphaned(db, window).await? {
+        let done = match job.job_status() {
+            Ok(JobStatus::Running) => jobs::fail_lost(db, &job, window).await,
+            Ok(JobStatus::Scheduled) => match placement.pick() {
+                Some(to) => jobs::reassign(db, &job, Some(&to)).await,
+                None => continue,
+            },
+            Ok(JobStatus::StopRequested | JobStatus::Stopping) => {
+                jobs::stop_lost(db, &job, window).await
+            }
+            _ => continue,
+        };
+        match done {
+            Ok(moved) => tracing::info!(
+                job_id = job.id,
+                lost_node = ?job.node_id,
+                status = %moved.status,
+                node = ?moved.node_id,
+                "recovered a job of a lost worker"
+            ),
+            Err(e) if lost_race(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let due = jobs::list_due_for_retry(
+        db,
+        policy.retry_base_delay,
+        policy.retry_max_delay,
+        RETRY_BATCH,
+    )
+    .await?;
+    for job in due {
+        let done = if job.attempt >= policy.max_attempts {
+            let detail = serde_json::json!({
+                "reason": "max_attempts",
+                "attempts": job.attempt,
+                "last_error": job.detail,
+            });
+            jobs::give_up(db, &job, detail).await
+        } else {
+            let node = match &job.node_id {
+                Some(node) if placement.is_live(node) => Some(node.clone()),
+                _ => placement.pick(),
+            };
+            let Some(node) = node else { continue };
+            jobs::reschedule(db, &job, Some(&node)).await
+        };
+        match done {
+            Ok(j) => tracing::info!(
+                job_id = j.id,
+                status = %j.status,
+                attempt = j.attempt,
+                node = ?j.node_id,
+                "retried a failed job"
+            ),
+            Err(e) if lost_race(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Garbage collection of table revisions' files in a data directory: the worker runs
+//! [`collect`] on a timer.
+//!
+//! A pass:
+//! 1. schedules the files of abandoned revisions (the partial output of an attempt that failed,
+//!    stopped or was fenced off) for deletion at once;
+//! 2. deletes expired files, a batch at a time, each batch in one transaction: list the expired
+//!    entries (which locks their revisions against activation), delete the files, forget their rows,
+//!    commit. A pass that dies half-way leaves the rows; the next pass deletes again (a file already
+//!    gone counts as deleted) and forgets them, so no file is ever left without a row naming it;
+//! 3. removes what is left of revisions whose files are all gone: the revision's directory (with
+//!    any file a writer never registered), then its row.
+//!
+//! Paths come from the database; each is checked to be a plain relative path (no `..`, no root)
+//! before anything under the data directory is touched.
+
+use std::path::{Component, Path, PathBuf};
+
+use sea_orm::{DatabaseConnection, TransactionTrait};
+
+use crate::metadata::{self, files, revisions};
+
+/// Entries and revisions handled per batch.
+const BATCH: u64 = 100;
+
+/// What a pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Abandoned revisions scheduled for deletion.
+    pub abandoned: u64,
+    /// Files deleted and forgotten.
+    pub files: u64,
+    /// Revisions removed (directory and row).
+    pub revisions: u64,
+}
+
+/// Why a pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// A data-access call failed.
+    #[error(transparent)]
+    Metadata(#[from] metadata::Error),
+    /// A file or directory could not be deleted (other than for being gone already).
+    #[error("cannot delete {}: {source}", .path.display())]
+    Io {
+        /// What could not be deleted.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A path from the database is not a plain relative path: it is never touched.
+    #[error("refusing to delete {path:?}: not a plain relative path under the data directory")]
+    UnsafePath {
+        /// The path as stored.
+        path: String,
+    },
+}
+
+/// `relative` under `root`, if it is a plain relative path (only normal components).
+fn under(root: &Path, relative: &str) -> Result<PathBuf, GcError> {
+    let path = Path::new(relative);
+    let plain =
+        !relative.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(root.join(path))
+    } else {
+        Err(GcError::UnsafePath {
+            path: relative.to_owned(),
+        })
+    }
+}
+
+fn gone_is_fine(path: PathBuf, result: std::io::Result<()>) -> Result<(), GcError> {
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(GcError::Io { path, source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// One garbage collection pass over `data_dir` (see the module docs).
+pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collected, GcError> {
+    let mut done = Collected::default();
+    for revision in revisions::list_abandoned(db, BATCH).await? {
+        files::schedule_gc(db, revision.id, std::time::Duration::ZERO).await?;
+        tracing::info!(revision_id = revision.id, path = %revision.path, "scheduled an abandoned revision for deletion");
+        done.abandoned += 1;
+    }
+    loop {
+        let tx = db.begin().await.map_err(metadata::Error::from)?;
+        let expired = files::list_expired(&tx, BATCH).await?;
+        for entry in &expired {
+            let path = under(data_dir, &entry.file_path)?;
+            let removed = tokio::fs::remove_file(&path).await;
+            gone_is_fine(path, removed)?;
+        }
+        let ids: Vec<i64> = expired.iter().map(|e| e.file_id).collect();
+        done.files += files::forget(&tx, &ids).await?;
+        tx.commit().await.map_err(metadata::Error::from)?;
+        if (expired.len() as u64) < BATCH {
+            break;
+        }
+    }
+    for revision in revisions::list_emptied(db, BATCH).await? {
+        let dir = under(data_dir, &revision.path)?;
+        let removed = tokio::fs::remove_dir_all(&dir).await;
+        gone_is_fine(dir, removed)?;
+        match revisions::delete(db, revision.id).await {
+            // Someone else removed it first.
+            Ok(()) | Err(metadata::Error::NotFound { .. }) => done.revisions += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if done != Collected::default() {
+        tracing::info!(
+            abandoned = done.abandoned,
+            files = done.files,
+            revisions = done.revisions,
+            "garbage collected"
+        );
+    }
+    Ok(done)
+}

@@ -1,0 +1,279 @@
+//! What the HTTP services (the controller's admin API, the server) share: one error type whose
+//! response is always `{"error_code": ..., "error_message": ...}`, extractors whose rejections are
+//! such errors (a malformed body, path or query is a 4xx, never a 500), bearer-token
+//! authentication, request logs, and binding a listen address with a one-line error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::metadata;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable, machine-readable code: `not_found`, `invalid_request`, `invalid_manifest`,
+    /// `conflict`, `unauthorized`, `payload_too_large`, `unavailable`, `internal`, ...
+    pub error_code: String,
+    /// What went wrong, for a person.
+    pub error_message: String,
+}
+
+/// An error answered as `status` with an [`ErrorBody`].
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// [`ErrorBody::error_code`].
+    pub code: &'static str,
+    /// [`ErrorBody::error_message`].
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error of `status` with `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 400 `invalid_request`.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 409 `conflict`.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 503 `unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error_code: self.code.to_owned(),
+            error_message: self.message,
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Data-access errors as HTTP: what the caller named does not exist (404), contradicts the stored
+/// state (409), is malformed (400), or the database is unavailable (503). Anything else is a 500
+/// whose details go to the log, not to the caller.
+impl From<metadata::Error> for ApiError {
+    fn from(err: metadata::Error) -> ApiError {
+        use metadata::Error as E;
+        match &err {
+            E::NotFound { .. } => ApiError::not_found(err.to_string()),
+            E::StateConflict { .. } | E::Fenced { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "state_conflict", err.to_string())
+            }
+            E::Conflict(_) | E::ConstraintViolation { .. } => ApiError::conflict(err.to_string()),
+            E::InvalidInput(_) => ApiError::bad_request(err.to_string()),
+            E::Unavailable { .. } | E::Connect(_) => {
+                tracing::warn!(error = %err, "metadata database unavailable");
+                ApiError::unavailable(format!("{err}; try again"))
+            }
+            E::Db(_) => {
+                tracing::error!(error = ?err, "metadata database error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server's log",
+                )
+            }
+        }
+    }
+}
+
+fn rejection(status: StatusCode, text: String) -> ApiError {
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        _ => "invalid_request",
+    };
+    ApiError::new(status, code, text)
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        rejection(r.status(), r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> ApiError {
+        // A path segment that does not parse (a job id that is not a number) names nothing.
+        let status = match r.status() {
+            s if s.is_server_error() => StatusCode::BAD_REQUEST,
+            s => s,
+        };
+        rejection(status, r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> ApiError {
+        rejection(StatusCode::BAD_REQUEST, r.body_text())
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+/// `axum::extract::Query` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+/// The token every request must carry as `Authorization: Bearer <token>`.
+#[derive(Clone)]
+pub struct BearerToken(Arc<[u8]>);
+
+impl BearerToken {
+    /// A token.
+    pub fn new(token: &str) -> BearerToken {
+        BearerToken(token.as_bytes().into())
+    }
+
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        // Constant time in the token's content (the length is not a secret worth hiding).
+        given.len() == self.0.len() && bool::from(given.ct_eq(&self.0))
+    }
+}
+
+/// Middleware: 401 unless the request carries the token; `/healthz` is always open.
+pub async fn require_token(
+    State(token): State<BearerToken>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == "/healthz" || token.admits(request.headers()) {
+        return next.run(request).await;
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong token: send Authorization: Bearer <[controller] admin_token>",
+    )
+    .into_response()
+}
+
+/// `router` with a log line per request (method, path, status, latency) through `tracing`;
+/// headers, and so the token, are never logged.
+pub fn with_request_logs(router: axum::Router) -> axum::Router {
+    router.layer(
+        tower_http::trace::TraceLayer::new_for_http()
+            .make_span_with(|request: &Request| {
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+            })
+            .on_request(())
+            .on_response(
+                |response: &Response, latency: std::time::Duration, _span: &tracing::Span| {
+                    tracing::info!(
+                        status = response.status().as_u16(),
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "request"
+                    );
+                },
+            ),
+    )
+}
+
+/// Why an HTTP service could not listen.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({key}): {source}{hint}")]
+pub struct BindError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// The configuration key that set it.
+    pub key: &'static str,
+    /// Why.
+    pub source: std::io::Error,
+    hint: &'static str,
+}
+
+/// Binds `addr` (set by config key `key`), with a one-line error that says what to do.
+pub async fn bind(
+    addr: SocketAddr,
+    key: &'static str,
+) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "; another process listens there: stop it or set another address"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need privileges: choose a port above 1024"
+            }
+            _ => "",
+        };
+        BindError {
+            addr,
+            key,
+            source,
+            hint,
+        }
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets requests in flight
+/// finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

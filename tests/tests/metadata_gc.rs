@@ -1,0 +1,282 @@
+//! Garbage collection that cannot delete what is served: activation of a revision scheduled for
+//! garbage collection, what the collector may list and forget, and a collector that dies half-way.
+
+use std::time::Duration;
+
+use ampd::metadata::{Error, datasets, files, revisions};
+use ampd::service::gc;
+use entity::{file_metadata, gc_manifest, physical_table_revisions};
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, TransactionTrait};
+use serde_json::json;
+use tests::TestDb;
+use tests::cli::TempDir;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn table(db: &DatabaseConnection) -> i64 {
+    let hash = datasets::register_manifest(db, "static", b"{}", "m.json")
+        .await
+        .unwrap();
+    revisions::register_table(db, "eth", "mainnet", &hash, "blocks")
+        .await
+        .unwrap()
+        .id
+}
+
+/// A revision of `table_id` with files `names`, registered (and written under `data`, if given).
+async fn revision(
+    db: &DatabaseConnection,
+    table_id: i64,
+    names: &[&str],
+    data: Option<&TempDir>,
+) -> physical_table_revisions::Model {
+    let rev = revisions::create_revision(db, table_id, None, json!({}))
+        .await
+        .unwrap();
+    for name in names {
+        if let Some(data) = data {
+            let dir = data.path().join(&rev.path);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), b"{}\n").unwrap();
+        }
+        files::register(db, rev.id, name, 3, None, None, json!({}))
+            .await
+            .unwrap();
+    }
+    rev
+}
+
+async fn active(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
+    revisions::active(db, table_id).await.unwrap().map(|r| r.id)
+}
+
+async fn gc_entries(db: &DatabaseConnection, revision_id: i64) -> usize {
+    gc_manifest::Entity::find()
+        .all(db)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.revision_id == revision_id)
+        .count()
+}
+
+/// Makes the garbage collection of `revision_id` due now, as if its grace period had passed.
+async fn expire(db: &DatabaseConnection, revision_id: i64) {
+    db.execute_unprepared(&format!(
+        "UPDATE physical_table_revisions SET metadata = metadata || \
+             jsonb_build_object('gc_expires_at', now() - interval '1 second') \
+         WHERE id = {revision_id}; \
+         UPDATE gc_manifest SET expiration = now() - interval '1 second' \
+         WHERE revision_id = {revision_id}"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn activation_cancels_an_unexpired_gc_schedule_and_refuses_an_expired_one() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.connect().await;
+    let t = table(&db).await;
+    let one = revision(&db, t, &["a", "b"], None).await;
+    let two = revision(&db, t, &["c"], None).await;
+    revisions::activate(&db, t, one.id, HOUR).await.unwrap();
+    let replaced = revisions::activate(&db, t, two.id, HOUR).await.unwrap();
+    assert_eq!(replaced.previous, Some(one.id));
+    assert_eq!(
+        gc_entries(&db, one.id).await,
+        2,
+        "the replaced one is scheduled"
+    );
+
+    // Roll back while the grace period runs: the schedule is cancelled, and the revision it
+    // replaced is scheduled in turn.
+    let back = revisions::activate(&db, t, one.id, HOUR)
+        .await
+        .expect("roll back");
+    assert_eq!(back.previous, Some(two.id));
+    assert_eq!(active(&db, t).await, Some(one.id));
+    assert_eq!(gc_entries(&db, one.id).await, 0, "cancelled");
+    let meta = revisions::get(&db, one.id).await.unwrap().unwrap().metadata;
+    assert!(meta.get("gc_expires_at").is_none(), "{meta}");
+    assert_eq!(gc_entries(&db, two.id).await, 1);
+
+    // Once the schedule has expired, the files may be gone: refused, nothing changes.
+    expire(&db, two.id).await;
+    let err = revisions::activate(&db, t, two.id, HOUR)
+        .await
+        .expect_err("due for deletion");
+    assert!(
+        matches!(&err, Error::Conflict(m) if m.contains("due for deletion")),
+        "{err:?}"
+    );
+    assert_eq!(active(&db, t).await, Some(one.id));
+    assert_eq!(gc_entries(&db, two.id).await, 1);
+}
+
+#[tokio::test]
+async fn the_files_of_an_active_revision_are_never_listed_nor_forgotten() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.connect().await;
+    let t = table(&db).await;
+    let served = revision(&db, t, &["a"], None).await;
+    let old = revision(&db, t, &["b"], None).await;
+    revisions::activate(&db, t, served.id, HOUR).await.unwrap();
+    files::schedule_gc(&db, old.id, Duration::ZERO)
+        .await
+        .unwrap();
+    // Expired gc entries for the served revision's files, written behind the layer's back.
+    db.execute_unprepared(&format!(
+        "INSERT INTO gc_manifest (file_id, revision_id, file_path, expiration) \
+         SELECT id, revision_id, 'x/' || file_name, now() - interval '1 hour' \
+         FROM file_metadata WHERE revision_id = {}",
+        served.id
+    ))
+    .await
+    .unwrap();
+
+    let listed: Vec<i64> = files::list_expired(&db, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.revision_id)
+        .collect();
+    assert_eq!(listed, [old.id], "only the inactive revision's file");
+    let all: Vec<i64> = file_metadata::Entity::find()
+        .all(&db)
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.id)
+        .collect();
+    let forgotten = files::forget(&db, &all).await.unwrap();
+    assert_eq!(forgotten, 1, "the served file stays");
+    assert_eq!(files::list(&db, served.id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn no_file_is_registered_into_an_active_or_gc_scheduled_revision() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.connect().await;
+    let t = table(&db).await;
+    let served = revision(&db, t, &["a"], None).await;
+    let retired = revision(&db, t, &["b"], None).await;
+    revisions::activate(&db, t, served.id, HOUR).await.unwrap();
+    files::schedule_gc(&db, retired.id, HOUR).await.unwrap();
+    for (rev, why) in [
+        (served.id, "active"),
+        (retired.id, "scheduled for garbage collection"),
+    ] {
+        let err = files::register(&db, rev, "late", 1, None, None, json!({}))
+            .await
+            .expect_err(why);
+        assert!(
+            matches!(&err, Error::Conflict(m) if m.contains(why)),
+            "{why}: {err:?}"
+        );
+        assert_eq!(files::list(&db, rev).await.unwrap().len(), 1, "{why}");
+    }
+    // A file registered again under a name it already has is still found (idempotent).
+    let again = files::register(&db, retired.id, "b", 3, None, None, json!({}))
+        .await
+        .expect("existing row");
+    assert_eq!(again.file_name, "b");
+}
+
+#[tokio::test]
+async fn a_collector_that_dies_between_deleting_and_forgetting_is_finished_by_the_next_pass() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.connect().await;
+    let data = TempDir::new();
+    let t = table(&db).await;
+    let old = revision(&db, t, &["p0", "p1", "p2"], Some(&data)).await;
+    let served = revision(&db, t, &["q0"], Some(&data)).await;
+    revisions::activate(&db, t, served.id, HOUR).await.unwrap();
+    files::schedule_gc(&db, old.id, Duration::ZERO)
+        .await
+        .unwrap();
+    // A file its writer put there but never registered.
+    std::fs::write(data.path().join(&old.path).join("unregistered"), b"x").unwrap();
+
+    // The first collector lists the expired files and deletes them from storage, then dies
+    // before it forgets them: its transaction never commits.
+    {
+        let tx = db.begin().await.unwrap();
+        let expired = files::list_expired(&tx, 100).await.unwrap();
+        assert_eq!(expired.len(), 3);
+        for entry in &expired {
+            std::fs::remove_file(data.path().join(&entry.file_path)).unwrap();
+        }
+        drop(tx);
+    }
+    assert_eq!(
+        files::list(&db, old.id).await.unwrap().len(),
+        3,
+        "rows remain"
+    );
+
+    let done = gc::collect(&db, data.path()).await.expect("next pass");
+
+    assert_eq!(done.files, 3, "forgotten (already deleted from storage)");
+    assert_eq!(done.revisions, 1);
+    assert!(revisions::get(&db, old.id).await.unwrap().is_none());
+    assert!(!data.path().join(&old.path).exists(), "directory removed");
+    assert_eq!(gc_manifest::Entity::find().count(&db).await.unwrap(), 0);
+    assert!(
+        data.path().join(&served.path).join("q0").exists(),
+        "the served revision's file stays"
+    );
+    assert_eq!(
+        gc::collect(&db, data.path()).await.unwrap(),
+        gc::Collected::default()
+    );
+}
+
+#[tokio::test]
+async fn an_activation_waits_for_a_collector_holding_the_revision_and_then_refuses() {
+    let test_db = TestDb::migrated().await;
+    let db = tests::connect(test_db.url(), 4).await;
+    let t = table(&db).await;
+    let old = revision(&db, t, &["p0"], None).await;
+    let served = revision(&db, t, &["q0"], None).await;
+    revisions::activate(&db, t, old.id, HOUR).await.unwrap();
+    revisions::activate(&db, t, served.id, HOUR).await.unwrap();
+    expire(&db, old.id).await;
+
+    let collector = db.begin().await.unwrap();
+    let expired = files::list_expired(&collector, 100).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    let activation = {
+        let db = db.clone();
+        tokio::spawn(async move { revisions::activate(&db, t, old.id, HOUR).await })
+    };
+    // Evidence that it waits: a session of this database waiting for a lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        if row.try_get::<i64>("", "n").unwrap() > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the activation never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!activation.is_finished());
+    let ids: Vec<i64> = expired.iter().map(|e| e.file_id).collect();
+    files::forget(&collector, &ids).await.unwrap();
+    collector.commit().await.unwrap();
+
+    let err = activation.await.unwrap().expect_err("files gone");
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    assert_eq!(active(&db, t).await, Some(served.id));
+}
