@@ -391,18 +391,17 @@ async fn a_new_revision_and_a_roll_back_are_served_without_a_restart() {
     );
 }
 
-#[tokio::test]
-async fn the_periodic_re_read_finds_a_change_no_notification_announced() {
-    let served = Served::start(200).await;
+/// Two revisions of table `quotes`, the second one served; then the first one made active again
+/// behind the layer's back, so that no notification announces it. Returns the URL and the rows of
+/// the first and the second revision.
+async fn roll_back_unannounced(served: &Served) -> (String, String, String) {
     let hash = dataset(&served.db, "prices", "1.0.0", "quotes").await;
     let url = served.rows_url("prices", "1.0.0", "quotes");
     let v1 = jsonl(&[json!(["ETH", 1.0, 1, true, "2024-05-01T00:00:00Z"])]);
     let v2 = jsonl(&[json!(["BTC", 2.0, 2, true, "2024-05-02T00:00:00Z"])]);
-    let first = materialize(&served, "prices", &hash, "quotes", &[&v1]).await;
-    materialize(&served, "prices", &hash, "quotes", &[&v2]).await;
+    let first = materialize(served, "prices", &hash, "quotes", &[&v1]).await;
+    materialize(served, "prices", &hash, "quotes", &[&v2]).await;
     served.wait_for_body(&url, &v2).await;
-
-    // Behind the layer's back: no notification is sent.
     served
         .db
         .execute_unprepared(&format!(
@@ -411,30 +410,23 @@ async fn the_periodic_re_read_finds_a_change_no_notification_announced() {
         ))
         .await
         .unwrap();
+    (url, v1, v2)
+}
+
+#[tokio::test]
+async fn the_periodic_re_read_finds_a_change_no_notification_announced() {
+    let served = Served::start(200).await;
+    let (url, v1, _) = roll_back_unannounced(&served).await;
     served.wait_for_body(&url, &v1).await;
 }
 
 #[tokio::test]
 async fn a_reconnected_listener_re_reads_the_whole_view() {
     let served = Served::start(NEVER_MS).await;
-    let hash = dataset(&served.db, "prices", "1.0.0", "quotes").await;
-    let url = served.rows_url("prices", "1.0.0", "quotes");
-    let v1 = jsonl(&[json!(["ETH", 1.0, 1, true, "2024-05-01T00:00:00Z"])]);
-    let v2 = jsonl(&[json!(["BTC", 2.0, 2, true, "2024-05-02T00:00:00Z"])]);
-    let first = materialize(&served, "prices", &hash, "quotes", &[&v1]).await;
-    materialize(&served, "prices", &hash, "quotes", &[&v2]).await;
-    served.wait_for_body(&url, &v2).await;
-
-    // Behind the layer's back, as if its notification had been lost; then the listener's
-    // connection is terminated, and only the re-read after it reconnects can see the change.
-    served
-        .db
-        .execute_unprepared(&format!(
-            "UPDATE physical_tables SET active_revision_id = {first} \
-             WHERE active_revision_id IS NOT NULL"
-        ))
-        .await
-        .unwrap();
+    // As if the roll back's notification had been lost: the view still names the second revision
+    // until the listener's connection is terminated; only the re-read after it reconnects can see
+    // the change.
+    let (url, v1, v2) = roll_back_unannounced(&served).await;
     let (status, body) = served.text(&url).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, v2.as_str()));
     served
@@ -786,11 +778,12 @@ async fn a_port_in_use_is_a_one_line_error_and_exit_1() {
         .collect();
     assert_eq!(errors.len(), 1, "{}", exit.log);
     assert!(
-        errors[0].contains(&format!("cannot listen on {addr} (server.addr)"))
+        errors[0].contains(&format!("error: cannot listen on {addr} (server.addr): "))
             && errors[0].contains("another process listens there"),
         "{}",
         exit.log
     );
     assert!(!exit.log.contains("caused by"), "{}", exit.log);
+    eprintln!("{}", errors[0]);
     drop(taken);
 }
