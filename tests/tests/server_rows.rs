@@ -633,17 +633,22 @@ async fn a_large_table_streams_in_constant_memory() {
     );
 }
 
+/// A part file of about 8 MiB; three of them are far more than the sockets between server and
+/// client buffer.
+fn eight_mib_part() -> String {
+    let line = format!(
+        "{{\"symbol\":\"{}\",\"price\":1.0,\"volume\":1,\"listed\":true,\"at\":\"2024-05-01T00:00:00Z\"}}\n",
+        "y".repeat(950)
+    );
+    line.repeat(8 * 1024 * 1024 / line.len())
+}
+
 #[tokio::test]
 async fn a_request_completes_on_its_revision_while_the_collector_deletes_its_files() {
     let served = Served::start(NEVER_MS).await;
     let hash = dataset(&served.db, "prices", "1.0.0", "quotes").await;
     let data_dir = served.ws.data_dir();
-    // Three files of 8 MiB, far more than the sockets buffer between server and client.
-    let line = format!(
-        "{{\"symbol\":\"{}\",\"price\":1.0,\"volume\":1,\"listed\":true,\"at\":\"2024-05-01T00:00:00Z\"}}\n",
-        "y".repeat(950)
-    );
-    let part = line.repeat(8 * 1024 * 1024 / line.len());
+    let part = eight_mib_part();
     let old = materialize(&served, "prices", &hash, "quotes", &[&part, &part, &part]).await;
     let expected = part.repeat(3);
     let url = served.rows_url("prices", "1.0.0", "quotes");
@@ -679,6 +684,48 @@ async fn a_request_completes_on_its_revision_while_the_collector_deletes_its_fil
     served.wait_for_body(&url, &new_rows).await;
     let exit = served.server.stop().await;
     assert_eq!(exit.code, Some(0), "{}", exit.log);
+}
+
+#[tokio::test]
+async fn a_stop_cuts_off_a_stalled_download_and_exits_0() {
+    let served = Served::start(NEVER_MS).await;
+    let hash = dataset(&served.db, "prices", "1.0.0", "quotes").await;
+    let part = eight_mib_part();
+    materialize(&served, "prices", &hash, "quotes", &[&part, &part, &part]).await;
+    let total = 3 * part.len();
+
+    // A client that reads one chunk and then nothing more.
+    let url = served.rows_url("prices", "1.0.0", "quotes");
+    let mut response = served.get(&url, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut read = response
+        .chunk()
+        .await
+        .unwrap()
+        .expect("a first chunk")
+        .len();
+
+    let exit = served.server.stop().await;
+    assert_eq!(exit.code, Some(0), "{}", exit.log);
+    assert!(
+        exit.took < Duration::from_secs(20),
+        "took {:?} to stop:\n{}",
+        exit.took,
+        exit.log
+    );
+    assert!(exit.log.contains("cutting them off"), "{}", exit.log);
+
+    // What the sockets had buffered arrives, then the connection ends before the whole body: the
+    // client can tell the response was cut off.
+    let ended = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "the body ended cleanly after {read} bytes");
+    assert!(read < total, "{read} of {total} bytes");
 }
 
 #[tokio::test]
