@@ -34,12 +34,13 @@ const NEVER_MS: u64 = 3_600_000;
 
 /// An `ampd server` on a fresh database and workspace.
 struct Served {
-    _db: TestDb,
-    db: DatabaseConnection,
-    ws: Workspace,
+    // Dropped in this order: the process first, the database last.
     server: Service,
     addr: SocketAddr,
     client: reqwest::Client,
+    db: DatabaseConnection,
+    ws: Workspace,
+    _db: TestDb,
 }
 
 impl Served {
@@ -63,12 +64,12 @@ impl Served {
         );
         server.wait_healthy(addr).await;
         Served {
-            _db: test_db,
-            db,
-            ws,
             server,
             addr,
             client: reqwest::Client::new(),
+            db,
+            ws,
+            _db: test_db,
         }
     }
 

@@ -17,7 +17,7 @@ use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::metadata::notifications::{Listener, Notification};
+use crate::metadata::notifications::{Listener, Notification, RevisionChange};
 
 use super::{ServiceError, http, retrying, until_stopped};
 use routes::AppState;
@@ -134,7 +134,7 @@ async fn follow(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => Work::Reload("timer"),
             received = notifications.recv() => match received {
-                Ok(Notification::RevisionChange(change)) => Work::Table(change.physical_table_id, change.revision_id),
+                Ok(Notification::RevisionChange(change)) => Work::Table(change),
                 Ok(Notification::Reconnected) => Work::Reload("listener reconnected"),
                 Ok(Notification::JobAction(_)) => continue,
                 Err(error) => {
@@ -146,13 +146,14 @@ async fn follow(
         let done = until_stopped(shutdown, async {
             match work {
                 Work::Reload(why) => reload(db, view, why).await,
-                Work::Table(table_id, revision_id) => {
+                Work::Table(change) => {
+                    let table_id = change.physical_table_id;
                     let refreshed =
                         retrying("re-reading a table", || view.refresh(db, table_id)).await;
                     match refreshed {
                         Ok(_) => tracing::info!(
                             physical_table_id = table_id,
-                            revision_id,
+                            revision_id = change.revision_id,
                             "active revision changed"
                         ),
                         Err(error) => tracing::warn!(
@@ -176,8 +177,8 @@ async fn follow(
 enum Work {
     /// Re-read the whole view, and why.
     Reload(&'static str),
-    /// Re-read a table (its id, and the revision the notification named).
-    Table(i64, i64),
+    /// Re-read the table a notification named.
+    Table(RevisionChange),
     /// Wait a little after a listener error.
     Pause,
 }

@@ -1,5 +1,6 @@
-//! The server's routes: `GET /healthz`, and `GET /datasets/{namespace}/{name}/versions/{ref}/tables/{table}`,
-//! the rows of a table's active revision as JSON Lines or CSV.
+//! The server's routes: `GET /healthz`, and
+//! `GET /datasets/{namespace}/{name}/versions/{ref}/tables/{table}`, the rows of a table's active
+//! revision as JSON Lines or CSV.
 
 use std::path::PathBuf;
 use std::sync::Arc;
