@@ -715,6 +715,7 @@ async fn a_stop_cuts_off_a_stalled_download_and_exits_0() {
         exit.log
     );
     assert!(exit.log.contains("cutting them off"), "{}", exit.log);
+    eprintln!("stopped in {:?} with a stalled download", exit.took);
 
     // What the sockets had buffered arrives, then the connection ends before the whole body: the
     // client can tell the response was cut off.
