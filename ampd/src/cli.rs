@@ -32,7 +32,7 @@ enum Command {
     Migrate(migrate_cmd::MigrateArgs),
     /// Run the controller: reassigns jobs of dead workers and retries failed ones.
     Controller,
-    /// Run the server: follows revision changes of the metadata database.
+    /// Run the server: serves the rows of every table's active revision over HTTP.
     Server,
     /// Run a worker node: registers, heartbeats and follows the jobs assigned to it.
     Worker {

@@ -340,3 +340,56 @@ async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
     let err = revisions::delete(&conn, old).await.expect_err("gone");
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn every_table_is_listed_with_its_active_revision_and_only_active_revisions_files() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let traces = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "traces")
+        .await
+        .unwrap();
+    // blocks: `old`, then `new` active; logs: `only` active; traces: never anything active.
+    let old = revision(&conn, &f.blocks).await;
+    let new = revision(&conn, &f.blocks).await;
+    let only = revision(&conn, &f.logs).await;
+    for (rev, name) in [(old, "a"), (new, "c"), (only, "d"), (new, "b")] {
+        files::register(&conn, rev, name, 1, None, None, json!({}))
+            .await
+            .unwrap();
+    }
+    for (table, rev) in [(&f.blocks, old), (&f.logs, only), (&f.blocks, new)] {
+        revisions::activate(&conn, table.id, rev, GRACE)
+            .await
+            .unwrap();
+    }
+
+    let listed: Vec<(i64, Option<i64>, Option<i64>)> = revisions::list_tables_with_active(&conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(t, r)| (t.id, t.active_revision_id, r.map(|r| r.id)))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (f.blocks.id, Some(new), Some(new)),
+            (f.logs.id, Some(only), Some(only)),
+            (traces.id, None, None),
+        ]
+    );
+    let active_files: Vec<(i64, String)> = files::list_active(&conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|file| (file.revision_id, file.file_name))
+        .collect();
+    assert_eq!(
+        active_files,
+        [
+            (new, "c".to_owned()),
+            (new, "b".to_owned()),
+            (only, "d".to_owned()),
+        ]
+    );
+}
