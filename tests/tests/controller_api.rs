@@ -1123,7 +1123,8 @@ async fn jobs_are_listed_filtered_paged_stopped_and_deleted() {
     c.put("/jobs/abc/stop").await.error(400, "invalid_request");
     c.delete(&format!("/jobs/{running}"))
         .await
-        .error(409, "state_conflict");
+        .error(409, "state_conflict")
+        .says("is STOP_REQUESTED: only a COMPLETED, STOPPED, ERROR or FATAL job can be deleted");
     c.delete("/jobs/424242").await.error(404, "not_found");
     c.delete("/jobs/abc").await.error(400, "invalid_request");
     c.get("/jobs/424242").await.error(404, "not_found");

@@ -205,6 +205,30 @@ pub struct Tables {
     pub tables: Vec<Table>,
 }
 
+/// The path of a dataset: `/datasets/{ns}/{name}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DatasetPath {
+    /// The dataset's namespace.
+    pub ns: String,
+    /// The dataset's name.
+    pub name: String,
+}
+
+/// The path of a version of a dataset: `/datasets/{ns}/{name}/versions/{ref}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct VersionPath {
+    /// The dataset's namespace.
+    pub ns: String,
+    /// The dataset's name.
+    pub name: String,
+    /// A version (`1.0.0`), `latest`, `dev`, or a manifest hash (64 hex characters); deleting
+    /// takes a version only.
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
 /// 400 unless `namespace` and `name` are valid dataset names.
 fn check_dataset(namespace: &str, name: &str) -> Result<(), ApiError> {
     metadata::validate_dataset_part("namespace", namespace)?;
@@ -376,10 +400,7 @@ fn tag(t: entity::tags::Model) -> Tag {
     path = "/datasets/{ns}/{name}",
     operation_id = "get_dataset",
     tag = "datasets",
-    params(
-        ("ns" = String, Path, description = "The dataset's namespace"),
-        ("name" = String, Path, description = "The dataset's name"),
-    ),
+    params(DatasetPath),
     responses(
         (status = 200, description = "The dataset", body = Dataset),
         (status = 400, description = "`invalid_request`: an invalid namespace or name",
@@ -389,7 +410,10 @@ fn tag(t: entity::tags::Model) -> Tag {
 )]
 pub async fn get(
     State(app): State<Shared>,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(DatasetPath {
+        ns: namespace,
+        name,
+    }): Path<DatasetPath>,
 ) -> Result<Json<Dataset>, ApiError> {
     check_dataset(&namespace, &name)?;
     let exists = db("look up a dataset", || {
@@ -425,12 +449,7 @@ pub async fn get(
     path = "/datasets/{ns}/{name}/versions/{ref}",
     operation_id = "get_version",
     tag = "datasets",
-    params(
-        ("ns" = String, Path, description = "The dataset's namespace"),
-        ("name" = String, Path, description = "The dataset's name"),
-        ("ref" = String, Path, description = "A version (`1.0.0`), `latest`, `dev`, or a \
-            manifest hash (64 hex characters)"),
-    ),
+    params(VersionPath),
     responses(
         (status = 200, description = "The manifest", body = Version),
         (status = 400, description = "`invalid_request`: a malformed name or reference",
@@ -440,7 +459,11 @@ pub async fn get(
 )]
 pub async fn get_version(
     State(app): State<Shared>,
-    Path((namespace, name, reference_)): Path<(String, String, String)>,
+    Path(VersionPath {
+        ns: namespace,
+        name,
+        reference: reference_,
+    }): Path<VersionPath>,
 ) -> Result<Json<Version>, ApiError> {
     let found = resolve(&app, &namespace, &name, &reference_).await?;
     let manifest = load(&app, &found).await?;
@@ -471,11 +494,7 @@ pub async fn get_version(
     path = "/datasets/{ns}/{name}/versions/{ref}",
     operation_id = "delete_version",
     tag = "datasets",
-    params(
-        ("ns" = String, Path, description = "The dataset's namespace"),
-        ("name" = String, Path, description = "The dataset's name"),
-        ("ref" = String, Path, description = "A semantic version (not `latest` or `dev`)"),
-    ),
+    params(VersionPath),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "`invalid_request`: not a semantic version (`latest` and \
@@ -485,7 +504,11 @@ pub async fn get_version(
 )]
 pub async fn delete_version(
     State(app): State<Shared>,
-    Path((namespace, name, version)): Path<(String, String, String)>,
+    Path(VersionPath {
+        ns: namespace,
+        name,
+        reference: version,
+    }): Path<VersionPath>,
 ) -> Result<StatusCode, ApiError> {
     check_dataset(&namespace, &name)?;
     if semver::Version::parse(&version).is_err() {
@@ -513,11 +536,7 @@ pub async fn delete_version(
     path = "/datasets/{ns}/{name}/versions/{ref}/deploy",
     operation_id = "deploy_version",
     tag = "datasets",
-    params(
-        ("ns" = String, Path, description = "The dataset's namespace"),
-        ("name" = String, Path, description = "The dataset's name"),
-        ("ref" = String, Path, description = "A version, `latest`, `dev` or a manifest hash"),
-    ),
+    params(VersionPath),
     request_body(content = Option<Deploy>, description = "Optional: the worker to run the job on"),
     responses(
         (status = 202, description = "The job", body = Deployed),
@@ -532,7 +551,11 @@ pub async fn delete_version(
 )]
 pub async fn deploy(
     State(app): State<Shared>,
-    Path((namespace, name, reference_)): Path<(String, String, String)>,
+    Path(VersionPath {
+        ns: namespace,
+        name,
+        reference: reference_,
+    }): Path<VersionPath>,
     OptionalJson(body): OptionalJson<Deploy>,
 ) -> Result<(StatusCode, Json<Deployed>), ApiError> {
     let found = resolve(&app, &namespace, &name, &reference_).await?;
@@ -613,11 +636,7 @@ pub async fn deploy(
     path = "/datasets/{ns}/{name}/versions/{ref}/tables",
     operation_id = "list_tables",
     tag = "datasets",
-    params(
-        ("ns" = String, Path, description = "The dataset's namespace"),
-        ("name" = String, Path, description = "The dataset's name"),
-        ("ref" = String, Path, description = "A version, `latest`, `dev` or a manifest hash"),
-    ),
+    params(VersionPath),
     responses(
         (status = 200, description = "The tables", body = Tables),
         (status = 400, description = "`invalid_request`: a malformed name or reference",
@@ -627,7 +646,11 @@ pub async fn deploy(
 )]
 pub async fn tables(
     State(app): State<Shared>,
-    Path((namespace, name, reference_)): Path<(String, String, String)>,
+    Path(VersionPath {
+        ns: namespace,
+        name,
+        reference: reference_,
+    }): Path<VersionPath>,
 ) -> Result<Json<Tables>, ApiError> {
     let found = resolve(&app, &namespace, &name, &reference_).await?;
     let manifest = load(&app, &found).await?;

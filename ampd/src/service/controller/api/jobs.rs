@@ -6,7 +6,7 @@ use entity::JobStatus;
 use serde::{Deserialize, Serialize};
 
 use super::{Shared, db};
-use crate::metadata::jobs;
+use crate::metadata::{self, jobs};
 use crate::service::http::{ApiError, ErrorBody, Json, Path, Query};
 
 /// The largest page `GET /jobs` gives.
@@ -297,7 +297,20 @@ pub async fn delete(
     State(app): State<Shared>,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    db("delete a job", || jobs::delete(&app.db, id)).await?;
+    match crate::service::retrying("delete a job", || jobs::delete(&app.db, id)).await {
+        Ok(()) => {}
+        Err(metadata::Error::StateConflict { actual, .. }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "state_conflict",
+                format!(
+                    "job {id} is {actual}: only a COMPLETED, STOPPED, ERROR or FATAL job can be \
+                     deleted; stop it first"
+                ),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(job_id = id, "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }
