@@ -638,6 +638,11 @@ async fn datasets_are_registered_listed_resolved_and_versions_deleted() {
         c.delete(path).await.error(status, code);
     }
     assert_eq!(c.snapshot().await, before);
+
+    // Where the sources directory is not visible, CSV sources are left to the worker to check.
+    std::fs::remove_dir_all(c.ws.sources_dir()).expect("remove sources");
+    c.register("demo", "elsewhere", "1.0.0", trades("not/here.csv"))
+        .await;
     c.stop().await;
 }
 
@@ -1448,4 +1453,47 @@ async fn a_port_in_use_is_a_one_line_error_and_exit_1() {
     );
     assert!(!exit.log.contains("panicked"), "{}", exit.log);
     drop(taken);
+}
+
+#[tokio::test]
+async fn readiness_and_requests_follow_the_database() {
+    let mut c = Controller::start("", "").await;
+    c.register("demo", "prices", "1.0.0", prices(json!([])))
+        .await;
+    let name = c.db.name().to_owned();
+    let sessions = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    );
+
+    // The database refuses connections: not ready, and a request waits for it, retrying.
+    tests::admin_exec(&format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
+    ))
+    .await;
+    tests::admin_exec(&sessions).await;
+    c.get("/readyz")
+        .await
+        .error(503, "unavailable")
+        .says("not ready");
+    assert_eq!(c.get("/healthz").await.status, 200);
+    let pending = tokio::spawn(c.http.get(format!("http://{}/datasets", c.addr)).send());
+    let service = c.service.as_mut().expect("running");
+    service
+        .wait_for_log(Duration::from_secs(30), |log| {
+            log.contains("list datasets failed; retrying")
+        })
+        .await;
+
+    // Back: the waiting request completes, and the controller is ready again.
+    tests::admin_exec(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await;
+    let reply = pending.await.expect("the request task").expect("an answer");
+    assert_eq!(reply.status().as_u16(), 200);
+    let body: Value = reply.json().await.expect("JSON");
+    assert_eq!(body, json!([{"namespace": "demo", "name": "prices"}]));
+    eventually("ready again", || async {
+        c.get("/readyz").await.status == 200
+    })
+    .await;
+    c.stop().await;
 }

@@ -282,7 +282,7 @@ fn invalid_manifest(e: manifest::ManifestError) -> ApiError {
 /// The manifest is validated (CSV sources too, when the sources directory is visible here), stored
 /// content-addressed, linked to the dataset (which moves `dev` to it) and tagged with the version
 /// (`latest` moves to the highest version). Registering the same version with the same manifest
-/// again is a no-op.
+/// again changes nothing but `dev`, which moves back to it.
 #[utoipa::path(
     post,
     path = "/datasets",

@@ -1,11 +1,16 @@
 //! `GET /healthz`, `GET /readyz`, `GET /openapi.json`.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use serde::Serialize;
 
 use super::Shared;
 use crate::migrate;
 use crate::service::http::{ApiError, ErrorBody, Json};
+
+/// How long `/readyz` waits for the database before it answers 503.
+const READY_WITHIN: Duration = Duration::from_secs(5);
 
 /// The answer of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -31,7 +36,8 @@ pub async fn healthz() -> Json<Status> {
 
 /// The controller is ready.
 ///
-/// The database answers and its schema is at this binary's head; 503 with the reason otherwise.
+/// The database answers (within 5 s) and its schema is at this binary's head; 503 with the reason
+/// otherwise.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -44,14 +50,18 @@ pub async fn healthz() -> Json<Status> {
     ),
 )]
 pub async fn readyz(State(app): State<Shared>) -> Result<Json<Status>, ApiError> {
-    match migrate::verify_current(&app.db, &(app.migrations)()).await {
-        Ok(()) => Ok(Json(Status { status: "ready" })),
-        Err(e) => {
-            let reason = crate::redact::redact(&e.to_string());
-            tracing::warn!(reason = %reason, "not ready");
-            Err(ApiError::unavailable(format!("not ready: {reason}")))
-        }
-    }
+    let migrations = (app.migrations)();
+    let check = migrate::verify_current(&app.db, &migrations);
+    let reason = match tokio::time::timeout(READY_WITHIN, check).await {
+        Ok(Ok(())) => return Ok(Json(Status { status: "ready" })),
+        Ok(Err(e)) => crate::redact::redact(&e.to_string()),
+        Err(_) => format!(
+            "the metadata database did not answer within {} s",
+            READY_WITHIN.as_secs()
+        ),
+    };
+    tracing::warn!(reason = %reason, "not ready");
+    Err(ApiError::unavailable(format!("not ready: {reason}")))
 }
 
 /// This document.
