@@ -210,7 +210,8 @@ pub struct Tables {
 #[into_params(parameter_in = Path)]
 pub struct DatasetPath {
     /// The dataset's namespace.
-    pub ns: String,
+    #[serde(rename = "ns")]
+    pub namespace: String,
     /// The dataset's name.
     pub name: String,
 }
@@ -220,13 +221,26 @@ pub struct DatasetPath {
 #[into_params(parameter_in = Path)]
 pub struct VersionPath {
     /// The dataset's namespace.
-    pub ns: String,
+    #[serde(rename = "ns")]
+    pub namespace: String,
     /// The dataset's name.
     pub name: String,
     /// A version (`1.0.0`), `latest`, `dev`, or a manifest hash (64 hex characters); deleting
     /// takes a version only.
     #[serde(rename = "ref")]
     pub reference: String,
+}
+
+/// The errors of naming a version that does not resolve, for the document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Describes responses; `ApiError` builds them.
+enum VersionErrors {
+    /// `invalid_request`: a malformed name or reference.
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// `not_found`: no such version or manifest.
+    #[response(status = 404)]
+    Unknown(ErrorBody),
 }
 
 /// 400 unless `namespace` and `name` are valid dataset names.
@@ -248,11 +262,9 @@ fn reference(namespace: &str, name: &str, reference: &str) -> Result<String, Api
 /// The manifest `reference` names: 400 for a malformed one, 404 for an unknown one.
 async fn resolve(
     app: &Shared,
-    namespace: &str,
-    name: &str,
-    reference_: &str,
+    path: &VersionPath,
 ) -> Result<entity::manifest_files::Model, ApiError> {
-    let text = reference(namespace, name, reference_)?;
+    let text = reference(&path.namespace, &path.name, &path.reference)?;
     db("resolve a dataset reference", || {
         datasets::resolve(&app.db, &text)
     })
@@ -410,10 +422,7 @@ fn tag(t: entity::tags::Model) -> Tag {
 )]
 pub async fn get(
     State(app): State<Shared>,
-    Path(DatasetPath {
-        ns: namespace,
-        name,
-    }): Path<DatasetPath>,
+    Path(DatasetPath { namespace, name }): Path<DatasetPath>,
 ) -> Result<Json<Dataset>, ApiError> {
     check_dataset(&namespace, &name)?;
     let exists = db("look up a dataset", || {
@@ -452,20 +461,17 @@ pub async fn get(
     params(VersionPath),
     responses(
         (status = 200, description = "The manifest", body = Version),
-        (status = 400, description = "`invalid_request`: a malformed name or reference",
-            body = ErrorBody),
-        (status = 404, description = "`not_found`: no such version or manifest", body = ErrorBody),
+        VersionErrors,
     ),
 )]
 pub async fn get_version(
     State(app): State<Shared>,
-    Path(VersionPath {
-        ns: namespace,
-        name,
-        reference: reference_,
-    }): Path<VersionPath>,
+    Path(path): Path<VersionPath>,
 ) -> Result<Json<Version>, ApiError> {
-    let found = resolve(&app, &namespace, &name, &reference_).await?;
+    let found = resolve(&app, &path).await?;
+    let VersionPath {
+        namespace, name, ..
+    } = path;
     let manifest = load(&app, &found).await?;
     let tags = db("list tags", || {
         datasets::list_tags(&app.db, &namespace, &name)
@@ -505,7 +511,7 @@ pub async fn get_version(
 pub async fn delete_version(
     State(app): State<Shared>,
     Path(VersionPath {
-        ns: namespace,
+        namespace,
         name,
         reference: version,
     }): Path<VersionPath>,
@@ -551,14 +557,13 @@ pub async fn delete_version(
 )]
 pub async fn deploy(
     State(app): State<Shared>,
-    Path(VersionPath {
-        ns: namespace,
-        name,
-        reference: reference_,
-    }): Path<VersionPath>,
+    Path(path): Path<VersionPath>,
     OptionalJson(body): OptionalJson<Deploy>,
 ) -> Result<(StatusCode, Json<Deployed>), ApiError> {
-    let found = resolve(&app, &namespace, &name, &reference_).await?;
+    let found = resolve(&app, &path).await?;
+    let VersionPath {
+        namespace, name, ..
+    } = path;
     if found.kind != manifest::STATIC {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -639,20 +644,17 @@ pub async fn deploy(
     params(VersionPath),
     responses(
         (status = 200, description = "The tables", body = Tables),
-        (status = 400, description = "`invalid_request`: a malformed name or reference",
-            body = ErrorBody),
-        (status = 404, description = "`not_found`: no such version or manifest", body = ErrorBody),
+        VersionErrors,
     ),
 )]
 pub async fn tables(
     State(app): State<Shared>,
-    Path(VersionPath {
-        ns: namespace,
-        name,
-        reference: reference_,
-    }): Path<VersionPath>,
+    Path(path): Path<VersionPath>,
 ) -> Result<Json<Tables>, ApiError> {
-    let found = resolve(&app, &namespace, &name, &reference_).await?;
+    let found = resolve(&app, &path).await?;
+    let VersionPath {
+        namespace, name, ..
+    } = path;
     let manifest = load(&app, &found).await?;
     let physical = db("list tables", || {
         revisions::list_tables_of_manifest(&app.db, &namespace, &name, &found.hash)

@@ -64,7 +64,7 @@ impl From<entity::jobs::Model> for Job {
 pub struct JobPage {
     /// The jobs, by ascending id.
     pub jobs: Vec<Job>,
-    /// Pass as `after` for the next page; absent on the last page.
+    /// Pass as `after` for the next page; null on the last page.
     pub next_after: Option<i64>,
 }
 
