@@ -253,9 +253,10 @@ async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT pg_terminate_backend(pid) AS terminated FROM pg_locks \
-             WHERE locktype = 'advisory' AND objsubid = 2 \
-               AND classid = ($1::int4)::oid AND objid = ($2::int4)::oid",
+            format!(
+                "SELECT pg_terminate_backend(pid) AS terminated FROM pg_locks \
+             WHERE {THIS_LOCK}"
+            ),
             [k1.into(), k2.into()],
         ))
         .await
@@ -265,10 +266,39 @@ async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
 
     let err = claim.check().await.expect_err("connection gone");
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    // The terminated backend releases its locks as it exits, which may be after the client has
+    // seen its connection close: wait for that, then the node id is free again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = conn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                format!("SELECT count(*) AS n FROM pg_locks WHERE {THIS_LOCK}"),
+                [k1.into(), k2.into()],
+            ))
+            .await
+            .unwrap()
+            .expect("a row")
+            .try_get::<i64>("", "n")
+            .unwrap();
+        if held == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock is never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     workers::claim(&db.config(), "w1")
         .await
         .expect("the node id is free again");
 }
+
+/// The node claim's advisory lock ($1, $2: its key), in this test's database only.
+const THIS_LOCK: &str = "locktype = 'advisory' AND objsubid = 2 \
+    AND classid = ($1::int4)::oid AND objid = ($2::int4)::oid \
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 #[tokio::test]
 async fn claim_keys_use_the_two_key_space_and_differ_between_node_ids() {
