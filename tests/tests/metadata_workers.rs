@@ -155,6 +155,46 @@ async fn list_live_keeps_workers_whose_heartbeat_is_within_the_window() {
 }
 
 #[tokio::test]
+async fn a_signed_off_worker_is_not_live_and_still_reads_back() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    workers::register(&conn, "w1", json!({}))
+        .await
+        .expect("register");
+    workers::register(&conn, "w2", json!({}))
+        .await
+        .expect("register");
+    workers::sign_off(&conn, "w1").await.expect("sign off");
+
+    let live = workers::list_live(&conn, Duration::from_secs(3600))
+        .await
+        .expect("list live");
+    assert_eq!(
+        live.iter().map(|w| w.node_id.as_str()).collect::<Vec<_>>(),
+        ["w2"]
+    );
+    // The row reads back, through `get` and `list` alike.
+    let w1 = workers::get(&conn, "w1").await.expect("get").expect("w1");
+    assert_eq!(w1.heartbeat_at.timestamp(), 0);
+    assert_eq!(workers::list(&conn).await.expect("list").len(), 2);
+    assert!(matches!(
+        workers::sign_off(&conn, "ghost").await,
+        Err(Error::NotFound { .. })
+    ));
+    // Registering again makes it live again.
+    workers::register(&conn, "w1", json!({}))
+        .await
+        .expect("register");
+    assert_eq!(
+        workers::list_live(&conn, Duration::from_secs(3600))
+            .await
+            .expect("list live")
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
 async fn get_and_list_return_registered_workers() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;

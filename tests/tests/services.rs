@@ -166,7 +166,12 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
 async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    // The admin API listens: on a free port, not the default one another process may hold.
+    let admin = format!(
+        "\n[controller]\nadmin_addr = \"{}\"",
+        tests::services::free_addr()
+    );
+    let config = dir.file("config.toml", &config_toml(db.url(), &admin));
     let conn = db.connect().await;
 
     let solo = spawn(&config, &["solo"]);
