@@ -552,7 +552,7 @@ async fn a_second_worker_with_the_same_node_id_exits_1_and_the_first_runs_on() {
 async fn max_concurrent_jobs_bounds_the_jobs_running_at_once() {
     let s = Setup::new().await;
     s.register("w-slots").await;
-    big_csv(&s.ws.sources_dir().join("medium.csv"), 20_000);
+    big_csv(&s.ws.sources_dir().join("medium.csv"), 50_000);
     let mut ids = Vec::new();
     for i in 0..5 {
         let manifest = single_table("t", &BIG_COLUMNS, "csv", json!("medium.csv"));
@@ -654,7 +654,7 @@ async fn a_lost_claim_is_claimed_again_and_a_node_id_taken_meanwhile_stops_the_w
     let mut worker = s
         .worker(
             "w-claim",
-            "heartbeat_interval_ms = 1500\nrows_per_file = 1000",
+            "heartbeat_interval_ms = 2000\nrows_per_file = 1000",
         )
         .await;
     let terminate_claim = format!(
@@ -675,6 +675,25 @@ async fn a_lost_claim_is_claimed_again_and_a_node_id_taken_meanwhile_stops_the_w
         row.try_get_by_index::<i64>(0).unwrap()
     };
 
+    // When the claim's connection last turned idle (the end of a claim check).
+    let claim_idle_since = format!(
+        "SELECT COALESCE(max(state_change)::text, '') FROM pg_stat_activity \
+         WHERE datname = '{}' AND application_name = 'ampd-node-claim' AND state = 'idle'",
+        s.db.name()
+    );
+    let claim_checked = || async {
+        let row = s
+            .conn
+            .query_one_raw(Statement::from_string(
+                s.conn.get_database_backend(),
+                claim_idle_since.clone(),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get_by_index::<String>(0).unwrap()
+    };
+
     // The claim's connection is lost (as in a database restart): the worker claims the node id
     // again and runs on.
     assert_eq!(terminated().await, 1);
@@ -687,6 +706,22 @@ async fn a_lost_claim_is_claimed_again_and_a_node_id_taken_meanwhile_stops_the_w
     let manifest = single_table("big", &BIG_COLUMNS, "csv", json!("big.csv"));
     let id = s.deploy("demo", "claim", &manifest, "w-claim").await;
     s.wait_first_file(&worker, "demo", "claim").await;
+    // Right after a claim check (its connection turns idle again), so that the next check comes
+    // after the test has taken the node id.
+    let last = claim_checked().await;
+    let started = Instant::now();
+    loop {
+        let now = claim_checked().await;
+        if !now.is_empty() && now != last {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no claim check:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(terminated().await, 1);
     let started = Instant::now();
     let taken = loop {

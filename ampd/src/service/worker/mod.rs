@@ -25,13 +25,14 @@ mod kinds;
 mod runner;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use entity::{JobStatus, jobs as job_rows};
 use sea_orm::DatabaseConnection;
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -106,102 +107,52 @@ pub async fn run(
         return Ok(());
     };
 
-    let heartbeat_stop = CancellationToken::new();
-    let mut heartbeat = tokio::spawn(heartbeat_loop(
-        db.clone(),
-        config.metadata_db.clone(),
-        node_id.clone(),
-        claim,
-        Duration::from_millis(config.worker.heartbeat_interval_ms),
-        heartbeat_stop.clone(),
-    ));
-    let gc_stop = CancellationToken::new();
-    let gc = tokio::spawn(gc_loop(
-        db.clone(),
-        settings.data_dir.clone(),
-        Duration::from_millis(config.worker.gc_interval_ms),
-        gc_stop.clone(),
-    ));
+    let mut heartbeat = Background::spawn(|stop| {
+        heartbeat_loop(
+            db.clone(),
+            config.metadata_db.clone(),
+            node_id.clone(),
+            claim,
+            Duration::from_millis(config.worker.heartbeat_interval_ms),
+            stop,
+        )
+    });
+    let gc = Background::spawn(|stop| {
+        gc_loop(
+            db.clone(),
+            settings.data_dir.clone(),
+            Duration::from_millis(config.worker.gc_interval_ms),
+            stop,
+        )
+    });
     let max_jobs = usize::try_from(config.worker.max_concurrent_jobs)
         .unwrap_or(usize::MAX)
         .max(1);
-    let mut slots = Slots::new(db.clone(), settings, max_jobs);
-    let mut reconcile =
-        tokio::time::interval(Duration::from_millis(config.worker.reconcile_interval_ms));
-    reconcile.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tracing::info!(
         node_id,
         max_concurrent_jobs = max_jobs,
-        data_dir = %slots.settings.data_dir.display(),
-        sources_dir = %slots.settings.sources_dir.display(),
+        data_dir = %settings.data_dir.display(),
+        sources_dir = %settings.sources_dir.display(),
         "worker started"
     );
+    let mut slots = Slots::new(db.clone(), settings, max_jobs);
+    let every = Duration::from_millis(config.worker.reconcile_interval_ms);
+    let lost = follow(&mut slots, &mut listener, &mut heartbeat, every, &shutdown).await;
 
-    let lost = loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break None,
-            ended = &mut heartbeat => break Some(claim_lost(ended)),
-            Some(joined) = slots.tasks.join_next_with_id(), if !slots.tasks.is_empty() => {
-                slots.finished(joined);
-                slots.reconcile_until(&shutdown).await;
-            }
-            _ = reconcile.tick() => slots.reconcile_until(&shutdown).await,
-            received = listener.recv() => match received {
-                Ok(Notification::JobAction(action)) if action.node_id == node_id => {
-                    tracing::debug!(job_id = action.job_id, action = ?action.action, "job action");
-                    slots.reconcile_until(&shutdown).await;
-                }
-                Ok(Notification::Reconnected) => slots.reconcile_until(&shutdown).await,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "notification listener failed; retrying");
-                    until_stopped(&shutdown, tokio::time::sleep(Duration::from_millis(500))).await;
-                }
-            },
-        }
-    };
-
-    // Stopping: hand everything back within a bounded time.
+    // Stopping: everything is handed back within a bounded time.
     let deadline = Instant::now() + STOP_WITHIN;
-    gc_stop.cancel();
+    gc.stop(Duration::from_millis(500)).await;
+    // The heartbeat ended by itself when the node id was lost: there is no claim to release, and
+    // the worker must not sign off a node id another process now runs.
     let claim = match lost {
         Some(_) => None,
         None => {
-            heartbeat_stop.cancel();
-            let abort = heartbeat.abort_handle();
-            match tokio::time::timeout(Duration::from_secs(1), heartbeat).await {
-                Ok(Ok(Ok(claim))) => claim,
-                Ok(_) => None,
-                Err(_) => {
-                    abort.abort();
-                    None
-                }
-            }
+            let claim = heartbeat.stop(Duration::from_secs(1)).await;
+            sign_off(&db, &node_id).await;
+            claim.and_then(Result::ok).flatten()
         }
     };
-    if lost.is_none() {
-        // Before the jobs are handed back, so that the controller, seeing them fail, places
-        // nothing here again.
-        let signed_off = tokio::time::timeout(
-            Duration::from_secs(2),
-            retrying("sign the worker off", || workers::sign_off(&db, &node_id)),
-        )
-        .await;
-        match signed_off {
-            Ok(Ok(())) => tracing::info!(node_id, "worker signed off"),
-            Ok(Err(e)) => tracing::warn!(node_id, error = %e, "could not sign the worker off"),
-            Err(_) => tracing::warn!(node_id, "could not sign the worker off in time"),
-        }
-    }
     slots.hand_back(deadline - Duration::from_secs(1)).await;
-    let abort = gc.abort_handle();
-    if tokio::time::timeout(Duration::from_millis(500), gc)
-        .await
-        .is_err()
-    {
-        abort.abort();
-    }
     if let Some(claim) = claim {
         let _ = tokio::time::timeout(Duration::from_secs(1), claim.release()).await;
     }
@@ -213,6 +164,90 @@ pub async fn run(
         None => {
             tracing::info!(node_id, "worker stopped");
             Ok(())
+        }
+    }
+}
+
+/// Follows the jobs assigned to this node until `shutdown` is cancelled (`None`) or the
+/// heartbeat loop ends because the node id is no longer this process's (the error).
+async fn follow(
+    slots: &mut Slots,
+    listener: &mut Listener,
+    heartbeat: &mut Background<Result<Option<NodeClaim>, metadata::Error>>,
+    every: Duration,
+    shutdown: &CancellationToken,
+) -> Option<ServiceError> {
+    let mut reconcile = tokio::time::interval(every);
+    reconcile.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            ended = &mut heartbeat.handle => return Some(claim_lost(ended)),
+            Some(joined) = slots.tasks.join_next_with_id(), if !slots.tasks.is_empty() => {
+                slots.finished(joined);
+                slots.reconcile_until(shutdown).await;
+            }
+            _ = reconcile.tick() => slots.reconcile_until(shutdown).await,
+            received = listener.recv() => match received {
+                Ok(Notification::JobAction(action)) if action.node_id == slots.settings.node_id => {
+                    tracing::debug!(job_id = action.job_id, action = ?action.action, "job action");
+                    slots.reconcile_until(shutdown).await;
+                }
+                Ok(Notification::Reconnected) => slots.reconcile_until(shutdown).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "notification listener failed; retrying");
+                    until_stopped(shutdown, tokio::time::sleep(Duration::from_millis(500))).await;
+                }
+            },
+        }
+    }
+}
+
+/// Signs the worker off (not live from now on), before its jobs are handed back, so that the
+/// controller, seeing them fail, places nothing here again.
+async fn sign_off(db: &DatabaseConnection, node_id: &str) {
+    let signed_off = tokio::time::timeout(
+        Duration::from_secs(2),
+        retrying("sign the worker off", || workers::sign_off(db, node_id)),
+    )
+    .await;
+    match signed_off {
+        Ok(Ok(())) => tracing::info!(node_id, "worker signed off"),
+        Ok(Err(e)) => tracing::warn!(node_id, error = %e, "could not sign the worker off"),
+        Err(_) => tracing::warn!(node_id, "could not sign the worker off in time"),
+    }
+}
+
+/// A background loop of the worker and the token that stops it.
+struct Background<T> {
+    handle: JoinHandle<T>,
+    stop: CancellationToken,
+}
+
+impl<T: Send + 'static> Background<T> {
+    fn spawn<F>(task: impl FnOnce(CancellationToken) -> F) -> Background<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        Background {
+            handle: tokio::spawn(task(stop.clone())),
+            stop,
+        }
+    }
+
+    /// Stops the loop and waits at most `within` for what it returns; aborts it after that.
+    async fn stop(self, within: Duration) -> Option<T> {
+        self.stop.cancel();
+        let abort = self.handle.abort_handle();
+        match tokio::time::timeout(within, self.handle).await {
+            Ok(ended) => ended.ok(),
+            Err(_) => {
+                abort.abort();
+                None
+            }
         }
     }
 }
