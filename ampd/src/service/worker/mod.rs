@@ -1,4 +1,5 @@
-//! The worker service: runs the jobs assigned to its node ([`runner`], [`kinds`]).
+//! The worker service: runs the jobs assigned to its node (`runner`: one job's life; `kinds`: what
+//! a job does).
 //!
 //! [`run`]:
 //! 1. claims the node id for as long as it runs (a second process with the same `--node-id` is
