@@ -19,6 +19,21 @@ use tests::services::{Service, Workspace};
 /// Generous bound on anything a test waits for.
 const WAIT: Duration = Duration::from_secs(120);
 
+/// Looking for evidence again and again, for at most [`WAIT`].
+struct Poll(Instant);
+
+impl Poll {
+    fn new() -> Poll {
+        Poll(Instant::now())
+    }
+
+    /// Waits a little before the next look; panics with `why` once [`WAIT`] has passed.
+    async fn again(&self, why: impl FnOnce() -> String) {
+        assert!(self.0.elapsed() < WAIT, "{}", why());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A test's database, workspace and connection.
 struct Setup {
     db: TestDb,
@@ -96,7 +111,7 @@ impl Setup {
 
     /// Waits until job `id` is `status`; panics with the worker's log if it ends otherwise.
     async fn wait_job(&self, worker: &Service, id: i64, status: JobStatus) -> job_rows::Model {
-        let started = Instant::now();
+        let poll = Poll::new();
         loop {
             let job = jobs::get(&self.conn, id)
                 .await
@@ -112,12 +127,8 @@ impl Setup {
                 job.detail,
                 worker.log()
             );
-            assert!(
-                started.elapsed() < WAIT,
-                "job {id} is still {now}, not {status}:\n{}",
-                worker.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            poll.again(|| format!("job {id} is still {now}, not {status}:\n{}", worker.log()))
+                .await;
         }
     }
 
@@ -143,7 +154,7 @@ impl Setup {
 
     /// Waits until some revision of a table of `ns/name` has a registered file: the job is writing.
     async fn wait_first_file(&self, worker: &Service, ns: &str, name: &str) {
-        let started = Instant::now();
+        let poll = Poll::new();
         loop {
             for table in revisions::list_tables(&self.conn, ns, name).await.unwrap() {
                 for revision in revisions::list(&self.conn, table.id).await.unwrap() {
@@ -156,12 +167,8 @@ impl Setup {
                     }
                 }
             }
-            assert!(
-                started.elapsed() < WAIT,
-                "no file registered for {ns}/{name}:\n{}",
-                worker.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            poll.again(|| format!("no file registered for {ns}/{name}:\n{}", worker.log()))
+                .await;
         }
     }
 
@@ -207,6 +214,20 @@ impl Setup {
             "the revision's directory holds its files only"
         );
         (rows, text)
+    }
+
+    /// The one value `sql` selects.
+    async fn scalar<T: sea_orm::TryGetable>(&self, sql: String) -> T {
+        let row = self
+            .conn
+            .query_one_raw(Statement::from_string(
+                self.conn.get_database_backend(),
+                sql,
+            ))
+            .await
+            .unwrap()
+            .expect("a row");
+        row.try_get_by_index::<T>(0).unwrap()
     }
 
     /// Whether any table of `ns/name` has an active revision.
@@ -478,7 +499,7 @@ async fn a_stop_request_ends_stopped_and_the_partial_revision_is_never_activated
     assert_eq!(table.active_revision_id, None);
 
     // The partial revision is abandoned: the garbage collector deletes its files and its row.
-    let started = Instant::now();
+    let poll = Poll::new();
     loop {
         let left = revisions::list(&s.conn, table.id).await.unwrap();
         let dir = s.ws.data_dir().join("demo/stop/big");
@@ -486,12 +507,8 @@ async fn a_stop_request_ends_stopped_and_the_partial_revision_is_never_activated
         if left.is_empty() && files_left == 0 {
             break;
         }
-        assert!(
-            started.elapsed() < WAIT,
-            "partial revision not collected: {left:?}\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        poll.again(|| format!("partial revision not collected: {left:?}\n{}", worker.log()))
+            .await;
     }
     let exit = worker.stop().await;
     assert_eq!(exit.code, Some(0), "{}", exit.log);
@@ -657,41 +674,21 @@ async fn a_lost_claim_is_claimed_again_and_a_node_id_taken_meanwhile_stops_the_w
             "heartbeat_interval_ms = 2000\nrows_per_file = 1000",
         )
         .await;
-    let terminate_claim = format!(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = '{}' AND application_name = 'ampd-node-claim'",
+    // The claim's connection, found by its application name in this test's database only.
+    let of_claim = format!(
+        "FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'ampd-node-claim'",
         s.db.name()
     );
-    let terminated = || async {
-        let row = s
-            .conn
-            .query_one_raw(Statement::from_string(
-                s.conn.get_database_backend(),
-                terminate_claim.clone(),
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        row.try_get_by_index::<i64>(0).unwrap()
+    let terminated = || {
+        s.scalar::<i64>(format!(
+            "SELECT count(pg_terminate_backend(pid)) {of_claim}"
+        ))
     };
-
-    // When the claim's connection last turned idle (the end of a claim check).
-    let claim_idle_since = format!(
-        "SELECT COALESCE(max(state_change)::text, '') FROM pg_stat_activity \
-         WHERE datname = '{}' AND application_name = 'ampd-node-claim' AND state = 'idle'",
-        s.db.name()
-    );
-    let claim_checked = || async {
-        let row = s
-            .conn
-            .query_one_raw(Statement::from_string(
-                s.conn.get_database_backend(),
-                claim_idle_since.clone(),
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        row.try_get_by_index::<String>(0).unwrap()
+    // When the claim's connection last turned idle: the end of a claim check.
+    let claim_checked = || {
+        s.scalar::<String>(format!(
+            "SELECT COALESCE(max(state_change)::text, '') {of_claim} AND state = 'idle'"
+        ))
     };
 
     // The claim's connection is lost (as in a database restart): the worker claims the node id
@@ -709,27 +706,22 @@ async fn a_lost_claim_is_claimed_again_and_a_node_id_taken_meanwhile_stops_the_w
     // Right after a claim check (its connection turns idle again), so that the next check comes
     // after the test has taken the node id.
     let last = claim_checked().await;
-    let started = Instant::now();
+    let poll = Poll::new();
     loop {
         let now = claim_checked().await;
         if !now.is_empty() && now != last {
             break;
         }
-        assert!(
-            started.elapsed() < WAIT,
-            "no claim check:\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        poll.again(|| format!("no claim check:\n{}", worker.log()))
+            .await;
     }
     assert_eq!(terminated().await, 1);
-    let started = Instant::now();
+    let poll = Poll::new();
     let taken = loop {
         match workers::claim(&s.db.config(), "w-claim").await {
             Ok(claim) => break claim,
-            Err(e) => assert!(started.elapsed() < WAIT, "{e}"),
+            Err(e) => poll.again(|| e.to_string()).await,
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let exit = worker.wait().await;
     assert_eq!(exit.code, Some(1), "{}", exit.log);
