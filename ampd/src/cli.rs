@@ -30,9 +30,10 @@ struct Cli {
 enum Command {
     /// Apply pending metadata database migrations, then exit (0: up to date, 1: error).
     Migrate(migrate_cmd::MigrateArgs),
-    /// Run the controller: reassigns jobs of dead workers and retries failed ones.
+    /// Run the controller: the admin API, and the scheduler that places jobs, recovers dead
+    /// workers' jobs and retries failed ones.
     Controller,
-    /// Run the server: follows revision changes of the metadata database.
+    /// Run the server: serves the rows of every table's active revision over HTTP.
     Server,
     /// Run a worker node: registers, heartbeats and follows the jobs assigned to it.
     Worker {

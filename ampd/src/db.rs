@@ -1,5 +1,17 @@
 //! Connecting to the metadata database: retries with backoff within the configured connect timeout,
 //! clear errors with the URL redacted, and PostgreSQL error details for callers that need them.
+//!
+//! Two kinds of connection:
+//! - the pool of a service, on `metadata_db.url`, which may be a pooler in transaction mode when it
+//!   keeps prepared statements across transactions ([`check_prepared_statements`]);
+//! - single connections for work that needs a session of its own (the migration lock and its
+//!   transactions, LISTEN, node-id claims), on `metadata_db.direct_url` (default: `url`), which
+//!   must be PostgreSQL itself or a session-mode pooler ([`check_session`]).
+//!
+//! Connections send no settings at startup beyond what every pooler accepts (user, database,
+//! application name, and the client encoding, date style and time zone sqlx always sends):
+//! PgBouncer refuses a connection with any other startup parameter. Settings a session needs are
+//! `SET` after connecting, by the code that needs them.
 
 use std::time::{Duration, Instant};
 
@@ -8,12 +20,12 @@ use std::future::Future;
 use sea_orm::sqlx::postgres::{
     PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions, PgSslMode,
 };
-use sea_orm::sqlx::{self, ConnectOptions as _};
+use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxPostgresConnector};
 
 use crate::config::{DatabaseUrl, MetadataDbConfig};
 
-/// Why the metadata database could not be reached.
+/// Why the metadata database could not be reached, or not used as configured.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The server did not accept a connection within the connect timeout (refused, unreachable,
@@ -55,12 +67,55 @@ pub enum ConnectError {
         "failed to connect to metadata database: no URL is configured (set metadata_db.url or AMP_CONFIG_METADATA_DB__URL)"
     )]
     NoUrl,
+    /// The server (or a pooler in front of it) refused the connection for another reason than the
+    /// credentials, e.g. a startup parameter it does not support or a database it does not serve.
+    #[error(
+        "failed to connect to metadata database: the server refused the connection: {cause} (url {url})"
+    )]
+    Refused {
+        /// The URL, password redacted.
+        url: String,
+        /// The server's message, with its SQLSTATE.
+        cause: String,
+    },
     /// The URL could not be turned into connection options.
     #[error("failed to connect to metadata database: invalid url {url}: {cause}")]
     InvalidUrl {
         /// The URL, password redacted.
         url: String,
         /// Why it is invalid.
+        cause: String,
+    },
+    /// Work that needs a session of its own was pointed at a pooler that shares server sessions
+    /// between its clients (transaction or statement mode).
+    #[error(
+        "{key} ({url}) does not give a connection a session of its own: two connections were served \
+         by the same server process (pid {pid}), as a pooler in transaction or statement mode does, so \
+         {work} could not stay on one session; nothing was changed. Set metadata_db.direct_url to \
+         PostgreSQL itself (or to a pooler in session mode) and keep the transaction-mode pooler in \
+         metadata_db.url"
+    )]
+    NotASession {
+        /// The configuration key the URL came from.
+        key: &'static str,
+        /// The URL, password redacted.
+        url: String,
+        /// The server process both connections reached.
+        pid: i32,
+        /// What needed the session.
+        work: &'static str,
+    },
+    /// The pool's URL leads to a pooler that loses prepared statements between transactions.
+    #[error(
+        "metadata_db.url ({url}) leads to a pooler in transaction mode that does not keep prepared \
+         statements across transactions ({cause}); ampd's queries are prepared statements. Use a \
+         pooler that tracks them (PgBouncer 1.21 or newer with max_prepared_statements = 200), or \
+         pool_mode = session for this database"
+    )]
+    PreparedStatementsLost {
+        /// The URL, password redacted.
+        url: String,
+        /// What the server answered.
         cause: String,
     },
 }
@@ -116,7 +171,9 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
-/// Options for one pool on `url`, with statement logging at debug level.
+/// Connection options for `url` as ampd uses them everywhere: no startup parameter a pooler could
+/// refuse, an IPv6 literal host (`[::1]`) as an address, no TLS request on a Unix socket,
+/// statements logged at debug level, application name `ampd`.
 fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> {
     let opts: PgConnectOptions =
         url.expose()
@@ -125,6 +182,18 @@ fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> 
                 url: url.redacted(),
                 cause: crate::redact::redact_url(&e.to_string()),
             })?;
+    // The URL keeps an IPv6 literal in brackets (`[::1]`); as a host name it cannot be resolved.
+    let opts = match opts
+        .get_host()
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+    {
+        Some(address) => {
+            let address = address.to_owned();
+            opts.host(&address)
+        }
+        None => opts,
+    };
     // PostgreSQL never offers TLS on a Unix socket, and libpq does not ask there; sqlx would, and
     // pay a round trip for the certain "no" before every connection.
     let on_socket = opts.get_socket().is_some() || opts.get_host().starts_with('/');
@@ -135,9 +204,9 @@ fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> 
     Ok(opts
         .log_statements(log::LevelFilter::Debug)
         .application_name("ampd")
-        // Let the server notice within a second that a client died in the middle of a statement
-        // (a killed `ampd migrate`), so its transaction and locks go with it (PostgreSQL 14+).
-        .options([("client_connection_check_interval", "1000")]))
+        // A startup parameter PgBouncer refuses ("unsupported startup parameter"); PostgreSQL 12+
+        // sends floats exactly without it.
+        .extra_float_digits(None))
 }
 
 /// Opens a pool of at most `max_connections` on the metadata database and proves it works with
@@ -205,16 +274,21 @@ where
     let mut delay = Duration::from_millis(50);
     loop {
         let left = timeout.saturating_sub(started.elapsed());
-        let err = match tokio::time::timeout(left, attempt(opts.clone())).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => e,
-            Err(_) => sqlx::Error::PoolTimedOut,
-        };
-        if !is_transient(&err) || started.elapsed() + delay >= timeout {
+        let err =
+            match tokio::time::timeout(left.max(Duration::from_millis(200)), attempt(opts.clone()))
+                .await
+            {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => e,
+                Err(_) => sqlx::Error::PoolTimedOut,
+            };
+        let left = timeout.saturating_sub(started.elapsed());
+        if !is_transient(&err) || left.is_zero() {
             return Err(classify(url, &opts, err, started.elapsed(), timeout).await);
         }
         tracing::debug!(error = %crate::redact::redact_url(&err.to_string()), "connect failed; retrying");
-        tokio::time::sleep(delay).await;
+        // The last try is made when the timeout is reached, not a backoff step before it.
+        tokio::time::sleep(delay.min(left)).await;
         delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
@@ -251,24 +325,29 @@ async fn classify(
     timeout: Duration,
 ) -> ConnectError {
     if let Some(pg) = pg_error_of_sqlx(&err) {
-        match pg.code.as_str() {
-            "3D000" => {
-                return ConnectError::DatabaseMissing {
-                    url: url.redacted(),
-                    database: url.database().unwrap_or_default(),
-                };
-            }
-            "28P01" | "28000" | "42501" => {
-                return ConnectError::Rejected {
-                    url: url.redacted(),
-                    cause: pg.message,
-                };
-            }
-            _ => {}
-        }
+        return match pg.code.as_str() {
+            "3D000" => ConnectError::DatabaseMissing {
+                url: url.redacted(),
+                database: url.database().unwrap_or_default(),
+            },
+            // invalid_password, invalid_authorization_specification.
+            "28P01" | "28000" => ConnectError::Rejected {
+                url: url.redacted(),
+                cause: pg.message,
+            },
+            _ if is_transient(&err) => ConnectError::Unreachable {
+                url: url.redacted(),
+                cause: pg.message,
+                elapsed,
+            },
+            code => ConnectError::Refused {
+                url: url.redacted(),
+                cause: format!("{} (SQLSTATE {code})", pg.message),
+            },
+        };
     }
     if !is_transient(&err) {
-        return ConnectError::Rejected {
+        return ConnectError::Refused {
             url: url.redacted(),
             cause: crate::redact::redact_url(&err.to_string()),
         };
@@ -288,4 +367,147 @@ async fn classify(
         cause,
         elapsed,
     }
+}
+
+/// Opens one plain connection of its own to `url` (no settings applied), with the pool's connect
+/// options and retries ([`with_connect_retry`]).
+pub async fn open(cfg: &MetadataDbConfig, url: &DatabaseUrl) -> Result<PgConnection, ConnectError> {
+    with_connect_retry(url, cfg, |opts| async move { opts.connect().await }).await
+}
+
+/// How long a check's second connection may wait for a server process before the check concludes
+/// that a pooler in session mode has none free.
+pub const SECOND_CONNECTION_WAIT: Duration = Duration::from_secs(2);
+
+/// The statement that asks which server process serves a connection.
+pub const BACKEND_PID_SQL: &str = "SELECT pg_backend_pid()";
+
+/// The server process serving `conn`'s latest statement (asked with the simple protocol, which
+/// any pooler passes through whole).
+pub async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    use sqlx::Row as _;
+    sqlx::raw_sql(BACKEND_PID_SQL)
+        .fetch_one(conn)
+        .await?
+        .try_get::<i32, _>(0)
+}
+
+/// The configuration key session-bound work takes its URL from.
+pub fn session_key(cfg: &MetadataDbConfig) -> &'static str {
+    if cfg.direct_url.is_some() {
+        "metadata_db.direct_url"
+    } else {
+        "metadata_db.url"
+    }
+}
+
+/// Checks that the session URL (`direct_url`, default `url`) gives each connection a session of its own, as `work` needs: a
+/// second connection must be served by another server process than `first` (the process that
+/// served `first`'s latest statement, `first_pid`). A pooler in transaction or statement mode hands
+/// the server process it just released to the next client, so both connections reach the same one.
+///
+/// A second connection that gets no server process within [`SECOND_CONNECTION_WAIT`] means a
+/// pooler in session mode with all its server connections taken (a pooler in transaction mode
+/// would have handed it the first connection's, idle meanwhile): the check passes.
+pub async fn check_session(
+    cfg: &MetadataDbConfig,
+    first_pid: i32,
+    work: &'static str,
+) -> Result<(), ConnectError> {
+    let url = session_url(cfg)?;
+    let mut second = open(cfg, url).await?;
+    let Ok(pid) = tokio::time::timeout(SECOND_CONNECTION_WAIT, backend_pid(&mut second)).await
+    else {
+        tracing::debug!("no server process for a second connection yet: a full session pool");
+        return Ok(());
+    };
+    let _ = second.close().await;
+    let pid = pid.map_err(|e| ConnectError::Refused {
+        url: url.redacted(),
+        cause: crate::redact::redact_url(&e.to_string()),
+    })?;
+    if pid == first_pid {
+        return Err(ConnectError::NotASession {
+            key: session_key(cfg),
+            url: url.redacted(),
+            pid,
+            work,
+        });
+    }
+    Ok(())
+}
+
+/// Opens a connection for session-bound `work` and proves it is a session of its own
+/// ([`check_session`]); the connection is closed again.
+pub async fn require_session(
+    cfg: &MetadataDbConfig,
+    work: &'static str,
+) -> Result<(), ConnectError> {
+    let url = session_url(cfg)?;
+    let mut first = open(cfg, url).await?;
+    let pid = backend_pid(&mut first).await;
+    let result = match pid {
+        Ok(pid) => check_session(cfg, pid, work).await,
+        Err(e) => Err(ConnectError::Refused {
+            url: url.redacted(),
+            cause: crate::redact::redact_url(&e.to_string()),
+        }),
+    };
+    let _ = first.close().await;
+    result
+}
+
+/// Checks that the pool's URL keeps prepared statements where ampd's queries expect them. Two
+/// connections prepare and run the same statement, twice each, in turn: on PostgreSQL or a pooler
+/// in session mode each has a server process of its own; a pooler in transaction mode that does
+/// not track prepared statements hands the second connection the first one's server process, where
+/// the statement's name is already taken (or later misses it), and the server says so.
+pub async fn check_prepared_statements(cfg: &MetadataDbConfig) -> Result<(), ConnectError> {
+    let url = cfg.url.as_ref().ok_or(ConnectError::NoUrl)?;
+    let mut first = open(cfg, url).await?;
+    let mut second = match open(cfg, url).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let _ = first.close().await;
+            return Err(e);
+        }
+    };
+    let mut result = Ok(());
+    for turn in 0..4 {
+        let conn = if turn % 2 == 0 {
+            &mut first
+        } else {
+            &mut second
+        };
+        let answer = tokio::time::timeout(
+            SECOND_CONNECTION_WAIT,
+            sqlx::query_scalar::<_, i32>("SELECT $1::int4")
+                .bind(1_i32)
+                .fetch_one(conn),
+        )
+        .await;
+        let Ok(answer) = answer else {
+            // No server process free for one of them: a full pool in session mode.
+            break;
+        };
+        if let Err(e) = answer {
+            result = Err(match pg_error_of_sqlx(&e) {
+                // invalid_sql_statement_name, duplicate_prepared_statement, protocol_violation.
+                Some(pg) if matches!(pg.code.as_str(), "26000" | "42P05" | "08P01") => {
+                    ConnectError::PreparedStatementsLost {
+                        url: url.redacted(),
+                        cause: format!("{} (SQLSTATE {})", pg.message, pg.code),
+                    }
+                }
+                _ => ConnectError::Refused {
+                    url: url.redacted(),
+                    cause: crate::redact::redact_url(&e.to_string()),
+                },
+            });
+            break;
+        }
+    }
+    let _ = first.close().await;
+    let _ = second.close().await;
+    result
 }

@@ -306,10 +306,18 @@ fn parse_rows(
     Ok(parsed)
 }
 
+/// Whether `path` is a plain relative path: not empty, not absolute, no `..` or `.`, so that it
+/// names something inside whatever directory it is joined to (symbolic links aside).
+pub fn is_plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
 /// Checks that `path` is a plain relative path: not absolute, no `..` or `.`, not empty.
 fn check_relative(path: &str) -> Result<(), String> {
-    let p = Path::new(path);
-    if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+    if !is_plain_relative(path) {
         return Err(format!(
             "{path:?} is not allowed: give a path relative to the sources directory, without \
              '..', '.' or a leading '/'"

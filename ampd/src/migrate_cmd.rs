@@ -1,17 +1,26 @@
-//! `ampd migrate`: apply pending migrations and exit; `ampd migrate status`; `--dry-run`.
+//! `ampd migrate`: apply pending migrations and exit; `ampd migrate status`; `--dry-run`;
+//! `ampd migrate accept-checksum`.
 
 use std::io::Write as _;
 
+use clap::{Args, Subcommand};
+
 use crate::config::Config;
 use crate::migrate::{self, MigrationSet};
-use clap::{Args, Subcommand};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct MigrateArgs {
-    /// Print the SQL the pending migrations would run, in order, and change nothing.
+    /// Print what a run would send, in order (the lock, the settings, the bookkeeping, every
+    /// migration's statements, the records), sending only the statements that read. Shows which
+    /// pending migrations run together in one transaction and which run alone.
     #[arg(long)]
     dry_run: bool,
+
+    /// With --dry-run: only the statements of this migration, as the step a run makes of it,
+    /// without contacting the database (for review and linting).
+    #[arg(long, value_name = "MIGRATION", requires = "dry_run")]
+    only: Option<String>,
 
     #[command(subcommand)]
     action: Option<MigrateAction>,
@@ -19,13 +28,48 @@ pub struct MigrateArgs {
 
 #[derive(Debug, Subcommand)]
 enum MigrateAction {
-    /// Show applied and pending migrations with applied-at, checksum state and duration
-    /// (read-only: creates nothing).
+    /// Show applied and pending migrations with applied-at, checksum state, duration, who applied
+    /// them and, for pending ones, the step of the next run (read-only: creates nothing).
     Status {
         /// One JSON document on stdout, for scripts.
         #[arg(long)]
         json: bool,
     },
+    /// Accept this binary's checksum for an applied migration whose source was changed on purpose
+    /// (reviewed: what it does is unchanged), keeping the old checksum, the reason and the time in
+    /// the history.
+    AcceptChecksum {
+        /// The migration.
+        #[arg(value_name = "MIGRATION")]
+        name: String,
+        /// Why the change is safe (recorded in the history).
+        #[arg(long, value_parser = non_empty)]
+        reason: String,
+    },
+}
+
+fn non_empty(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        Err("the reason must not be empty".into())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`ampd migrate | head -0`) does not turn what
+/// was done into a failure: the result was already committed, and stderr still reports it.
+fn print(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            tracing::debug!("stdout is closed; the result was not printed");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 pub async fn run(
@@ -34,28 +78,50 @@ pub async fn run(
     set: &MigrationSet,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let db = &config.metadata_db;
-    let mut stdout = std::io::stdout().lock();
-    match (args.action, args.dry_run) {
-        (Some(MigrateAction::Status { json }), _) => {
+    match (args.action, args.dry_run, args.only) {
+        (Some(MigrateAction::Status { json }), _, _) => {
             let states = migrate::status(db, set).await?;
             if json {
-                serde_json::to_writer_pretty(&mut stdout, &states)?;
-                writeln!(stdout)?;
+                print(&format!("{}\n", serde_json::to_string_pretty(&states)?))?;
             } else {
-                write!(stdout, "{}", status_table(&states))?;
+                print(&status_table(&states))?;
             }
         }
-        (None, true) => {
+        (Some(MigrateAction::AcceptChecksum { name, reason }), _, _) => {
+            match migrate::accept_checksum(db, set, &name, &reason).await? {
+                Some(accepted) => print(&format!(
+                    "accepted checksum {} for {} (was {}, algorithm {}); the old value and the \
+                     reason are kept in {}.checksum_history\n",
+                    accepted.new,
+                    accepted.name,
+                    accepted.old,
+                    accepted.old_algorithm,
+                    migrate::HISTORY_TABLE
+                ))?,
+                None => print(&format!(
+                    "{name}: the recorded checksum already matches (or none is recorded yet); \
+                     nothing changed\n"
+                ))?,
+            }
+        }
+        (None, true, Some(name)) => {
+            let plan = migrate::dry_run_one(db, set, &name).await?;
+            print(&plan.script())?;
+        }
+        (None, true, None) => {
             let plan = migrate::dry_run(db, set).await?;
-            write!(stdout, "{}", plan.script())?;
+            print(&plan.script())?;
         }
-        (None, false) => {
-            tracing::info!(url = %config.require_url()?, "migrating metadata database");
+        (None, false, _) => {
+            tracing::info!(url = %crate::db::session_url(db)?, "migrating metadata database");
             let report = migrate::migrate(db, set).await?;
+            let mut out = String::new();
             for name in &report.adopted {
-                writeln!(stdout, "recorded {name} (applied earlier without ampd)")?;
+                out.push_str(&format!("recorded {name} (applied earlier without ampd)\n"));
             }
-            writeln!(stdout, "{}", report.summary())?;
+            out.push_str(&report.summary());
+            out.push('\n');
+            print(&out)?;
         }
     }
     Ok(())
@@ -68,9 +134,17 @@ fn status_table(states: &[migrate::MigrationState]) -> String {
         .max()
         .unwrap_or(9)
         .max(9);
-    let mut out = format!(
-        "{:<width$}  {:<8}  {:<20}  {:<10}  {:>8}  {}\n",
-        "MIGRATION", "STATE", "APPLIED AT (UTC)", "CHECKSUM", "MS", "BY AMPD"
+    let row = |name: &str, state: &str, at: &str, sum: &str, ms: &str, by: &str, plan: &str| {
+        format!("{name:<width$}  {state:<8}  {at:<20}  {sum:<10}  {ms:>8}  {by:<16}  {plan}\n")
+    };
+    let mut out = row(
+        "MIGRATION",
+        "STATE",
+        "APPLIED AT (UTC)",
+        "CHECKSUM",
+        "MS",
+        "BY",
+        "NEXT RUN",
     );
     for s in states {
         let applied_at = s
@@ -81,14 +155,23 @@ fn status_table(states: &[migrate::MigrationState]) -> String {
             .duration_ms
             .map(|d| d.to_string())
             .unwrap_or_else(|| "-".into());
-        out.push_str(&format!(
-            "{:<width$}  {:<8}  {:<20}  {:<10}  {:>8}  {}\n",
-            s.name,
+        let by = match (s.applied_by, s.ampd_version.as_deref()) {
+            (Some("outside-ampd"), _) => "outside ampd".to_owned(),
+            (_, Some(version)) => format!("ampd {version}"),
+            _ => "-".to_owned(),
+        };
+        let plan = match (s.step, s.runs) {
+            (Some(step), Some(kind)) => format!("step {step}, {}", kind.describe()),
+            _ => "-".to_owned(),
+        };
+        out.push_str(&row(
+            &s.name,
             s.state,
-            applied_at,
+            &applied_at,
             s.checksum,
-            ms,
-            s.ampd_version.as_deref().unwrap_or("-")
+            &ms,
+            &by,
+            &plan,
         ));
     }
     let applied = states.iter().filter(|s| s.state == "applied").count();

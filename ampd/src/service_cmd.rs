@@ -33,7 +33,7 @@ pub async fn controller(config: Config, migrations: fn() -> MigrationSet) -> Res
     let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };
-    controller::run(db, Arc::new(config), shutdown).await?;
+    controller::run(db, Arc::new(config), migrations, shutdown).await?;
     Ok(())
 }
 

@@ -286,6 +286,7 @@ async fn run_services(
             Box::pin(controller::run(
                 db.clone(),
                 config.clone(),
+                migrations,
                 shutdown.clone(),
             )),
         ),

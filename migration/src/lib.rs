@@ -11,7 +11,10 @@ pub use sea_orm_migration::prelude::*;
 pub use sea_orm_migration::seaql_migrations;
 
 mod checksum;
-pub use checksum::{CHECKSUMS, canonical_tokens, checksum_of, source_checksum};
+pub use checksum::{
+    Algorithm, CHECKSUMS, CHECKSUMS_V1, FROZEN_V1, FrozenV1, canonical_tokens, checksum_of,
+    checksum_with, effective_v1, parse_frozen_v1, source_checksum, source_checksum_v1,
+};
 
 mod m20261101_000001_create_workers;
 mod m20261101_000002_create_jobs;
@@ -20,6 +23,13 @@ mod m20261101_000004_create_physical_tables;
 mod m20261101_000005_create_files;
 mod m20261101_000006_add_jobs_idempotency_key;
 mod m20261101_000007_backfill_jobs_idempotency_key;
+mod m20261201_000001_index_physical_tables_active_revision;
+
+/// The Rust examples of the workspace's README, compiled as doc tests (`cargo test -p migration
+/// --doc`) so that they keep compiling as written.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
 
 pub struct Migrator;
 
@@ -34,6 +44,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261101_000005_create_files::Migration),
             Box::new(m20261101_000006_add_jobs_idempotency_key::Migration),
             Box::new(m20261101_000007_backfill_jobs_idempotency_key::Migration),
+            Box::new(m20261201_000001_index_physical_tables_active_revision::Migration),
         ]
     }
 }

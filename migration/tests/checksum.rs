@@ -3,7 +3,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use migration::{CHECKSUMS, MigratorTrait, checksum_of, source_checksum};
+use migration::{
+    Algorithm, CHECKSUMS, MigratorTrait, checksum_of, checksum_with, source_checksum,
+    source_checksum_v1,
+};
 
 fn source(name: &str) -> String {
     std::fs::read_to_string(
@@ -15,6 +18,65 @@ fn source(name: &str) -> String {
 }
 
 const SAMPLE: &str = "m20261101_000002_create_jobs";
+
+/// Every released migration and its checksum under today's normaliser (checksum algorithm 1), as
+/// deployed databases record it in `ampd_migrations`. Written out rather than computed: a change to
+/// the normaliser that moved any of them would make every such database refuse to migrate.
+/// Append a migration here once it is released; never change a line.
+const RELEASED_V1: &[(&str, &str)] = &[
+    (
+        "m20261101_000001_create_workers",
+        "ee3bccfab5a026c8614c9455c1e3339b19028370ad5714f6570113fdce35a219",
+    ),
+    (
+        "m20261101_000002_create_jobs",
+        "cba97ab9b38715590fed5aa4cdc37858a9289f1827187432a7bdd01d1a6404e1",
+    ),
+    (
+        "m20261101_000003_create_datasets",
+        "6ad7e7e1a7418f8bff131395c4d49370954a05be6e16d4706c5256d1cd1653c3",
+    ),
+    (
+        "m20261101_000004_create_physical_tables",
+        "3aaa4c50c8dccc1c1608c5542d6a998c0c8629a4c0ceaca2a28c5b111d1330ee",
+    ),
+    (
+        "m20261101_000005_create_files",
+        "a73cfaca6069b014939219f4f7ae0402b54fed5780490f985ea68d529542e334",
+    ),
+    (
+        "m20261101_000006_add_jobs_idempotency_key",
+        "70269302c1c3e7fc04447c3cbe99f120b4cd7b4797b8dd6a1ec887fc2cbb767c",
+    ),
+    (
+        "m20261101_000007_backfill_jobs_idempotency_key",
+        "eee392970c1cc661c6d26655f562ad5e3c8ffa7f4fa81184c91ab624bf286fc8",
+    ),
+];
+
+#[test]
+fn released_migrations_keep_the_checksums_deployed_databases_recorded() {
+    for (name, released) in RELEASED_V1 {
+        assert_eq!(
+            checksum_with(name, Algorithm::V1),
+            Some(*released),
+            "{name}: the algorithm-1 checksum built into ampd changed"
+        );
+        assert_eq!(
+            source_checksum_v1(&source(name)).as_deref(),
+            Ok(*released),
+            "{name}: the algorithm-1 checksum of its source changed"
+        );
+    }
+    // Every migration this build knows, but the newest ones not yet released, is in the table.
+    let released: Vec<&str> = RELEASED_V1.iter().map(|(name, _)| *name).collect();
+    let known: Vec<&str> = CHECKSUMS.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        &known[..released.len()],
+        &released[..],
+        "released migrations are neither removed nor reordered"
+    );
+}
 
 #[test]
 fn every_migration_has_the_checksum_of_its_source() {

@@ -26,8 +26,9 @@ impl Output {
     }
 }
 
-fn target_dir() -> PathBuf {
-    // <target>/debug/deps/<test binary> -> <target>/debug
+/// The directory cargo puts this workspace's binaries in: `<target>/<profile>` of the running test
+/// (`<target>/<profile>/deps/<test binary>`).
+pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let deps = exe.parent().expect("deps dir");
     if deps.file_name().is_some_and(|n| n == "deps") {
@@ -37,7 +38,100 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// The cargo running these tests, as a command without the variables cargo sets for a test
+/// The root of this workspace.
+pub fn workspace_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace root")
+            .to_path_buf()
+    })
+}
+
+/// Binary `bin` of workspace package `package`, as cargo built it beside the running test; no
+/// build is started from here. `cargo test --workspace` builds every binary of the workspace (a
+/// package's binaries are built for its integration tests), and `cargo test -p tests` those of
+/// this package (cargo tells the test where they are, as `CARGO_BIN_EXE_<name>`).
+///
+/// A binary of another package is not rebuilt by `cargo test -p tests`: it is refused, saying how
+/// to build it, when it is missing or older than a source file of its package (`src/`, `build.rs`)
+/// or of a workspace library it links (`libs`: their `src/` but `main.rs` and `bin/`), so a test
+/// never runs a stale binary.
+pub fn workspace_binary(package: &str, bin: &str, libs: &[&str]) -> PathBuf {
+    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{bin}")) {
+        return PathBuf::from(path);
+    }
+    let path = target_dir().join(bin);
+    let build = format!(
+        "build it with `cargo build -p {package} --bin {bin}`, or run `cargo test --workspace`"
+    );
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; {build}", path.display()));
+    let root = workspace_root();
+    let newer = std::iter::once((package, true))
+        .chain(libs.iter().map(|lib| (*lib, false)))
+        .flat_map(|(krate, own)| {
+            let dir = root.join(krate);
+            let mut sources = vec![dir.join("build.rs")];
+            rust_sources(&dir.join("src"), own, &mut sources);
+            sources
+        })
+        .find(|source| {
+            std::fs::metadata(source)
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified > built)
+        });
+    if let Some(newer) = newer {
+        panic!(
+            "{} is older than {}: {build}",
+            path.display(),
+            newer.display()
+        );
+    }
+    path
+}
+
+/// The `.rs` files under `dir`; without `main.rs` and `bin/` unless `with_binaries`.
+fn rust_sources(dir: &Path, with_binaries: bool, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !with_binaries && (name == "main.rs" || name == "bin") {
+            continue;
+        }
+        if path.is_dir() {
+            rust_sources(&path, with_binaries, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The `ampd` binary.
+pub fn ampd() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("ampd", "ampd", &["entity", "migration"]))
+}
+
+/// The `ampd` command line built around a test-only migration set (`AMPD_FIXTURE_MIGRATIONS`).
+pub fn ampd_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("tests", "ampd-fixture", &["ampd", "entity", "migration"]))
+}
+
+/// SeaORM's migration command line for this workspace's migrations (`migration/src/main.rs`).
+pub fn seaorm_migration_cli() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("migration", "migration", &[]))
+}
+
+/// The cargo running these tests, as a command (for the one test that compiles a scaffolded
+/// migration in a copy of the workspace), without the variables cargo sets for a test
 /// process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Build scripts watch some of them (ring's
 /// reruns when `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME` changes), so a nested build that inherited
 /// them would find those dependencies dirty next to a build from a shell, and the two would rebuild
@@ -65,35 +159,6 @@ pub fn cargo() -> std::process::Command {
         }
     }
     cmd
-}
-
-/// Builds (if needed) and returns a binary of this workspace. Cargo makes the nested build a
-/// no-op when `cargo test --workspace` already built it, and a fresh build otherwise.
-fn built(package: &str, bin: &str) -> PathBuf {
-    let status = cargo()
-        .args(["build", "-q", "-p", package, "--bin", bin])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(
-        status.success(),
-        "cargo build -p {package} --bin {bin} failed"
-    );
-    let path = target_dir().join(bin);
-    assert!(path.exists(), "{} was not built", path.display());
-    path
-}
-
-/// The `ampd` binary.
-pub fn ampd() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| built("ampd", "ampd"))
-}
-
-/// The `ampd` command line built around a test-only migration set (`AMPD_FIXTURE_MIGRATIONS`).
-pub fn ampd_fixture() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| built("tests", "ampd-fixture"))
 }
 
 /// A temporary directory removed on drop.

@@ -7,6 +7,10 @@
 //! programs refuse to run as root). A watchdog shell holds the read end of a pipe whose write end the
 //! test process keeps open; when the test process exits for any reason the pipe closes and the
 //! watchdog stops the server and removes the directory.
+//!
+//! A private cluster trusts every connection except those of members of
+//! [`PASSWORD_ROLES`], whose passwords it checks (`scram-sha-256`), and preloads
+//! `pg_stat_statements` when PostgreSQL has it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +36,10 @@ pub fn admin_url() -> &'static str {
         }
     })
 }
+
+/// The group role whose members must log in with their password on a private cluster (its
+/// `pg_hba.conf` asks them for `scram-sha-256` before it trusts everyone else).
+pub const PASSWORD_ROLES: &str = "ampd_password_roles";
 
 /// What a private cluster is started with beyond the defaults.
 #[derive(Debug, Clone, Default)]
@@ -73,14 +81,7 @@ impl PrivateCluster {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let run_as = if is_root() { Some("postgres") } else { None };
         if let Some(user) = run_as {
-            let status = Command::new("chown")
-                .arg(format!("{user}:"))
-                .arg(&dir)
-                .status()
-                .map_err(|e| format!("chown: {e}"))?;
-            if !status.success() {
-                return Err(format!("chown {user} {} failed", dir.display()));
-            }
+            chown(user, &[&dir])?;
         }
         let data = dir.join("data");
         let out = as_user(run_as, &bindir.join("initdb"))
@@ -105,6 +106,8 @@ impl PrivateCluster {
             ));
         }
 
+        write_hba(&data, run_as)?;
+
         let mut extra = String::new();
         let mut port = 5432;
         if options.tcp_tls {
@@ -118,6 +121,13 @@ impl PrivateCluster {
             ));
         } else {
             extra.push_str(" -c listen_addresses=");
+        }
+        let preload_set = options
+            .settings
+            .iter()
+            .any(|(name, _)| name == "shared_preload_libraries");
+        if !preload_set && has_pg_stat_statements(&bindir) {
+            extra.push_str(" -c shared_preload_libraries=pg_stat_statements");
         }
         for (name, value) in &options.settings {
             extra.push_str(&format!(" -c {}", sh_quote_str(&format!("{name}={value}"))));
@@ -226,8 +236,61 @@ impl Drop for PrivateCluster {
     }
 }
 
+/// Replaces the `pg_hba.conf` of a new cluster at `data`: members of [`PASSWORD_ROLES`] log in with
+/// `scram-sha-256` (over the socket and TCP); every other role is trusted.
+fn write_hba(data: &Path, owner: Option<&str>) -> Result<(), String> {
+    let group = PASSWORD_ROLES;
+    let hba = data.join("pg_hba.conf");
+    let rules = format!(
+        "# TYPE  DATABASE USER    ADDRESS       METHOD\n\
+         local   all      +{group}                scram-sha-256\n\
+         host    all      +{group} 127.0.0.1/32  scram-sha-256\n\
+         host    all      +{group} ::1/128       scram-sha-256\n\
+         local   all      all                   trust\n\
+         host    all      all     127.0.0.1/32  trust\n\
+         host    all      all     ::1/128       trust\n"
+    );
+    std::fs::write(&hba, rules).map_err(|e| format!("write {}: {e}", hba.display()))?;
+    if let Some(user) = owner {
+        chown(user, &[&hba])?;
+    }
+    Ok(())
+}
+
+/// Gives `paths` to `user` (and its group).
+fn chown(user: &str, paths: &[&Path]) -> Result<(), String> {
+    let status = Command::new("chown")
+        .arg(format!("{user}:"))
+        .args(paths)
+        .status()
+        .map_err(|e| format!("chown: {e}"))?;
+    if !status.success() {
+        return Err(format!("chown {user} {paths:?} failed"));
+    }
+    Ok(())
+}
+
+/// Whether the PostgreSQL of `bindir` has the `pg_stat_statements` module (Debian's server package
+/// ships it; elsewhere it may come with a `contrib` package).
+pub fn has_pg_stat_statements(bindir: &Path) -> bool {
+    let pkglibdir = Command::new(bindir.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        .unwrap_or_else(|| bindir.join("../lib"));
+    pkglibdir.join("pg_stat_statements.so").exists()
+}
+
+/// Whether the harness started the server the tests use (no `AMP_TEST_DATABASE_URL`), and so
+/// knows how it is configured.
+pub fn is_private() -> bool {
+    std::env::var("AMP_TEST_DATABASE_URL").map_or(true, |url| url.trim().is_empty())
+}
+
 /// A port on `127.0.0.1` nothing listens on right now.
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("find a free port: {e}"))?;
     listener
@@ -263,15 +326,7 @@ fn self_signed_certificate(dir: &Path, owner: Option<&str>) -> Result<(PathBuf, 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", key.display()))?;
     if let Some(user) = owner {
-        let status = Command::new("chown")
-            .arg(format!("{user}:"))
-            .arg(&cert)
-            .arg(&key)
-            .status()
-            .map_err(|e| format!("chown: {e}"))?;
-        if !status.success() {
-            return Err(format!("chown {user} {} failed", key.display()));
-        }
+        chown(user, &[&cert, &key])?;
     }
     Ok((cert, key))
 }
@@ -329,7 +384,7 @@ fn as_user(user: Option<&str>, program: &Path) -> Command {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -337,11 +392,11 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn sh_quote(path: &Path) -> String {
+pub(crate) fn sh_quote(path: &Path) -> String {
     sh_quote_str(&path.display().to_string())
 }
 
-fn sh_quote_str(s: &str) -> String {
+pub(crate) fn sh_quote_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod cli;
 pub mod cluster;
 pub mod fixtures;
+pub mod pgbouncer;
 pub mod services;
 pub mod wire;
 
@@ -22,6 +23,8 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 pub struct TestDb {
     name: String,
     url: String,
+    /// A role made for this database only (see [`TestDb::owned_by_password_role`]), dropped with it.
+    role: Option<String>,
 }
 
 impl TestDb {
@@ -30,7 +33,44 @@ impl TestDb {
         let name = unique_name("t");
         admin_exec(&format!("CREATE DATABASE \"{name}\"")).await;
         let url = database_url(&name);
-        TestDb { name, url }
+        TestDb {
+            name,
+            url,
+            role: None,
+        }
+    }
+
+    /// A new, empty database owned by a new login role with password `password`, a member of
+    /// [`cluster::PASSWORD_ROLES`] (on a private cluster the server checks its password with
+    /// `scram-sha-256`). The role's name is unique to this database ([`role`](Self::role)); both
+    /// are dropped with this value. [`url`](Self::url) stays the admin's.
+    pub async fn owned_by_password_role(password: &str) -> TestDb {
+        let name = unique_name("t");
+        let role = unique_name("role");
+        let group = cluster::PASSWORD_ROLES;
+        // The group may already exist (another test process made it): that error is expected.
+        admin_exec(&format!(
+            "DO $$ BEGIN CREATE ROLE {group} NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ))
+        .await;
+        let literal = password.replace('\'', "''");
+        admin_exec(&format!(
+            "CREATE ROLE \"{role}\" LOGIN IN ROLE {group} PASSWORD '{literal}'"
+        ))
+        .await;
+        admin_exec(&format!("CREATE DATABASE \"{name}\" OWNER \"{role}\"")).await;
+        let url = database_url(&name);
+        TestDb {
+            name,
+            url,
+            role: Some(role),
+        }
+    }
+
+    /// The role made for this database by [`owned_by_password_role`](Self::owned_by_password_role).
+    pub fn role(&self) -> Option<&str> {
+        self.role.as_deref()
     }
 
     /// A new database migrated to head. Cloned from a template database that is migrated once per
@@ -43,7 +83,11 @@ impl TestDb {
         ))
         .await;
         let url = database_url(&name);
-        TestDb { name, url }
+        TestDb {
+            name,
+            url,
+            role: None,
+        }
     }
 
     /// The database's name.
@@ -70,14 +114,22 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        let mut statements = vec![format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )];
+        if let Some(role) = &self.role {
+            statements.push(format!("DROP ROLE IF EXISTS \"{role}\""));
+        }
         // Drop runs inside the test's runtime: do the async work on a thread of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(admin_exec(&sql));
+            for sql in statements {
+                rt.block_on(admin_exec(&sql));
+            }
         })
         .join();
     }
@@ -118,7 +170,24 @@ pub fn database_url(name: &str) -> String {
     url.to_string()
 }
 
-fn unique_name(prefix: &str) -> String {
+/// Whether the server lets a client in with the credentials of `url`.
+pub async fn login_succeeds(url: &str) -> bool {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.max_connections(1)
+        .min_connections(0)
+        .sqlx_logging(false);
+    match Database::connect(opts).await {
+        Ok(db) => {
+            let _ = db.close().await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// A name no other test uses, on any server: `ampd_<prefix>_<pid>_<n>_<nanos>`. Valid as a
+/// database, role or worker node id.
+pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -182,6 +251,26 @@ async fn ensure_template() -> String {
         })
         .await
         .clone()
+}
+
+/// The names of the schema's migrations, in order, from the migrator's own list.
+pub fn schema_migrations() -> Vec<String> {
+    Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect()
+}
+
+/// How many migrations the schema has.
+pub fn schema_migration_count() -> usize {
+    Migrator::migrations().len()
+}
+
+/// The name of the schema's last migration.
+pub fn schema_head() -> String {
+    schema_migrations()
+        .pop()
+        .expect("the schema has migrations")
 }
 
 /// Applies every migration with SeaORM's own migrator.

@@ -3,14 +3,18 @@
 //! and `Execute` (extended protocol) messages. Each of those is one statement the server runs
 //! (a `Query` holding several `;`-separated statements counts once) and one wait for its answer.
 //!
+//! It also keeps the text of each statement run, in order ([`StatementCounter::sent`]): a `Query`'s
+//! text as sent, and for an `Execute` the text its portal's statement was parsed from.
+//!
 //! It needs nothing from the server (unlike `pg_stat_statements`, which must be preloaded), so
 //! tests can count statements on any server. The client side is plain TCP (a TLS request is
 //! answered "no", as a server without TLS would); the server side is the admin URL's own transport,
 //! without TLS.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -31,6 +35,7 @@ enum Upstream {
 pub struct StatementCounter {
     url: String,
     statements: Arc<AtomicU64>,
+    sent: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -66,22 +71,25 @@ impl StatementCounter {
 
         let statements = Arc::new(AtomicU64::new(0));
         let counter = statements.clone();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let texts = sent.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let _ = client.set_nodelay(true);
                 let upstream = upstream.clone();
                 let counter = counter.clone();
+                let texts = texts.clone();
                 tokio::spawn(async move {
                     let _ = match upstream {
                         Upstream::Tcp(host, port) => match TcpStream::connect((host, port)).await {
                             Ok(server) => {
                                 let _ = server.set_nodelay(true);
-                                relay(client, server, counter).await
+                                relay(client, server, counter, texts).await
                             }
                             Err(e) => Err(e),
                         },
                         Upstream::Unix(path) => match UnixStream::connect(path).await {
-                            Ok(server) => relay(client, server, counter).await,
+                            Ok(server) => relay(client, server, counter, texts).await,
                             Err(e) => Err(e),
                         },
                     };
@@ -91,6 +99,7 @@ impl StatementCounter {
         StatementCounter {
             url: client_url.to_string(),
             statements,
+            sent,
             task,
         }
     }
@@ -109,6 +118,12 @@ impl StatementCounter {
     pub fn reset(&self) {
         self.statements.store(0, Ordering::SeqCst);
     }
+
+    /// The text of every statement run through the proxy so far, in order (a `Query` holding
+    /// several statements is one entry).
+    pub fn sent(&self) -> Vec<String> {
+        self.sent.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }
 
 impl Drop for StatementCounter {
@@ -119,7 +134,20 @@ impl Drop for StatementCounter {
 
 /// Forwards one client connection: the server's bytes as they come, the client's message by
 /// message, counting `Query` and `Execute`.
-async fn relay<S>(client: TcpStream, server: S, statements: Arc<AtomicU64>) -> std::io::Result<()>
+/// The NUL-terminated strings at the start of a message body.
+fn cstrings(body: &[u8], n: usize) -> Vec<String> {
+    body.split(|b| *b == 0)
+        .take(n)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+async fn relay<S>(
+    client: TcpStream,
+    server: S,
+    statements: Arc<AtomicU64>,
+    sent: Arc<Mutex<Vec<String>>>,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -149,6 +177,9 @@ where
         let _ = to_client.shutdown().await;
     });
     let upstream = async {
+        // Prepared statements and portals of this connection, by name: their SQL.
+        let mut parsed: HashMap<String, String> = HashMap::new();
+        let mut portals: HashMap<String, String> = HashMap::new();
         loop {
             let kind = from_client.read_u8().await?;
             let len = from_client.read_u32().await?;
@@ -159,6 +190,32 @@ where
             from_client.read_exact(&mut message[5..]).await?;
             if matches!(kind, b'Q' | b'E') {
                 statements.fetch_add(1, Ordering::SeqCst);
+            }
+            let body = &message[5..];
+            let text = match kind {
+                b'Q' => cstrings(body, 1).pop(),
+                b'P' => {
+                    if let [name, sql] = cstrings(body, 2).as_slice() {
+                        parsed.insert(name.clone(), sql.clone());
+                    }
+                    None
+                }
+                b'B' => {
+                    if let [portal, statement] = cstrings(body, 2).as_slice() {
+                        let sql = parsed.get(statement).cloned().unwrap_or_default();
+                        portals.insert(portal.clone(), sql);
+                    }
+                    None
+                }
+                b'E' => cstrings(body, 1)
+                    .pop()
+                    .and_then(|portal| portals.get(&portal).cloned()),
+                _ => None,
+            };
+            if let Some(text) = text
+                && let Ok(mut sent) = sent.lock()
+            {
+                sent.push(text);
             }
             to_server.write_all(&message).await?;
             if kind == b'X' {

@@ -205,7 +205,7 @@ async fn the_listener_reports_a_reconnect_after_its_backend_is_terminated() {
             DbBackend::Postgres,
             format!(
                 "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
+                 WHERE datname = current_database() AND pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
             ),
         ))
         .await

@@ -7,7 +7,7 @@ use ampd::metadata::jobs::JobClaim;
 use ampd::metadata::notifications::{Listener, Notification, RevisionChange};
 use ampd::metadata::{Error, datasets, files, jobs, revisions, workers};
 use entity::{physical_table_revisions, physical_tables};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::json;
 use tests::TestDb;
 
@@ -38,6 +38,16 @@ async fn revision(db: &DatabaseConnection, table: &physical_tables::Model) -> i6
         .await
         .expect("create revision")
         .id
+}
+
+/// The single count `sql` selects.
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a count")
 }
 
 async fn active_id(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
@@ -272,13 +282,28 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
             second.previous, first.table.active_revision_id,
             "round {round}"
         );
-        let actives = revisions::list(&conn, f.blocks.id)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|r| Some(r.id) == active)
-            .count();
-        assert_eq!(actives, 1);
+        // Exactly one of the table's revisions is active, read from the tables themselves: one
+        // pointer, of any table, leads to a revision of this table, and it is one of the racers'.
+        let pointed_at = count(
+            &conn,
+            &format!(
+                "SELECT count(*) FROM physical_table_revisions r \
+                 JOIN physical_tables t ON t.active_revision_id = r.id \
+                 WHERE r.physical_table_id = {}",
+                f.blocks.id
+            ),
+        )
+        .await;
+        assert_eq!(pointed_at, 1, "round {round}");
+        let racers_active = count(
+            &conn,
+            &format!("SELECT count(*) FROM physical_tables WHERE active_revision_id IN ({a}, {b})"),
+        )
+        .await;
+        assert_eq!(
+            racers_active, 1,
+            "round {round}: one of {a} and {b} is active"
+        );
     }
 }
 
@@ -314,4 +339,57 @@ async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
 
     let err = revisions::delete(&conn, old).await.expect_err("gone");
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn every_table_is_listed_with_its_active_revision_and_only_active_revisions_files() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    let traces = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "traces")
+        .await
+        .unwrap();
+    // blocks: `old`, then `new` active; logs: `only` active; traces: never anything active.
+    let old = revision(&conn, &f.blocks).await;
+    let new = revision(&conn, &f.blocks).await;
+    let only = revision(&conn, &f.logs).await;
+    for (rev, name) in [(old, "a"), (new, "c"), (only, "d"), (new, "b")] {
+        files::register(&conn, rev, name, 1, None, None, json!({}))
+            .await
+            .unwrap();
+    }
+    for (table, rev) in [(&f.blocks, old), (&f.logs, only), (&f.blocks, new)] {
+        revisions::activate(&conn, table.id, rev, GRACE)
+            .await
+            .unwrap();
+    }
+
+    let listed: Vec<(i64, Option<i64>, Option<i64>)> = revisions::list_tables_with_active(&conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(t, r)| (t.id, t.active_revision_id, r.map(|r| r.id)))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (f.blocks.id, Some(new), Some(new)),
+            (f.logs.id, Some(only), Some(only)),
+            (traces.id, None, None),
+        ]
+    );
+    let active_files: Vec<(i64, String)> = files::list_active(&conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|file| (file.revision_id, file.file_name))
+        .collect();
+    assert_eq!(
+        active_files,
+        [
+            (new, "c".to_owned()),
+            (new, "b".to_owned()),
+            (only, "d".to_owned()),
+        ]
+    );
 }

@@ -13,6 +13,24 @@ async fn exec(db: &DatabaseConnection, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Claims `node_id`, polling while another connection (one that is going away) still holds it;
+/// fails if it is still held after 10 s.
+async fn claim_once_free(
+    cfg: &ampd::config::MetadataDbConfig,
+    node_id: &str,
+) -> workers::NodeClaim {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match workers::claim(cfg, node_id).await {
+            Ok(claim) => return claim,
+            Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{node_id} is still claimed 10 s after its holder went: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn register_upserts_by_node_id_keeping_created_at_and_refreshing_the_rest() {
     let db = TestDb::migrated().await;
@@ -137,6 +155,46 @@ async fn list_live_keeps_workers_whose_heartbeat_is_within_the_window() {
 }
 
 #[tokio::test]
+async fn a_signed_off_worker_is_not_live_and_still_reads_back() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    workers::register(&conn, "w1", json!({}))
+        .await
+        .expect("register");
+    workers::register(&conn, "w2", json!({}))
+        .await
+        .expect("register");
+    workers::sign_off(&conn, "w1").await.expect("sign off");
+
+    let live = workers::list_live(&conn, Duration::from_secs(3600))
+        .await
+        .expect("list live");
+    assert_eq!(
+        live.iter().map(|w| w.node_id.as_str()).collect::<Vec<_>>(),
+        ["w2"]
+    );
+    // The row reads back, through `get` and `list` alike.
+    let w1 = workers::get(&conn, "w1").await.expect("get").expect("w1");
+    assert_eq!(w1.heartbeat_at.timestamp(), 0);
+    assert_eq!(workers::list(&conn).await.expect("list").len(), 2);
+    assert!(matches!(
+        workers::sign_off(&conn, "ghost").await,
+        Err(Error::NotFound { .. })
+    ));
+    // Registering again makes it live again.
+    workers::register(&conn, "w1", json!({}))
+        .await
+        .expect("register");
+    assert_eq!(
+        workers::list_live(&conn, Duration::from_secs(3600))
+            .await
+            .expect("list live")
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
 async fn get_and_list_return_registered_workers() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
@@ -159,21 +217,22 @@ async fn get_and_list_return_registered_workers() {
 #[tokio::test]
 async fn only_one_of_two_connections_claims_a_node_id_until_the_first_is_released() {
     let db = TestDb::migrated().await;
-    let first = workers::claim(&db.config(), "w1")
+    let (w1, w2) = (tests::unique_name("w1"), tests::unique_name("w2"));
+    let first = workers::claim(&db.config(), &w1)
         .await
         .expect("first claim");
-    assert_eq!(first.node_id(), "w1");
+    assert_eq!(first.node_id(), w1);
 
-    let err = workers::claim(&db.config(), "w1")
+    let err = workers::claim(&db.config(), &w1)
         .await
         .expect_err("already claimed");
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    let other = workers::claim(&db.config(), "w2")
+    let other = workers::claim(&db.config(), &w2)
         .await
         .expect("another node id is free");
 
     first.release().await.expect("release");
-    let second = workers::claim(&db.config(), "w1")
+    let second = workers::claim(&db.config(), &w1)
         .await
         .expect("free after release");
     drop((second, other));
@@ -182,52 +241,67 @@ async fn only_one_of_two_connections_claims_a_node_id_until_the_first_is_release
 #[tokio::test]
 async fn dropping_a_node_claim_closes_its_connection_and_frees_the_node_id() {
     let db = TestDb::migrated().await;
-    let first = workers::claim(&db.config(), "w1")
+    let w1 = tests::unique_name("w1");
+    let first = workers::claim(&db.config(), &w1)
         .await
         .expect("first claim");
-    assert!(workers::claim(&db.config(), "w1").await.is_err());
+    assert!(workers::claim(&db.config(), &w1).await.is_err());
 
     drop(first);
 
-    // The server notices the closed socket asynchronously: poll for a little while.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match workers::claim(&db.config(), "w1").await {
-            Ok(_) => break,
-            Err(Error::Conflict(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("still claimed after the first connection closed: {e}"),
-        }
-    }
+    // The server notices the closed socket asynchronously.
+    claim_once_free(&db.config(), &w1).await;
 }
 
 #[tokio::test]
 async fn a_node_claim_is_lost_with_its_connection_and_check_says_so() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let mut claim = workers::claim(&db.config(), "w1").await.expect("claim");
+    let w1 = tests::unique_name("w1");
+    let mut claim = workers::claim(&db.config(), &w1).await.expect("claim");
     claim.check().await.expect("held");
 
-    let (k1, k2) = workers::claim_key("w1");
+    // Only this test's database: other tests hold claims of their own.
+    let (k1, k2) = workers::claim_key(&w1);
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT pg_terminate_backend(pid) AS terminated FROM pg_locks \
-             WHERE locktype = 'advisory' AND objsubid = 2 \
-               AND classid = ($1::int4)::oid AND objid = ($2::int4)::oid",
+            "SELECT count(*) AS holders, bool_and(pg_terminate_backend(pid)) AS terminated \
+             FROM pg_locks \
+             WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
+               AND classid = ($1::int4)::oid AND objid = ($2::int4)::oid \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             [k1.into(), k2.into()],
         ))
         .await
         .unwrap()
-        .expect("the claim's lock is in pg_locks");
-    assert!(row.try_get::<bool>("", "terminated").unwrap());
+        .expect("one row");
+    assert_eq!(
+        row.try_get::<i64>("", "holders").unwrap(),
+        1,
+        "the claim's lock is in pg_locks, once"
+    );
+    assert_eq!(
+        row.try_get::<Option<bool>>("", "terminated").unwrap(),
+        Some(true)
+    );
 
-    let err = claim.check().await.expect_err("connection gone");
+    // The server ends the backend asynchronously: wait until the claim's check sees it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match claim.check().await {
+            Err(err) => break err,
+            Ok(()) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the claim still looks held 10 s after its backend was terminated"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
-    workers::claim(&db.config(), "w1")
-        .await
-        .expect("the node id is free again");
+    claim_once_free(&db.config(), &w1).await;
 }
 
 #[tokio::test]
@@ -238,7 +312,9 @@ async fn claim_keys_use_the_two_key_space_and_differ_between_node_ids() {
     let key = ampd::migrate::LOCK_KEY;
     assert_eq!(key, 0x616d_7064_6d69_6772);
     exec(&conn, &format!("SELECT pg_advisory_lock({key})")).await;
-    let _claim = workers::claim(&db.config(), "w1").await.expect("claim");
+    let _claim = workers::claim(&db.config(), &tests::unique_name("w1"))
+        .await
+        .expect("claim");
     assert_ne!(workers::claim_key("w1"), workers::claim_key("w2"));
     assert_eq!(workers::claim_key("w1"), workers::claim_key("w1"));
 }

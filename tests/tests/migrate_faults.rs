@@ -13,7 +13,14 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::cli::{self, TempDir, config_toml};
 use tests::{TestDb, catalog};
 
-const SCHEMA_MIGRATIONS: i64 = 7;
+/// How many migrations the schema has (the migrator's own list).
+fn schema_migrations() -> i64 {
+    tests::schema_migration_count() as i64
+}
+
+/// SQL that is true for rows of `pg_locks` in the current database (the test's own).
+const THIS_DATABASE_LOCK: &str =
+    "database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> i64 {
     db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
@@ -24,11 +31,11 @@ async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> i64 {
         .expect("an integer")
 }
 
-/// Whether any session holds the migration lock.
+/// Whether any session holds the migration lock of `db`'s database.
 async fn lock_held(db: &DatabaseConnection) -> bool {
     let sql = format!(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND ((classid::bigint << 32) | objid::bigint) = {}",
+         AND ((classid::bigint << 32) | objid::bigint) = {} AND {THIS_DATABASE_LOCK}",
         migrate::LOCK_KEY
     );
     scalar_i64(db, &sql).await > 0
@@ -76,16 +83,14 @@ async fn database_at_head(dir: &TempDir, extra: &str) -> (TestDb, std::path::Pat
     (db, config)
 }
 
+/// The backends of `db`'s database running the slow fixture migration's sleep.
+const SLOW_MIGRATION_BACKENDS: &str = "FROM pg_stat_activity WHERE datname = current_database() \
+     AND application_name = 'ampd' AND query LIKE 'SELECT pg_sleep%' AND state = 'active'";
+
 /// Whether the slow fixture migration is running (its table exists in the open transaction and
 /// its backend is sleeping).
 async fn slow_migration_running(db: &DatabaseConnection) -> bool {
-    scalar_i64(
-        db,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ampd' \
-         AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
-    )
-    .await
-        > 0
+    scalar_i64(db, &format!("SELECT count(*) {SLOW_MIGRATION_BACKENDS}")).await > 0
 }
 
 #[tokio::test]
@@ -125,7 +130,7 @@ async fn killing_ampd_mid_run_leaves_the_previous_version_and_releases_the_lock(
     );
     assert_eq!(
         scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
-        SCHEMA_MIGRATIONS
+        schema_migrations()
     );
     assert_eq!(
         scalar_i64(
@@ -164,8 +169,9 @@ async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
         .expect("the slow migration started");
     let terminated = scalar_i64(
         &conn,
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'ampd' AND query LIKE 'SELECT pg_sleep%') t",
+        &format!(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) {SLOW_MIGRATION_BACKENDS}) t"
+        ),
     )
     .await;
     assert_eq!(terminated, 1);
@@ -199,8 +205,14 @@ async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
 
 #[tokio::test]
 async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
+    // Long enough that the test sees ampd's lock request waiting on a loaded machine.
+    let lock_timeout = Duration::from_millis(3000);
     let dir = TempDir::new();
-    let (db, config) = database_at_head(&dir, "ddl_lock_timeout_ms = 1000").await;
+    let (db, config) = database_at_head(
+        &dir,
+        &format!("ddl_lock_timeout_ms = {}", lock_timeout.as_millis()),
+    )
+    .await;
     let conn = db.connect().await;
     let before = catalog::snapshot(&conn).await;
 
@@ -218,8 +230,10 @@ async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
     wait_until(Duration::from_secs(30), || async {
         scalar_i64(
             &conn,
-            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-             WHERE c.relname = 'jobs' AND NOT l.granted",
+            &format!(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'jobs'::regclass \
+                 AND NOT granted AND {THIS_DATABASE_LOCK}"
+            ),
         )
         .await
             > 0
@@ -244,8 +258,9 @@ async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
     holder.execute_unprepared("ROLLBACK").await.unwrap();
 
     println!(
-        "blocked DDL (ddl_lock_timeout_ms = 1000): ampd failed after {run:?}; an application query \
-         on the table waited {app_blocked:?}"
+        "blocked DDL (ddl_lock_timeout_ms = {}): ampd failed after {run:?}; an application query \
+         on the table waited {app_blocked:?}",
+        lock_timeout.as_millis()
     );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -254,8 +269,13 @@ async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
     );
     assert!(stderr.contains("locked by another session"), "{stderr}");
     assert!(
-        app_blocked < Duration::from_secs(5),
-        "the application was not held for long"
+        run >= lock_timeout,
+        "ampd waited for the lock before giving up: {run:?}"
+    );
+    // Unbounded, the query would wait for the holder, which rolls back only after ampd exits.
+    assert!(
+        app_blocked < lock_timeout + Duration::from_secs(10),
+        "the application was held at most about the lock timeout: {app_blocked:?}"
     );
     assert_eq!(
         catalog::snapshot(&conn).await,
@@ -281,7 +301,8 @@ async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_on
     for h in handles {
         let out = h.await.expect("task");
         assert_eq!(out.code, Some(0), "{}", out.all());
-        applied += usize::from(out.stdout.contains("applied 7 migrations"));
+        let all = format!("applied {} migrations", schema_migrations());
+        applied += usize::from(out.stdout.contains(&all));
     }
     println!(
         "32 concurrent `ampd migrate` processes: all exited 0 in {:?}",
@@ -291,11 +312,11 @@ async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_on
     let conn = db.connect().await;
     assert_eq!(
         scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
-        SCHEMA_MIGRATIONS
+        schema_migrations()
     );
     assert_eq!(
         scalar_i64(&conn, "SELECT count(*) FROM ampd_migrations").await,
-        SCHEMA_MIGRATIONS
+        schema_migrations()
     );
 }
 
@@ -325,13 +346,14 @@ async fn thirty_two_concurrent_in_process_callers_of_the_startup_entry_point_all
         started.elapsed()
     );
     assert_eq!(
-        applied, SCHEMA_MIGRATIONS as usize,
+        applied,
+        schema_migrations() as usize,
         "each migration applied once in all"
     );
     let conn = db.connect().await;
     assert_eq!(
         scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
-        SCHEMA_MIGRATIONS
+        schema_migrations()
     );
 }
 
@@ -382,6 +404,7 @@ async fn hostile_config_files_always_exit_1_with_one_clear_error_line() {
             cases.push(bytes);
         }
     }
+    let mut config_errors = 0;
     for (i, bytes) in cases.iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));
         std::fs::write(&path, bytes).unwrap();
@@ -410,5 +433,35 @@ async fn hostile_config_files_always_exit_1_with_one_clear_error_line() {
             .filter(|l| l.starts_with("error: "))
             .collect();
         assert_eq!(errors.len(), 1, "case {i} {case:?}: {}", out.stderr);
+        // A mutation can leave a valid file (with an unreachable server); any other message is
+        // about the file and says where the problem is, as the README promises.
+        let line = errors[0];
+        assert!(
+            line.starts_with("error: failed to connect to metadata database")
+                || names_key_or_position(line),
+            "case {i} {case:?}: the message names no key and no position: {line}"
+        );
+        config_errors += usize::from(names_key_or_position(line));
     }
+    assert!(
+        config_errors >= seeds.len(),
+        "most cases are rejected as bad configuration: {config_errors} of {}",
+        cases.len()
+    );
+}
+
+/// Whether a config error names the key (`` `section.key` ``) or the position
+/// (`at line L, column C`) of the problem.
+fn names_key_or_position(message: &str) -> bool {
+    let key = message
+        .split('`')
+        .nth(1)
+        .is_some_and(|key| !key.trim().is_empty() && message.matches('`').count() >= 2);
+    let position = message
+        .split_once(" at line ")
+        .and_then(|(_, rest)| rest.split_once(", column "))
+        .is_some_and(|(line, rest)| {
+            line.parse::<usize>().is_ok() && rest.starts_with(|c: char| c.is_ascii_digit())
+        });
+    key || position
 }

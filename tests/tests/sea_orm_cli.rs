@@ -2,9 +2,10 @@
 //! compiles and is applied by `ampd` on top of head, and SeaORM's migration CLI agrees with `ampd`
 //! about what is applied.
 //!
-//! These tests build code, so each does as little as it can: the workspace copy is built in this
-//! workspace's target directory, reusing its compiled dependencies, and only its own four crates
-//! are compiled (incrementally, from the second run on).
+//! SeaORM's migration CLI is the `migration` binary cargo built beside this test. The scaffolded
+//! migration has to be compiled: the workspace copy is built in this workspace's target directory
+//! with the same features, so every dependency is reused and only the copy's `migration`, `entity`
+//! and `ampd` are compiled.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -16,11 +17,8 @@ use tests::TestDb;
 use tests::cli::{self, TempDir, config_toml};
 
 /// The root of this workspace.
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+fn repo() -> &'static Path {
+    cli::workspace_root()
 }
 
 /// The target directory this test was built in (`CARGO_TARGET_TMPDIR` is `<target>/tmp`).
@@ -48,14 +46,12 @@ fn run_ok(cmd: &mut Command) -> std::process::Output {
 
 /// `cargo build` of binary `bin` of `package` in the workspace at `dir`; returns the executable
 /// as cargo reports it.
-fn cargo_build(dir: &Path, package: &str, bin: &str, target: Option<&Path>) -> PathBuf {
+fn cargo_build(dir: &Path, package: &str, bin: &str, target: &Path) -> PathBuf {
     let mut cmd = cli::cargo();
     cmd.args(["build", "-q", "--locked", "-p", package, "--bin", bin])
         .arg("--message-format=json-render-diagnostics")
-        .current_dir(dir);
-    if let Some(target) = target {
-        cmd.env("CARGO_TARGET_DIR", target);
-    }
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target);
     let out = run_ok(&mut cmd);
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -219,7 +215,7 @@ async fn generated_migration_compiles_and_ampd_applies_it_on_top_of_head() {
     let _ = std::fs::remove_dir_all(&copy);
     let _cleanup = RemoveOnDrop(copy.clone());
 
-    let crates = copy_workspace(&repo(), &copy);
+    let crates = copy_workspace(repo(), &copy);
 
     let src = crates.join("migration/src");
     let lib_before = std::fs::read_to_string(src.join("lib.rs")).expect("read lib.rs");
@@ -291,7 +287,7 @@ async fn generated_migration_compiles_and_ampd_applies_it_on_top_of_head() {
     std::fs::write(&file, &source).expect("write migration");
 
     let target = target_dir();
-    let copy_ampd = cargo_build(&copy, "ampd", COPY_BIN, Some(&target));
+    let copy_ampd = cargo_build(&copy, "ampd", COPY_BIN, &target);
 
     let db = TestDb::empty().await;
     let dir = TempDir::new();
@@ -335,10 +331,10 @@ async fn seaorm_cli_status_agrees_with_ampd_migrate() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
     let config = migrate_to_head_with_ampd(&db, &dir).await;
-    let seaorm = cargo_build(&repo(), "migration", "migration", None);
+    let seaorm = cli::seaorm_migration_cli();
     let env = [("DATABASE_URL", db.url()), ("DATABASE_SCHEMA", "public")];
 
-    let status = cli::run(&seaorm, &["status"], &env, Duration::from_secs(60)).await;
+    let status = cli::run(seaorm, &["status"], &env, Duration::from_secs(60)).await;
     assert_eq!(status.code, Some(0), "{}", status.all());
     for (name, _) in migration::CHECKSUMS {
         assert!(
@@ -357,7 +353,7 @@ async fn seaorm_cli_status_agrees_with_ampd_migrate() {
     );
     assert!(!status.stdout.contains("Pending"), "{}", status.stdout);
 
-    let up = cli::run(&seaorm, &["up"], &env, Duration::from_secs(60)).await;
+    let up = cli::run(seaorm, &["up"], &env, Duration::from_secs(60)).await;
     assert_eq!(up.code, Some(0), "{}", up.all());
     assert!(up.stdout.contains("No pending migrations"), "{}", up.all());
     let conn = db.connect().await;

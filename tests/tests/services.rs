@@ -1,5 +1,6 @@
 //! The long-running subcommands, run as a user runs them: they migrate on startup when asked to,
-//! a node id can be run by one worker process at a time, and SIGTERM stops them with exit 0.
+//! a node id can be run by one worker process at a time, and SIGTERM stops them with exit 0, also
+//! while they are still starting.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,39 +23,66 @@ fn spawn(config: &std::path::Path, args: &[&str]) -> tokio::process::Child {
         .expect("spawn ampd")
 }
 
-async fn registered(db: &DatabaseConnection, node_id: &str) -> bool {
-    let sql = format!("SELECT count(*) FROM workers WHERE node_id = '{node_id}'");
+/// When worker `node_id` last registered (microseconds since the epoch), if it has.
+async fn registered_at(db: &DatabaseConnection, node_id: &str) -> Option<i64> {
+    let sql = format!(
+        "SELECT (extract(epoch FROM registered_at) * 1000000)::bigint FROM workers \
+         WHERE node_id = '{node_id}'"
+    );
     match db
         .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
         .await
     {
-        Ok(Some(row)) => row.try_get_by_index::<i64>(0).unwrap_or(0) > 0,
-        _ => false,
+        Ok(Some(row)) => row.try_get_by_index::<i64>(0).ok(),
+        _ => None,
     }
 }
 
-async fn wait_registered(db: &DatabaseConnection, node_id: &str) {
+/// Polls `check` every 50 ms until it is true; fails, naming `what`, after 30 s.
+async fn wait_for<F>(what: &str, mut check: impl FnMut() -> F)
+where
+    F: std::future::Future<Output = bool>,
+{
     let started = Instant::now();
-    while !registered(db, node_id).await {
+    while !check().await {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "{node_id} never registered"
+            "{what}: not within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn terminate(child: tokio::process::Child) -> std::process::Output {
+/// Waits until worker `node_id` has registered after `since` (a `registered_at` read before the
+/// process was started; `None`: never registered before).
+async fn wait_registered_after(db: &DatabaseConnection, node_id: &str, since: Option<i64>) {
+    wait_for(&format!("{node_id} registers"), || async {
+        registered_at(db, node_id)
+            .await
+            .is_some_and(|at| since.is_none_or(|since| at > since))
+    })
+    .await;
+}
+
+async fn wait_registered(db: &DatabaseConnection, node_id: &str) {
+    wait_registered_after(db, node_id, None).await;
+}
+
+/// Sends SIGTERM; the process must exit 0 within 20 s. Returns its stderr.
+async fn terminate(child: tokio::process::Child) -> String {
     let pid = child.id().expect("running") as i32;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("stops after SIGTERM")
-        .expect("output")
+        .expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "exit 0 after SIGTERM: {stderr}");
+    stderr
 }
 
 #[tokio::test]
@@ -63,11 +91,13 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
     let dir = TempDir::new();
     let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
     let conn = db.connect().await;
+    let node = tests::unique_name("w1");
+    let worker = ["worker", "--node-id", node.as_str()];
 
-    let first = spawn(&config, &["worker", "--node-id", "w1"]);
-    wait_registered(&conn, "w1").await;
+    let first = spawn(&config, &worker);
+    wait_registered(&conn, &node).await;
 
-    let second = spawn(&config, &["worker", "--node-id", "w1"]);
+    let second = spawn(&config, &worker);
     let out = tokio::time::timeout(Duration::from_secs(30), second.wait_with_output())
         .await
         .expect("the second worker gives up")
@@ -75,46 +105,80 @@ async fn a_node_id_runs_in_one_worker_process_at_a_time() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("node id \"w1\" is claimed by another process"),
+        stderr.contains(&format!("node id \"{node}\" is claimed by another process")),
         "{stderr}"
     );
 
-    let out = terminate(first).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    terminate(first).await;
 
-    // Once the first is gone, the node id is free again.
-    let third = spawn(&config, &["worker", "--node-id", "w1"]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = Instant::now();
-    wait_registered(&conn, "w1").await;
-    let out = terminate(third).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // Once the first is gone, the node id is free again: a third process claims it and registers
+    // anew (a registration newer than the first one's).
+    let before = registered_at(&conn, &node).await;
+    assert!(before.is_some(), "the first worker registered");
+    let third = spawn(&config, &worker);
+    wait_registered_after(&conn, &node, before).await;
+    terminate(third).await;
+}
+
+#[tokio::test]
+async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
+    // The worker migrates on startup, and is kept waiting for the migration lock (held here); the
+    // SIGTERM arrives while it waits. It stops at once, with exit 0, having migrated nothing.
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
+    let conn = db.connect().await;
+    // Hold the migration lock, so the worker cannot get past migrating.
+    let key = ampd::migrate::LOCK_KEY;
+    conn.execute_unprepared(&format!("SELECT pg_advisory_lock({key})"))
+        .await
+        .expect("take the migration lock");
+    let node = tests::unique_name("w1");
+    let child = spawn(&config, &["worker", "--node-id", node.as_str()]);
+    // Evidence that it is waiting for the lock: a session of this database (not this one) that
+    // asks for it (a waiting run polls pg_try_advisory_lock).
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
+        .to_owned();
+    wait_for("the worker asks for the migration lock", || async {
+        let row = conn
+            .query_one_raw(Statement::from_string(
+                conn.get_database_backend(),
+                waiting.clone(),
+            ))
+            .await
+            .expect("read pg_locks")
+            .expect("a row");
+        row.try_get_by_index::<i64>(0).expect("a count") > 0
+    })
+    .await;
+    let stderr = terminate(child).await;
+    conn.execute_unprepared(&format!("SELECT pg_advisory_unlock({key})"))
+        .await
+        .expect("release the migration lock");
+    assert!(
+        tests::catalog::tables(&conn).await.is_empty(),
+        "nothing was migrated: {stderr}"
     );
-    assert!(before.elapsed() < Duration::from_secs(30));
 }
 
 #[tokio::test]
 async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    // The admin API listens: on a free port, not the default one another process may hold.
+    let admin = format!(
+        "\n[controller]\nadmin_addr = \"{}\"",
+        tests::services::free_addr()
+    );
+    let config = dir.file("config.toml", &config_toml(db.url(), &admin));
     let conn = db.connect().await;
 
     let solo = spawn(&config, &["solo"]);
     wait_registered(&conn, "solo").await;
-    let out = terminate(solo).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("applied 7 migrations"), "{stderr}");
+    let stderr = terminate(solo).await;
+    let applied = format!("applied {} migrations", tests::schema_migration_count());
+    assert!(stderr.contains(&applied), "{stderr}");
 }
 
 #[tokio::test]
@@ -125,9 +189,10 @@ async fn a_service_without_auto_migrate_does_not_touch_the_schema() {
         "config.toml",
         &config_toml(db.url(), "auto_migrate = false"),
     );
+    let node = tests::unique_name("w1");
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        spawn(&config, &["worker", "--node-id", "w1"]).wait_with_output(),
+        spawn(&config, &["worker", "--node-id", node.as_str()]).wait_with_output(),
     )
     .await
     .expect("exits")
@@ -135,9 +200,10 @@ async fn a_service_without_auto_migrate_does_not_touch_the_schema() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(
-            "the metadata database is not migrated (7 pending migration(s)): run `ampd migrate`"
-        ),
+        stderr.contains(&format!(
+            "the metadata database is not migrated ({} pending migration(s)): run `ampd migrate`",
+            tests::schema_migration_count()
+        )),
         "{stderr}"
     );
     let conn = db.connect().await;

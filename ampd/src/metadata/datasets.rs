@@ -507,6 +507,19 @@ where
         .collect())
 }
 
+/// Whether dataset `namespace/name` exists: whether a manifest is linked to it.
+pub async fn exists<C>(db: &C, namespace: &str, name: &str) -> Result<bool>
+where
+    C: ConnectionTrait,
+{
+    Ok(dataset_manifests::Entity::find()
+        .filter(dataset_manifests::Column::Namespace.eq(namespace))
+        .filter(dataset_manifests::Column::Name.eq(name))
+        .one(db)
+        .await?
+        .is_some())
+}
+
 /// The semver version tags of `namespace/name`, lowest to highest (without `latest` and `dev`).
 pub async fn list_versions<C>(db: &C, namespace: &str, name: &str) -> Result<Vec<tags::Model>>
 where

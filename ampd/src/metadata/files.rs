@@ -36,13 +36,19 @@ fn validate_file_name(file_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `revision_id` is active: true for the rows of `table` (`gc_manifest` or `file_metadata`) whose
+/// revision is some table's active one.
+fn revision_active_sql(table: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM physical_tables t \
+         WHERE t.active_revision_id = {table}.revision_id)"
+    )
+}
+
 /// `revision_id` is not active: true for the rows of `table` (`gc_manifest` or `file_metadata`)
 /// whose revision no table has as its active one.
 fn revision_inactive(table: &str) -> Expr {
-    Expr::cust(format!(
-        "NOT EXISTS (SELECT 1 FROM physical_tables t \
-         WHERE t.active_revision_id = {table}.revision_id)"
-    ))
+    Expr::cust(format!("NOT {}", revision_active_sql(table)))
 }
 
 /// Registers file `file_name` of revision `revision_id`, or returns the row already registered
@@ -138,6 +144,20 @@ where
 {
     Ok(file_metadata::Entity::find()
         .filter(file_metadata::Column::RevisionId.eq(revision_id))
+        .order_by_asc(file_metadata::Column::Id)
+        .all(db)
+        .await?)
+}
+
+/// The files of every active revision, by revision and, within one, by id (the order [`list`]
+/// gives), in one statement.
+pub async fn list_active<C>(db: &C) -> Result<Vec<file_metadata::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(file_metadata::Entity::find()
+        .filter(Expr::cust(revision_active_sql("file_metadata")))
+        .order_by_asc(file_metadata::Column::RevisionId)
         .order_by_asc(file_metadata::Column::Id)
         .all(db)
         .await?)

@@ -154,6 +154,21 @@ where
         .await?)
 }
 
+/// Every physical table with its active revision (`None` while it has none), by table id, in one
+/// statement: what a reader that keeps a view of every served table loads at once.
+pub async fn list_tables_with_active<C>(
+    db: &C,
+) -> Result<Vec<(tables::Model, Option<revisions::Model>)>>
+where
+    C: ConnectionTrait,
+{
+    Ok(tables::Entity::find()
+        .find_also_related(revisions::Entity)
+        .order_by_asc(tables::Column::Id)
+        .all(db)
+        .await?)
+}
+
 /// Keys of a revision's `metadata` that this module maintains; a caller's metadata must not use
 /// them.
 pub const RESERVED_METADATA_KEYS: [&str; 5] = [

@@ -77,9 +77,12 @@ where
 }
 
 /// Signs worker `node_id` off as it shuts down: it stops counting as live at once (its
-/// `heartbeat_at` is set to `-infinity`), so the controller places nothing more on it and recovers
-/// its jobs without waiting out the liveness window. Registering again makes it live again.
-/// `NotFound` when no worker of that id has registered.
+/// `heartbeat_at` is set to the Unix epoch), so the controller places nothing more on it and
+/// recovers its jobs without waiting out the liveness window. Registering again makes it live
+/// again. `NotFound` when no worker of that id has registered.
+///
+/// The epoch rather than `-infinity`: every row must still read back as a `chrono` timestamp, and
+/// `-infinity` is outside chrono's range (decoding it panics).
 #[tracing::instrument(skip(db), err)]
 pub async fn sign_off<C>(db: &C, node_id: &str) -> Result<()>
 where
@@ -88,7 +91,7 @@ where
     let res = workers::Entity::update_many()
         .col_expr(
             workers::Column::HeartbeatAt,
-            Expr::cust("'-infinity'::timestamptz"),
+            Expr::cust("'epoch'::timestamptz"),
         )
         .filter(workers::Column::NodeId.eq(node_id))
         .exec(db)

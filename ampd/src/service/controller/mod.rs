@@ -1,5 +1,7 @@
-//! The controller service: the admin API and the scheduler loop ([`scheduler`]).
+//! The controller service: the admin API ([`api`]) and the scheduler loop ([`scheduler`]).
 
+pub mod api;
+pub mod manifests;
 pub mod scheduler;
 
 use std::sync::Arc;
@@ -9,20 +11,55 @@ use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::migrate::MigrationSet;
 
 use super::ServiceError;
+use super::http::{self, BearerToken};
 pub use scheduler::{Placement, Policy, reconcile};
 
-/// Runs the controller until `shutdown` is cancelled.
+/// How long requests in flight may take to finish once a stop is asked for; then they are cut.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs the controller until `shutdown` is cancelled: binds `[controller] admin_addr` first (an
+/// address in use is [`ServiceError::Bind`]), then serves the admin API and runs the scheduler
+/// loop. `migrations` are the ones this binary runs (`/readyz` checks the schema against them).
 pub async fn run(
     db: DatabaseConnection,
     config: Arc<Config>,
+    migrations: fn() -> MigrationSet,
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
+    let listener = http::bind(config.controller.admin_addr, "controller.admin_addr").await?;
+    let state = api::AppState::new(db.clone(), &config, migrations);
+    let max_body = usize::try_from(config.controller.max_body_bytes).unwrap_or(usize::MAX);
+    let token = (config.controller.admin_token.as_ref()).map(|t| BearerToken::new(t.expose()));
+    let router = api::router(state, max_body, token);
+    tracing::info!(addr = %config.controller.admin_addr, "admin API listening");
+
+    // The API and the scheduler stop together: on the shutdown token, or when the API fails.
+    let stop = shutdown.child_token();
+    let serve = {
+        let stop = stop.clone();
+        async move {
+            let served = tokio::select! {
+                served = http::serve(listener, router, stop.clone()) => served,
+                () = async { stop.cancelled().await; tokio::time::sleep(DRAIN).await } => {
+                    tracing::warn!("requests still running after {DRAIN:?}; cut off");
+                    Ok(())
+                }
+            };
+            stop.cancel();
+            served
+        }
+    };
     let policy = Policy::new(&config.controller, &config.worker);
     let interval = Duration::from_millis(config.controller.reconcile_interval_ms);
+    let schedule = scheduler::run(db, policy, interval, stop.clone());
     tracing::info!("controller started");
-    scheduler::run(db, policy, interval, shutdown).await;
+    let (served, ()) = tokio::join!(serve, schedule);
     tracing::info!("controller stopped");
-    Ok(())
+    served.map_err(|source| ServiceError::Io {
+        what: format!("serving the admin API on {}", config.controller.admin_addr),
+        source,
+    })
 }

@@ -1,0 +1,114 @@
+//! `ampd migrate accept-checksum`: the reviewed way to accept a changed released migration (for
+//! example when a sea-orm or sea-query upgrade forces an edit that does not change what it did),
+//! without dropping the database or editing the history by hand. Under the migration lock, the
+//! recorded checksum of one applied migration is replaced by this binary's; the old value, its
+//! algorithm, the reason, the time and this ampd's version are appended to the row's
+//! `checksum_history`.
+
+use migration::Algorithm;
+
+use super::error::MigrateError;
+use super::session::Session;
+use super::set::MigrationSet;
+use super::verify::{ChecksumState, checksum_state};
+use super::{lock, record, state};
+use crate::config::MetadataDbConfig;
+
+/// A checksum accepted by [`accept_checksum`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The migration.
+    pub name: String,
+    /// The checksum recorded before.
+    pub old: String,
+    /// Its algorithm version.
+    pub old_algorithm: i64,
+    /// The checksum recorded now (current algorithm).
+    pub new: String,
+}
+
+/// Records this binary's checksum for applied migration `name`, keeping the old one and `reason`
+/// in the history. `None` when there is nothing to accept (the checksum already matches, or none is
+/// recorded yet).
+pub async fn accept_checksum(
+    cfg: &MetadataDbConfig,
+    set: &MigrationSet,
+    name: &str,
+    reason: &str,
+) -> Result<Option<Accepted>, MigrateError> {
+    if set.find(name).is_none() {
+        return Err(MigrateError::UnknownMigration {
+            name: name.to_owned(),
+        });
+    }
+    let session = Session::live(cfg).await?;
+    let result = lock::holding(&session, cfg, async || {
+        accept(&session, set, name, reason).await
+    })
+    .await;
+    session.close().await;
+    result
+}
+
+async fn accept(
+    session: &Session,
+    set: &MigrationSet,
+    name: &str,
+    reason: &str,
+) -> Result<Option<Accepted>, MigrateError> {
+    let state = state::read(session).await.map_err(MigrateError::database)?;
+    let row = state.row(name).ok_or_else(|| MigrateError::NotApplied {
+        name: name.to_owned(),
+    })?;
+    let Some(old) = row.checksum.clone() else {
+        return Ok(None);
+    };
+    if checksum_state(set, row) == ChecksumState::Ok {
+        return Ok(None);
+    }
+    let new = set.checksum(name, Algorithm::CURRENT);
+    let accepted = Accepted {
+        name: name.to_owned(),
+        old,
+        old_algorithm: row.algorithm,
+        new,
+    };
+    session.begin().await.map_err(MigrateError::database)?;
+    let changed = async {
+        if !state.history_current {
+            record::upgrade(session).await?;
+        }
+        let changed = record::accept(
+            session,
+            name,
+            &accepted.old,
+            accepted.old_algorithm,
+            &accepted.new,
+            reason,
+        )
+        .await?;
+        session.commit().await?;
+        Ok(changed)
+    }
+    .await;
+    let changed = match changed {
+        Ok(changed) => changed,
+        Err(e) => {
+            session.rollback().await;
+            return Err(MigrateError::database(e));
+        }
+    };
+    if !changed {
+        return Err(MigrateError::Database(format!(
+            "the recorded checksum of {name} changed while accepting it; run the command again"
+        )));
+    }
+    tracing::warn!(
+        migration = %name,
+        old = %accepted.old,
+        new = %accepted.new,
+        reason,
+        "accepted a changed checksum"
+    );
+    Ok(Some(accepted))
+}

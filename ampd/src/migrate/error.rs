@@ -1,0 +1,396 @@
+//! Why a migration run failed, and what the operator can do about it.
+
+use std::fmt::Write as _;
+
+use sea_orm::DbErr;
+
+use super::LOCK_KEY;
+use super::set::AMPD_VERSION;
+use crate::db::{ConnectError, PgError, pg_error};
+
+/// Why a migration run (or a read of the migration state) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The database could not be reached, or the URL cannot carry a migration session.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// An applied migration's recorded checksum differs from this binary's.
+    #[error(
+        "migration checksum mismatch: {name} was applied with checksum {recorded} (algorithm \
+         {algorithm}) but this ampd has {expected}; the migration was changed after it was applied. \
+         Restore the original migration; or, if the change was reviewed and does not change what the \
+         migration did (e.g. an upgrade of sea-orm forced an edit), record it with `ampd migrate \
+         accept-checksum {name} --reason \"<why>\"`, which keeps the old value and the reason in the \
+         history"
+    )]
+    ChecksumMismatch {
+        /// The migration.
+        name: String,
+        /// Checksum recorded when it was applied.
+        recorded: String,
+        /// The checksum algorithm version the recorded value was computed with.
+        algorithm: i64,
+        /// This binary's checksum of the migration, under that algorithm.
+        expected: String,
+    },
+    /// A migration's checksum was recorded with an algorithm version this binary does not know.
+    #[error(
+        "migration {name} was recorded with checksum algorithm {algorithm}, which this ampd \
+         ({AMPD_VERSION}) does not know: a newer ampd migrated this database; run that version or a \
+         later one"
+    )]
+    UnknownAlgorithm {
+        /// The migration.
+        name: String,
+        /// The recorded algorithm version.
+        algorithm: i64,
+    },
+    /// The database has applied migrations this binary does not know.
+    #[error(
+        "database is newer than this ampd ({AMPD_VERSION}): it has applied {} unknown to this binary; \
+         run a newer ampd (the one that migrated it, or later)",
+        names.join(", ")
+    )]
+    DatabaseAhead {
+        /// The unknown migrations.
+        names: Vec<String>,
+    },
+    /// Another migration run held the lock for longer than the configured wait.
+    #[error(
+        "timed out after {waited_secs} s waiting for the migration lock: another ampd is migrating this \
+         database (or a session holds advisory lock {LOCK_KEY}); try again, or raise \
+         metadata_db.migration_lock_timeout_secs"
+    )]
+    LockTimeout {
+        /// How long it waited.
+        waited_secs: u64,
+    },
+    /// The migration lock was no longer held when the run released it.
+    #[error(
+        "the migration lock was no longer held at the end of the run (pg_advisory_unlock returned \
+         false): a statement of a migration released it (DISCARD ALL, pg_advisory_unlock_all); \
+         another run may have migrated at the same time. Check `ampd migrate status` and remove that \
+         statement from the migration"
+    )]
+    LockLost,
+    /// A step was about to run on a server session that does not hold the migration lock.
+    #[error(
+        "the server session about to run a migration step does not hold the migration lock: the \
+         connection was moved to another server session (a pooler in transaction mode behind \
+         metadata_db.direct_url or url) or a migration released the lock; nothing of this step was \
+         applied. Point metadata_db.direct_url at PostgreSQL itself (or a pooler in session mode)"
+    )]
+    LockNotHere,
+    /// The role may not create tables where the migration creates them.
+    #[error(
+        "permission denied to create table in {place} ({message}): role {role} may not create tables \
+         there; nothing was changed. As an administrator, run: {grant}"
+    )]
+    CreateDenied {
+        /// The schema or database the table would be created in, quoted.
+        place: String,
+        /// The connected role, quoted.
+        role: String,
+        /// PostgreSQL's message.
+        message: String,
+        /// The statement that grants what is missing.
+        grant: String,
+    },
+    /// A migration changes an object that belongs to another role.
+    #[error(
+        "migration {name} failed: {message}: {} belongs to role {owner}, and ampd connects as \
+         {role}; only its owner (or a member of the owning role) may change it. {advice}",
+        owned_object(message)
+    )]
+    NotOwner {
+        /// The migration.
+        name: String,
+        /// PostgreSQL's message (`must be owner of table jobs`).
+        message: String,
+        /// The object's owner, quoted (or `another role` when it could not be found).
+        owner: String,
+        /// The connected role, quoted.
+        role: String,
+        /// What stays applied, and how to go on.
+        advice: String,
+    },
+    /// The role lacks another privilege a migration (or the bookkeeping) needs.
+    #[error(
+        "migration {name} failed: {message} (SQLSTATE 42501): role {role} lacks a privilege it needs. \
+         {outcome}. Grant it to {role} (e.g. GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ... TO \
+         {role}), or run ampd migrate as the owner of the schema"
+    )]
+    Privilege {
+        /// The migration (or `bookkeeping`).
+        name: String,
+        /// PostgreSQL's message.
+        message: String,
+        /// The connected role, quoted.
+        role: String,
+        /// What stays applied.
+        outcome: String,
+    },
+    /// A migration could not lock a table within `ddl_lock_timeout_ms` because another session
+    /// holds a conflicting lock on it.
+    #[error(
+        "migration {name} failed: a table it changes is locked by another session and the lock was not \
+         granted within {timeout_ms} ms ({message}); {outcome}. Find the blocking session \
+         (pg_stat_activity / pg_locks), let it finish, and run again"
+    )]
+    LockedByOtherSession {
+        /// The migration.
+        name: String,
+        /// The configured DDL lock timeout.
+        timeout_ms: u64,
+        /// PostgreSQL's message.
+        message: String,
+        /// What stays applied.
+        outcome: String,
+    },
+    /// A migration failed.
+    #[error("migration {name} failed: {message}; {outcome}")]
+    MigrationFailed {
+        /// The migration.
+        name: String,
+        /// PostgreSQL's (or the migration's) message.
+        message: String,
+        /// What stays applied, and what to do.
+        outcome: String,
+    },
+    /// A migration that runs outside a transaction would meet what an earlier, interrupted run of
+    /// it left behind.
+    #[error(
+        "migration {name} cannot run: index {index} {found}; nothing was changed. Remove it, then \
+         run ampd migrate again: {statement}"
+    )]
+    LeftOver {
+        /// The migration.
+        name: String,
+        /// The index, schema-qualified and quoted.
+        index: String,
+        /// What was found.
+        found: String,
+        /// The statement that removes it.
+        statement: String,
+    },
+    /// A service found migrations pending and was not asked to apply them.
+    #[error(
+        "the metadata database is not migrated ({pending} pending migration(s)): run `ampd migrate` \
+         first, or set metadata_db.auto_migrate = true"
+    )]
+    NotMigrated {
+        /// How many migrations are pending.
+        pending: usize,
+    },
+    /// A migration named on the command line is not one of this binary's.
+    #[error("this ampd has no migration {name} (see `ampd migrate status`)")]
+    UnknownMigration {
+        /// The name given.
+        name: String,
+    },
+    /// `accept-checksum` was asked about a migration the database has not applied.
+    #[error("migration {name} is not applied to this database: there is no checksum to accept")]
+    NotApplied {
+        /// The migration.
+        name: String,
+    },
+    /// Any other database error while reading or recording migration state.
+    #[error("metadata database error: {0}")]
+    Database(String),
+}
+
+impl MigrateError {
+    /// A database error outside any migration.
+    pub(super) fn database(err: DbErr) -> Self {
+        MigrateError::Database(describe(&err))
+    }
+}
+
+/// The server's message for `err` (with SQLSTATE and detail), or SeaORM's, password redacted.
+pub(super) fn describe(err: &DbErr) -> String {
+    match pg_error(err) {
+        Some(pg) => describe_pg(&pg),
+        None => crate::redact::redact_url(&err.to_string()),
+    }
+}
+
+/// `message (SQLSTATE code): detail`.
+pub(super) fn describe_pg(pg: &PgError) -> String {
+    let mut s = format!("{} (SQLSTATE {})", pg.message, pg.code);
+    if let Some(detail) = &pg.detail {
+        let _ = write!(s, ": {detail}");
+    }
+    s
+}
+
+/// `name` as an SQL identifier: in double quotes, inner quotes doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `text` as an SQL string literal (an `E''` literal when it holds a backslash, so that it reads
+/// the same whatever `standard_conforming_strings` says).
+pub fn quote_literal(text: &str) -> String {
+    if text.contains('\\') {
+        format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", text.replace('\'', "''"))
+    }
+}
+
+/// `table "jobs"` from PostgreSQL's `must be owner of table jobs`.
+fn owned_object(message: &str) -> String {
+    let object = message.strip_prefix("must be owner of ").unwrap_or(message);
+    match object.split_once(' ') {
+        Some((kind, name)) => format!("{kind} {}", quote_ident(name)),
+        None => quote_ident(object),
+    }
+}
+
+/// Who is connected where, for advice on privileges.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Identity {
+    /// `current_user`.
+    pub role: String,
+    /// `current_database()`.
+    pub database: String,
+    /// `current_schema()`, where unqualified tables are created (none when no schema on the
+    /// search path exists).
+    pub schema: Option<String>,
+}
+
+/// The error for a `permission denied` (SQLSTATE 42501) from `name` (a migration or
+/// `bookkeeping`), given who is connected and, for `must be owner of ...`, the owner if known.
+pub(super) fn privilege_error(
+    name: &str,
+    pg: &PgError,
+    who: &Identity,
+    owner: Option<&str>,
+    outcome: &str,
+) -> MigrateError {
+    let role = quote_ident(&who.role);
+    if let Some(object) = pg.message.strip_prefix("must be owner of ") {
+        let (kind, object_name) = object.split_once(' ').unwrap_or(("object", object));
+        let owner = owner.map_or_else(|| "another role".to_owned(), quote_ident);
+        return MigrateError::NotOwner {
+            name: name.to_owned(),
+            message: pg.message.clone(),
+            advice: format!(
+                "{outcome}. Run ampd migrate as {owner} (metadata_db.direct_url with that role's \
+                 credentials), or make ampd's role the owner; as an administrator run: ALTER {} {} \
+                 OWNER TO {role};",
+                kind.to_uppercase(),
+                quote_ident(object_name)
+            ),
+            owner,
+            role,
+        };
+    }
+    if let Some(schema) = pg.message.strip_prefix("permission denied for schema ") {
+        let schema = quote_ident(schema);
+        return MigrateError::CreateDenied {
+            place: format!("schema {schema} of database {}", quote_ident(&who.database)),
+            role: role.clone(),
+            message: pg.message.clone(),
+            grant: format!("GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};"),
+        };
+    }
+    if pg.message.starts_with("permission denied for database ") {
+        let database = quote_ident(&who.database);
+        return MigrateError::CreateDenied {
+            place: format!("database {database}"),
+            role: role.clone(),
+            message: pg.message.clone(),
+            grant: format!("GRANT CREATE ON DATABASE {database} TO {role};"),
+        };
+    }
+    if pg
+        .message
+        .starts_with("no schema has been selected to create in")
+    {
+        let schema = quote_ident(who.schema.as_deref().unwrap_or("public"));
+        return MigrateError::CreateDenied {
+            place: format!(
+                "database {} (no schema on the search path)",
+                quote_ident(&who.database)
+            ),
+            role: role.clone(),
+            message: pg.message.clone(),
+            grant: format!("GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};"),
+        };
+    }
+    MigrateError::Privilege {
+        name: name.to_owned(),
+        message: pg.message.clone(),
+        role,
+        outcome: outcome.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg(message: &str) -> PgError {
+        PgError {
+            code: "42501".into(),
+            message: message.into(),
+            detail: None,
+            constraint: None,
+        }
+    }
+
+    fn who() -> Identity {
+        Identity {
+            role: "amp-app".into(),
+            database: "amp-prod".into(),
+            schema: Some("public".into()),
+        }
+    }
+
+    #[test]
+    fn create_denied_names_the_schema_and_quotes_every_identifier() {
+        let err = privilege_error(
+            "m",
+            &pg("permission denied for schema public"),
+            &who(),
+            None,
+            "",
+        );
+        let text = err.to_string();
+        assert!(text.contains("permission denied to create table"), "{text}");
+        assert!(
+            text.contains("GRANT USAGE, CREATE ON SCHEMA \"public\" TO \"amp-app\";"),
+            "{text}"
+        );
+        assert!(text.contains("database \"amp-prod\""), "{text}");
+    }
+
+    #[test]
+    fn not_owner_gets_its_own_advice() {
+        let err = privilege_error(
+            "m1",
+            &pg("must be owner of table jobs"),
+            &who(),
+            Some("admin"),
+            "nothing was applied",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("table \"jobs\" belongs to role \"admin\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("ALTER TABLE \"jobs\" OWNER TO \"amp-app\";"),
+            "{text}"
+        );
+        assert!(!text.contains("create table"), "{text}");
+    }
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b'"), "E'a\\\\b'''");
+    }
+}

@@ -1,0 +1,190 @@
+//! Bringing the metadata database up to date: the one entry point shared by `ampd migrate` and by
+//! services that migrate on startup.
+//!
+//! A run ([`migrate`], the steps in [`run`]):
+//! 1. connects the migration session: one connection to `metadata_db.direct_url` (default `url`),
+//!    held until the end ([`session`]);
+//! 2. reads the applied set and validates it against this binary ([`state`], [`verify`]): an
+//!    applied migration this binary does not know, or a recorded checksum that does not match
+//!    (computed with the algorithm it was recorded with), is refused. With nothing to do it stops
+//!    here, after one query;
+//! 3. checks that the session is one of its own (not a pooler in transaction mode), before any
+//!    change, and sets `lock_timeout` (`ddl_lock_timeout_ms`) and `client_connection_check_interval`;
+//! 4. waits for the advisory lock [`LOCK_KEY`], asking with backoff for at most
+//!    `migration_lock_timeout_secs` and holding nothing while it waits ([`lock`]);
+//! 5. under the lock, reads and validates again (another run may have just migrated), plans the
+//!    pending migrations into steps ([`plan`]) and applies them, recording each one in the step
+//!    that applied it ([`apply`], [`record`]);
+//! 6. releases the lock, and fails if it was no longer held.
+//!
+//! "All or nothing" holds per step: consecutive migrations that run in a transaction are applied in
+//! one transaction, so a failure in any of them leaves the database as the previous step left it.
+//! A migration that opts out of the transaction runs alone and is recorded only after it succeeded;
+//! what an interrupted one leaves behind is found by the next run ([`leftovers`]). The first failure
+//! stops the run; steps committed before it stay applied and recorded. A killed run loses its
+//! session, and the server rolls back its open step and releases its lock.
+
+mod accept;
+mod apply;
+mod dry_run;
+mod error;
+mod leftovers;
+mod lock;
+mod plan;
+mod record;
+mod session;
+mod set;
+mod state;
+mod status;
+mod verify;
+
+use std::time::{Duration, Instant};
+
+use sea_orm::DatabaseConnection;
+use serde::Serialize;
+
+pub use accept::{Accepted, accept_checksum};
+pub use apply::Applied;
+pub use dry_run::{DryRun, dry_run, dry_run_one};
+pub use error::{MigrateError, quote_ident, quote_literal};
+pub use plan::StepKind;
+pub use record::HISTORY_TABLE;
+pub use set::{AMPD_VERSION, MigrationSet};
+pub use state::ChecksumChange;
+pub use status::{MigrationState, status};
+
+use crate::config::MetadataDbConfig;
+use apply::Done;
+use session::Session;
+
+/// The advisory lock serialising migration runs (`"ampdmigr"` as a big-endian i64). Data-access
+/// locks use the two-key form of the advisory lock functions and never collide with it.
+pub const LOCK_KEY: i64 = 0x616d_7064_6d69_6772;
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    /// Migrations applied, in order (empty when the schema was up to date).
+    pub applied: Vec<Applied>,
+    /// Applied migrations that had no ampd record (applied by SeaORM's CLI) and were recorded now.
+    pub adopted: Vec<String>,
+    /// Wall time of the whole run, connecting included.
+    pub elapsed: Duration,
+    /// The newest applied migration after the run.
+    pub version: Option<String>,
+}
+
+impl MigrateReport {
+    /// The run's last line: what was done and where the schema is now.
+    pub fn summary(&self) -> String {
+        let version = self.version.as_deref().unwrap_or("(none)");
+        if self.applied.is_empty() {
+            format!("schema is up to date (version {version})")
+        } else {
+            format!(
+                "applied {} migration{} in {} ms; schema at version {version}",
+                self.applied.len(),
+                if self.applied.len() == 1 { "" } else { "s" },
+                self.elapsed.as_millis()
+            )
+        }
+    }
+}
+
+/// What [`run`] did, before it is timed.
+struct Outcome {
+    done: Done,
+    version: Option<String>,
+}
+
+/// The session settings of a run that changes something.
+fn settings_sql(cfg: &MetadataDbConfig) -> String {
+    // Let the server notice within a second that a client died in the middle of a statement (a
+    // killed `ampd migrate`), so its transaction and its lock go with it (PostgreSQL 14+).
+    format!(
+        "SET lock_timeout = {}; SET client_connection_check_interval = 1000",
+        cfg.ddl_lock_timeout_ms.max(1)
+    )
+}
+
+/// Connects the migration session and brings the database up to date with `set`.
+pub async fn migrate(
+    cfg: &MetadataDbConfig,
+    set: &MigrationSet,
+) -> Result<MigrateReport, MigrateError> {
+    let started = Instant::now();
+    let session = Session::live(cfg).await?;
+    let result = run(&session, cfg, set).await;
+    session.close().await;
+    let outcome = result?;
+    Ok(MigrateReport {
+        applied: outcome.done.applied,
+        adopted: outcome.done.adopted,
+        elapsed: started.elapsed(),
+        version: outcome.version,
+    })
+}
+
+/// A run on `session` (a real one, or a dry run's, which sends nothing that changes anything).
+async fn run(
+    session: &Session,
+    cfg: &MetadataDbConfig,
+    set: &MigrationSet,
+) -> Result<Outcome, MigrateError> {
+    // Read and validate without the lock: with nothing to do, that was the run's one query.
+    let state = state::read(session).await.map_err(MigrateError::database)?;
+    let verdict = verify::check(set, &state)?;
+    if plan::plan(set, &state, &verdict).steps.is_empty() {
+        session.note("schema is up to date: nothing would run");
+        return Ok(Outcome {
+            done: Done::default(),
+            version: state.version(set.names().into_iter()),
+        });
+    }
+    // The rest on a session proven to be one of its own, holding the lock.
+    lock::holding(session, cfg, async || locked(session, cfg, set).await).await
+}
+
+/// The part of a run under the lock: read and validate again, plan, apply and record.
+async fn locked(
+    session: &Session,
+    cfg: &MetadataDbConfig,
+    set: &MigrationSet,
+) -> Result<Outcome, MigrateError> {
+    // Another run may have migrated while this one waited: read and validate again.
+    let state = state::read(session).await.map_err(MigrateError::database)?;
+    tracing::debug!(
+        applied = state.applied.len(),
+        has_seaql = state.has_seaql,
+        has_history = state.has_history,
+        "applied set under the lock"
+    );
+    let verdict = verify::check(set, &state)?;
+    // Plan the steps, then apply and record them one by one.
+    let plan = plan::plan(set, &state, &verdict);
+    let done = apply::apply(session, cfg.ddl_lock_timeout_ms, set, &state.who, &plan).await?;
+    let version = set
+        .names()
+        .into_iter()
+        .rev()
+        .find(|name| state.row(name).is_some() || done.applied.iter().any(|a| a.name == *name))
+        .map(str::to_owned);
+    Ok(Outcome { done, version })
+}
+
+/// Verifies, read-only, that the database is at this binary's head: the check a service makes at
+/// startup when it does not migrate itself. Errors as [`migrate`] would refuse, or
+/// [`MigrateError::NotMigrated`] when migrations are pending.
+pub async fn verify_current(
+    db: &DatabaseConnection,
+    set: &MigrationSet,
+) -> Result<(), MigrateError> {
+    let state = state::read(db).await.map_err(MigrateError::database)?;
+    verify::check(set, &state)?;
+    let pending = plan::pending(set, &state).len();
+    if pending == 0 {
+        Ok(())
+    } else {
+        Err(MigrateError::NotMigrated { pending })
+    }
+}

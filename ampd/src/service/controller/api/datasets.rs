@@ -1,0 +1,744 @@
+//! `/datasets`: register manifests as versions of a dataset, list and resolve them, delete a
+//! version, deploy a version (schedule the job that materializes it) and list its tables.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::{OptionalJson, Shared, db, internal};
+use crate::manifest::{self, StaticManifest};
+use crate::metadata::{self, datasets, jobs, revisions, workers};
+use crate::service::controller::{Placement, manifests};
+use crate::service::http::{ApiError, ErrorBody, Json, Path};
+
+/// `POST /datasets`: a manifest to register as a version of a dataset.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"namespace": "demo", "name": "prices", "version": "1.0.0",
+    "manifest": {"kind": "static", "tables": {"prices": {
+        "columns": [{"name": "symbol", "type": "string"}, {"name": "price", "type": "float64"}],
+        "rows": [["ETH", 3100.5], ["BTC", 91000.0]]}}}}))]
+pub struct RegisterDataset {
+    /// Lowercase letters, digits and `_`, starting with a letter.
+    pub namespace: String,
+    /// Lowercase letters, digits and `_`, starting with a letter.
+    pub name: String,
+    /// A semantic version (`1.0.0`, `1.1.0-rc.1`); `latest` and `dev` are managed by ampd.
+    pub version: String,
+    /// The manifest: `{"kind": "static", "tables": {...}}` (see the README for the format).
+    pub manifest: serde_json::Value,
+}
+
+/// A registered version.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Registered {
+    /// The dataset's namespace.
+    pub namespace: String,
+    /// The dataset's name.
+    pub name: String,
+    /// The version, in canonical form.
+    pub version: String,
+    /// The manifest's hash: hex sha256 of its stored bytes.
+    pub hash: String,
+}
+
+/// A dataset: a namespace and a name with at least one manifest.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DatasetName {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// A tag of a dataset and the manifest it names.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Tag {
+    /// A semantic version, `latest` (the highest version) or `dev` (the last registered manifest).
+    pub version: String,
+    /// The manifest's hash.
+    pub hash: String,
+    /// When the tag was last moved.
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: chrono::DateTime<chrono::FixedOffset>,
+}
+
+/// A dataset with its versions and tags.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Dataset {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its versions, lowest to highest by semver precedence.
+    pub versions: Vec<Tag>,
+    /// Every tag, versions, `latest` and `dev` alike, by name.
+    pub tags: Vec<Tag>,
+}
+
+/// One manifest of a dataset.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Version {
+    /// The dataset's namespace.
+    pub namespace: String,
+    /// The dataset's name.
+    pub name: String,
+    /// The manifest's hash.
+    pub hash: String,
+    /// The manifest's kind (`static`).
+    pub kind: String,
+    /// The manifest, as stored.
+    pub manifest: serde_json::Value,
+    /// The tags that name this manifest (`1.0.0`, `latest`, `dev`, ...).
+    pub tags: Vec<String>,
+}
+
+/// `POST .../deploy`: where to run the job; without a body (or without `node_id`) the least
+/// loaded live worker, or none yet when no worker is live (the scheduler places it later).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct Deploy {
+    /// A registered, live worker's node id.
+    pub node_id: Option<String>,
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// A new job was scheduled.
+    Created,
+    /// The job is active or COMPLETED: nothing to do, here it is.
+    Existing,
+    /// The job had stopped or failed: it was scheduled again, as a new attempt.
+    Rescheduled,
+}
+
+impl From<jobs::Scheduled> for Outcome {
+    fn from(s: jobs::Scheduled) -> Outcome {
+        match s {
+            jobs::Scheduled::Created => Outcome::Created,
+            jobs::Scheduled::Existing => Outcome::Existing,
+            jobs::Scheduled::Rescheduled => Outcome::Rescheduled,
+        }
+    }
+}
+
+/// The job that materializes a deployed version.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Deployed {
+    /// The job (see `GET /jobs/{id}`).
+    pub job_id: i64,
+    /// Its status.
+    pub status: String,
+    /// Its node, if it is placed on one.
+    pub node_id: Option<String>,
+    /// Its attempt.
+    pub attempt: i32,
+    /// What the deploy did.
+    pub outcome: Outcome,
+}
+
+/// A file of a revision.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct File {
+    /// Its name in the revision's directory (`part-00000.jsonl`, ...).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: i64,
+    /// Rows in it.
+    pub rows: Option<u64>,
+    /// Hex sha256 of its bytes.
+    pub sha256: Option<String>,
+}
+
+/// A revision of a table: a directory of files under the data directory.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Revision {
+    /// Its id (`POST /revisions/{id}/activate` rolls back to it).
+    pub id: i64,
+    /// Its directory, relative to the data directory.
+    pub path: String,
+    /// When it was created.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: chrono::DateTime<chrono::FixedOffset>,
+    /// When it was last made active (never, if absent).
+    pub activated_at: Option<String>,
+    /// When its files are due for deletion (while it is scheduled for garbage collection).
+    pub gc_expires_at: Option<String>,
+    /// Rows in all its files.
+    pub rows: Option<u64>,
+}
+
+/// The active revision of a table, with its files in order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ActiveRevision {
+    /// Its id.
+    pub id: i64,
+    /// Its directory, relative to the data directory.
+    pub path: String,
+    /// When it was made active.
+    pub activated_at: Option<String>,
+    /// Rows in all its files.
+    pub rows: Option<u64>,
+    /// Its files, in the order their rows are served.
+    pub files: Vec<File>,
+}
+
+/// A table of a manifest.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Table {
+    /// The table's name.
+    pub name: String,
+    /// The physical table's id, once a job has started materializing it.
+    pub table_id: Option<i64>,
+    /// The revision served, if any.
+    pub active_revision: Option<ActiveRevision>,
+    /// Every revision of the table, oldest first.
+    pub revisions: Vec<Revision>,
+}
+
+/// The tables of a version.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Tables {
+    /// The manifest's hash.
+    pub hash: String,
+    /// Its tables, by name.
+    pub tables: Vec<Table>,
+}
+
+/// The path of a dataset: `/datasets/{ns}/{name}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DatasetPath {
+    /// The dataset's namespace.
+    #[serde(rename = "ns")]
+    pub namespace: String,
+    /// The dataset's name.
+    pub name: String,
+}
+
+/// The path of a version of a dataset: `/datasets/{ns}/{name}/versions/{ref}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct VersionPath {
+    /// The dataset's namespace.
+    #[serde(rename = "ns")]
+    pub namespace: String,
+    /// The dataset's name.
+    pub name: String,
+    /// A version (`1.0.0`), `latest`, `dev`, or a manifest hash (64 hex characters); deleting
+    /// takes a version only.
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
+/// The errors of naming a version that does not resolve, for the document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Describes responses; `ApiError` builds them.
+enum VersionErrors {
+    /// `invalid_request`: a malformed name or reference.
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// `not_found`: no such version or manifest.
+    #[response(status = 404)]
+    Unknown(ErrorBody),
+}
+
+/// 400 unless `namespace` and `name` are valid dataset names.
+fn check_dataset(namespace: &str, name: &str) -> Result<(), ApiError> {
+    metadata::validate_dataset_part("namespace", namespace)?;
+    metadata::validate_dataset_part("name", name)?;
+    Ok(())
+}
+
+/// `namespace/name@reference`, checked: 400 unless `reference` is a semver version, `latest`,
+/// `dev` or a 64-hex hash.
+fn reference(namespace: &str, name: &str, reference: &str) -> Result<String, ApiError> {
+    check_dataset(namespace, name)?;
+    let text = format!("{namespace}/{name}@{reference}");
+    text.parse::<datasets::Reference>()?;
+    Ok(text)
+}
+
+/// The manifest `reference` names: 400 for a malformed one, 404 for an unknown one.
+async fn resolve(
+    app: &Shared,
+    path: &VersionPath,
+) -> Result<entity::manifest_files::Model, ApiError> {
+    let text = reference(&path.namespace, &path.name, &path.reference)?;
+    db("resolve a dataset reference", || {
+        datasets::resolve(&app.db, &text)
+    })
+    .await
+}
+
+/// A manifest as stored, or a 500 when its file cannot be read.
+async fn load(
+    app: &Shared,
+    manifest: &entity::manifest_files::Model,
+) -> Result<serde_json::Value, ApiError> {
+    manifests::load(&app.data_dir, &manifest.path)
+        .await
+        .map_err(|e| internal(&format!("reading manifest file {}", manifest.path), e))
+}
+
+fn invalid_manifest(e: manifest::ManifestError) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_manifest",
+        format!("invalid manifest: {e}"),
+    )
+}
+
+/// Register a manifest as a version of a dataset.
+///
+/// The manifest is validated (CSV sources too, when the sources directory is visible here), stored
+/// content-addressed, linked to the dataset (which moves `dev` to it) and tagged with the version
+/// (`latest` moves to the highest version). Registering the same version with the same manifest
+/// again changes nothing but `dev`, which moves back to it.
+#[utoipa::path(
+    post,
+    path = "/datasets",
+    operation_id = "register_dataset",
+    tag = "datasets",
+    request_body = RegisterDataset,
+    responses(
+        (status = 201, description = "Registered, linked and tagged", body = Registered),
+        (status = 400, description = "`invalid_request`: malformed JSON, or an invalid \
+            namespace, name or version", body = ErrorBody),
+        (status = 409, description = "`conflict`: the version already names another manifest",
+            body = ErrorBody),
+        (status = 422, description = "`invalid_manifest`: the manifest can never be \
+            materialized (the message names the place: `tables.prices.rows[3][1]`, a CSV file \
+            that is missing, outside the sources directory or whose header does not match); \
+            `invalid_body`: a field is missing or has the wrong type", body = ErrorBody),
+    ),
+)]
+pub async fn register(
+    State(app): State<Shared>,
+    Json(req): Json<RegisterDataset>,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    check_dataset(&req.namespace, &req.name)?;
+    let version = semver::Version::parse(&req.version)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "version {:?} is not a semantic version like 1.2.3 ({e}); `latest` and `dev` \
+                 are managed by ampd",
+                req.version
+            ))
+        })?
+        .to_string();
+    let kind = manifest::kind_of(&req.manifest)
+        .map_err(invalid_manifest)?
+        .to_owned();
+    let parsed = StaticManifest::parse(&req.manifest).map_err(invalid_manifest)?;
+    manifests::check_sources(app.sources_dir.clone(), &parsed)
+        .await
+        .map_err(invalid_manifest)?;
+    let content =
+        serde_json::to_vec(&req.manifest).map_err(|e| internal("encoding a manifest", e))?;
+    let hash = datasets::manifest_hash(&content);
+    let (namespace, name) = (req.namespace.as_str(), req.name.as_str());
+
+    // A version names one manifest for good: refuse before storing anything.
+    let tagged = format!("{namespace}/{name}@{version}");
+    match db("look up a version", || datasets::resolve(&app.db, &tagged)).await {
+        Ok(other) if other.hash != hash => {
+            return Err(ApiError::conflict(format!(
+                "version {version} of {namespace}/{name} already names manifest {}; delete the \
+                 version to tag another manifest",
+                other.hash
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.status == StatusCode::NOT_FOUND => {}
+        Err(e) => return Err(e),
+    }
+
+    let path = manifests::store(&app.data_dir, &hash, &content)
+        .await
+        .map_err(|e| internal("storing a manifest file", e))?;
+    db("register a dataset version", || {
+        manifests::register(&app.db, namespace, name, &version, &kind, &content, &path)
+    })
+    .await?;
+    tracing::info!(namespace, name, version, hash, "dataset version registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            namespace: req.namespace,
+            name: req.name,
+            version,
+            hash,
+        }),
+    ))
+}
+
+/// List the datasets.
+///
+/// Every dataset (a namespace and name with at least one manifest), by namespace and name.
+#[utoipa::path(
+    get,
+    path = "/datasets",
+    operation_id = "list_datasets",
+    tag = "datasets",
+    responses((status = 200, description = "The datasets", body = [DatasetName])),
+)]
+pub async fn list(State(app): State<Shared>) -> Result<Json<Vec<DatasetName>>, ApiError> {
+    let all = db("list datasets", || datasets::list_datasets(&app.db)).await?;
+    Ok(Json(
+        all.into_iter()
+            .map(|d| DatasetName {
+                namespace: d.namespace,
+                name: d.name,
+            })
+            .collect(),
+    ))
+}
+
+fn tag(t: entity::tags::Model) -> Tag {
+    Tag {
+        version: t.version,
+        hash: t.hash,
+        updated_at: t.updated_at,
+    }
+}
+
+/// Get a dataset with its versions and tags.
+///
+/// Its versions lowest to highest by semver precedence, and all its tags (`latest`, `dev`
+/// included) with the manifests they name.
+#[utoipa::path(
+    get,
+    path = "/datasets/{ns}/{name}",
+    operation_id = "get_dataset",
+    tag = "datasets",
+    params(DatasetPath),
+    responses(
+        (status = 200, description = "The dataset", body = Dataset),
+        (status = 400, description = "`invalid_request`: an invalid namespace or name",
+            body = ErrorBody),
+        (status = 404, description = "`not_found`: the dataset has no manifest", body = ErrorBody),
+    ),
+)]
+pub async fn get(
+    State(app): State<Shared>,
+    Path(DatasetPath { namespace, name }): Path<DatasetPath>,
+) -> Result<Json<Dataset>, ApiError> {
+    check_dataset(&namespace, &name)?;
+    let exists = db("look up a dataset", || {
+        datasets::exists(&app.db, &namespace, &name)
+    })
+    .await?;
+    if !exists {
+        return Err(ApiError::not_found(format!(
+            "dataset {namespace}/{name} not found"
+        )));
+    }
+    let versions = db("list versions", || {
+        datasets::list_versions(&app.db, &namespace, &name)
+    })
+    .await?;
+    let tags = db("list tags", || {
+        datasets::list_tags(&app.db, &namespace, &name)
+    })
+    .await?;
+    Ok(Json(Dataset {
+        namespace,
+        name,
+        versions: versions.into_iter().map(tag).collect(),
+        tags: tags.into_iter().map(tag).collect(),
+    }))
+}
+
+/// Get the manifest a version, `latest`, `dev` or a hash names.
+///
+/// The manifest as stored, its kind, and the tags that name it.
+#[utoipa::path(
+    get,
+    path = "/datasets/{ns}/{name}/versions/{ref}",
+    operation_id = "get_version",
+    tag = "datasets",
+    params(VersionPath),
+    responses(
+        (status = 200, description = "The manifest", body = Version),
+        VersionErrors,
+    ),
+)]
+pub async fn get_version(
+    State(app): State<Shared>,
+    Path(path): Path<VersionPath>,
+) -> Result<Json<Version>, ApiError> {
+    let found = resolve(&app, &path).await?;
+    let VersionPath {
+        namespace, name, ..
+    } = path;
+    let manifest = load(&app, &found).await?;
+    let tags = db("list tags", || {
+        datasets::list_tags(&app.db, &namespace, &name)
+    })
+    .await?;
+    Ok(Json(Version {
+        tags: tags
+            .into_iter()
+            .filter(|t| t.hash == found.hash)
+            .map(|t| t.version)
+            .collect(),
+        namespace,
+        name,
+        hash: found.hash,
+        kind: found.kind,
+        manifest,
+    }))
+}
+
+/// Delete a version.
+///
+/// The version tag goes; the manifest stays registered and `latest` moves to the highest remaining
+/// version.
+#[utoipa::path(
+    delete,
+    path = "/datasets/{ns}/{name}/versions/{ref}",
+    operation_id = "delete_version",
+    tag = "datasets",
+    params(VersionPath),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_request`: not a semantic version (`latest` and \
+            `dev` cannot be deleted)", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such version", body = ErrorBody),
+    ),
+)]
+pub async fn delete_version(
+    State(app): State<Shared>,
+    Path(VersionPath {
+        namespace,
+        name,
+        reference: version,
+    }): Path<VersionPath>,
+) -> Result<StatusCode, ApiError> {
+    check_dataset(&namespace, &name)?;
+    if semver::Version::parse(&version).is_err() {
+        return Err(ApiError::bad_request(format!(
+            "{version:?} is not a semantic version; only versions can be deleted (`latest` and \
+             `dev` follow the versions and manifests)"
+        )));
+    }
+    db("delete a version", || {
+        datasets::delete_version(&app.db, &namespace, &name, &version)
+    })
+    .await?;
+    tracing::info!(namespace, name, version, "dataset version deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deploy a version: schedule the job that materializes it.
+///
+/// The job goes to the named worker, else to the least loaded live one, else to none yet (the
+/// scheduler places it when a worker is live). Deploying a version whose job is active or
+/// COMPLETED returns that job; after STOPPED, ERROR or FATAL it is scheduled again as a new
+/// attempt.
+#[utoipa::path(
+    post,
+    path = "/datasets/{ns}/{name}/versions/{ref}/deploy",
+    operation_id = "deploy_version",
+    tag = "datasets",
+    params(VersionPath),
+    request_body(content = Option<Deploy>, description = "Optional: the worker to run the job on"),
+    responses(
+        (status = 202, description = "The job", body = Deployed),
+        (status = 400, description = "`invalid_request`: a malformed name, reference, node id \
+            or JSON body", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such version, or the named worker never \
+            registered", body = ErrorBody),
+        (status = 409, description = "`conflict`: the named worker is not live", body = ErrorBody),
+        (status = 422, description = "`invalid_manifest`: the manifest's kind has no job that \
+            materializes it; `invalid_body`: a field has the wrong type", body = ErrorBody),
+    ),
+)]
+pub async fn deploy(
+    State(app): State<Shared>,
+    Path(path): Path<VersionPath>,
+    OptionalJson(body): OptionalJson<Deploy>,
+) -> Result<(StatusCode, Json<Deployed>), ApiError> {
+    let found = resolve(&app, &path).await?;
+    let VersionPath {
+        namespace, name, ..
+    } = path;
+    if found.kind != manifest::STATIC {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_manifest",
+            format!(
+                "manifest {} is of kind {:?}; this ampd materializes \"static\" manifests only",
+                found.hash, found.kind
+            ),
+        ));
+    }
+    let window = app.liveness_window;
+    let mut placement = db("read the live workers", || Placement::read(&app.db, window)).await?;
+    let node = match body.unwrap_or_default().node_id {
+        Some(node) => {
+            workers::validate_node_id(&node)?;
+            let known = db("look up a worker", || workers::get(&app.db, &node)).await?;
+            if known.is_none() {
+                return Err(ApiError::not_found(format!(
+                    "worker {node} has never registered"
+                )));
+            }
+            if !placement.is_live(&node) {
+                return Err(ApiError::conflict(format!(
+                    "worker {node} is not live (no heartbeat within {} ms); name a live worker \
+                     or leave node_id out",
+                    window.as_millis()
+                )));
+            }
+            Some(node)
+        }
+        None => placement.pick(),
+    };
+    let descriptor = serde_json::json!({
+        "namespace": namespace,
+        "name": name,
+        "manifest_hash": found.hash,
+    });
+    let (job, outcome) = db("schedule a job", || {
+        jobs::schedule(
+            &app.db,
+            manifest::MATERIALIZE_STATIC,
+            descriptor.clone(),
+            node.as_deref(),
+        )
+    })
+    .await?;
+    let outcome = Outcome::from(outcome);
+    tracing::info!(
+        job_id = job.id,
+        namespace,
+        name,
+        hash = found.hash,
+        node = ?job.node_id,
+        ?outcome,
+        "deployed"
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Deployed {
+            job_id: job.id,
+            status: job.status,
+            node_id: job.node_id,
+            attempt: job.attempt,
+            outcome,
+        }),
+    ))
+}
+
+/// List the tables of a version.
+///
+/// Each table of the manifest with its active revision (id, path, files, rows, activated at), or
+/// null before one is completed, and the list of its revisions.
+#[utoipa::path(
+    get,
+    path = "/datasets/{ns}/{name}/versions/{ref}/tables",
+    operation_id = "list_tables",
+    tag = "datasets",
+    params(VersionPath),
+    responses(
+        (status = 200, description = "The tables", body = Tables),
+        VersionErrors,
+    ),
+)]
+pub async fn tables(
+    State(app): State<Shared>,
+    Path(path): Path<VersionPath>,
+) -> Result<Json<Tables>, ApiError> {
+    let found = resolve(&app, &path).await?;
+    let VersionPath {
+        namespace, name, ..
+    } = path;
+    let manifest = load(&app, &found).await?;
+    let physical = db("list tables", || {
+        revisions::list_tables_of_manifest(&app.db, &namespace, &name, &found.hash)
+    })
+    .await?;
+    // The manifest's tables, and any table a job registered for it.
+    let mut names: Vec<String> = manifest
+        .get("tables")
+        .and_then(|t| t.as_object())
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default();
+    names.extend(physical.iter().map(|t| t.table_name.clone()));
+    names.sort();
+    names.dedup();
+    let mut tables = Vec::with_capacity(names.len());
+    for table_name in names {
+        let table = physical.iter().find(|t| t.table_name == table_name);
+        tables.push(table_view(&app, table_name, table).await?);
+    }
+    Ok(Json(Tables {
+        hash: found.hash,
+        tables,
+    }))
+}
+
+fn meta_str(meta: &serde_json::Value, key: &str) -> Option<String> {
+    meta.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+}
+
+fn meta_u64(meta: &serde_json::Value, key: &str) -> Option<u64> {
+    meta.get(key).and_then(|v| v.as_u64())
+}
+
+/// Table `name` (physical table `table`, if one is registered) with its active revision, that
+/// revision's files, and its revisions.
+pub(crate) async fn table_view(
+    app: &Shared,
+    name: String,
+    table: Option<&entity::physical_tables::Model>,
+) -> Result<Table, ApiError> {
+    let Some(table) = table else {
+        return Ok(Table {
+            name,
+            table_id: None,
+            active_revision: None,
+            revisions: Vec::new(),
+        });
+    };
+    let all = db("list revisions", || revisions::list(&app.db, table.id)).await?;
+    let active = match all.iter().find(|r| Some(r.id) == table.active_revision_id) {
+        Some(r) => {
+            let files = db("list files", || metadata::files::list(&app.db, r.id)).await?;
+            Some(ActiveRevision {
+                id: r.id,
+                path: r.path.clone(),
+                activated_at: meta_str(&r.metadata, "activated_at"),
+                rows: meta_u64(&r.metadata, "rows"),
+                files: files
+                    .into_iter()
+                    .map(|f| File {
+                        rows: meta_u64(&f.metadata, "rows"),
+                        sha256: meta_str(&f.metadata, "sha256"),
+                        name: f.file_name,
+                        size: f.object_size,
+                    })
+                    .collect(),
+            })
+        }
+        None => None,
+    };
+    Ok(Table {
+        name,
+        table_id: Some(table.id),
+        active_revision: active,
+        revisions: all
+            .into_iter()
+            .map(|r| Revision {
+                activated_at: meta_str(&r.metadata, "activated_at"),
+                gc_expires_at: meta_str(&r.metadata, "gc_expires_at"),
+                rows: meta_u64(&r.metadata, "rows"),
+                id: r.id,
+                path: r.path,
+                created_at: r.created_at,
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,291 @@
+//! The controller's admin API: JSON in and out, one module per resource, each handler parsing and
+//! validating its request, calling [`crate::metadata`] and mapping the result. Every error is an
+//! [`ErrorBody`]; a malformed body, path or query is a 4xx. The OpenAPI document
+//! (`GET /openapi.json`) is generated from the handlers' annotations and types ([`openapi`]), so it
+//! cannot drift from the routes.
+
+pub mod datasets;
+pub mod health;
+pub mod jobs;
+pub mod revisions;
+pub mod workers;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use sea_orm::DatabaseConnection;
+use serde::de::DeserializeOwned;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{OpenApi, RefOr, Response};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::Config;
+use crate::metadata;
+use crate::migrate::MigrationSet;
+use crate::service::http::{self, ApiError, BearerToken, ErrorBody};
+
+/// What the handlers share.
+pub struct AppState {
+    /// The metadata database.
+    pub db: DatabaseConnection,
+    /// The migrations this binary runs (`/readyz` checks the schema against them).
+    pub migrations: fn() -> MigrationSet,
+    /// `[storage] data_dir`: manifests are stored in its `manifests/`.
+    pub data_dir: PathBuf,
+    /// `[worker] sources_dir`: CSV sources are checked there when the controller can see it.
+    pub sources_dir: PathBuf,
+    /// `[worker] liveness_window_ms`.
+    pub liveness_window: Duration,
+    /// `[worker] gc_grace_secs`: how long the files of a revision replaced by a roll back are kept.
+    pub gc_grace: Duration,
+    /// The OpenAPI document, served by `GET /openapi.json`.
+    pub openapi: serde_json::Value,
+}
+
+impl AppState {
+    /// The state of a controller configured with `config`.
+    pub fn new(
+        db: DatabaseConnection,
+        config: &Config,
+        migrations: fn() -> MigrationSet,
+    ) -> AppState {
+        AppState {
+            db,
+            migrations,
+            data_dir: config.storage.data_dir().to_owned(),
+            sources_dir: config.worker.sources_dir().to_owned(),
+            liveness_window: Duration::from_millis(config.worker.liveness_window_ms),
+            gc_grace: Duration::from_secs(config.worker.gc_grace_secs),
+            openapi: serde_json::Value::Null,
+        }
+    }
+}
+
+/// The state handlers extract.
+pub type Shared = Arc<AppState>;
+
+/// Every route, with its OpenAPI description.
+fn routes() -> OpenApiRouter<Shared> {
+    OpenApiRouter::with_openapi(document())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::openapi_json))
+        .routes(routes!(datasets::register, datasets::list))
+        .routes(routes!(datasets::get))
+        .routes(routes!(datasets::get_version, datasets::delete_version))
+        .routes(routes!(datasets::deploy))
+        .routes(routes!(datasets::tables))
+        .routes(routes!(revisions::activate))
+        .routes(routes!(jobs::list))
+        .routes(routes!(jobs::get, jobs::delete))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::stop))
+        .routes(routes!(workers::list))
+        .routes(routes!(workers::get))
+}
+
+/// The OpenAPI document of the admin API.
+pub fn openapi() -> OpenApi {
+    let (_, mut doc) = routes().split_for_parts();
+    add_common_responses(&mut doc);
+    doc
+}
+
+/// The admin API of `state`: every route, JSON 404 and 405 for unknown routes and methods, bodies
+/// limited to `max_body_bytes` (413), a JSON 500 should a handler panic (the connection is kept),
+/// the bearer token required on every route but `/healthz` when `token` is set, and a log line per
+/// request.
+pub fn router(
+    mut state: AppState,
+    max_body_bytes: usize,
+    token: Option<BearerToken>,
+) -> axum::Router {
+    let (router, mut doc) = routes().split_for_parts();
+    add_common_responses(&mut doc);
+    state.openapi = serde_json::to_value(&doc).unwrap_or_default();
+    let mut router = router
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(Arc::new(state))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
+    if let Some(token) = token {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            token,
+            http::require_token,
+        ));
+    }
+    http::with_request_logs(router)
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> axum::response::Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    internal("a request", format!("the handler panicked: {what}")).into_response()
+}
+
+async fn unknown_route(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route {}; see GET /openapi.json", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Runs data-access call `op`, retrying what may pass (a briefly unavailable database) with
+/// backoff ([`crate::service::retrying`]), and maps its error to the API's.
+pub(crate) async fn db<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = metadata::Result<T>>,
+{
+    crate::service::retrying(what, op)
+        .await
+        .map_err(ApiError::from)
+}
+
+/// A 500 whose cause goes to the log, not to the caller.
+pub(crate) fn internal(what: &str, err: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %err, "{what} failed");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("{what} failed; see the controller's log"),
+    )
+}
+
+/// An optional JSON body: none when the request has no `Content-Type` (and no body); otherwise it
+/// must be JSON of `T`, with the same errors as [`http::Json`].
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<T, S> FromRequest<S> for OptionalJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let body = <axum::Json<T> as OptionalFromRequest<S>>::from_request(req, state).await?;
+        Ok(OptionalJson(body.map(|axum::Json(v)| v)))
+    }
+}
+
+/// The document's root: title, version, tags and the bearer scheme (required when
+/// `[controller] admin_token` is set).
+fn document() -> OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(
+        info(
+            title = "ampd controller admin API",
+            description = "Register and deploy datasets, follow jobs and workers, roll tables \
+                back. Errors are `{\"error_code\", \"error_message\"}`. When `[controller] \
+                admin_token` is set, every route but `/healthz` needs `Authorization: Bearer \
+                <token>`."
+        ),
+        components(schemas(ErrorBody)),
+        modifiers(&BearerScheme),
+        security(("bearer" = [])),
+        tags(
+            (name = "health", description = "Liveness, readiness and this document"),
+            (name = "datasets", description = "Manifests, versions, deployments and tables"),
+            (name = "revisions", description = "Table revisions (roll back)"),
+            (name = "jobs", description = "Jobs and their events"),
+            (name = "workers", description = "Worker nodes and their liveness"),
+        )
+    )]
+    struct Doc;
+    <Doc as utoipa::OpenApi>::openapi()
+}
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The responses every route may give besides its own, added to each operation that does not
+/// describe them itself: 401 (all but the open `/healthz`), 413 and 415 (routes with a body), 503
+/// and 500 (routes that use the database).
+fn add_common_responses(doc: &mut OpenApi) {
+    let error = |description: &str| -> RefOr<Response> {
+        RefOr::T(
+            utoipa::openapi::ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    utoipa::openapi::content::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let open = path == "/healthz";
+        let uses_db = !matches!(path.as_str(), "/healthz" | "/openapi.json" | "/readyz");
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in operations.into_iter().flatten() {
+            let responses = &mut op.responses.responses;
+            let mut add = |status: &str, description: &str| {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| error(description));
+            };
+            if open {
+                op.security = Some(Vec::new());
+            } else {
+                add(
+                    "401",
+                    "`unauthorized`: the bearer token is missing or wrong (when `[controller] \
+                     admin_token` is set)",
+                );
+            }
+            if op.request_body.is_some() {
+                add(
+                    "413",
+                    "`payload_too_large`: the body is larger than `[controller] max_body_bytes`",
+                );
+                add(
+                    "415",
+                    "`unsupported_media_type`: a body without `Content-Type: application/json`",
+                );
+            }
+            if uses_db {
+                add(
+                    "503",
+                    "`unavailable`: the metadata database did not answer; try again",
+                );
+                add(
+                    "500",
+                    "`internal`: an unexpected error; see the controller's log",
+                );
+            }
+        }
+    }
+}

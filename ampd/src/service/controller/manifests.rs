@@ -1,0 +1,151 @@
+//! What registering a manifest involves besides the database: its file under the data directory
+//! (content-addressed, written whole or not at all), the check of its CSV sources against the
+//! sources directory, and the one transaction that registers, links and tags it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
+
+use crate::manifest::{self, ManifestError, Source, StaticManifest};
+use crate::metadata::{self, datasets};
+
+/// Stores manifest `content` (whose hash is `hash`) at `<data_dir>/manifests/<hash>.json` and
+/// returns that path relative to `data_dir` (`manifest_files.path`). The file is written to a
+/// temporary name and renamed into place, so a reader sees all of it or nothing; a file already
+/// there with the same bytes is kept.
+pub async fn store(data_dir: &Path, hash: &str, content: &[u8]) -> io::Result<String> {
+    let relative = manifest::manifest_path(hash);
+    let path = data_dir.join(&relative);
+    if tokio::fs::read(&path)
+        .await
+        .is_ok_and(|held| held == content)
+    {
+        return Ok(relative);
+    }
+    let dir = path.parent().unwrap_or(data_dir);
+    tokio::fs::create_dir_all(dir).await?;
+    let temp = dir.join(format!(".{hash}.{}.tmp", uuid::Uuid::now_v7()));
+    let written = write_synced(&temp, content).await;
+    let renamed = match written {
+        Ok(()) => tokio::fs::rename(&temp, &path).await,
+        Err(e) => Err(e),
+    };
+    if renamed.is_err() {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    renamed.map(|()| relative)
+}
+
+async fn write_synced(path: &Path, content: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::File::create(path).await?;
+    file.write_all(content).await?;
+    file.sync_all().await
+}
+
+/// Reads back the manifest stored at `relative` (`manifest_files.path`) under `data_dir`.
+pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Value> {
+    let bytes = tokio::fs::read(data_dir.join(relative)).await?;
+    serde_json::from_slice(&bytes).map_err(io::Error::other)
+}
+
+/// Checks every CSV source of `manifest` in `sources_dir`, when that directory exists here (the
+/// controller may run where the workers' sources are not visible; the worker checks again): the
+/// file must resolve inside the directory ([`manifest::resolve_source`]: no absolute path, `..`
+/// or symbolic link leading out) and its header row must name the table's columns, in order. Rows
+/// are checked by the worker as it reads them.
+pub async fn check_sources(
+    sources_dir: PathBuf,
+    manifest: &StaticManifest,
+) -> Result<(), ManifestError> {
+    let csv: Vec<(String, String, Vec<String>)> = manifest
+        .tables
+        .iter()
+        .filter_map(|t| match &t.source {
+            Source::Csv(path) => Some((
+                t.name.clone(),
+                path.clone(),
+                t.columns.iter().map(|c| c.name.clone()).collect(),
+            )),
+            Source::Rows(_) => None,
+        })
+        .collect();
+    if csv.is_empty() {
+        return Ok(());
+    }
+    let check = move || {
+        if !sources_dir.is_dir() {
+            tracing::debug!(
+                sources_dir = %sources_dir.display(),
+                "sources directory not visible here; the worker checks the CSV sources"
+            );
+            return Ok(());
+        }
+        for (table, path, columns) in &csv {
+            check_csv(&sources_dir, table, path, columns)?;
+        }
+        Ok(())
+    };
+    tokio::task::spawn_blocking(check)
+        .await
+        .unwrap_or_else(|e| {
+            Err(ManifestError {
+                at: "tables".into(),
+                message: format!("checking the CSV sources failed: {e}"),
+            })
+        })
+}
+
+fn check_csv(
+    sources_dir: &Path,
+    table: &str,
+    path: &str,
+    columns: &[String],
+) -> Result<(), ManifestError> {
+    let at = format!("tables.{table}.csv");
+    let fail = |message: String| ManifestError {
+        at: at.clone(),
+        message,
+    };
+    let file = manifest::resolve_source(sources_dir, path).map_err(|e| fail(e.to_string()))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_path(&file)
+        .map_err(|e| fail(format!("cannot read {path:?}: {e}")))?;
+    let header = reader
+        .headers()
+        .map_err(|e| fail(format!("cannot read the header row of {path:?}: {e}")))?;
+    if !header.iter().eq(columns.iter().map(String::as_str)) {
+        return Err(fail(format!(
+            "the header row of {path:?} is {:?}; it must name the table's columns {columns:?}, in \
+             this order",
+            header.iter().collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
+}
+
+/// Registers manifest `content` of `kind` stored at `path`, links it to dataset `namespace/name`
+/// (which moves `dev` to it) and tags it `version` (which may move `latest`), in one transaction:
+/// all of it happens or none. Returns the manifest's hash. `Conflict` when the version already
+/// names another manifest.
+pub async fn register<C>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    version: &str,
+    kind: &str,
+    content: &[u8],
+    path: &str,
+) -> metadata::Result<String>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let tx = db.begin().await?;
+    let hash = datasets::register_manifest(&tx, kind, content, path).await?;
+    datasets::link(&tx, namespace, name, &hash).await?;
+    datasets::tag(&tx, namespace, name, version, &hash).await?;
+    tx.commit().await?;
+    Ok(hash)
+}

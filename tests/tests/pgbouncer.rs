@@ -1,0 +1,340 @@
+//! ampd behind a real PgBouncer (Debian's `pgbouncer`, started by the test on a free port):
+//! - session mode: `ampd migrate` and the services work through it, also eight runs at once;
+//! - transaction mode: pointing the session-bound work at it is refused before any change, with
+//!   the fix in the message; with `direct_url` on the server itself, `ampd migrate` works, also
+//!   eight runs at once; the services' pool on it works when PgBouncer keeps prepared statements
+//!   (1.21+) and is refused with the reason otherwise.
+//!
+//! Outputs are printed for the record (`-- --nocapture`).
+
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use tests::TestDb;
+use tests::cli::{self, TempDir, config_toml};
+use tests::pgbouncer::{PgBouncer, PoolMode};
+use tests::services::{Service, Workspace};
+
+const SCHEMA_MIGRATIONS: i64 = 8;
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a count")
+}
+
+/// `ampd --config <config> <args>`, printed for the record.
+async fn ampd(label: &str, config: &std::path::Path, args: &[&str]) -> cli::Output {
+    let out = cli::ampd_with_config(config, args).await;
+    println!(
+        "--- {label}: ampd {} -> exit {:?}\n{}{}",
+        args.join(" "),
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+/// Eight `ampd migrate` at once: all exit 0, exactly one applies the migrations.
+async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
+    let started = Instant::now();
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let config = config.to_owned();
+            tokio::spawn(async move { cli::ampd_with_config(&config, &["migrate"]).await })
+        })
+        .collect();
+    let mut applied = 0;
+    for run in runs {
+        let out = run.await.expect("task");
+        assert_eq!(out.code, Some(0), "{}", out.all());
+        assert!(!out.all().contains("deadlock"), "{}", out.all());
+        if out.stdout.contains("applied 8 migrations") {
+            applied += 1;
+        } else {
+            assert!(
+                out.stdout.contains("schema is up to date"),
+                "{}",
+                out.stdout
+            );
+        }
+    }
+    println!(
+        "--- {label}: 8 concurrent `ampd migrate`: all exited 0 in {:?}; {applied} applied the \
+         migrations, the others found the schema up to date",
+        started.elapsed()
+    );
+    assert_eq!(applied, 1);
+    let conn = db.connect().await;
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        SCHEMA_MIGRATIONS
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM ampd_migrations").await,
+        SCHEMA_MIGRATIONS
+    );
+}
+
+/// The `[storage]` and `[worker]` keys of a worker's config, in `workspace`.
+fn worker_sections(workspace: &Workspace) -> String {
+    format!(
+        "\n[storage]\ndata_dir = {:?}\n\n[worker]\nsources_dir = {:?}\n",
+        workspace.data_dir().display().to_string(),
+        workspace.sources_dir().display().to_string()
+    )
+}
+
+/// Runs `ampd worker --node-id <node>` on `config` until it has registered, then stops it with
+/// SIGTERM; returns its log.
+async fn worker_registers_then_stops(config: &std::path::Path, node: &str) -> String {
+    let mut worker = Service::start("worker", config, &["worker", "--node-id", node], &[]);
+    worker
+        .wait_for_log(Duration::from_secs(30), |log| {
+            log.contains("worker registered")
+        })
+        .await;
+    let exit = worker.stop().await;
+    assert_eq!(exit.code, Some(0), "{}", exit.log);
+    exit.log
+}
+
+#[tokio::test]
+async fn session_mode_migrate_and_services_work_through_pgbouncer() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Session, 20, "pgbouncer session mode") else {
+        return;
+    };
+    println!("--- PgBouncer {:?}, pool_mode = session", bouncer.version());
+    let db = TestDb::empty().await;
+    let workspace = Workspace::new();
+    let config = workspace.path().join("config.toml");
+    std::fs::write(
+        &config,
+        config_toml(&bouncer.url(db.name()), &worker_sections(&workspace)),
+    )
+    .expect("config");
+
+    let out = ampd("session mode", &config, &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("applied 8 migrations"),
+        "{}",
+        out.stdout
+    );
+    let out = ampd("session mode", &config, &["migrate", "status"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("8 applied, 0 pending"),
+        "{}",
+        out.stdout
+    );
+
+    // A worker (node-id claim and LISTEN on session connections, its pool too) through PgBouncer.
+    let node = format!("pgbs{}", std::process::id());
+    let log = worker_registers_then_stops(&config, &node).await;
+    println!("--- session mode: ampd worker --node-id {node}\n{log}");
+}
+
+#[tokio::test]
+async fn session_mode_eight_concurrent_runs_through_pgbouncer_stay_correct() {
+    // Fewer server connections than runs: some runs queue in PgBouncer for a connection.
+    let Some(bouncer) = PgBouncer::start(PoolMode::Session, 4, "pgbouncer session mode x8") else {
+        return;
+    };
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(&bouncer.url(db.name()), ""));
+    eight_at_once("session mode, 4 server connections", &config, &db).await;
+}
+
+#[tokio::test]
+async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_fix() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4, "pgbouncer transaction mode")
+    else {
+        return;
+    };
+    println!(
+        "--- PgBouncer {:?}, pool_mode = transaction",
+        bouncer.version()
+    );
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file("config.toml", &config_toml(&bouncer.url(db.name()), ""));
+
+    let out = ampd("transaction mode, url only", &config, &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("metadata_db.url (postgresql://postgres@127.0.0.1:")
+            && out
+                .stderr
+                .contains("does not give a connection a session of its own"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("Set metadata_db.direct_url to PostgreSQL itself"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("nothing was changed"), "{}", out.stderr);
+    let conn = db.connect().await;
+    assert!(
+        tests::catalog::tables(&conn).await.is_empty(),
+        "no DDL ran, not even bookkeeping"
+    );
+
+    // Reading needs no session of its own: status and the dry run work through it.
+    let out = ampd(
+        "transaction mode, url only",
+        &config,
+        &["migrate", "status"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("0 applied, 8 pending"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn transaction_mode_with_direct_url_migrates_and_eight_runs_stay_correct() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 2, "pgbouncer transaction mode")
+    else {
+        return;
+    };
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    let config = dir.file(
+        "config.toml",
+        &config_toml(
+            &bouncer.url(db.name()),
+            &format!("direct_url = \"{}\"", db.url()),
+        ),
+    );
+    eight_at_once(
+        "transaction mode as url, direct_url on the server",
+        &config,
+        &db,
+    )
+    .await;
+    let out = ampd("transaction mode, direct_url", &config, &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("schema is up to date"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn transaction_mode_as_direct_url_is_refused_for_listen_and_claims() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4, "pgbouncer transaction mode")
+    else {
+        return;
+    };
+    let db = TestDb::migrated().await;
+    let dir = TempDir::new();
+    let config = dir.file(
+        "config.toml",
+        &config_toml(
+            db.url(),
+            &format!("direct_url = \"{}\"", bouncer.url(db.name())),
+        ),
+    );
+    let node = format!("pgbt{}", std::process::id());
+    let out = ampd(
+        "transaction mode as direct_url",
+        &config,
+        &["worker", "--node-id", &node],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("metadata_db.direct_url (postgresql://postgres@127.0.0.1:")
+            && out
+                .stderr
+                .contains("LISTEN and node-id claims could not stay on one session"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn services_with_a_transaction_mode_url_work_when_pgbouncer_keeps_prepared_statements() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4, "pgbouncer transaction mode")
+    else {
+        return;
+    };
+    let db = TestDb::migrated().await;
+    let workspace = Workspace::new();
+    let config = workspace.path().join("config.toml");
+    std::fs::write(
+        &config,
+        config_toml(
+            &bouncer.url(db.name()),
+            &format!(
+                "direct_url = \"{}\"\n{}",
+                db.url(),
+                worker_sections(&workspace)
+            ),
+        ),
+    )
+    .expect("config");
+    let node = format!("pgbp{}", std::process::id());
+    if bouncer.keeps_prepared_statements() {
+        let log = worker_registers_then_stops(&config, &node).await;
+        println!("--- transaction mode url, direct_url: ampd worker\n{log}");
+    } else {
+        // PgBouncer before 1.21 hands a client's prepared statements to other clients and loses
+        // them between transactions; ampd's pool would fail at random, so it refuses to start.
+        let out = ampd(
+            "transaction mode url (PgBouncer before 1.21), direct_url",
+            &config,
+            &["worker", "--node-id", &node],
+        )
+        .await;
+        assert_eq!(out.code, Some(1), "{}", out.all());
+        assert!(
+            out.stderr
+                .contains("does not keep prepared statements across transactions"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("max_prepared_statements"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_startup_parameter_pgbouncer_refuses_is_not_reported_as_a_password_problem() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Session, 2, "pgbouncer startup parameters")
+    else {
+        return;
+    };
+    let db = TestDb::empty().await;
+    let dir = TempDir::new();
+    // ampd itself sends none; an `options` the operator puts in the URL is sent as given.
+    let url = format!("{}?options=-c%20work_mem%3D64MB", bouncer.url(db.name()));
+    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let out = ampd("a refused startup parameter", &config, &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("the server refused the connection: unsupported startup parameter: options"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("password"), "{}", out.stderr);
+}
