@@ -2,7 +2,8 @@
 //!
 //! Everything lives in the amp directory (`--amp-dir`, `AMP_DIR`, default `./.amp`): the managed
 //! database's cluster (`metadb/`, also the directory of its Unix socket), its log
-//! (`postgres.log`), the data (`data/`), the sources CSV paths resolve in (`sources/`), an optional
+//! (`postgres.log`), `metadb.toml` (a config file other `ampd` commands reach the managed database
+//! with), the data (`data/`), the sources CSV paths resolve in (`sources/`), an optional
 //! `config.toml`, and `solo.lock`, which one `ampd solo` holds while it runs. Without
 //! `metadata_db.url`, solo runs PostgreSQL itself ([`crate::postgres`]): `initdb` on the first start,
 //! the same cluster afterwards, listening on its socket only (no TCP port, so nothing conflicts).
@@ -11,7 +12,8 @@
 //!
 //! Stopping (Ctrl-C or SIGTERM): the services stop, the pool is closed, then PostgreSQL gets a fast
 //! shutdown and ampd waits for it (forced after 30 s). If ampd is killed, PostgreSQL's watchdog
-//! gives it the same fast shutdown.
+//! gives it the same fast shutdown; if the watchdog is killed too, the next `ampd solo` on the
+//! directory stops the server it left.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +30,7 @@ type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// The default amp directory.
 pub const DEFAULT_AMP_DIR: &str = "./.amp";
-/// The managed database's superuser.
+/// The managed database's superuser, whom ampd connects as.
 const DB_USER: &str = "ampd";
 /// The managed database.
 const DB_NAME: &str = "amp";
@@ -36,6 +38,8 @@ const DB_NAME: &str = "amp";
 const DB_PORT: u16 = 5432;
 /// How long a fast shutdown of the managed server may take before it is forced.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the managed server may take to accept connections (crash recovery included).
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Why solo cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -61,14 +65,15 @@ pub enum SoloError {
         /// Why.
         source: std::io::Error,
     },
-    /// The managed database could not be started.
-    #[error("the managed PostgreSQL in {}: {source}", .dir.display())]
-    Postgres {
-        /// Its data directory.
-        dir: PathBuf,
-        /// Why.
-        source: PostgresError,
-    },
+    /// The managed database could not be started or stopped.
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// The managed server runs, but its database could not be created.
+    #[error("managed database: cannot create the database {DB_NAME}: {0}")]
+    CreateDatabase(sqlx::Error),
+    /// The blocking work of starting or stopping the managed server did not finish.
+    #[error("managed database: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> SoloError {
@@ -124,22 +129,31 @@ fn absolute(dir: &Path) -> std::result::Result<PathBuf, SoloError> {
 }
 
 /// Starts (creating it the first time) the managed cluster in `<amp_dir>/metadb`. A server left
-/// running on it by an earlier solo that died (no solo holds the directory, so nothing else owns
-/// it) is given a fast shutdown first.
-fn start_managed(amp_dir: &Path) -> std::result::Result<(Server, bool), PostgresError> {
+/// running on it by an earlier solo that died with its watchdog (no solo holds the directory, so
+/// nothing else owns it) is stopped first.
+fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
     let bindir = postgres::find_bindir(None)?;
     let user = postgres::server_user()?;
+    postgres::check_reachable(user.as_deref(), amp_dir)?;
     let data = amp_dir.join("metadb");
-    let fresh = !postgres::is_initialized(&data);
-    if fresh {
-        tracing::info!(dir = %data.display(), "creating the managed PostgreSQL cluster (initdb)");
-        // A half-created cluster (a start that died during initdb) is not reused.
-        if data.exists() {
-            std::fs::remove_dir_all(&data).map_err(|source| PostgresError::Io {
-                what: format!("remove the incomplete {}", data.display()),
-                source,
-            })?;
+    if postgres::is_initialized(&data) {
+        match postgres::prepare_data_dir(&data) {
+            Err(PostgresError::AlreadyRunning { pid, .. }) => {
+                tracing::warn!(
+                    pid,
+                    "stopping the PostgreSQL an earlier ampd solo left running on this directory"
+                );
+                postgres::stop_server(pid, &data, STOP_TIMEOUT)?;
+                postgres::prepare_data_dir(&data)?;
+            }
+            other => other?,
         }
+    } else {
+        tracing::info!(
+            dir = %data.display(),
+            bindir = %bindir.display(),
+            "creating the managed PostgreSQL cluster (initdb)"
+        );
         postgres::initdb(
             &bindir,
             &data,
@@ -147,22 +161,12 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<(Server, bool), Postgres
             &postgres::InitOptions {
                 superuser: DB_USER.to_owned(),
                 no_sync: false,
+                hba: Vec::new(),
             },
         )?;
-    } else {
-        match postgres::prepare_data_dir(&data) {
-            Err(PostgresError::AlreadyRunning { pid, .. }) => {
-                tracing::warn!(
-                    pid,
-                    "stopping a PostgreSQL left running by an earlier ampd solo"
-                );
-                stop_orphan(pid)?;
-                postgres::prepare_data_dir(&data)?;
-            }
-            other => other?,
-        }
     }
-    let server = Server::start(
+    tracing::info!(dir = %data.display(), bindir = %bindir.display(), "starting PostgreSQL");
+    Server::start(
         &bindir,
         &data,
         user.as_deref(),
@@ -170,46 +174,20 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<(Server, bool), Postgres
             socket_dir: data.clone(),
             port: DB_PORT,
             listen_address: None,
+            tls: None,
             settings: Vec::new(),
             log_file: amp_dir.join("postgres.log"),
             remove_after_stop: None,
             stop_timeout: STOP_TIMEOUT,
-            ready_timeout: Duration::from_secs(60),
+            ready_timeout: READY_TIMEOUT,
         },
-    )?;
-    Ok((server, fresh))
-}
-
-/// Fast shutdown of the orphaned server `pid`, waiting (bounded) until it is gone.
-fn stop_orphan(pid: u32) -> std::result::Result<(), PostgresError> {
-    let alive = || Path::new(&format!("/proc/{pid}")).exists();
-    // SAFETY: kill(2); `pid` was verified to be this amp directory's PostgreSQL.
-    unsafe { libc::kill(pid as i32, libc::SIGINT) };
-    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
-    while alive() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if alive() {
-        // SAFETY: as above; it ignored the fast shutdown.
-        unsafe { libc::kill(pid as i32, libc::SIGQUIT) };
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    Ok(())
+    )
 }
 
 /// Creates the managed database on the first start (idempotent).
 async fn ensure_database(server_url: &str) -> std::result::Result<(), sqlx::Error> {
-    // A server that has just started may still answer "starting up" for a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut conn = loop {
-        match sqlx::PgConnection::connect(server_url).await {
-            Ok(conn) => break conn,
-            Err(e) if crate::db::is_transient(&e) && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    // The server accepts connections: it said so in postmaster.pid.
+    let mut conn = sqlx::PgConnection::connect(server_url).await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(DB_NAME)
@@ -221,6 +199,24 @@ async fn ensure_database(server_url: &str) -> std::result::Result<(), sqlx::Erro
             .await?;
     }
     conn.close().await
+}
+
+/// Writes `<amp_dir>/metadb.toml`, a config file for other `ampd` commands (`ampd --config
+/// <amp_dir>/metadb.toml migrate status`) with the managed database's URL (it has no password:
+/// only the server's user, and root, may use its socket).
+fn write_metadb_config(amp_dir: &Path, url: &str) -> std::result::Result<PathBuf, SoloError> {
+    let path = amp_dir.join("metadb.toml");
+    let text = format!(
+        "# Written by ampd solo at each start: its managed database, for other ampd commands while\n\
+         # solo runs, e.g. ampd --config {} migrate status\n\
+         [metadata_db]\nurl = {}\n",
+        path.display(),
+        toml::Value::String(url.to_owned())
+    );
+    let partial = amp_dir.join("metadb.toml.partial");
+    std::fs::write(&partial, text).map_err(io(format!("write {}", partial.display())))?;
+    std::fs::rename(&partial, &path).map_err(io(format!("write {}", path.display())))?;
+    Ok(path)
 }
 
 /// Runs `ampd solo`.
@@ -242,24 +238,37 @@ pub async fn run(
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     }
 
-    let managed = if config.metadata_db.url.is_none() {
-        let dir = amp_dir.join("metadb");
-        let started = {
-            let amp_dir = amp_dir.clone();
-            tokio::task::spawn_blocking(move || start_managed(&amp_dir)).await?
-        };
-        let (server, _fresh) = started.map_err(|source| SoloError::Postgres { dir, source })?;
-        ensure_database(&server.url(DB_USER, "postgres")).await?;
-        config.metadata_db.url = Some(DatabaseUrl::parse(&server.url(DB_USER, DB_NAME))?);
-        Some(server)
-    } else {
-        None
+    let managed = match config.metadata_db.url {
+        Some(_) => None,
+        None => {
+            let started = {
+                let amp_dir = amp_dir.clone();
+                tokio::task::spawn_blocking(move || start_managed(&amp_dir)).await
+            };
+            // From here on, dropping the server (on any error) stops it.
+            let server = started.map_err(SoloError::from)?.map_err(SoloError::from)?;
+            ensure_database(&server.url(DB_USER, "postgres"))
+                .await
+                .map_err(SoloError::CreateDatabase)?;
+            let url = server.url(DB_USER, DB_NAME);
+            let metadb_config = write_metadb_config(&amp_dir, &url)?;
+            config.metadata_db.url = Some(DatabaseUrl::parse(&url)?);
+            Some((server, metadb_config))
+        }
     };
-    print_banner(&config, &amp_dir, &node_id, managed.as_ref());
+    print_banner(
+        &config,
+        &amp_dir,
+        &node_id,
+        managed.as_ref().map(|(_, path)| path.as_path()),
+    );
 
     let result = run_services(config, node_id, migrations, shutdown).await;
-    if let Some(server) = managed {
-        tokio::task::spawn_blocking(move || server.stop()).await??;
+    if let Some((server, _)) = managed {
+        tokio::task::spawn_blocking(move || server.stop())
+            .await
+            .map_err(SoloError::from)?
+            .map_err(SoloError::from)?;
     }
     result
 }
@@ -300,34 +309,34 @@ async fn run_services(
         ),
     ];
     let result = service::supervise(shutdown, components).await;
-    let _ = db.close().await;
+    if let Err(e) = db.close().await {
+        tracing::warn!(error = %e, "closing the database pool failed");
+    }
+    tracing::info!("services stopped, database pool closed");
     Ok(result?)
 }
 
-fn print_banner(config: &Config, amp_dir: &Path, node_id: &str, managed: Option<&Server>) {
+/// Where everything is, on stdout. `metadb_config`: the config file of the managed database.
+fn print_banner(config: &Config, amp_dir: &Path, node_id: &str, metadb_config: Option<&Path>) {
     let url = config
         .metadata_db
         .url
         .as_ref()
         .map(|u| u.redacted())
         .unwrap_or_default();
-    let (database, hint) = match managed {
-        Some(server) => (
-            format!(
-                "{url}\n                (managed: {}, log {})",
-                server.socket_dir().display(),
-                amp_dir.join("postgres.log").display()
-            ),
-            format!(
-                "\n  while solo runs, other commands reach its database with\n    \
-                 AMP_CONFIG_METADATA_DB__URL='{url}' ampd migrate status\n"
-            ),
+    let database = match metadb_config {
+        Some(path) => format!(
+            "{url}\n                managed: cluster {}, log {}\n                \
+             other commands reach it with: ampd --config {} migrate status",
+            amp_dir.join("metadb").display(),
+            amp_dir.join("postgres.log").display(),
+            path.display()
         ),
-        None => (url.clone(), String::new()),
+        None => url,
     };
     println!(
         "ampd solo\n  amp dir       {}\n  database      {database}\n  admin API     http://{}\n  \
-         server        http://{}\n  worker        {node_id}\n  data          {}\n  sources       {}\n{hint}",
+         server        http://{}\n  worker        {node_id}\n  data          {}\n  sources       {}",
         amp_dir.display(),
         config.controller.admin_addr,
         config.server.addr,

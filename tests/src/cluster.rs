@@ -2,20 +2,22 @@
 //!
 //! `AMP_TEST_DATABASE_URL`, when set, is an admin URL of a running server (the harness creates and
 //! drops databases through it). Otherwise the harness starts a private, throw-away cluster once per
-//! test process: `initdb` into a temporary directory and `postgres` listening only on a Unix socket
-//! in that directory, as the unprivileged `postgres` user (through `setpriv`) when the process runs as root (both
-//! programs refuse to run as root). A watchdog shell holds the read end of a pipe whose write end the
-//! test process keeps open; when the test process exits for any reason the pipe closes and the
-//! watchdog stops the server and removes the directory.
+//! test process with `ampd::postgres`, the code `ampd solo` runs its managed database with: `initdb`
+//! into a temporary directory and `postgres` listening only on a Unix socket in that directory, as
+//! the unprivileged `postgres` user when the process runs as root (both programs refuse to run as
+//! root), under a watchdog that stops the server and removes the directory when the test process
+//! exits for any reason.
 //!
-//! A private cluster trusts every connection except those of members of
-//! [`PASSWORD_ROLES`], whose passwords it checks (`scram-sha-256`), and preloads
+//! A private cluster is made for tests: no fsync, 300 connections; it trusts every connection except
+//! those of members of [`PASSWORD_ROLES`], whose passwords it checks (`scram-sha-256`), and preloads
 //! `pg_stat_statements` when PostgreSQL has it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ampd::postgres::{self, InitOptions, Server, StartOptions, TlsFiles};
 
 /// The admin URL of the server the tests use (created on first use).
 pub fn admin_url() -> &'static str {
@@ -41,6 +43,9 @@ pub fn admin_url() -> &'static str {
 /// `pg_hba.conf` asks them for `scram-sha-256` before it trusts everyone else).
 pub const PASSWORD_ROLES: &str = "ampd_password_roles";
 
+/// The superuser of a private cluster.
+const SUPERUSER: &str = "postgres";
+
 /// What a private cluster is started with beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
@@ -52,16 +57,12 @@ pub struct ClusterOptions {
     pub tcp_tls: bool,
 }
 
-/// A private PostgreSQL cluster on a Unix socket in a temporary directory.
+/// A private PostgreSQL cluster on a Unix socket in a temporary directory, removed once it has
+/// stopped (when this is dropped, or the process exits).
 pub struct PrivateCluster {
-    dir: PathBuf,
+    server: Server,
     bindir: PathBuf,
-    port: u16,
     tcp_tls: bool,
-    /// The write end of the watchdog's pipe: closing it (dropping this, or the process exiting)
-    /// stops the server.
-    watchdog: Option<std::process::ChildStdin>,
-    child: std::process::Child,
 }
 
 impl PrivateCluster {
@@ -73,113 +74,93 @@ impl PrivateCluster {
     /// [`start`](Self::start) with extra settings and, optionally, a TCP listener with TLS.
     pub fn start_with(options: &ClusterOptions) -> Result<Self, String> {
         let bindir = find_bindir()?;
+        let user = postgres::server_user().map_err(|e| e.to_string())?;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!(
-            "ampd-test-pg-{}-{}",
+            "ampd-test-pg-{}-{}-{nanos}",
             std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32())
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let run_as = if is_root() { Some("postgres") } else { None };
-        if let Some(user) = run_as {
-            chown(user, &[&dir])?;
+        // The socket's directory: the server's user must be able to create the socket there.
+        if let Some(user) = &user {
+            postgres::chown(user, &[&dir]).map_err(|e| e.to_string())?;
         }
         let data = dir.join("data");
-        let out = as_user(run_as, &bindir.join("initdb"))
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(&data)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run initdb: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        let group = PASSWORD_ROLES;
+        postgres::initdb(
+            &bindir,
+            &data,
+            user.as_deref(),
+            &InitOptions {
+                superuser: SUPERUSER.to_owned(),
+                no_sync: true,
+                hba: vec![
+                    format!("local   all  +{group}                scram-sha-256"),
+                    format!("host    all  +{group}  127.0.0.1/32  scram-sha-256"),
+                    format!("host    all  +{group}  ::1/128       scram-sha-256"),
+                ],
+            },
+        )
+        .map_err(|e| e.to_string())?;
 
-        write_hba(&data, run_as)?;
-
-        let mut extra = String::new();
-        let mut port = 5432;
-        if options.tcp_tls {
-            port = free_port()?;
-            let (cert, key) = self_signed_certificate(&dir, run_as)?;
-            extra.push_str(&format!(
-                " -p {port} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} \
-                 -c ssl_key_file={}",
-                sh_quote(&cert),
-                sh_quote(&key)
-            ));
-        } else {
-            extra.push_str(" -c listen_addresses=");
-        }
+        let mut settings: Vec<(String, String)> = [
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("full_page_writes", "off"),
+            ("max_connections", "300"),
+            ("shared_buffers", "128MB"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .into();
         let preload_set = options
             .settings
             .iter()
             .any(|(name, _)| name == "shared_preload_libraries");
         if !preload_set && has_pg_stat_statements(&bindir) {
-            extra.push_str(" -c shared_preload_libraries=pg_stat_statements");
+            settings.push((
+                "shared_preload_libraries".into(),
+                "pg_stat_statements".into(),
+            ));
         }
-        for (name, value) in &options.settings {
-            extra.push_str(&format!(" -c {}", sh_quote_str(&format!("{name}={value}"))));
-        }
-
-        // The watchdog: starts postgres, waits for stdin to close, then stops it and cleans up.
-        let postgres = bindir.join("postgres");
-        let script = format!(
-            "{runas}{postgres} -D {data} -k {dir}{extra} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
-             -c shared_buffers=128MB >{dir}/server.log 2>&1 & pid=$!; \
-             cat >/dev/null; kill -INT $pid 2>/dev/null; \
-             while kill -0 $pid 2>/dev/null; do sleep 0.1; done; rm -rf {dir}",
-            runas = run_as
-                .map(|u| format!("setpriv --reuid={u} --regid={u} --init-groups "))
-                .unwrap_or_default(),
-            postgres = sh_quote(&postgres),
-            data = sh_quote(&data),
-            dir = sh_quote(&dir),
-        );
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("start postgres: {e}"))?;
-        let watchdog = child.stdin.take().ok_or("no watchdog pipe")?;
-        let cluster = PrivateCluster {
-            dir,
-            bindir: bindir.clone(),
-            port,
-            tcp_tls: options.tcp_tls,
-            watchdog: Some(watchdog),
-            child,
+        settings.extend(options.settings.iter().cloned());
+        let (port, listen_address, tls) = if options.tcp_tls {
+            let port = crate::services::free_port();
+            let tls = self_signed_certificate(&dir)?;
+            (port, Some("127.0.0.1".to_owned()), Some(tls))
+        } else {
+            (5432, None, None)
         };
-        cluster.wait_ready(&bindir)?;
-        Ok(cluster)
+        let server = Server::start(
+            &bindir,
+            &data,
+            user.as_deref(),
+            &StartOptions {
+                socket_dir: dir.clone(),
+                port,
+                listen_address,
+                tls,
+                settings,
+                log_file: dir.join("server.log"),
+                remove_after_stop: Some(dir),
+                stop_timeout: Duration::from_secs(10),
+                ready_timeout: Duration::from_secs(30),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(PrivateCluster {
+            server,
+            bindir,
+            tcp_tls: options.tcp_tls,
+        })
     }
 
     /// Admin URL of this cluster (the `postgres` role and database, over the Unix socket).
     pub fn admin_url(&self) -> String {
-        let port = if self.port == 5432 {
-            String::new()
-        } else {
-            format!(":{}", self.port)
-        };
-        format!(
-            "postgresql://postgres@localhost{port}/postgres?host={}",
-            self.dir.display()
-        )
+        self.server.url(SUPERUSER, "postgres")
     }
 
     /// Admin URL over TCP on `127.0.0.1`, TLS required, when started with
@@ -187,8 +168,8 @@ impl PrivateCluster {
     pub fn tcp_admin_url(&self) -> Option<String> {
         self.tcp_tls.then(|| {
             format!(
-                "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=require",
-                self.port
+                "postgresql://{SUPERUSER}@127.0.0.1:{}/postgres?sslmode=require",
+                self.server.port()
             )
         })
     }
@@ -197,77 +178,6 @@ impl PrivateCluster {
     pub fn bindir(&self) -> &Path {
         &self.bindir
     }
-
-    fn wait_ready(&self, bindir: &Path) -> Result<(), String> {
-        let socket = self.dir.join(format!(".s.PGSQL.{}", self.port));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let pg_isready = bindir.join("pg_isready");
-        while Instant::now() < deadline {
-            if socket.exists() {
-                let ready = Command::new(&pg_isready)
-                    .arg("-h")
-                    .arg(&self.dir)
-                    .arg("-p")
-                    .arg(self.port.to_string())
-                    .arg("-q")
-                    .status()
-                    .map(|s| s.success())
-                    // Without pg_isready, the socket existing is good enough.
-                    .unwrap_or(true);
-                if ready {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        Err(format!(
-            "postgres did not start within 30 s: {}",
-            log.trim()
-        ))
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        // Closing the pipe makes the watchdog stop the server and remove the directory.
-        drop(self.watchdog.take());
-        let _ = self.child.wait();
-    }
-}
-
-/// Replaces the `pg_hba.conf` of a new cluster at `data`: members of [`PASSWORD_ROLES`] log in with
-/// `scram-sha-256` (over the socket and TCP); every other role is trusted.
-fn write_hba(data: &Path, owner: Option<&str>) -> Result<(), String> {
-    let group = PASSWORD_ROLES;
-    let hba = data.join("pg_hba.conf");
-    let rules = format!(
-        "# TYPE  DATABASE USER    ADDRESS       METHOD\n\
-         local   all      +{group}                scram-sha-256\n\
-         host    all      +{group} 127.0.0.1/32  scram-sha-256\n\
-         host    all      +{group} ::1/128       scram-sha-256\n\
-         local   all      all                   trust\n\
-         host    all      all     127.0.0.1/32  trust\n\
-         host    all      all     ::1/128       trust\n"
-    );
-    std::fs::write(&hba, rules).map_err(|e| format!("write {}: {e}", hba.display()))?;
-    if let Some(user) = owner {
-        chown(user, &[&hba])?;
-    }
-    Ok(())
-}
-
-/// Gives `paths` to `user` (and its group).
-fn chown(user: &str, paths: &[&Path]) -> Result<(), String> {
-    let status = Command::new("chown")
-        .arg(format!("{user}:"))
-        .args(paths)
-        .status()
-        .map_err(|e| format!("chown: {e}"))?;
-    if !status.success() {
-        return Err(format!("chown {user} {paths:?} failed"));
-    }
-    Ok(())
 }
 
 /// Whether the PostgreSQL of `bindir` has the `pg_stat_statements` module (Debian's server package
@@ -289,19 +199,9 @@ pub fn is_private() -> bool {
     std::env::var("AMP_TEST_DATABASE_URL").map_or(true, |url| url.trim().is_empty())
 }
 
-/// A port on `127.0.0.1` nothing listens on right now.
-pub(crate) fn free_port() -> Result<u16, String> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("find a free port: {e}"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("find a free port: {e}"))
-}
-
-/// A self-signed certificate for `localhost`/`127.0.0.1` and its key, in `dir`, readable by the
-/// server's user only (PostgreSQL refuses a key others may read).
-fn self_signed_certificate(dir: &Path, owner: Option<&str>) -> Result<(PathBuf, PathBuf), String> {
+/// A self-signed certificate for `localhost`/`127.0.0.1` and its key, in `dir` (the server makes
+/// the key its own and private as it starts).
+fn self_signed_certificate(dir: &Path) -> Result<TlsFiles, String> {
     let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
     let out = Command::new("openssl")
         .args([
@@ -322,85 +222,16 @@ fn self_signed_certificate(dir: &Path, owner: Option<&str>) -> Result<(PathBuf, 
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("chmod {}: {e}", key.display()))?;
-    if let Some(user) = owner {
-        chown(user, &[&cert, &key])?;
-    }
-    Ok((cert, key))
+    Ok(TlsFiles { cert, key })
 }
 
-/// The directory holding PostgreSQL's programs: `AMP_TEST_PG_BINDIR`, else the newest
-/// `/usr/lib/postgresql/<major>/bin`, else `pg_config --bindir`, else the first `PATH` entry with
-/// `initdb` and `postgres`.
+/// The directory holding PostgreSQL's programs: `AMP_TEST_PG_BINDIR` when set, else where `ampd
+/// solo` finds them ([`ampd::postgres::find_bindir`]: `PATH`, `pg_config --bindir`, the newest
+/// `/usr/lib/postgresql/<major>/bin`).
 pub fn find_bindir() -> Result<PathBuf, String> {
-    if let Ok(dir) = std::env::var("AMP_TEST_PG_BINDIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    // Debian/Ubuntu: /usr/lib/postgresql/<major>/bin, newest first.
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<(u32, PathBuf)> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let major = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-                let bin = e.path().join("bin");
-                bin.join("initdb").exists().then_some((major, bin))
-            })
-            .collect();
-        versions.sort();
-        if let Some((_, bin)) = versions.pop() {
-            return Ok(bin);
-        }
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-        && out.status.success()
-    {
-        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if bin.join("initdb").exists() {
-            return Ok(bin);
-        }
-    }
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-        if dir.join("initdb").exists() && dir.join("postgres").exists() {
-            return Ok(dir);
-        }
-    }
-    Err("initdb and postgres not found (set AMP_TEST_PG_BINDIR)".into())
-}
-
-fn as_user(user: Option<&str>, program: &Path) -> Command {
-    match user {
-        Some(user) => {
-            // setpriv execs the program (no intermediate process), as `user`.
-            let mut cmd = Command::new("setpriv");
-            cmd.arg(format!("--reuid={user}"))
-                .arg(format!("--regid={user}"))
-                .arg("--init-groups")
-                .arg(program);
-            cmd
-        }
-        None => Command::new(program),
-    }
-}
-
-pub(crate) fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-pub(crate) fn sh_quote(path: &Path) -> String {
-    sh_quote_str(&path.display().to_string())
-}
-
-pub(crate) fn sh_quote_str(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::process::id()) as u32
+    let explicit = std::env::var_os("AMP_TEST_PG_BINDIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    postgres::find_bindir(explicit.as_deref())
+        .map_err(|e| format!("{e} (or set AMP_TEST_PG_BINDIR)"))
 }

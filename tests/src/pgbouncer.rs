@@ -10,10 +10,12 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{free_port, is_root, sh_quote, sh_quote_str};
+use ampd::postgres::{Watch, Watchdog};
+
+use crate::services::free_port;
 
 /// How PgBouncer hands server connections to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +52,8 @@ pub struct PgBouncer {
     dir: PathBuf,
     port: u16,
     version: (u32, u32),
-    /// The write end of the watchdog's pipe: closing it stops PgBouncer.
-    watchdog: Option<std::process::ChildStdin>,
-    child: std::process::Child,
+    /// Stops PgBouncer and removes `dir` when dropped (or when the process exits).
+    _watchdog: Watchdog,
 }
 
 /// The admin URL's server, as PgBouncer's `[databases]` connection string wants it.
@@ -115,7 +116,7 @@ impl PgBouncer {
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create pgbouncer dir");
-        let port = free_port().expect("free port");
+        let port = free_port();
         let mode_name = match mode {
             PoolMode::Session => "session",
             PoolMode::Transaction => "transaction",
@@ -137,8 +138,8 @@ impl PgBouncer {
         );
         let ini_path = dir.join("pgbouncer.ini");
         std::fs::write(&ini_path, ini).expect("write pgbouncer.ini");
-        let run_as = is_root().then_some("postgres");
-        if let Some(user) = run_as {
+        let user = ampd::postgres::is_root().then(|| "postgres".to_owned());
+        if let Some(user) = &user {
             let status = Command::new("chown")
                 .arg("-R")
                 .arg(format!("{user}:"))
@@ -147,32 +148,21 @@ impl PgBouncer {
                 .expect("chown");
             assert!(status.success(), "chown {user} {}", dir.display());
         }
-        let script = format!(
-            "{runas}{bin} {ini} >{dir}/stderr.log 2>&1 & pid=$!; cat >/dev/null; \
-             kill -TERM $pid 2>/dev/null; while kill -0 $pid 2>/dev/null; do sleep 0.1; done; \
-             rm -rf {dir}",
-            runas = run_as
-                .map(|u| format!("setpriv --reuid={u} --regid={u} --init-groups "))
-                .unwrap_or_default(),
-            bin = sh_quote(&bin),
-            ini = sh_quote(&ini_path),
-            dir = sh_quote_str(&dir.display().to_string()),
-        );
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgbouncer");
-        let watchdog = child.stdin.take();
+        let watchdog = Watchdog::start(&Watch {
+            program: bin,
+            args: vec![ini_path.into()],
+            user,
+            log_file: dir.join("stderr.log"),
+            stop_signal: "TERM",
+            stop_timeout: Duration::from_secs(10),
+            remove_after_stop: Some(dir.clone()),
+        })
+        .expect("start pgbouncer");
         let bouncer = PgBouncer {
             dir,
             port,
             version,
-            watchdog,
-            child,
+            _watchdog: watchdog,
         };
         bouncer.wait_ready();
         Some(bouncer)
@@ -215,12 +205,5 @@ impl PgBouncer {
     /// PgBouncer's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        drop(self.watchdog.take());
-        let _ = self.child.wait();
     }
 }

@@ -166,15 +166,18 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
 async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    // The admin API listens: on a free port, not the default one another process may hold.
-    let admin = format!(
-        "\n[controller]\nadmin_addr = \"{}\"",
+    // The admin API and the server listen on free ports, not the default ones another process may
+    // hold, and the amp directory is the test's own.
+    let addrs = format!(
+        "\n[controller]\nadmin_addr = \"{}\"\n[server]\naddr = \"{}\"",
+        tests::services::free_addr(),
         tests::services::free_addr()
     );
-    let config = dir.file("config.toml", &config_toml(db.url(), &admin));
+    let config = dir.file("config.toml", &config_toml(db.url(), &addrs));
     let conn = db.connect().await;
 
-    let solo = spawn(&config, &["solo"]);
+    let amp_dir = dir.path().join("amp").display().to_string();
+    let solo = spawn(&config, &["solo", "--amp-dir", &amp_dir]);
     wait_registered(&conn, "solo").await;
     let stderr = terminate(solo).await;
     let applied = format!("applied {} migrations", tests::schema_migration_count());
