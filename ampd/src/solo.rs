@@ -136,6 +136,7 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
     let user = postgres::server_user()?;
     postgres::check_reachable(user.as_deref(), amp_dir)?;
     let data = amp_dir.join("metadb");
+    postgres::check_socket_path(&data, DB_PORT)?;
     if postgres::is_initialized(&data) {
         match postgres::prepare_data_dir(&data) {
             Err(PostgresError::AlreadyRunning { pid, .. }) => {
@@ -264,13 +265,21 @@ pub async fn run(
     );
 
     let result = run_services(config, node_id, migrations, shutdown).await;
-    if let Some((server, _)) = managed {
-        tokio::task::spawn_blocking(move || server.stop())
-            .await
-            .map_err(SoloError::from)?
-            .map_err(SoloError::from)?;
+    let Some((server, _)) = managed else {
+        return result;
+    };
+    let stopped = match tokio::task::spawn_blocking(move || server.stop()).await {
+        Ok(stopped) => stopped.map_err(SoloError::from),
+        Err(e) => Err(SoloError::from(e)),
+    };
+    match (result, stopped) {
+        (Ok(()), stopped) => Ok(stopped?),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(stop)) => {
+            tracing::error!(error = %stop, "stopping the managed PostgreSQL failed");
+            Err(e)
+        }
     }
-    result
 }
 
 /// Connects (migrating), runs the three services until a stop is asked for or one fails, then

@@ -649,3 +649,29 @@ async fn an_amp_dir_postgres_cannot_reach_is_refused_with_the_reason() {
         )
     );
 }
+
+#[tokio::test]
+async fn an_amp_dir_too_deep_for_a_unix_socket_is_refused_before_initdb() {
+    let temp = TempDir::new();
+    let amp = temp.path().join("a".repeat(100));
+    let amp_dir = amp.display().to_string();
+    let out = cli::run(
+        cli::ampd(),
+        &["solo"],
+        &[("AMP_DIR", &amp_dir)],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let socket = amp.join("metadb/.s.PGSQL.5432");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "error: the socket path {} is {} bytes, longer than the 107 a Unix socket may have: \
+             use a shorter directory\n",
+            socket.display(),
+            socket.as_os_str().len()
+        )
+    );
+    assert!(!amp.join("metadb").exists(), "no initdb");
+}

@@ -147,6 +147,20 @@ type Result<T, E = PostgresError> = std::result::Result<T, E>;
 /// The longest path of a Unix socket (`sun_path` holds 108 bytes with its terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// Checks that the socket a server on `port` makes in `dir` has a path short enough.
+pub fn check_socket_path(dir: &Path, port: u16) -> Result<()> {
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(PostgresError::SocketPathTooLong {
+            path,
+            len,
+            max: MAX_SOCKET_PATH,
+        });
+    }
+    Ok(())
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PostgresError {
     let what = what.into();
     move |source| PostgresError::Io { what, source }
@@ -368,17 +382,7 @@ impl Server {
         user: Option<&str>,
         options: &StartOptions,
     ) -> Result<Server> {
-        let socket = options
-            .socket_dir
-            .join(format!(".s.PGSQL.{}", options.port));
-        let len = socket.as_os_str().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(PostgresError::SocketPathTooLong {
-                path: socket,
-                len,
-                max: MAX_SOCKET_PATH,
-            });
-        }
+        check_socket_path(&options.socket_dir, options.port)?;
         let mut settings: Vec<(String, String)> = vec![
             ("unix_socket_permissions".into(), "0700".into()),
             (
