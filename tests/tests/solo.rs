@@ -111,7 +111,12 @@ impl Solo {
         self.service.log()
     }
 
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self
             .http
             .request(method, format!("http://{}{path}", self.admin));
@@ -331,10 +336,7 @@ async fn cold_start_serves_a_deployed_dataset_and_a_warm_start_keeps_everything(
     let postmaster = amp.postmaster_pid().expect("postmaster.pid while running");
     let exit = solo.stop().await;
     assert_clean_stop(&amp, &exit, postmaster);
-    eprintln!(
-        "cold start to healthy: {cold:?}; stop: {:?}",
-        exit.took
-    );
+    eprintln!("cold start to healthy: {cold:?}; stop: {:?}", exit.took);
 
     let started = Instant::now();
     let solo = Solo::start(&amp, &[]).await;
@@ -374,7 +376,8 @@ async fn a_killed_solo_loses_no_committed_data_even_with_its_postgres_killed_too
     })
     .await;
     assert!(
-        amp.postgres_log().contains("received fast shutdown request"),
+        amp.postgres_log()
+            .contains("received fast shutdown request"),
         "{}",
         amp.postgres_log()
     );
@@ -395,7 +398,11 @@ async fn a_killed_solo_loses_no_committed_data_even_with_its_postgres_killed_too
     eventually("the postmaster dies", || async { !alive(postmaster) }).await;
     let exit = solo.service.kill().await;
     assert_eq!(exit.code, None, "killed by a signal");
-    assert_eq!(amp.postmaster_pid(), Some(postmaster), "a stale postmaster.pid");
+    assert_eq!(
+        amp.postmaster_pid(),
+        Some(postmaster),
+        "a stale postmaster.pid"
+    );
 
     let solo = Solo::start(&amp, &[]).await;
     assert!(!solo.log().contains(INITDB_LINE), "{}", solo.log());
@@ -409,7 +416,10 @@ async fn a_killed_solo_loses_no_committed_data_even_with_its_postgres_killed_too
         .filter_map(|v| v["version"].as_str())
         .collect();
     assert_eq!(names, ["1.0.0", "1.1.0"], "{versions}");
-    assert_eq!(solo.get(&format!("/jobs/{job}")).await["status"], "COMPLETED");
+    assert_eq!(
+        solo.get(&format!("/jobs/{job}")).await["status"],
+        "COMPLETED"
+    );
     assert_eq!(solo.rows("1.0.0").await, example_rows());
     let postmaster = amp.postmaster_pid().expect("postmaster.pid");
     let exit = solo.stop().await;
@@ -424,7 +434,11 @@ async fn a_postgres_left_running_by_a_dead_solo_is_stopped_and_replaced() {
     // Kill the watchdog first, then ampd: PostgreSQL is left running with no owner.
     let postmaster = amp.postmaster_pid().expect("postmaster.pid");
     let watchdog = parent_of(postmaster);
-    assert_ne!(watchdog, solo.service.pid(), "the watchdog is a process of its own");
+    assert_ne!(
+        watchdog,
+        solo.service.pid(),
+        "the watchdog is a process of its own"
+    );
     kill(watchdog, libc::SIGKILL);
     let exit = solo.service.kill().await;
     assert_eq!(exit.code, None, "killed by a signal");
@@ -457,7 +471,9 @@ async fn a_postmaster_pid_naming_an_unrelated_live_process_leaves_it_alone() {
     // A process of PostgreSQL's user (so PostgreSQL itself would take it for a running server),
     // even working in the data directory, whose pid a stale postmaster.pid names.
     let mut sleep = ampd::postgres::as_user(
-        ampd::postgres::server_user().expect("a server user").as_deref(),
+        ampd::postgres::server_user()
+            .expect("a server user")
+            .as_deref(),
         Path::new("/bin/sleep"),
     );
     let mut sleep = sleep

@@ -189,6 +189,10 @@ async fn listen(url: &DatabaseUrl, cfg: &MetadataDbConfig) -> Result<PgListener>
             .max_connections(1)
             .max_lifetime(None)
             .idle_timeout(None)
+            // The connection comes back only when the listener is dropped or replaced: close it
+            // then, instead of checking it with a query that a server shutting down (solo stops
+            // its PostgreSQL right after its services) answers with an error.
+            .after_release(|_, _| Box::pin(async { Ok(false) }))
             .connect_lazy_with(opts.application_name(LISTENER_APPLICATION_NAME));
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.ignore_pool_close_event(true);

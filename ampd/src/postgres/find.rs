@@ -68,7 +68,11 @@ pub fn find_bindir_in(search: &Search) -> Result<PathBuf> {
             .filter(|d| has_server_programs(d));
         return Ok(real.unwrap_or_else(|| dir.clone()));
     }
-    let pg_config = match path.iter().map(|d| d.join("pg_config")).find(|p| p.is_file()) {
+    let pg_config = match path
+        .iter()
+        .map(|d| d.join("pg_config"))
+        .find(|p| p.is_file())
+    {
         None => "no pg_config on PATH".to_owned(),
         Some(pg_config) => match bindir_of(&pg_config) {
             Some(dir) if has_server_programs(&dir) => return Ok(dir),
@@ -148,7 +152,10 @@ mod tests {
             path: std::env::join_paths(path).unwrap(),
             versions_dir: versions.clone(),
         };
-        assert_eq!(find_bindir_in(&search(&[&empty, &on_path])).unwrap(), on_path);
+        assert_eq!(
+            find_bindir_in(&search(&[&empty, &on_path])).unwrap(),
+            on_path
+        );
         // pg_config (the first on PATH) before the versions.
         let pg_config_dir = root.join("pg-config");
         let reported = root.join("reported/bin");

@@ -294,8 +294,13 @@ pub fn initdb(bindir: &Path, data: &Path, user: Option<&str>, options: &InitOpti
         chown(user, &[&partial])?;
     }
     let mut cmd = as_user(user, &bindir.join("initdb"));
-    cmd.args(["--auth=trust", "--encoding=UTF8", "--locale=C", "--username"])
-        .arg(&options.superuser);
+    cmd.args([
+        "--auth=trust",
+        "--encoding=UTF8",
+        "--locale=C",
+        "--username",
+    ])
+    .arg(&options.superuser);
     if options.no_sync {
         cmd.arg("--no-sync");
     }

@@ -63,7 +63,9 @@ fn postgres_on(pid: u32, data: &Path) -> Option<bool> {
 fn recorded_pid(pid_file: &Path) -> Result<Option<Option<u32>>> {
     match std::fs::read_to_string(pid_file) {
         Ok(text) => Ok(Some(
-            text.lines().next().and_then(|l| l.trim().parse::<u32>().ok()),
+            text.lines()
+                .next()
+                .and_then(|l| l.trim().parse::<u32>().ok()),
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(super::io(format!("read {}", pid_file.display()))(e)),

@@ -199,7 +199,10 @@ mod tests {
     fn wait_for_log(dir: &Path) {
         let started = Instant::now();
         while !std::fs::read_to_string(dir.join("log")).is_ok_and(|l| l.contains("started")) {
-            assert!(started.elapsed() < Duration::from_secs(10), "the program logs");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the program logs"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -226,7 +229,10 @@ mod tests {
         let watchdog = Watchdog::start(&watch).unwrap();
         wait_for_log(&dir);
         let took = stop(watchdog);
-        assert!(took < Duration::from_millis(300), "SIGTERM stops it: {took:?}");
+        assert!(
+            took < Duration::from_millis(300),
+            "SIGTERM stops it: {took:?}"
+        );
         assert!(!throwaway.exists(), "removed after the stop");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -240,7 +246,10 @@ mod tests {
         let watchdog = Watchdog::start(&watch(&dir, "perl", script, "INT")).unwrap();
         wait_for_log(&dir);
         let took = stop(watchdog);
-        assert!(took >= Duration::from_millis(300), "not before the timeout: {took:?}");
+        assert!(
+            took >= Duration::from_millis(300),
+            "not before the timeout: {took:?}"
+        );
         assert!(took < KILL_AFTER_QUIT, "SIGQUIT ends it: {took:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -250,13 +259,21 @@ mod tests {
         // A shell's background job starts with SIGINT and SIGQUIT ignored; a program that keeps
         // them so is killed.
         let dir = scratch("kill");
-        let mut watch = watch(&dir, "/bin/sh", "echo started; while :; do sleep 0.05; done", "INT");
+        let mut watch = watch(
+            &dir,
+            "/bin/sh",
+            "echo started; while :; do sleep 0.05; done",
+            "INT",
+        );
         watch.args[0] = "-c".into();
         watch.stop_timeout = Duration::from_millis(100);
         let watchdog = Watchdog::start(&watch).unwrap();
         wait_for_log(&dir);
         let took = stop(watchdog);
-        assert!(took >= KILL_AFTER_QUIT, "SIGKILL comes 5 s after SIGQUIT: {took:?}");
+        assert!(
+            took >= KILL_AFTER_QUIT,
+            "SIGKILL comes 5 s after SIGQUIT: {took:?}"
+        );
         assert!(took < KILL_AFTER_QUIT + Duration::from_secs(5), "{took:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
