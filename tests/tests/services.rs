@@ -3,11 +3,12 @@
 //! while they are still starting.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::TestDb;
 use tests::cli::{self, TempDir, config_toml};
+use tests::services::eventually;
 
 fn spawn(config: &std::path::Path, args: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(cli::ampd())
@@ -38,25 +39,10 @@ async fn registered_at(db: &DatabaseConnection, node_id: &str) -> Option<i64> {
     }
 }
 
-/// Polls `check` every 50 ms until it is true; fails, naming `what`, after 30 s.
-async fn wait_for<F>(what: &str, mut check: impl FnMut() -> F)
-where
-    F: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until worker `node_id` has registered after `since` (a `registered_at` read before the
 /// process was started; `None`: never registered before).
 async fn wait_registered_after(db: &DatabaseConnection, node_id: &str, since: Option<i64>) {
-    wait_for(&format!("{node_id} registers"), || async {
+    eventually(&format!("{node_id} registers"), || async {
         registered_at(db, node_id)
             .await
             .is_some_and(|at| since.is_none_or(|since| at > since))
@@ -140,7 +126,7 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
          AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
         .to_owned();
-    wait_for("the worker asks for the migration lock", || async {
+    eventually("the worker asks for the migration lock", || async {
         let row = conn
             .query_one_raw(Statement::from_string(
                 conn.get_database_backend(),

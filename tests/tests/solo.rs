@@ -12,7 +12,7 @@ use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
 use tests::TestDb;
 use tests::cli::{self, TempDir};
-use tests::services::{Exit, Service, free_addr};
+use tests::services::{Exit, Service, eventually, free_addr};
 
 /// What solo logs when it runs initdb.
 const INITDB_LINE: &str = "creating the managed PostgreSQL cluster (initdb)";
@@ -170,8 +170,25 @@ impl Solo {
             .collect()
     }
 
-    async fn stop(self) -> Exit {
-        self.service.stop().await
+    /// Asserts that the example's version 1.0.0 is deployed: `job` completed, with its events,
+    /// and the rows are served.
+    async fn assert_deployed(&self, job: i64) {
+        let history = self.get(&format!("/jobs/{job}")).await;
+        assert_eq!(history["status"], "COMPLETED", "{history}");
+        let events = self.get(&format!("/jobs/{job}/events")).await;
+        assert!(
+            events.as_array().is_some_and(|e| e.len() >= 2),
+            "the job's events: {events}"
+        );
+        assert_eq!(self.rows("1.0.0").await, example_rows());
+    }
+
+    /// SIGTERM; asserts a clean stop ([`assert_clean_stop`]).
+    async fn stop_cleanly(self, amp: &AmpDir) -> Exit {
+        let postmaster = amp.postmaster_pid().expect("postmaster.pid while running");
+        let exit = self.service.stop().await;
+        assert_clean_stop(amp, &exit, postmaster);
+        exit
     }
 }
 
@@ -206,22 +223,6 @@ fn example_rows() -> Vec<Value> {
             )
         })
         .collect()
-}
-
-/// Polls `check` every 50 ms until it holds; fails, naming `what`, after 30 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Whether process `pid` is running.
@@ -333,9 +334,7 @@ async fn cold_start_serves_a_deployed_dataset_and_a_warm_start_keeps_everything(
         written.display()
     );
 
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid while running");
-    let exit = solo.stop().await;
-    assert_clean_stop(&amp, &exit, postmaster);
+    let exit = solo.stop_cleanly(&amp).await;
     eprintln!("cold start to healthy: {cold:?}; stop: {:?}", exit.took);
 
     let started = Instant::now();
@@ -347,17 +346,8 @@ async fn cold_start_serves_a_deployed_dataset_and_a_warm_start_keeps_everything(
         solo.get("/datasets").await,
         json!([{"namespace": "demo", "name": "prices"}])
     );
-    let history = solo.get(&format!("/jobs/{job}")).await;
-    assert_eq!(history["status"], "COMPLETED", "{history}");
-    let events = solo.get(&format!("/jobs/{job}/events")).await;
-    assert!(
-        events.as_array().is_some_and(|e| e.len() >= 2),
-        "the job's events: {events}"
-    );
-    assert_eq!(solo.rows("1.0.0").await, example_rows());
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid while running");
-    let exit = solo.stop().await;
-    assert_clean_stop(&amp, &exit, postmaster);
+    solo.assert_deployed(job).await;
+    solo.stop_cleanly(&amp).await;
 }
 
 #[tokio::test]
@@ -416,14 +406,8 @@ async fn a_killed_solo_loses_no_committed_data_even_with_its_postgres_killed_too
         .filter_map(|v| v["version"].as_str())
         .collect();
     assert_eq!(names, ["1.0.0", "1.1.0"], "{versions}");
-    assert_eq!(
-        solo.get(&format!("/jobs/{job}")).await["status"],
-        "COMPLETED"
-    );
-    assert_eq!(solo.rows("1.0.0").await, example_rows());
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid");
-    let exit = solo.stop().await;
-    assert_clean_stop(&amp, &exit, postmaster);
+    solo.assert_deployed(job).await;
+    solo.stop_cleanly(&amp).await;
 }
 
 #[tokio::test]
@@ -456,17 +440,14 @@ async fn a_postgres_left_running_by_a_dead_solo_is_stopped_and_replaced() {
         solo.get("/datasets").await,
         json!([{"namespace": "demo", "name": "prices"}])
     );
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid");
-    let exit = solo.stop().await;
-    assert_clean_stop(&amp, &exit, postmaster);
+    solo.stop_cleanly(&amp).await;
 }
 
 #[tokio::test]
 async fn a_postmaster_pid_naming_an_unrelated_live_process_leaves_it_alone() {
     let amp = AmpDir::new();
     let solo = Solo::start(&amp, &[]).await;
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid");
-    assert_clean_stop(&amp, &solo.stop().await, postmaster);
+    solo.stop_cleanly(&amp).await;
 
     // A process of PostgreSQL's user (so PostgreSQL itself would take it for a running server),
     // even working in the data directory, whose pid a stale postmaster.pid names.
@@ -496,9 +477,8 @@ async fn a_postmaster_pid_naming_an_unrelated_live_process_leaves_it_alone() {
     let log = solo.log();
     assert!(log.contains("is not this directory's PostgreSQL"), "{log}");
     assert!(matches!(sleep.try_wait(), Ok(None)), "sleep still runs");
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid");
-    assert_ne!(postmaster, sleep.id());
-    assert_clean_stop(&amp, &solo.stop().await, postmaster);
+    assert_ne!(amp.postmaster_pid(), Some(sleep.id()));
+    solo.stop_cleanly(&amp).await;
     assert!(matches!(sleep.try_wait(), Ok(None)), "sleep still runs");
     sleep.kill().expect("stop sleep");
     let _ = sleep.wait();
@@ -521,8 +501,7 @@ async fn a_second_solo_on_the_same_amp_dir_is_refused_and_the_first_runs_on() {
     // The first is unharmed.
     assert_eq!(first.get("/readyz").await, json!({"status": "ready"}));
     assert_eq!(first.get("/datasets").await, json!([]));
-    let postmaster = amp.postmaster_pid().expect("postmaster.pid");
-    assert_clean_stop(&amp, &first.stop().await, postmaster);
+    first.stop_cleanly(&amp).await;
 }
 
 #[tokio::test]
