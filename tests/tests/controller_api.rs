@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ampd::metadata::{files, jobs, revisions, workers};
 use reqwest::Method;
@@ -15,7 +15,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::TestDb;
-use tests::services::{Service, Workspace, eventually, free_addr};
+use tests::services::{Service, Workspace, free_addr};
 
 /// Keeps the scheduler from acting on its own during a test: workers stay live for an hour and a
 /// failed job is retried after an hour.
@@ -264,6 +264,19 @@ fn list_files(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// Waits (at most 20 s) until `check` holds.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within 20 s: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn prices(rows: Value) -> Value {
