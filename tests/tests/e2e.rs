@@ -59,12 +59,14 @@ impl Default for Setup {
 /// A controller, a server and workers, each an `ampd` process with its config file in one
 /// workspace (one data directory, one sources directory), on one database.
 struct Stack {
+    // Dropped first (each process killed) when a test fails, so that none writes into the
+    // workspace while it is removed.
+    services: Vec<(String, Service)>,
     ws: Workspace,
     /// The controller's admin API.
     admin: Api,
     /// The server.
     rows: Api,
-    services: Vec<(String, Service)>,
 }
 
 /// Starts `ampd <args...>` with `config`, migrating on startup.
