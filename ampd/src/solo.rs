@@ -162,7 +162,6 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
             &postgres::InitOptions {
                 superuser: DB_USER.to_owned(),
                 no_sync: false,
-                hba: Vec::new(),
             },
         )?;
     }
@@ -175,7 +174,6 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
             socket_dir: data.clone(),
             port: DB_PORT,
             listen_address: None,
-            tls: None,
             settings: Vec::new(),
             log_file: amp_dir.join("postgres.log"),
             remove_after_stop: None,

@@ -98,12 +98,16 @@ impl PrivateCluster {
             &InitOptions {
                 superuser: SUPERUSER.to_owned(),
                 no_sync: true,
-                hba: vec![
-                    format!("local   all  +{group}                scram-sha-256"),
-                    format!("host    all  +{group}  127.0.0.1/32  scram-sha-256"),
-                    format!("host    all  +{group}  ::1/128       scram-sha-256"),
-                ],
             },
+        )
+        .map_err(|e| e.to_string())?;
+        postgres::write_hba(
+            &data,
+            &[
+                format!("local   all  +{group}                scram-sha-256"),
+                format!("host    all  +{group}  127.0.0.1/32  scram-sha-256"),
+                format!("host    all  +{group}  ::1/128       scram-sha-256"),
+            ],
         )
         .map_err(|e| e.to_string())?;
 
@@ -127,12 +131,12 @@ impl PrivateCluster {
             ));
         }
         settings.extend(options.settings.iter().cloned());
-        let (port, listen_address, tls) = if options.tcp_tls {
-            let port = crate::services::free_port();
+        let (port, listen_address) = if options.tcp_tls {
             let tls = self_signed_certificate(&dir)?;
-            (port, Some("127.0.0.1".to_owned()), Some(tls))
+            settings.extend(tls.settings(user.as_deref()).map_err(|e| e.to_string())?);
+            (crate::services::free_port(), Some("127.0.0.1".to_owned()))
         } else {
-            (5432, None, None)
+            (5432, None)
         };
         let server = Server::start(
             &bindir,
@@ -142,7 +146,6 @@ impl PrivateCluster {
                 socket_dir: dir.clone(),
                 port,
                 listen_address,
-                tls,
                 settings,
                 log_file: dir.join("server.log"),
                 remove_after_stop: Some(dir),

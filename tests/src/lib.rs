@@ -1,6 +1,7 @@
 //! Test harness: every test gets its own freshly created PostgreSQL database, dropped afterwards, so
 //! tests run in parallel with nothing shared. See [`cluster`] for where the server comes from.
 
+pub mod api;
 pub mod catalog;
 pub mod cli;
 pub mod cluster;
@@ -183,6 +184,20 @@ pub async fn login_succeeds(url: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Says that `test` cannot run because of `why` (a tool it needs is missing): in CI (`CI=true`) a
+/// panic, since CI installs what the tests need; elsewhere a line on the process's stderr, past the
+/// test harness's capture, after which the test returns without running.
+pub fn not_run(test: &str, why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{why}; CI needs it for {test}");
+    }
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\nNOT RUN: {test}: {why}; install it to run this test\n"
+    );
 }
 
 /// A name no other test uses, on any server: `ampd_<prefix>_<pid>_<n>_<nanos>`. Valid as a

@@ -8,7 +8,6 @@
 //! `.ci/run` installs `pgbouncer`. When it is missing, a test in CI (`CI=true`) fails; elsewhere it
 //! says on stderr, past the test harness's capture, that it did not run, and returns.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,14 +34,9 @@ pub fn require(tool: &str, installed_by: &str, test: &str) -> Option<PathBuf> {
     if let Some(found) = dirs.iter().map(|d| d.join(tool)).find(|p| p.is_file()) {
         return Some(found);
     }
-    let message = format!("{tool} is not installed ({installed_by} installs it)");
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{message}; CI needs it for {test}");
-    }
-    // Straight to the process's stderr: the harness captures `eprintln!` of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\nNOT RUN: {test}: {message}; install it to run this test\n"
+    crate::not_run(
+        test,
+        &format!("{tool} is not installed ({installed_by} installs it)"),
     );
     None
 }

@@ -127,6 +127,11 @@ impl Service {
         self.child.id().unwrap_or(0)
     }
 
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits (at most `within`) until `ready` holds for the log; panics with the log otherwise,
     /// or if the process exits first.
     pub async fn wait_for_log(&mut self, within: Duration, ready: impl Fn(&str) -> bool) {

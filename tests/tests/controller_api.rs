@@ -5,16 +5,15 @@
 //! `ampd::metadata`, with the job's claim.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ampd::metadata::{files, jobs, revisions, workers};
 use reqwest::Method;
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::TestDb;
+use tests::api::{Api, Body, Reply, snapshot};
 use tests::services::{Service, Workspace, free_addr};
 
 /// Keeps the scheduler from acting on its own during a test: workers stay live for an hour and a
@@ -28,56 +27,7 @@ struct Controller {
     conn: DatabaseConnection,
     ws: Workspace,
     service: Option<Service>,
-    addr: SocketAddr,
-    http: reqwest::Client,
-    token: Option<String>,
-}
-
-/// An HTTP answer: status, headers and the body parsed as JSON (`Null` when empty).
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Reply {
-    /// Asserts an `ErrorBody` of `status` with `code`.
-    #[track_caller]
-    fn error(&self, status: u16, code: &str) -> &Reply {
-        assert_eq!(self.status, status, "{}", self.body);
-        let body = self.body.as_object().expect("an error body is an object");
-        assert_eq!(body.len(), 2, "{}", self.body);
-        assert_eq!(body["error_code"], code, "{}", self.body);
-        assert!(
-            body["error_message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{}",
-            self.body
-        );
-        self
-    }
-
-    /// The error message, which must contain `part`.
-    #[track_caller]
-    fn says(&self, part: &str) -> &Reply {
-        let message = self.body["error_message"].as_str().unwrap_or_default();
-        assert!(message.contains(part), "{part:?} not in {message:?}");
-        self
-    }
-
-    #[track_caller]
-    fn ok(&self, status: u16) -> &Value {
-        assert_eq!(self.status, status, "{}", self.body);
-        &self.body
-    }
-}
-
-/// A request body.
-enum Body {
-    None,
-    Json(Value),
-    Raw(String, &'static str),
+    api: Api,
 }
 
 impl Controller {
@@ -109,61 +59,28 @@ impl Controller {
             conn,
             ws,
             service: Some(service),
-            addr,
-            http: reqwest::Client::new(),
-            token,
+            api: Api::new(addr, token),
         }
     }
 
     async fn call(&self, method: Method, path: &str, body: Body) -> Reply {
-        let mut request = self
-            .http
-            .request(method, format!("http://{}{path}", self.addr));
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        request = match body {
-            Body::None => request,
-            Body::Json(v) => request.json(&v),
-            Body::Raw(text, content_type) => request
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(text),
-        };
-        let response = request.send().await.expect("the controller answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.expect("a body");
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!(
-                    "{path}: answer {status} is not JSON ({e}): {}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            })
-        };
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        self.api.call(method, path, body).await
     }
 
     async fn get(&self, path: &str) -> Reply {
-        self.call(Method::GET, path, Body::None).await
+        self.api.get(path).await
     }
 
     async fn post(&self, path: &str, body: Value) -> Reply {
-        self.call(Method::POST, path, Body::Json(body)).await
+        self.api.post(path, body).await
     }
 
     async fn put(&self, path: &str) -> Reply {
-        self.call(Method::PUT, path, Body::None).await
+        self.api.put(path).await
     }
 
     async fn delete(&self, path: &str) -> Reply {
-        self.call(Method::DELETE, path, Body::None).await
+        self.api.delete(path).await
     }
 
     /// Registers `manifest` as `namespace/name@version` and returns its hash.
@@ -202,40 +119,7 @@ impl Controller {
 
     /// The metadata tables' rows and the data directory's files, to compare before and after.
     async fn snapshot(&self) -> String {
-        let mut out = String::new();
-        for table in [
-            "workers",
-            "jobs",
-            "job_events",
-            "manifest_files",
-            "dataset_manifests",
-            "tags",
-            "physical_tables",
-            "physical_table_revisions",
-            "file_metadata",
-            "gc_manifest",
-        ] {
-            let sql = format!(
-                "SELECT coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '') AS rows \
-                 FROM {table} t"
-            );
-            let row = self
-                .conn
-                .query_one_raw(Statement::from_string(
-                    self.conn.get_database_backend(),
-                    sql,
-                ))
-                .await
-                .expect("snapshot query")
-                .expect("a row");
-            let rows: String = row.try_get("", "rows").expect("rows");
-            out.push_str(&format!("== {table}\n{rows}\n"));
-        }
-        out.push_str("== files\n");
-        for file in list_files(&self.ws.data_dir()) {
-            out.push_str(&format!("{file}\n"));
-        }
-        out
+        snapshot(&self.conn, &self.ws.data_dir()).await
     }
 
     /// Stops the process with SIGTERM and checks that it exits 0.
@@ -248,35 +132,13 @@ impl Controller {
     }
 }
 
-fn list_files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(list_files(&path));
-        } else {
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            out.push(format!("{} {len}", path.display()));
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Waits (at most 20 s) until `check` holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within 20 s: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::api::eventually(what, Duration::from_secs(20), String::new, check).await;
 }
 
 fn prices(rows: Value) -> Value {
@@ -1360,7 +1222,7 @@ async fn the_token_is_required_on_every_route_but_healthz() {
         Some("s3cret-admin-token-4712"),
         Some(""),
     ] {
-        c.token = wrong.map(str::to_owned);
+        c.api.token = wrong.map(str::to_owned);
         assert_eq!(c.get("/healthz").await.ok(200), &json!({"status": "ok"}));
         for (method, path) in [
             (Method::GET, "/readyz"),
@@ -1391,7 +1253,7 @@ async fn the_token_is_required_on_every_route_but_healthz() {
         reply.error(401, "unauthorized");
         assert_eq!(c.snapshot().await, before);
     }
-    c.token = Some(token.to_owned());
+    c.api.token = Some(token.to_owned());
     assert_eq!(c.get("/readyz").await.status, 200);
     let log = c.stop().await;
     assert!(!log.contains(token), "the token was logged:\n{log}");
@@ -1477,7 +1339,7 @@ async fn readiness_and_requests_follow_the_database() {
         .error(503, "unavailable")
         .says("not ready");
     assert_eq!(c.get("/healthz").await.status, 200);
-    let pending = tokio::spawn(c.http.get(format!("http://{}/datasets", c.addr)).send());
+    let pending = tokio::spawn(c.api.http().get(c.api.url("/datasets")).send());
     let service = c.service.as_mut().expect("running");
     service
         .wait_for_log(Duration::from_secs(30), |log| {

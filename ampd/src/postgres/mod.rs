@@ -6,7 +6,7 @@
 //!   unprivileged `postgres` user (through `setpriv`), which then owns the data directory;
 //!   [`check_reachable`] makes sure that user can reach it.
 //! - [`initdb`] creates a cluster (all at once: a cluster whose creation was cut off is never left
-//!   behind as one), with extra `pg_hba.conf` rules ahead of `trust` for local connections.
+//!   behind as one); [`write_hba`] puts rules ahead of its `trust` for local connections.
 //! - [`prepare_data_dir`] deals with what a crash leaves behind ([`process`]);
 //!   [`stop_server`] stops a server an owner that died left running.
 //! - [`Server::start`] starts `postgres` on a Unix socket (and, if asked, a TCP address, with TLS)
@@ -258,9 +258,6 @@ pub struct InitOptions {
     pub superuser: String,
     /// Skip fsync (throw-away clusters only).
     pub no_sync: bool,
-    /// `pg_hba.conf` rules placed before the ones that trust every local connection (and TCP ones
-    /// from the loopback addresses).
-    pub hba: Vec<String>,
 }
 
 /// Whether `data` holds a cluster (`initdb` has run there).
@@ -269,10 +266,11 @@ pub fn is_initialized(data: &Path) -> bool {
 }
 
 /// Creates a cluster in `data`, which must be absent or empty, owned by `user` when given: UTF-8,
-/// the C locale, and `options.hba` followed by `trust` for local connections. Only the owner may
-/// reach the socket directory of a server started by [`Server::start`], so `trust` admits no one
-/// else. The cluster is made beside `data` and renamed into place once complete, so a creation cut
-/// off half-way never leaves a cluster behind (its remains are removed by the next call).
+/// the C locale, `trust` for local connections (only the server's user, and root, may use the
+/// socket of a server started by [`Server::start`], so `trust` admits no one else; see
+/// [`write_hba`] for more rules). The cluster is made beside `data` and renamed into place once
+/// complete, so a creation cut off half-way never leaves a cluster behind (its remains are removed
+/// by the next call).
 pub fn initdb(bindir: &Path, data: &Path, user: Option<&str>, options: &InitOptions) -> Result<()> {
     if let Ok(mut entries) = std::fs::read_dir(data) {
         if entries.next().is_some() {
@@ -316,10 +314,20 @@ pub fn initdb(bindir: &Path, data: &Path, user: Option<&str>, options: &InitOpti
             detail: last_lines(&String::from_utf8_lossy(&out.stderr), 3),
         });
     }
-    // initdb made the file: writing it keeps its owner.
-    let hba = partial.join("pg_hba.conf");
+    write_hba(&partial, &[])?;
+    std::fs::rename(&partial, data).map_err(io(format!(
+        "rename {} to {}",
+        partial.display(),
+        data.display()
+    )))
+}
+
+/// Replaces the `pg_hba.conf` of the cluster in `data` (before the server starts): `first`, then
+/// `trust` for every local connection and every TCP one from the loopback addresses.
+pub fn write_hba(data: &Path, first: &[String]) -> Result<()> {
+    let hba = data.join("pg_hba.conf");
     let mut rules = String::from("# TYPE  DATABASE  USER  ADDRESS  METHOD\n");
-    for rule in &options.hba {
+    for rule in first {
         rules.push_str(rule);
         rules.push('\n');
     }
@@ -328,12 +336,8 @@ pub fn initdb(bindir: &Path, data: &Path, user: Option<&str>, options: &InitOpti
          host    all  all  127.0.0.1/32   trust\n\
          host    all  all  ::1/128        trust\n",
     );
-    std::fs::write(&hba, rules).map_err(io(format!("write {}", hba.display())))?;
-    std::fs::rename(&partial, data).map_err(io(format!(
-        "rename {} to {}",
-        partial.display(),
-        data.display()
-    )))
+    // initdb made the file: writing it keeps its owner.
+    std::fs::write(&hba, rules).map_err(io(format!("write {}", hba.display())))
 }
 
 /// A certificate and its key for a server's TLS listener.
@@ -345,6 +349,25 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// Makes the files usable by the server, run as `user`: the key readable by its owner only, as
+    /// PostgreSQL requires, and both owned by `user`. Returns the settings that turn TLS on with
+    /// them, for [`StartOptions::settings`].
+    pub fn settings(&self, user: Option<&str>) -> Result<Vec<(String, String)>> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&self.key, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(format!("chmod {}", self.key.display())))?;
+        if let Some(user) = user {
+            chown(user, &[&self.cert, &self.key])?;
+        }
+        Ok(vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), self.cert.display().to_string()),
+            ("ssl_key_file".into(), self.key.display().to_string()),
+        ])
+    }
+}
+
 /// How [`Server::start`] runs `postgres`.
 #[derive(Debug, Clone)]
 pub struct StartOptions {
@@ -354,9 +377,6 @@ pub struct StartOptions {
     pub port: u16,
     /// Also listen on TCP at this address (`None`: Unix socket only).
     pub listen_address: Option<String>,
-    /// TLS for the TCP listener: the key is made readable by the server's user only, as
-    /// PostgreSQL requires.
-    pub tls: Option<TlsFiles>,
     /// Extra settings, each passed as `-c name=value`.
     pub settings: Vec<(String, String)>,
     /// Where the server writes its log.
@@ -395,17 +415,6 @@ impl Server {
                 options.listen_address.clone().unwrap_or_default(),
             ),
         ];
-        if let Some(tls) = &options.tls {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&tls.key, std::fs::Permissions::from_mode(0o600))
-                .map_err(io(format!("chmod {}", tls.key.display())))?;
-            if let Some(user) = user {
-                chown(user, &[&tls.cert, &tls.key])?;
-            }
-            settings.push(("ssl".into(), "on".into()));
-            settings.push(("ssl_cert_file".into(), tls.cert.display().to_string()));
-            settings.push(("ssl_key_file".into(), tls.key.display().to_string()));
-        }
         settings.extend(options.settings.iter().cloned());
         let mut args: Vec<OsString> = vec![
             "-D".into(),

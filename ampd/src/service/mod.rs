@@ -30,6 +30,10 @@ pub enum ServiceError {
     /// Migrating on startup (`metadata_db.auto_migrate`) failed.
     #[error("migration on startup failed: {0}")]
     Migrate(#[from] MigrateError),
+    /// Without `metadata_db.auto_migrate`, the schema is not at this binary's head (or could not
+    /// be read): nothing was migrated, so the message does not speak of a migration.
+    #[error(transparent)]
+    NotMigrated(MigrateError),
     /// The metadata database could not be reached.
     #[error(transparent)]
     Connect(#[from] crate::db::ConnectError),
@@ -179,7 +183,9 @@ pub async fn connect(
     crate::db::check_prepared_statements(db).await?;
     crate::db::require_session(db, "LISTEN and node-id claims").await?;
     if !auto_migrate {
-        migrate::verify_current(&pool, &migrations()).await?;
+        migrate::verify_current(&pool, &migrations())
+            .await
+            .map_err(ServiceError::NotMigrated)?;
     }
     Ok(pool)
 }

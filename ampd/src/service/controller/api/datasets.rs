@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::{OptionalJson, Shared, db, internal};
+use super::{NoFields, OptionalJson, Shared, db, internal};
 use crate::manifest::{self, StaticManifest};
 use crate::metadata::{self, datasets, jobs, revisions, workers};
 use crate::service::controller::{Placement, manifests};
@@ -13,6 +13,7 @@ use crate::service::http::{ApiError, ErrorBody, Json, Path};
 
 /// `POST /datasets`: a manifest to register as a version of a dataset.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"namespace": "demo", "name": "prices", "version": "1.0.0",
     "manifest": {"kind": "static", "tables": {"prices": {
         "columns": [{"name": "symbol", "type": "string"}, {"name": "price", "type": "float64"}],
@@ -95,6 +96,7 @@ pub struct Version {
 /// `POST .../deploy`: where to run the job; without a body (or without `node_id`) the least
 /// loaded live worker, or none yet when no worker is live (the scheduler places it later).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Deploy {
     /// A registered, live worker's node id.
     pub node_id: Option<String>,
@@ -501,10 +503,11 @@ pub async fn get_version(
     operation_id = "delete_version",
     tag = "datasets",
     params(VersionPath),
+    request_body(content = Option<NoFields>, description = "None (or an empty object)"),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "`invalid_request`: not a semantic version (`latest` and \
-            `dev` cannot be deleted)", body = ErrorBody),
+            `dev` cannot be deleted), or the body is malformed JSON", body = ErrorBody),
         (status = 404, description = "`not_found`: no such version", body = ErrorBody),
     ),
 )]
@@ -515,6 +518,7 @@ pub async fn delete_version(
         name,
         reference: version,
     }): Path<VersionPath>,
+    _: OptionalJson<NoFields>,
 ) -> Result<StatusCode, ApiError> {
     check_dataset(&namespace, &name)?;
     if semver::Version::parse(&version).is_err() {

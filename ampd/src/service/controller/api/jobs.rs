@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use entity::JobStatus;
 use serde::{Deserialize, Serialize};
 
-use super::{Shared, db};
+use super::{NoFields, OptionalJson, Shared, db};
 use crate::metadata::{self, jobs};
 use crate::service::http::{ApiError, ErrorBody, Json, Path, Query};
 
@@ -234,16 +234,22 @@ pub async fn events(
     operation_id = "stop_job",
     tag = "jobs",
     params(("id" = i64, Path, description = "The job's id")),
+    request_body(content = Option<NoFields>, description = "None (or an empty object)"),
     responses(
         (status = 200, description = "The job, stop requested (or already stopping or stopped)",
             body = Job),
-        (status = 400, description = "`invalid_request`: the id is not a number", body = ErrorBody),
+        (status = 400, description = "`invalid_request`: the id is not a number, or the \
+            body is malformed JSON", body = ErrorBody),
         (status = 404, description = "`not_found`: no such job", body = ErrorBody),
         (status = 409, description = "`state_conflict`: the job is COMPLETED, ERROR or FATAL",
             body = ErrorBody),
     ),
 )]
-pub async fn stop(State(app): State<Shared>, Path(id): Path<i64>) -> Result<Json<Job>, ApiError> {
+pub async fn stop(
+    State(app): State<Shared>,
+    Path(id): Path<i64>,
+    _: OptionalJson<NoFields>,
+) -> Result<Json<Job>, ApiError> {
     // The job may move between the read and the request (its worker starts or fails it): look
     // again then.
     let mut attempts = 0;
@@ -285,9 +291,11 @@ pub async fn stop(State(app): State<Shared>, Path(id): Path<i64>) -> Result<Json
     operation_id = "delete_job",
     tag = "jobs",
     params(("id" = i64, Path, description = "The job's id")),
+    request_body(content = Option<NoFields>, description = "None (or an empty object)"),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "`invalid_request`: the id is not a number", body = ErrorBody),
+        (status = 400, description = "`invalid_request`: the id is not a number, or the \
+            body is malformed JSON", body = ErrorBody),
         (status = 404, description = "`not_found`: no such job", body = ErrorBody),
         (status = 409, description = "`state_conflict`: the job is active (stop it first)",
             body = ErrorBody),
@@ -296,6 +304,7 @@ pub async fn stop(State(app): State<Shared>, Path(id): Path<i64>) -> Result<Json
 pub async fn delete(
     State(app): State<Shared>,
     Path(id): Path<i64>,
+    _: OptionalJson<NoFields>,
 ) -> Result<StatusCode, ApiError> {
     match crate::service::retrying("delete a job", || jobs::delete(&app.db, id)).await {
         Ok(()) => {}

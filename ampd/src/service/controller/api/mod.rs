@@ -19,6 +19,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request}
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use sea_orm::DatabaseConnection;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{OpenApi, RefOr, Response};
@@ -168,7 +169,7 @@ pub(crate) fn internal(what: &str, err: impl std::fmt::Display) -> ApiError {
 }
 
 /// An optional JSON body: none when the request has no `Content-Type` (and no body); otherwise it
-/// must be JSON of `T`, with the same errors as [`http::Json`].
+/// must be a JSON object of `T`, with the same errors as [`http::Json`].
 pub struct OptionalJson<T>(pub Option<T>);
 
 impl<T, S> FromRequest<S> for OptionalJson<T>
@@ -179,10 +180,21 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let body = <axum::Json<T> as OptionalFromRequest<S>>::from_request(req, state).await?;
-        Ok(OptionalJson(body.map(|axum::Json(v)| v)))
+        let body =
+            <axum::Json<serde_json::Value> as OptionalFromRequest<S>>::from_request(req, state)
+                .await?;
+        body.map(|axum::Json(v)| http::from_object(v))
+            .transpose()
+            .map(OptionalJson)
     }
 }
+
+/// The body of a route that takes none: no body at all, or an empty JSON object (`{}`). Anything
+/// else is refused as any body is (malformed JSON 400, a field 422, another media type 415, too
+/// large 413), before the route acts: a mistyped or misdirected request changes nothing.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
 
 /// The document's root: title, version, tags and the bearer scheme (required when
 /// `[controller] admin_token` is set).
@@ -224,7 +236,7 @@ impl utoipa::Modify for BearerScheme {
 }
 
 /// The responses every route may give besides its own, added to each operation that does not
-/// describe them itself: 401 (all but the open `/healthz`), 413 and 415 (routes with a body), 503
+/// describe them itself: 401 (all but the open `/healthz`), 413, 415 and 422 (routes with a body), 503
 /// and 500 (routes that use the database).
 fn add_common_responses(doc: &mut OpenApi) {
     let error = |description: &str| -> RefOr<Response> {
@@ -274,6 +286,10 @@ fn add_common_responses(doc: &mut OpenApi) {
                 add(
                     "415",
                     "`unsupported_media_type`: a body without `Content-Type: application/json`",
+                );
+                add(
+                    "422",
+                    "`invalid_body`: a field of the body is missing, unknown or of the wrong type",
                 );
             }
             if uses_db {

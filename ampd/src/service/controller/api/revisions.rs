@@ -4,7 +4,7 @@ use axum::extract::State;
 use serde::Serialize;
 
 use super::datasets::{Table, table_view};
-use super::{Shared, db};
+use super::{NoFields, OptionalJson, Shared, db};
 use crate::metadata::revisions;
 use crate::service::http::{ApiError, ErrorBody, Json, Path};
 
@@ -35,9 +35,11 @@ pub struct Activated {
     operation_id = "activate_revision",
     tag = "revisions",
     params(("id" = i64, Path, description = "The revision's id")),
+    request_body(content = Option<NoFields>, description = "None (or an empty object)"),
     responses(
         (status = 200, description = "The table's new state", body = Activated),
-        (status = 400, description = "`invalid_request`: the id is not a number", body = ErrorBody),
+        (status = 400, description = "`invalid_request`: the id is not a number, or the \
+            body is malformed JSON", body = ErrorBody),
         (status = 404, description = "`not_found`: no such revision", body = ErrorBody),
         (status = 409, description = "`conflict`: its files are due for deletion (or gone), or \
             the job that wrote it never completed", body = ErrorBody),
@@ -46,6 +48,7 @@ pub struct Activated {
 pub async fn activate(
     State(app): State<Shared>,
     Path(id): Path<i64>,
+    _: OptionalJson<NoFields>,
 ) -> Result<Json<Activated>, ApiError> {
     let revision = db("look up a revision", || revisions::get(&app.db, id))
         .await?
