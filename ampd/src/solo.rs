@@ -226,13 +226,16 @@ pub async fn run(
     migrations: fn() -> MigrationSet,
 ) -> Result {
     let shutdown = service::stop_on_signals()?;
-    let amp_dir = absolute(amp_dir)?;
-    let _lock = lock(&amp_dir)?;
-    let mut config = load_config(config_path, &amp_dir)?;
+    // The configuration first: a mistake in it creates nothing.
+    let wanted =
+        std::path::absolute(amp_dir).map_err(io(format!("resolve {}", amp_dir.display())))?;
+    let mut config = load_config(config_path, &wanted)?;
     config
         .secrets()
         .iter()
         .for_each(|secret| crate::redact::register(secret));
+    let amp_dir = absolute(&wanted)?;
+    let _lock = lock(&amp_dir)?;
     for dir in [config.storage.data_dir(), config.worker.sources_dir()] {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     }

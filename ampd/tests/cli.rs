@@ -70,7 +70,7 @@ fn usage_errors_exit_1_with_a_message() {
 fn ampd_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ampd"));
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("AMP_CONFIG") {
+        if key.to_string_lossy().starts_with("AMP_CONFIG") || key == "AMP_DIR" {
             cmd.env_remove(key);
         }
     }
@@ -96,9 +96,13 @@ fn solo_without_a_config_file_takes_the_environment_and_names_its_variables() {
              `metadata_db.url`: unsupported URL scheme `mysql`; expected postgres:// or postgresql://\n",
         ),
     ] {
-        let out = ampd_with_env(&["solo"], &[env]);
+        // A mistake in the configuration is reported before solo creates anything.
+        let amp_dir = std::env::temp_dir().join(format!("ampd-cli-solo-{}", std::process::id()));
+        let amp = amp_dir.to_string_lossy().into_owned();
+        let out = ampd_with_env(&["solo"], &[env, ("AMP_DIR", amp.as_str())]);
         assert_eq!(out.status.code(), Some(1), "{env:?}: {}", text(&out));
         assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "{env:?}");
+        assert!(!amp_dir.exists(), "{env:?}: {amp} was created");
     }
 }
 
