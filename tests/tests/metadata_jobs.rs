@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ampd::metadata::jobs::{self, JobClaim, Scheduled};
-use ampd::metadata::notifications::{Action, JobAction, Listener, Notification};
+use ampd::metadata::notifications::{self, Action, JobAction, Listener, Notification};
 use ampd::metadata::{Error, workers};
 use entity::{JobStatus, job_events, jobs as job_rows};
 use sea_orm::{
@@ -480,8 +480,25 @@ async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
     let (job, _) = jobs::schedule(&tx, KIND, descriptor("blocks"), Some("w1"))
         .await
         .unwrap();
-    let early = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
-    assert!(early.is_err(), "nothing is delivered before the commit");
+    // A marker committed after the uncommitted START: notifications arrive in commit order, so
+    // the listener must see the marker first if nothing leaked before the commit.
+    let marker = JobAction {
+        node_id: "marker".into(),
+        job_id: -1,
+        action: Action::Stop,
+    };
+    notifications::notify_job_action(&conn, &marker)
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("marker delivered")
+        .expect("recv");
+    assert_eq!(
+        first,
+        Notification::JobAction(marker),
+        "nothing is delivered before the commit"
+    );
     tx.commit().await.unwrap();
 
     let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
@@ -914,7 +931,7 @@ async fn schedule_waiting_on_an_uncommitted_schedule_of_the_same_key_returns_tha
         let conn = conn.clone();
         tokio::spawn(async move { jobs::schedule(&conn, KIND, descriptor("blocks"), None).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocked_on_a_lock(&conn).await;
     assert!(!waiting.is_finished(), "blocked by the uncommitted insert");
     tx.commit().await.unwrap();
 
@@ -941,7 +958,7 @@ async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() 
         let claim = claim(&job);
         tokio::spawn(async move { jobs::mark_running(&conn, &claim).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocked_on_a_lock(&conn).await;
     assert!(
         !waiting.is_finished(),
         "blocked by the uncommitted transition"
@@ -957,4 +974,22 @@ async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() 
         other => panic!("{other:?}"),
     }
     assert_eq!(events(&conn, job.id).await.len(), 2, "SCHEDULED, RUNNING");
+}
+
+/// Waits until a backend of this test's database is waiting for a lock (the spawned statement has
+/// reached the row the open transaction holds).
+async fn blocked_on_a_lock(conn: &DatabaseConnection) {
+    tests::services::eventually("a statement waits for a lock", || async {
+        let row = conn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .unwrap()
+            .expect("a row");
+        row.try_get::<i64>("", "n").unwrap() > 0
+    })
+    .await;
 }
