@@ -110,7 +110,7 @@ where
     validate_dataset_part("name", name)?;
     validate_hash(hash)?;
     let tx = db.begin().await?;
-    let linked = dataset_manifests::Entity::insert(dataset_manifests::ActiveModel {
+    dataset_manifests::Entity::insert(dataset_manifests::ActiveModel {
         namespace: Set(namespace.to_owned()),
         name: Set(name.to_owned()),
         hash: Set(hash.to_owned()),
@@ -119,15 +119,7 @@ where
     .on_conflict_do_nothing()
     .exec(&tx)
     .await
-    .map_err(Error::from);
-    match linked {
-        Err(e) if e.constraint() == Some("dataset_manifests_hash_fkey") => {
-            return Err(Error::not_found("manifest", hash));
-        }
-        other => {
-            other?;
-        }
-    }
+    .map_err(|e| Error::from(e).missing_if("dataset_manifests_hash_fkey", "manifest", hash))?;
     upsert_tag(&tx, namespace, name, DEV, hash).await?;
     tx.commit().await?;
     Ok(())
@@ -160,20 +152,32 @@ where
     Ok(())
 }
 
-/// Locks the dataset's links so that whoever moves `latest` next waits for this transaction.
-/// Returns how many manifests are linked.
-async fn lock_dataset<C>(db: &C, namespace: &str, name: &str) -> Result<usize>
+/// Opens the transaction of a write that may move `latest` ([`tag`], [`delete_version`],
+/// [`unlink`]) and locks the dataset's links in it, so that whoever moves `latest` next waits for
+/// this transaction. [`commit_moving_latest`] ends it.
+async fn begin_locked<C>(db: &C, namespace: &str, name: &str) -> Result<C::Transaction>
 where
-    C: ConnectionTrait,
+    C: TransactionTrait,
 {
-    let rows = dataset_manifests::Entity::find()
+    let tx = db.begin().await?;
+    dataset_manifests::Entity::find()
         .filter(dataset_manifests::Column::Namespace.eq(namespace))
         .filter(dataset_manifests::Column::Name.eq(name))
         .order_by_asc(dataset_manifests::Column::Hash)
         .lock(sea_orm::sea_query::LockType::NoKeyUpdate)
-        .all(db)
+        .all(&tx)
         .await?;
-    Ok(rows.len())
+    Ok(tx)
+}
+
+/// Moves `latest` to the highest version and commits a transaction of [`begin_locked`].
+async fn commit_moving_latest<T>(tx: T, namespace: &str, name: &str) -> Result<()>
+where
+    T: ConnectionTrait + TransactionSession,
+{
+    update_latest(&tx, namespace, name).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Points `latest` at the highest version, or removes it when there is none. Call with the dataset
@@ -232,8 +236,7 @@ where
     validate_dataset_part("name", name)?;
     validate_hash(hash)?;
     let version = parse_version(version)?.to_string();
-    let tx = db.begin().await?;
-    lock_dataset(&tx, namespace, name).await?;
+    let tx = begin_locked(db, namespace, name).await?;
     let existing =
         tags::Entity::find_by_id((namespace.to_owned(), name.to_owned(), version.clone()))
             .one(&tx)
@@ -248,7 +251,7 @@ where
             existing.hash
         )));
     }
-    let inserted = tags::Entity::insert(tags::ActiveModel {
+    let tagged = tags::Entity::insert(tags::ActiveModel {
         namespace: Set(namespace.to_owned()),
         name: Set(name.to_owned()),
         version: Set(version),
@@ -257,18 +260,14 @@ where
     })
     .exec_with_returning(&tx)
     .await
-    .map_err(Error::from);
-    let tagged = match inserted {
-        Err(e) if e.constraint() == Some("tags_dataset_manifest_fkey") => {
-            return Err(Error::not_found(
-                "manifest linked to the dataset",
-                format!("{hash} ({namespace}/{name})"),
-            ));
-        }
-        other => other?,
-    };
-    update_latest(&tx, namespace, name).await?;
-    tx.commit().await?;
+    .map_err(|e| {
+        Error::from(e).missing_if(
+            "tags_dataset_manifest_fkey",
+            "manifest linked to the dataset",
+            format!("{hash} ({namespace}/{name})"),
+        )
+    })?;
+    commit_moving_latest(tx, namespace, name).await?;
     Ok(tagged)
 }
 
@@ -282,8 +281,7 @@ where
     validate_dataset_part("namespace", namespace)?;
     validate_dataset_part("name", name)?;
     let version = parse_version(version)?.to_string();
-    let tx = db.begin().await?;
-    lock_dataset(&tx, namespace, name).await?;
+    let tx = begin_locked(db, namespace, name).await?;
     let deleted =
         tags::Entity::delete_by_id((namespace.to_owned(), name.to_owned(), version.clone()))
             .exec(&tx)
@@ -294,9 +292,7 @@ where
             format!("{namespace}/{name}@{version}"),
         ));
     }
-    update_latest(&tx, namespace, name).await?;
-    tx.commit().await?;
-    Ok(())
+    commit_moving_latest(tx, namespace, name).await
 }
 
 /// Unlinks manifest `hash` from `namespace/name`; its tags (versions, and `dev` if it named it) go
@@ -309,8 +305,7 @@ where
     validate_dataset_part("namespace", namespace)?;
     validate_dataset_part("name", name)?;
     validate_hash(hash)?;
-    let tx = db.begin().await?;
-    lock_dataset(&tx, namespace, name).await?;
+    let tx = begin_locked(db, namespace, name).await?;
     let deleted = dataset_manifests::Entity::delete_by_id((
         namespace.to_owned(),
         name.to_owned(),
@@ -324,9 +319,7 @@ where
             format!("{hash} ({namespace}/{name})"),
         ));
     }
-    update_latest(&tx, namespace, name).await?;
-    tx.commit().await?;
-    Ok(())
+    commit_moving_latest(tx, namespace, name).await
 }
 
 /// Deletes manifest `hash` (and, by cascade, the physical tables built from it). `Conflict` while

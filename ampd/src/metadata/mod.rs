@@ -63,3 +63,13 @@ pub(crate) fn validate_dataset_part(what: &str, value: &str) -> Result<()> {
         )))
     }
 }
+
+/// File and table names: a non-empty single path segment (no `/`, `\` or NUL, not `.` or `..`).
+pub(crate) fn validate_path_segment(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value == "." || value == ".." || value.contains(['/', '\\', '\0']) {
+        return Err(Error::InvalidInput(format!(
+            "{what} {value:?} is invalid: it must be a non-empty path segment"
+        )));
+    }
+    Ok(())
+}

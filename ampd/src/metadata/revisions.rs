@@ -28,31 +28,18 @@ use std::time::Duration;
 use entity::{
     JobStatus, gc_manifest, jobs, physical_table_revisions as revisions, physical_tables as tables,
 };
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::extension::postgres::PgExpr;
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set, Statement, TransactionSession, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionSession, TransactionTrait,
 };
 
 use super::error::Assignment;
 use super::files;
 use super::jobs::JobClaim;
 use super::notifications::{RevisionChange, notify_revision_change};
-use super::{Error, Result, validate_dataset_part};
-
-/// Table names: non-empty, and a single path segment (no `/`, not `.` or `..`).
-fn validate_table_name(table_name: &str) -> Result<()> {
-    if table_name.is_empty()
-        || table_name == "."
-        || table_name == ".."
-        || table_name.contains(['/', '\\', '\0'])
-    {
-        return Err(Error::InvalidInput(format!(
-            "table name {table_name:?} is invalid: it must be a non-empty path segment"
-        )));
-    }
-    Ok(())
-}
+use super::{Error, Result, validate_dataset_part, validate_path_segment};
 
 /// Registers table `table_name` of manifest `manifest_hash` of dataset `namespace/name`, or returns
 /// it if it is registered. `NotFound` when the manifest is not registered.
@@ -69,7 +56,7 @@ where
 {
     validate_dataset_part("namespace", namespace)?;
     validate_dataset_part("name", name)?;
-    validate_table_name(table_name)?;
+    validate_path_segment("table name", table_name)?;
     let inserted = tables::Entity::insert(tables::ActiveModel {
         dataset_namespace: Set(namespace.to_owned()),
         dataset_name: Set(name.to_owned()),
@@ -85,13 +72,13 @@ where
     ])
     .exec_with_returning_many(db)
     .await
-    .map_err(Error::from);
-    let inserted = match inserted {
-        Err(e) if e.constraint() == Some("physical_tables_manifest_hash_fkey") => {
-            return Err(Error::not_found("manifest", manifest_hash));
-        }
-        other => other?,
-    };
+    .map_err(|e| {
+        Error::from(e).missing_if(
+            "physical_tables_manifest_hash_fkey",
+            "manifest",
+            manifest_hash,
+        )
+    })?;
     // On a conflict, PostgreSQL returns no row (SeaORM reports that as `Inserted(vec![])` or
     // `Conflicted`): read the existing one.
     if let sea_orm::TryInsertResult::Inserted(rows) = inserted
@@ -242,12 +229,13 @@ where
     })
     .exec_with_returning(&tx)
     .await
-    .map_err(|e| match Error::from(e) {
+    .map_err(|e| {
         // The table was deleted meanwhile.
-        e if e.constraint() == Some("physical_table_revisions_physical_table_id_fkey") => {
-            Error::not_found("physical table", table_id)
-        }
-        e => e,
+        Error::from(e).missing_if(
+            "physical_table_revisions_physical_table_id_fkey",
+            "physical table",
+            table_id,
+        )
     })?;
     tx.commit().await?;
     Ok(created)
@@ -418,13 +406,19 @@ async fn lock_revision<C: ConnectionTrait>(tx: &C, revision_id: i64) -> Result<L
     // A statement of its own, after the lock is held: a collector that held the revision while
     // deleting its files has committed by now, and `clock_timestamp()` is the time now, not when
     // the transaction began.
+    let due = Query::select()
+        .expr_as(
+            Expr::col(revisions::Column::Metadata)
+                .cast_json_field("gc_expires_at")
+                .cast_as("timestamptz")
+                .lte(Expr::cust("clock_timestamp()")),
+            "due",
+        )
+        .from(revisions::Entity)
+        .and_where(Expr::col(revisions::Column::Id).eq(revision_id))
+        .to_owned();
     let gc_due = tx
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT (metadata ->> 'gc_expires_at')::timestamptz <= clock_timestamp() AS due \
-             FROM physical_table_revisions WHERE id = $1",
-            [Value::from(revision_id)],
-        ))
+        .query_one(&due)
         .await?
         .map(|row| row.try_get::<Option<bool>>("", "due"))
         .transpose()?
