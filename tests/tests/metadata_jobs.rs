@@ -11,19 +11,10 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, Statement,
     TransactionTrait, Value,
 };
-use serde_json::{Value as Json, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use tests::TestDb;
-
-const KIND: &str = "materialize-static";
-
-fn descriptor(name: &str) -> Json {
-    json!({
-        "namespace": "eth",
-        "name": name,
-        "manifest_hash": "a".repeat(64),
-    })
-}
+use tests::rows::{KIND, descriptor, job};
 
 async fn exec(db: &DatabaseConnection, sql: &str, values: Vec<Value>) {
     db.execute_raw(Statement::from_sql_and_values(
@@ -48,13 +39,6 @@ async fn force_status(db: &DatabaseConnection, job_id: i64, status: JobStatus) {
 
 async fn events(db: &DatabaseConnection, job_id: i64) -> Vec<job_events::Model> {
     jobs::list_events(db, job_id).await.expect("events")
-}
-
-async fn job(db: &DatabaseConnection, job_id: i64) -> job_rows::Model {
-    jobs::get(db, job_id)
-        .await
-        .expect("get")
-        .expect("job exists")
 }
 
 /// A job row that is not in the database (for operations on a missing job).
