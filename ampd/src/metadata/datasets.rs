@@ -25,7 +25,7 @@ use entity::{dataset_manifests, manifest_files, tags};
 use sea_orm::sea_query::{Expr, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionSession, TransactionTrait,
+    TransactionSession, TransactionTrait, ValidatedDeleteOne,
 };
 use sha2::{Digest, Sha256};
 
@@ -180,6 +180,26 @@ where
     Ok(())
 }
 
+/// Runs `delete` (of a row of dataset `namespace/name`) with the dataset locked and moves `latest`;
+/// `missing()` when it deleted nothing.
+async fn delete_moving_latest<C, E>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    delete: ValidatedDeleteOne<E>,
+    missing: impl FnOnce() -> Error,
+) -> Result<()>
+where
+    C: ConnectionTrait + TransactionTrait,
+    E: EntityTrait,
+{
+    let tx = begin_locked(db, namespace, name).await?;
+    if delete.exec(&tx).await?.rows_affected == 0 {
+        return Err(missing());
+    }
+    commit_moving_latest(tx, namespace, name).await
+}
+
 /// Points `latest` at the highest version, or removes it when there is none. Call with the dataset
 /// locked.
 async fn update_latest<C>(db: &C, namespace: &str, name: &str) -> Result<()>
@@ -281,18 +301,12 @@ where
     validate_dataset_part("namespace", namespace)?;
     validate_dataset_part("name", name)?;
     let version = parse_version(version)?.to_string();
-    let tx = begin_locked(db, namespace, name).await?;
-    let deleted =
-        tags::Entity::delete_by_id((namespace.to_owned(), name.to_owned(), version.clone()))
-            .exec(&tx)
-            .await?;
-    if deleted.rows_affected == 0 {
-        return Err(Error::not_found(
-            "version",
-            format!("{namespace}/{name}@{version}"),
-        ));
-    }
-    commit_moving_latest(tx, namespace, name).await
+    let delete =
+        tags::Entity::delete_by_id((namespace.to_owned(), name.to_owned(), version.clone()));
+    delete_moving_latest(db, namespace, name, delete, || {
+        Error::not_found("version", format!("{namespace}/{name}@{version}"))
+    })
+    .await
 }
 
 /// Unlinks manifest `hash` from `namespace/name`; its tags (versions, and `dev` if it named it) go
@@ -305,21 +319,18 @@ where
     validate_dataset_part("namespace", namespace)?;
     validate_dataset_part("name", name)?;
     validate_hash(hash)?;
-    let tx = begin_locked(db, namespace, name).await?;
-    let deleted = dataset_manifests::Entity::delete_by_id((
+    let delete = dataset_manifests::Entity::delete_by_id((
         namespace.to_owned(),
         name.to_owned(),
         hash.to_owned(),
-    ))
-    .exec(&tx)
-    .await?;
-    if deleted.rows_affected == 0 {
-        return Err(Error::not_found(
+    ));
+    delete_moving_latest(db, namespace, name, delete, || {
+        Error::not_found(
             "manifest linked to the dataset",
             format!("{hash} ({namespace}/{name})"),
-        ));
-    }
-    commit_moving_latest(tx, namespace, name).await
+        )
+    })
+    .await
 }
 
 /// Deletes manifest `hash` (and, by cascade, the physical tables built from it). `Conflict` while
