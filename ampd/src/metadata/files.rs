@@ -24,22 +24,8 @@ use sea_orm::{
     QueryOrder, QuerySelect, QueryTrait, Statement, TransactionSession, TransactionTrait, Value,
 };
 
-use super::{Error, Result, micros, revisions as revision_ops, validate_path_segment};
-
-/// `revision_id` is active: true for the rows of `table` (`gc_manifest` or `file_metadata`) whose
-/// revision is some table's active one.
-fn revision_active_sql(table: &str) -> String {
-    format!(
-        "EXISTS (SELECT 1 FROM physical_tables t \
-         WHERE t.active_revision_id = {table}.revision_id)"
-    )
-}
-
-/// `revision_id` is not active: true for the rows of `table` (`gc_manifest` or `file_metadata`)
-/// whose revision no table has as its active one.
-fn revision_inactive(table: &str) -> Expr {
-    Expr::cust(format!("NOT {}", revision_active_sql(table)))
-}
+use super::revisions::{self as revision_ops, is_active};
+use super::{Error, Result, micros, validate_path_segment};
 
 /// Registers file `file_name` of revision `revision_id`, or returns the row already registered
 /// under that name (unchanged, whatever the other arguments say). The revision must be writable:
@@ -146,7 +132,10 @@ where
     C: ConnectionTrait,
 {
     Ok(file_metadata::Entity::find()
-        .filter(Expr::cust(revision_active_sql("file_metadata")))
+        .filter(is_active((
+            file_metadata::Entity,
+            file_metadata::Column::RevisionId,
+        )))
         .order_by_asc(file_metadata::Column::RevisionId)
         .order_by_asc(file_metadata::Column::Id)
         .all(db)
@@ -245,7 +234,7 @@ where
     let mut query = gc_manifest::Entity::find()
         .inner_join(revisions::Entity)
         .filter(Expr::col(gc_manifest::Column::Expiration).lte(Expr::current_timestamp()))
-        .filter(revision_inactive("gc_manifest"))
+        .filter(is_active((gc_manifest::Entity, gc_manifest::Column::RevisionId)).not())
         .order_by_asc(gc_manifest::Column::Expiration)
         .order_by_asc(gc_manifest::Column::FileId)
         .limit(limit);
@@ -276,7 +265,7 @@ where
         .to_owned();
     Ok(file_metadata::Entity::delete_many()
         .filter(file_metadata::Column::Id.in_subquery(scheduled))
-        .filter(revision_inactive("file_metadata"))
+        .filter(is_active((file_metadata::Entity, file_metadata::Column::RevisionId)).not())
         .exec(db)
         .await?
         .rows_affected)

@@ -26,10 +26,11 @@
 use std::time::Duration;
 
 use entity::{
-    JobStatus, gc_manifest, jobs, physical_table_revisions as revisions, physical_tables as tables,
+    JobStatus, file_metadata, gc_manifest, jobs, physical_table_revisions as revisions,
+    physical_tables as tables,
 };
 use sea_orm::sea_query::extension::postgres::PgExpr;
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, IntoColumnRef, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
     TransactionSession, TransactionTrait,
@@ -40,6 +41,24 @@ use super::files;
 use super::jobs::JobClaim;
 use super::notifications::{RevisionChange, notify_revision_change};
 use super::{Error, Result, validate_dataset_part, validate_path_segment};
+
+/// A column of `physical_table_revisions`, named with its table (for correlated subqueries).
+fn revision(column: revisions::Column) -> (revisions::Entity, revisions::Column) {
+    (revisions::Entity, column)
+}
+
+/// True for the rows whose revision (the column `revision_id`) is some table's active one.
+pub(crate) fn is_active(revision_id: impl IntoColumnRef) -> Expr {
+    Expr::exists(
+        Query::select()
+            .expr(Expr::cust("1"))
+            .from(tables::Entity)
+            .and_where(
+                Expr::col((tables::Entity, tables::Column::ActiveRevisionId)).equals(revision_id),
+            )
+            .to_owned(),
+    )
+}
 
 /// Registers table `table_name` of manifest `manifest_hash` of dataset `namespace/name`, or returns
 /// it if it is registered. `NotFound` when the manifest is not registered.
@@ -527,12 +546,37 @@ where
     C: ConnectionTrait,
 {
     Ok(revisions::Entity::find()
+        // Custom SQL for the key tests only: sea-query has no jsonb `?` operator.
         .filter(Expr::cust(
             "metadata ? 'attempt' AND NOT (metadata ? 'activated_at') \
-             AND NOT (metadata ? 'gc_expires_at') \
-             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = physical_table_revisions.writer \
-                 AND j.attempt = (physical_table_revisions.metadata ->> 'attempt')::int \
-                 AND j.status IN ('RUNNING', 'STOP_REQUESTED', 'STOPPING'))",
+             AND NOT (metadata ? 'gc_expires_at')",
+        ))
+        .filter(Expr::not_exists(
+            Query::select()
+                .expr(Expr::cust("1"))
+                .from(jobs::Entity)
+                .and_where(
+                    Expr::col((jobs::Entity, jobs::Column::Id))
+                        .equals(revision(revisions::Column::Writer)),
+                )
+                .and_where(
+                    Expr::col((jobs::Entity, jobs::Column::Attempt)).eq(Expr::col(revision(
+                        revisions::Column::Metadata,
+                    ))
+                    .cast_json_field("attempt")
+                    .cast_as("int")),
+                )
+                .and_where(
+                    Expr::col((jobs::Entity, jobs::Column::Status)).is_in(
+                        [
+                            JobStatus::Running,
+                            JobStatus::StopRequested,
+                            JobStatus::Stopping,
+                        ]
+                        .map(JobStatus::as_str),
+                    ),
+                )
+                .to_owned(),
         ))
         .order_by_asc(revisions::Column::Id)
         .limit(limit)
@@ -549,13 +593,23 @@ where
     C: ConnectionTrait,
 {
     Ok(revisions::Entity::find()
-        .filter(Expr::cust(
-            "(metadata ->> 'gc_expires_at')::timestamptz <= now() \
-             AND NOT EXISTS (SELECT 1 FROM file_metadata f \
-                 WHERE f.revision_id = physical_table_revisions.id) \
-             AND NOT EXISTS (SELECT 1 FROM physical_tables t \
-                 WHERE t.active_revision_id = physical_table_revisions.id)",
+        .filter(
+            Expr::col(revision(revisions::Column::Metadata))
+                .cast_json_field("gc_expires_at")
+                .cast_as("timestamptz")
+                .lte(Expr::current_timestamp()),
+        )
+        .filter(Expr::not_exists(
+            Query::select()
+                .expr(Expr::cust("1"))
+                .from(file_metadata::Entity)
+                .and_where(
+                    Expr::col((file_metadata::Entity, file_metadata::Column::RevisionId))
+                        .equals(revision(revisions::Column::Id)),
+                )
+                .to_owned(),
         ))
+        .filter(is_active(revision(revisions::Column::Id)).not())
         .order_by_asc(revisions::Column::Id)
         .limit(limit)
         .all(db)

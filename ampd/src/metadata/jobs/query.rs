@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use entity::{JobStatus, job_events, jobs, workers};
+use sea_orm::sea_query::extension::postgres::PgExpr;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -140,17 +141,17 @@ where
 {
     let base = micros("retry base delay", base)?;
     let max = micros("retry maximum delay", max)?;
-    // The exponent is capped at 62 so that power() stays finite for absurd attempt counts; the
-    // LEAST with `max` caps the delay anyway.
+    // Custom SQL: interval arithmetic with LEAST and power() reads plainly only as SQL. The
+    // exponent is capped at 62 so that power() stays finite for absurd attempt counts; the LEAST
+    // with `max` caps the delay anyway.
     let backoff_passed = Expr::cust_with_values(
         "updated_at + LEAST($1 * power(2::float8, LEAST(GREATEST(attempt - 1, 0), 62)), $2) \
          * interval '1 microsecond' <= now()",
         [base, max],
     );
-    let worker_gone = Expr::cust_with_values(
-        "detail ->> 'reason' IN ($1, $2)",
-        [WORKER_LOST, WORKER_SHUTDOWN],
-    );
+    let worker_gone = Expr::col(jobs::Column::Detail)
+        .cast_json_field("reason")
+        .is_in([WORKER_LOST, WORKER_SHUTDOWN]);
     Ok(jobs::Entity::find()
         .filter(jobs::Column::Status.eq(JobStatus::Error.as_str()))
         .filter(Condition::any().add(worker_gone).add(backoff_passed))
