@@ -22,6 +22,24 @@ pub fn descriptor(name: &str) -> Value {
     })
 }
 
+/// The ids of `jobs`, in order.
+pub fn job_ids(jobs: &[entity::jobs::Model]) -> Vec<i64> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
+/// Schedules one job per entry of `nodes` (on that node, or on none), for tables `t0`, `t1`, ...;
+/// returns their ids in order.
+pub async fn schedule_each(db: &DatabaseConnection, nodes: &[Option<&str>]) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let (job, _) = jobs::schedule(db, KIND, descriptor(&format!("t{i}")), *node)
+            .await
+            .expect("schedule");
+        ids.push(job.id);
+    }
+    ids
+}
+
 /// The job `id`, which must exist.
 pub async fn job(db: &DatabaseConnection, id: i64) -> entity::jobs::Model {
     jobs::get(db, id).await.expect("get").expect("job exists")
