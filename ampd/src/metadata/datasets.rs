@@ -29,7 +29,7 @@ use sea_orm::{
 };
 use sha2::{Digest, Sha256};
 
-use super::{Error, Result, validate_dataset_part};
+use super::{Error, Result, validate_dataset};
 
 /// The tag of the highest version.
 pub const LATEST: &str = "latest";
@@ -106,8 +106,7 @@ pub async fn link<C>(db: &C, namespace: &str, name: &str, hash: &str) -> Result<
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_hash(hash)?;
     let tx = db.begin().await?;
     dataset_manifests::Entity::insert(dataset_manifests::ActiveModel {
@@ -252,8 +251,7 @@ pub async fn tag<C>(
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_hash(hash)?;
     let version = parse_version(version)?.to_string();
     let tx = begin_locked(db, namespace, name).await?;
@@ -298,8 +296,7 @@ pub async fn delete_version<C>(db: &C, namespace: &str, name: &str, version: &st
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     let version = parse_version(version)?.to_string();
     let delete =
         tags::Entity::delete_by_id((namespace.to_owned(), name.to_owned(), version.clone()));
@@ -316,8 +313,7 @@ pub async fn unlink<C>(db: &C, namespace: &str, name: &str, hash: &str) -> Resul
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_hash(hash)?;
     let delete = dataset_manifests::Entity::delete_by_id((
         namespace.to_owned(),
@@ -412,8 +408,7 @@ impl FromStr for Reference {
         let (namespace, name) = dataset
             .split_once('/')
             .ok_or_else(|| invalid("has no '/'"))?;
-        validate_dataset_part("namespace", namespace)?;
-        validate_dataset_part("name", name)?;
+        validate_dataset(namespace, name)?;
         let revision = match revision {
             LATEST => Revision::Latest,
             DEV => Revision::Dev,

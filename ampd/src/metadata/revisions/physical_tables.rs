@@ -3,7 +3,7 @@
 use entity::{physical_table_revisions as revisions, physical_tables as tables};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
-use crate::metadata::{Error, Result, validate_dataset_part, validate_path_segment};
+use crate::metadata::{Error, Result, validate_dataset, validate_path_segment};
 
 /// Registers table `table_name` of manifest `manifest_hash` of dataset `namespace/name`, or returns
 /// it if it is registered. `NotFound` when the manifest is not registered.
@@ -18,8 +18,7 @@ pub async fn register_table<C>(
 where
     C: ConnectionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_path_segment("table name", table_name)?;
     let inserted = tables::Entity::insert(tables::ActiveModel {
         dataset_namespace: Set(namespace.to_owned()),

@@ -136,8 +136,7 @@ enum VersionErrors {
 
 /// 400 unless `namespace` and `name` are valid dataset names.
 fn check_dataset(namespace: &str, name: &str) -> Result<(), ApiError> {
-    metadata::validate_dataset_part("namespace", namespace)?;
-    metadata::validate_dataset_part("name", name)?;
+    metadata::validate_dataset(namespace, name)?;
     Ok(())
 }
 
