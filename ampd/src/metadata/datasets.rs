@@ -24,7 +24,7 @@ use std::str::FromStr;
 use entity::{dataset_manifests, manifest_files, tags};
 use sea_orm::sea_query::{Expr, OnConflict, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select, Set,
     TransactionSession, TransactionTrait, ValidatedDeleteOne,
 };
 use sha2::{Digest, Sha256};
@@ -199,17 +199,20 @@ where
     commit_moving_latest(tx, namespace, name).await
 }
 
+/// The tags of dataset `namespace/name`, as a query to finish.
+fn tags_of(namespace: &str, name: &str) -> Select<tags::Entity> {
+    tags::Entity::find()
+        .filter(tags::Column::Namespace.eq(namespace))
+        .filter(tags::Column::Name.eq(name))
+}
+
 /// Points `latest` at the highest version, or removes it when there is none. Call with the dataset
 /// locked.
 async fn update_latest<C>(db: &C, namespace: &str, name: &str) -> Result<()>
 where
     C: ConnectionTrait,
 {
-    let all = tags::Entity::find()
-        .filter(tags::Column::Namespace.eq(namespace))
-        .filter(tags::Column::Name.eq(name))
-        .all(db)
-        .await?;
+    let all = tags_of(namespace, name).all(db).await?;
     let current = all.iter().find(|t| t.version == LATEST).map(|t| &t.hash);
     let highest = all
         .iter()
@@ -524,11 +527,7 @@ pub async fn list_versions<C>(db: &C, namespace: &str, name: &str) -> Result<Vec
 where
     C: ConnectionTrait,
 {
-    let all = tags::Entity::find()
-        .filter(tags::Column::Namespace.eq(namespace))
-        .filter(tags::Column::Name.eq(name))
-        .all(db)
-        .await?;
+    let all = tags_of(namespace, name).all(db).await?;
     let mut versions: Vec<(semver::Version, tags::Model)> = all
         .into_iter()
         .filter_map(|t| semver::Version::parse(&t.version).ok().map(|v| (v, t)))
@@ -542,9 +541,7 @@ pub async fn list_tags<C>(db: &C, namespace: &str, name: &str) -> Result<Vec<tag
 where
     C: ConnectionTrait,
 {
-    Ok(tags::Entity::find()
-        .filter(tags::Column::Namespace.eq(namespace))
-        .filter(tags::Column::Name.eq(name))
+    Ok(tags_of(namespace, name)
         .order_by_asc(tags::Column::Version)
         .all(db)
         .await?)

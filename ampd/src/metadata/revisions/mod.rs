@@ -104,13 +104,7 @@ where
     }
     let tx = db.begin().await?;
     if let Some(claim) = writer {
-        // FOR SHARE: the job cannot change status or attempt until this revision is recorded.
-        let job = jobs::Entity::find_by_id(claim.job_id)
-            .lock_shared()
-            .one(&tx)
-            .await?
-            .ok_or_else(|| Error::not_found("job", claim.job_id))?;
-        check_running(&job, claim)?;
+        hold_writer(&tx, claim).await?;
         metadata.insert("job_id".into(), claim.job_id.into());
         metadata.insert("attempt".into(), claim.attempt.into());
         metadata.insert("node_id".into(), claim.node_id.clone().into());
@@ -145,6 +139,17 @@ where
     })?;
     tx.commit().await?;
     Ok(created)
+}
+
+/// Locks the job `claim` names `FOR SHARE`, so that it cannot change status or attempt until the
+/// caller's transaction ends, and checks that the claim's attempt is RUNNING ([`check_running`]).
+async fn hold_writer<C: ConnectionTrait>(tx: &C, claim: &JobClaim) -> Result<()> {
+    let job = jobs::Entity::find_by_id(claim.job_id)
+        .lock_shared()
+        .one(tx)
+        .await?
+        .ok_or_else(|| Error::not_found("job", claim.job_id))?;
+    check_running(&job, claim)
 }
 
 /// `Fenced` unless `job` is on `claim`'s node and attempt, `StateConflict` unless it is RUNNING.
