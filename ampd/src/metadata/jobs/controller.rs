@@ -14,7 +14,7 @@ use crate::metadata::{Result, micros};
 
 /// SCHEDULED or RUNNING → STOP_REQUESTED, and a `job_actions` STOP notification to the job's node
 /// when it has one (in the same statement). Anyone may ask; the worker acknowledges with
-/// [`mark_stopping`].
+/// [`mark_stopping`](super::mark_stopping).
 #[tracing::instrument(skip(db), err)]
 pub async fn request_stop<C>(db: &C, job_id: i64) -> Result<jobs::Model>
 where
@@ -71,8 +71,8 @@ pub fn worker_lost(node_id: Option<&str>) -> serde_json::Value {
 /// RUNNING → ERROR of a job whose worker is lost: `seen` (the job as the caller saw it, same node
 /// and attempt, else `Fenced`) is on a node that has sent no heartbeat for `window` (by the database
 /// clock, checked in the same statement: `Conflict` if it has). The detail is [`worker_lost`];
-/// [`list_due_for_retry`] offers such a job at once, and its retry is a new attempt, which fences
-/// off the lost worker should it come back.
+/// [`list_due_for_retry`](super::list_due_for_retry) offers such a job at once, and its retry is a
+/// new attempt, which fences off the lost worker should it come back.
 #[tracing::instrument(skip(db, seen), fields(job_id = seen.id), err)]
 pub async fn fail_lost<C>(db: &C, seen: &jobs::Model, window: Duration) -> Result<jobs::Model>
 where

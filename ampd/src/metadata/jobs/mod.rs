@@ -4,7 +4,7 @@
 //!
 //! # Attempts
 //! `attempt` counts (re)schedules: a new job starts at 1, and every move back to SCHEDULED
-//! ([`schedule`] of a stopped or failed job's key, [`reschedule`]) adds one. So `attempt` is the
+//! ([`schedule()`] of a stopped or failed job's key, [`reschedule`]) adds one. So `attempt` is the
 //! number of the run the job is on. ([`give_up`] passes through SCHEDULED without a new attempt.)
 //!
 //! # Fencing
@@ -32,7 +32,7 @@
 //! new node.
 //!
 //! # Why raw SQL here
-//! The transitions and [`schedule`] are hot paths: each is one statement (one round trip), a CTE
+//! The transitions and [`schedule()`] are hot paths: each is one statement (one round trip), a CTE
 //! doing the guarded `UPDATE ... RETURNING` (or the `INSERT ... ON CONFLICT`), the event `INSERT`
 //! and the `pg_notify` together, and reading the current row back when the guard did not match, so
 //! `NotFound` and `StateConflict` need no second query. Such a statement (data-modifying CTEs,
@@ -92,7 +92,7 @@ pub const WORKER_SHUTDOWN: &str = "worker_shutdown";
 /// function gives up with `Conflict`.
 const RACE_RETRIES: usize = 8;
 
-/// What [`schedule`] did.
+/// What [`schedule()`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheduled {
     /// No job had this key: a new one was created (SCHEDULED, attempt 1).

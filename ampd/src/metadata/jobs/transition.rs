@@ -1,5 +1,5 @@
 //! The one-statement guarded transition every job state change goes through, and the pieces of
-//! raw SQL it shares with [`schedule`](super::schedule): bound parameters, the `job_actions`
+//! raw SQL it shares with [`schedule`](fn@super::schedule): bound parameters, the `job_actions`
 //! notification, reading a job row back.
 
 use entity::{JobStatus, jobs};

@@ -96,8 +96,9 @@ where
     transition(db, claim.job_id, Change::claimed(JobStatus::Stopped, claim)).await
 }
 
-/// SCHEDULED or RUNNING → ERROR (recoverable; see [`list_due_for_retry`]) by the worker holding
-/// `claim`, with `detail` as the job's and the event's detail.
+/// SCHEDULED or RUNNING → ERROR (recoverable; see
+/// [`list_due_for_retry`](super::list_due_for_retry)) by the worker holding `claim`, with `detail`
+/// as the job's and the event's detail.
 #[tracing::instrument(skip(db, detail), err)]
 pub async fn mark_error<C>(
     db: &C,

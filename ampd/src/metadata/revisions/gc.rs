@@ -59,8 +59,8 @@ where
 
 /// Revisions whose garbage collection is due and whose files have all been deleted and forgotten:
 /// what is left is the revision's directory (which may still hold files a writer never
-/// registered) and its row. The collector removes the directory, then the row ([`delete`]).
-/// Never an active revision. By id, at most `limit`.
+/// registered) and its row. The collector removes the directory, then the row
+/// ([`delete`](super::delete)). Never an active revision. By id, at most `limit`.
 pub async fn list_emptied<C>(db: &C, limit: u64) -> Result<Vec<revisions::Model>>
 where
     C: ConnectionTrait,

@@ -11,7 +11,7 @@
 //!    active nor scheduled for garbage collection.
 //! 2. *Active*: the attempt's completion activates it in the completion's transaction
 //!    ([`crate::metadata::jobs::mark_completed`]); an attempt that was fenced off never gets there.
-//!    Later, [`activate`] may make it active again (a roll back).
+//!    Later, [`activate()`] may make it active again (a roll back).
 //! 3. *Retired*: the revision it replaced is scheduled for garbage collection after a grace period
 //!    ([`crate::metadata::files::schedule_gc`]); so is an abandoned one ([`list_abandoned`]), at
 //!    once. A retired revision accepts no file; activating it cancels the schedule while it has not
