@@ -168,7 +168,7 @@ fn status_table(states: &[migrate::MigrationState]) -> String {
             &s.name,
             s.state,
             &applied_at,
-            s.checksum,
+            s.checksum_state,
             &ms,
             &by,
             &plan,

@@ -7,6 +7,7 @@ use entity::{
 use sea_orm::{ActiveModelTrait, DatabaseConnection, EntityTrait, ModelTrait, PaginatorTrait, Set};
 use serde_json::json;
 use tests::TestDb;
+use tests::rows;
 
 const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
@@ -57,35 +58,9 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     .insert(db)
     .await
     .expect("manifest");
-    dataset_manifests::ActiveModel {
-        namespace: Set("eth".into()),
-        name: Set("blocks".into()),
-        hash: Set(HASH.into()),
-        ..Default::default()
-    }
-    .insert(db)
-    .await
-    .expect("link");
-    tags::ActiveModel {
-        namespace: Set("eth".into()),
-        name: Set("blocks".into()),
-        version: Set("latest".into()),
-        hash: Set(HASH.into()),
-        ..Default::default()
-    }
-    .insert(db)
-    .await
-    .expect("tag");
-    let table = physical_tables::ActiveModel {
-        dataset_namespace: Set("eth".into()),
-        dataset_name: Set("blocks".into()),
-        manifest_hash: Set(HASH.into()),
-        table_name: Set("blocks".into()),
-        ..Default::default()
-    }
-    .insert(db)
-    .await
-    .expect("table");
+    rows::insert_link(db, "eth", "blocks", HASH).await;
+    rows::insert_tag(db, "eth", "blocks", "latest", HASH).await;
+    let table = rows::insert_blocks_table(db, HASH).await;
     let mut revisions = Vec::new();
     for (i, writer) in [(1, None), (2, Some(job.id))] {
         revisions.push(
@@ -102,9 +77,7 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     }
     let active_revision = revisions.pop().expect("two revisions");
     let old_revision = revisions.pop().expect("two revisions");
-    let mut t: physical_tables::ActiveModel = table.into();
-    t.active_revision_id = Set(Some(active_revision.id));
-    let table = t.update(db).await.expect("activate");
+    let table = rows::set_active(db, table, active_revision.id).await;
     let mut files = Vec::new();
     for rev in [&old_revision, &active_revision] {
         files.push(
@@ -120,15 +93,7 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
         );
     }
     let old_file = files.swap_remove(0);
-    gc_manifest::ActiveModel {
-        file_id: Set(old_file.id),
-        revision_id: Set(old_revision.id),
-        file_path: Set("eth/blocks/blocks/1/f.parquet".into()),
-        expiration: Set(chrono::Utc::now().fixed_offset()),
-    }
-    .insert(db)
-    .await
-    .expect("gc entry");
+    rows::insert_gc_entry(db, &old_file, "eth/blocks/blocks/1/f.parquet").await;
     Fixture {
         job,
         table,

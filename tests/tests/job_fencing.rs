@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ampd::metadata::jobs::{self, JobClaim};
-use ampd::metadata::{Error, datasets, files, revisions, workers};
+use ampd::metadata::{Error, files, revisions, workers};
 use ampd::service::controller::{self, Policy};
-use entity::{JobStatus, jobs as job_rows, physical_tables};
+use entity::{JobStatus, physical_tables};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 use tests::TestDb;
+use tests::rows::{self, KIND, descriptor, job};
 
-const KIND: &str = "materialize-static";
 const GRACE: Duration = Duration::from_secs(3600);
 
 fn policy() -> Policy {
@@ -32,16 +32,8 @@ async fn setup(db: &DatabaseConnection) -> physical_tables::Model {
             .await
             .expect("register");
     }
-    let hash = datasets::register_manifest(db, "static", b"{}", "m.json")
-        .await
-        .expect("manifest");
-    revisions::register_table(db, "eth", "mainnet", &hash, "blocks")
-        .await
-        .expect("table")
-}
-
-fn descriptor(name: &str) -> serde_json::Value {
-    json!({"namespace": "eth", "name": name, "manifest_hash": "a".repeat(64)})
+    let (_, mut tables) = rows::manifest_with_tables(db, b"{}", &["blocks"]).await;
+    tables.remove(0)
 }
 
 /// Makes `node` look lost: its last heartbeat a minute ago.
@@ -51,10 +43,6 @@ async fn lose(db: &DatabaseConnection, node: &str) {
     ))
     .await
     .expect("age heartbeat");
-}
-
-async fn job(db: &DatabaseConnection, id: i64) -> job_rows::Model {
-    jobs::get(db, id).await.expect("get").expect("job exists")
 }
 
 /// A revision written by `claim`, with one registered file.

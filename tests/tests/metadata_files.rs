@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use ampd::metadata::{Error, datasets, files, revisions};
+use ampd::metadata::{Error, files, revisions};
 use entity::{file_metadata, gc_manifest, physical_table_revisions};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 use serde_json::json;
 use tests::TestDb;
+use tests::rows;
 
 struct Fixture {
     table_id: i64,
@@ -17,20 +18,14 @@ struct Fixture {
 /// A table with two revisions: `old`, and `active`, which [`activate`] makes active (once the test
 /// has registered its files: an active revision accepts none).
 async fn fixture(db: &DatabaseConnection) -> Fixture {
-    let hash = datasets::register_manifest(db, "static", b"manifest", "m.json")
+    let table_id = rows::manifest_with_tables(db, b"manifest", &["blocks"])
         .await
-        .unwrap();
-    let table = revisions::register_table(db, "eth", "mainnet", &hash, "blocks")
-        .await
-        .unwrap();
-    let old = revisions::create_revision(db, table.id, None, json!({}))
-        .await
-        .unwrap();
-    let active = revisions::create_revision(db, table.id, None, json!({}))
-        .await
-        .unwrap();
+        .1[0]
+        .id;
+    let old = rows::revision(db, table_id).await;
+    let active = rows::revision(db, table_id).await;
     Fixture {
-        table_id: table.id,
+        table_id,
         active,
         old,
     }

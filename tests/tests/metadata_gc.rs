@@ -3,24 +3,19 @@
 
 use std::time::Duration;
 
-use ampd::metadata::{Error, datasets, files, revisions};
+use ampd::metadata::{Error, files, revisions};
 use ampd::service::gc;
 use entity::{file_metadata, gc_manifest, physical_table_revisions};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, TransactionTrait};
 use serde_json::json;
 use tests::TestDb;
 use tests::cli::TempDir;
+use tests::rows;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
 async fn table(db: &DatabaseConnection) -> i64 {
-    let hash = datasets::register_manifest(db, "static", b"{}", "m.json")
-        .await
-        .unwrap();
-    revisions::register_table(db, "eth", "mainnet", &hash, "blocks")
-        .await
-        .unwrap()
-        .id
+    rows::manifest_with_tables(db, b"{}", &["blocks"]).await.1[0].id
 }
 
 /// A revision of `table_id` with files `names`, registered (and written under `data`, if given).
@@ -30,9 +25,7 @@ async fn revision(
     names: &[&str],
     data: Option<&TempDir>,
 ) -> physical_table_revisions::Model {
-    let rev = revisions::create_revision(db, table_id, None, json!({}))
-        .await
-        .unwrap();
+    let rev = rows::revision(db, table_id).await;
     for name in names {
         if let Some(data) = data {
             let dir = data.path().join(&rev.path);

@@ -11,19 +11,10 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, Statement,
     TransactionTrait, Value,
 };
-use serde_json::{Value as Json, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use tests::TestDb;
-
-const KIND: &str = "materialize-static";
-
-fn descriptor(name: &str) -> Json {
-    json!({
-        "namespace": "eth",
-        "name": name,
-        "manifest_hash": "a".repeat(64),
-    })
-}
+use tests::rows::{KIND, descriptor, job, job_ids, schedule_each};
 
 async fn exec(db: &DatabaseConnection, sql: &str, values: Vec<Value>) {
     db.execute_raw(Statement::from_sql_and_values(
@@ -48,13 +39,6 @@ async fn force_status(db: &DatabaseConnection, job_id: i64, status: JobStatus) {
 
 async fn events(db: &DatabaseConnection, job_id: i64) -> Vec<job_events::Model> {
     jobs::list_events(db, job_id).await.expect("events")
-}
-
-async fn job(db: &DatabaseConnection, job_id: i64) -> job_rows::Model {
-    jobs::get(db, job_id)
-        .await
-        .expect("get")
-        .expect("job exists")
 }
 
 /// A job row that is not in the database (for operations on a missing job).
@@ -575,13 +559,7 @@ async fn request_stop_of_an_assigned_job_sends_stop_to_its_node() {
 #[tokio::test]
 async fn list_pages_by_id_and_filters_by_status() {
     let (_db, conn) = setup().await;
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("t{i}")), Some("w1"))
-            .await
-            .unwrap();
-        ids.push(job.id);
-    }
+    let ids = schedule_each(&conn, &[Some("w1"); 5]).await;
     start(&conn, ids[1]).await;
     start(&conn, ids[3]).await;
 
@@ -592,26 +570,20 @@ async fn list_pages_by_id_and_filters_by_status() {
     let page3 = jobs::list(&conn, &[], page2.last().map(|j| j.id), 2)
         .await
         .unwrap();
-    let paged: Vec<i64> = [page1, page2, page3]
-        .concat()
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let paged = job_ids(&[page1, page2, page3].concat());
     assert_eq!(paged, ids);
 
-    let running: Vec<i64> = jobs::list(&conn, &[JobStatus::Running], None, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let running = job_ids(
+        &jobs::list(&conn, &[JobStatus::Running], None, 10)
+            .await
+            .unwrap(),
+    );
     assert_eq!(running, [ids[1], ids[3]]);
-    let after: Vec<i64> = jobs::list(&conn, &[JobStatus::Scheduled], Some(ids[2]), 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let after = job_ids(
+        &jobs::list(&conn, &[JobStatus::Scheduled], Some(ids[2]), 10)
+            .await
+            .unwrap(),
+    );
     assert_eq!(after, [ids[4]]);
 }
 
@@ -619,23 +591,12 @@ async fn list_pages_by_id_and_filters_by_status() {
 async fn list_active_for_node_lists_only_that_nodes_unfinished_jobs() {
     let (_db, conn) = setup().await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
-    let mut ids = Vec::new();
-    for (i, node) in ["w1", "w1", "w1", "w2"].into_iter().enumerate() {
-        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("t{i}")), Some(node))
-            .await
-            .unwrap();
-        ids.push(job.id);
-    }
+    let ids = schedule_each(&conn, &[Some("w1"), Some("w1"), Some("w1"), Some("w2")]).await;
     start(&conn, ids[1]).await;
     start(&conn, ids[2]).await;
     complete(&conn, ids[2]).await;
 
-    let active: Vec<i64> = jobs::list_active_for_node(&conn, "w1")
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let active = job_ids(&jobs::list_active_for_node(&conn, "w1").await.unwrap());
     assert_eq!(active, [ids[0], ids[1]]);
 }
 
@@ -672,7 +633,7 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state
     let window = Duration::from_secs(5);
 
     let orphans = jobs::list_orphaned(&conn, window).await.unwrap();
-    let ids: Vec<i64> = orphans.iter().map(|j| j.id).collect();
+    let ids = job_ids(&orphans);
     assert_eq!(ids, [dead_running.id, unassigned.id, dead_scheduled.id]);
     assert!(!ids.contains(&live.id));
 
@@ -812,17 +773,16 @@ async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
                 vec![secs.into()],
             )
             .await;
-            let mut due: Vec<i64> = jobs::list_due_for_retry(
-                &conn,
-                Duration::from_secs(10),
-                Duration::from_secs(60),
-                100,
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|j| j.id)
-            .collect();
+            let mut due = job_ids(
+                &jobs::list_due_for_retry(
+                    &conn,
+                    Duration::from_secs(10),
+                    Duration::from_secs(60),
+                    100,
+                )
+                .await
+                .unwrap(),
+            );
             due.sort();
             due
         }
@@ -885,12 +845,7 @@ async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_activ
 
     let rest = jobs::delete_terminal(&conn, None).await.unwrap();
     assert_eq!(rest, 1);
-    let left: Vec<i64> = jobs::list(&conn, &[], None, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let left = job_ids(&jobs::list(&conn, &[], None, 10).await.unwrap());
     assert_eq!(left, [ids[2], ids[3]]);
 }
 

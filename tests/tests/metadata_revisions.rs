@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use ampd::metadata::jobs::JobClaim;
 use ampd::metadata::notifications::{Listener, Notification, RevisionChange};
-use ampd::metadata::{Error, datasets, files, jobs, revisions, workers};
+use ampd::metadata::{Error, files, jobs, revisions, workers};
 use entity::{physical_table_revisions, physical_tables};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::DatabaseConnection;
 use serde_json::json;
 use tests::TestDb;
+use tests::rows::{self, count};
 
 /// Grace period of a replaced revision's files: long, so nothing here expires.
 const GRACE: Duration = Duration::from_secs(3600);
@@ -21,33 +22,13 @@ struct Fixture {
 }
 
 async fn fixture(db: &DatabaseConnection) -> Fixture {
-    let hash = datasets::register_manifest(db, "static", b"manifest", "m.json")
-        .await
-        .unwrap();
-    let blocks = revisions::register_table(db, "eth", "mainnet", &hash, "blocks")
-        .await
-        .unwrap();
-    let logs = revisions::register_table(db, "eth", "mainnet", &hash, "logs")
-        .await
-        .unwrap();
+    let (hash, tables) = rows::manifest_with_tables(db, b"manifest", &["blocks", "logs"]).await;
+    let [blocks, logs] = <[_; 2]>::try_from(tables).expect("two tables");
     Fixture { hash, blocks, logs }
 }
 
 async fn revision(db: &DatabaseConnection, table: &physical_tables::Model) -> i64 {
-    revisions::create_revision(db, table.id, None, json!({}))
-        .await
-        .expect("create revision")
-        .id
-}
-
-/// The single count `sql` selects.
-async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("a count")
+    rows::revision(db, table.id).await.id
 }
 
 async fn active_id(db: &DatabaseConnection, table_id: i64) -> Option<i64> {

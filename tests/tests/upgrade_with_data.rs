@@ -5,10 +5,7 @@
 
 use ampd::config::Config;
 use ampd::migrate::{self, MigrationSet};
-use entity::{
-    dataset_manifests, file_metadata, gc_manifest, job_events, jobs, manifest_files,
-    physical_table_revisions, physical_tables, tags, workers,
-};
+use entity::{file_metadata, job_events, jobs, manifest_files, physical_table_revisions, workers};
 use migration::MigratorTrait;
 use sea_orm::{
     ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, NotSet, Set, Statement,
@@ -16,6 +13,7 @@ use sea_orm::{
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::TestDb;
+use tests::rows;
 
 const BEFORE_BACKFILL: &str = "m20261101_000006_add_jobs_idempotency_key";
 const HASH_A: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -171,38 +169,12 @@ async fn fill(db: &DatabaseConnection) -> Vec<i64> {
         .expect("manifest");
     }
     for (name, hash) in [("blocks", HASH_A), ("logs", HASH_B)] {
-        dataset_manifests::ActiveModel {
-            namespace: Set("eth".into()),
-            name: Set(name.into()),
-            hash: Set(hash.into()),
-            ..Default::default()
-        }
-        .insert(db)
-        .await
-        .expect("link");
+        rows::insert_link(db, "eth", name, hash).await;
         for version in ["1.0.0", "latest", "dev"] {
-            tags::ActiveModel {
-                namespace: Set("eth".into()),
-                name: Set(name.into()),
-                version: Set(version.into()),
-                hash: Set(hash.into()),
-                ..Default::default()
-            }
-            .insert(db)
-            .await
-            .expect("tag");
+            rows::insert_tag(db, "eth", name, version, hash).await;
         }
     }
-    let table = physical_tables::ActiveModel {
-        dataset_namespace: Set("eth".into()),
-        dataset_name: Set("blocks".into()),
-        manifest_hash: Set(HASH_A.into()),
-        table_name: Set("blocks".into()),
-        ..Default::default()
-    }
-    .insert(db)
-    .await
-    .expect("table");
+    let table = rows::insert_blocks_table(db, HASH_A).await;
     let revision = physical_table_revisions::ActiveModel {
         physical_table_id: Set(table.id),
         path: Set("eth/blocks/blocks/01936f4e-0000-7000-8000-000000000001".into()),
@@ -213,9 +185,7 @@ async fn fill(db: &DatabaseConnection) -> Vec<i64> {
     .insert(db)
     .await
     .expect("revision");
-    let mut t: physical_tables::ActiveModel = table.into();
-    t.active_revision_id = Set(Some(revision.id));
-    t.update(db).await.expect("activate");
+    rows::set_active(db, table, revision.id).await;
     let file = file_metadata::ActiveModel {
         revision_id: Set(revision.id),
         file_name: Set("000001.parquet".into()),
@@ -227,15 +197,7 @@ async fn fill(db: &DatabaseConnection) -> Vec<i64> {
     .insert(db)
     .await
     .expect("file");
-    gc_manifest::ActiveModel {
-        file_id: Set(file.id),
-        revision_id: Set(revision.id),
-        file_path: Set("eth/blocks/blocks/x/000001.parquet".into()),
-        expiration: Set(chrono::Utc::now().fixed_offset()),
-    }
-    .insert(db)
-    .await
-    .expect("gc");
+    rows::insert_gc_entry(db, &file, "eth/blocks/blocks/x/000001.parquet").await;
     vec![old.0, new.0, other.0, other_kind.0, partial.0]
 }
 

@@ -24,12 +24,12 @@ use std::str::FromStr;
 use entity::{dataset_manifests, manifest_files, tags};
 use sea_orm::sea_query::{Expr, OnConflict, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select, Set,
+    TransactionSession, TransactionTrait, ValidatedDeleteOne,
 };
 use sha2::{Digest, Sha256};
 
-use super::{Error, Result, validate_dataset_part};
+use super::{Error, Result, validate_dataset};
 
 /// The tag of the highest version.
 pub const LATEST: &str = "latest";
@@ -106,11 +106,10 @@ pub async fn link<C>(db: &C, namespace: &str, name: &str, hash: &str) -> Result<
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_hash(hash)?;
     let tx = db.begin().await?;
-    let linked = dataset_manifests::Entity::insert(dataset_manifests::ActiveModel {
+    dataset_manifests::Entity::insert(dataset_manifests::ActiveModel {
         namespace: Set(namespace.to_owned()),
         name: Set(name.to_owned()),
         hash: Set(hash.to_owned()),
@@ -119,15 +118,7 @@ where
     .on_conflict_do_nothing()
     .exec(&tx)
     .await
-    .map_err(Error::from);
-    match linked {
-        Err(e) if e.constraint() == Some("dataset_manifests_hash_fkey") => {
-            return Err(Error::not_found("manifest", hash));
-        }
-        other => {
-            other?;
-        }
-    }
+    .map_err(|e| Error::from(e).missing_if("dataset_manifests_hash_fkey", "manifest", hash))?;
     upsert_tag(&tx, namespace, name, DEV, hash).await?;
     tx.commit().await?;
     Ok(())
@@ -160,20 +151,59 @@ where
     Ok(())
 }
 
-/// Locks the dataset's links so that whoever moves `latest` next waits for this transaction.
-/// Returns how many manifests are linked.
-async fn lock_dataset<C>(db: &C, namespace: &str, name: &str) -> Result<usize>
+/// Opens the transaction of a write that may move `latest` ([`tag`], [`delete_version`],
+/// [`unlink`]) and locks the dataset's links in it, so that whoever moves `latest` next waits for
+/// this transaction. [`commit_moving_latest`] ends it.
+async fn begin_locked<C>(db: &C, namespace: &str, name: &str) -> Result<C::Transaction>
 where
-    C: ConnectionTrait,
+    C: TransactionTrait,
 {
-    let rows = dataset_manifests::Entity::find()
+    let tx = db.begin().await?;
+    dataset_manifests::Entity::find()
         .filter(dataset_manifests::Column::Namespace.eq(namespace))
         .filter(dataset_manifests::Column::Name.eq(name))
         .order_by_asc(dataset_manifests::Column::Hash)
         .lock(sea_orm::sea_query::LockType::NoKeyUpdate)
-        .all(db)
+        .all(&tx)
         .await?;
-    Ok(rows.len())
+    Ok(tx)
+}
+
+/// Moves `latest` to the highest version and commits a transaction of [`begin_locked`].
+async fn commit_moving_latest<T>(tx: T, namespace: &str, name: &str) -> Result<()>
+where
+    T: ConnectionTrait + TransactionSession,
+{
+    update_latest(&tx, namespace, name).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs `delete` (of a row of dataset `namespace/name`) with the dataset locked and moves `latest`;
+/// `missing()` when it deleted nothing.
+async fn delete_moving_latest<C, E>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    delete: ValidatedDeleteOne<E>,
+    missing: impl FnOnce() -> Error,
+) -> Result<()>
+where
+    C: ConnectionTrait + TransactionTrait,
+    E: EntityTrait,
+{
+    let tx = begin_locked(db, namespace, name).await?;
+    if delete.exec(&tx).await?.rows_affected == 0 {
+        return Err(missing());
+    }
+    commit_moving_latest(tx, namespace, name).await
+}
+
+/// The tags of dataset `namespace/name`, as a query to finish.
+fn tags_of(namespace: &str, name: &str) -> Select<tags::Entity> {
+    tags::Entity::find()
+        .filter(tags::Column::Namespace.eq(namespace))
+        .filter(tags::Column::Name.eq(name))
 }
 
 /// Points `latest` at the highest version, or removes it when there is none. Call with the dataset
@@ -182,11 +212,7 @@ async fn update_latest<C>(db: &C, namespace: &str, name: &str) -> Result<()>
 where
     C: ConnectionTrait,
 {
-    let all = tags::Entity::find()
-        .filter(tags::Column::Namespace.eq(namespace))
-        .filter(tags::Column::Name.eq(name))
-        .all(db)
-        .await?;
+    let all = tags_of(namespace, name).all(db).await?;
     let current = all.iter().find(|t| t.version == LATEST).map(|t| &t.hash);
     let highest = all
         .iter()
@@ -228,12 +254,10 @@ pub async fn tag<C>(
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_hash(hash)?;
     let version = parse_version(version)?.to_string();
-    let tx = db.begin().await?;
-    lock_dataset(&tx, namespace, name).await?;
+    let tx = begin_locked(db, namespace, name).await?;
     let existing =
         tags::Entity::find_by_id((namespace.to_owned(), name.to_owned(), version.clone()))
             .one(&tx)
@@ -248,7 +272,7 @@ where
             existing.hash
         )));
     }
-    let inserted = tags::Entity::insert(tags::ActiveModel {
+    let tagged = tags::Entity::insert(tags::ActiveModel {
         namespace: Set(namespace.to_owned()),
         name: Set(name.to_owned()),
         version: Set(version),
@@ -257,18 +281,14 @@ where
     })
     .exec_with_returning(&tx)
     .await
-    .map_err(Error::from);
-    let tagged = match inserted {
-        Err(e) if e.constraint() == Some("tags_dataset_manifest_fkey") => {
-            return Err(Error::not_found(
-                "manifest linked to the dataset",
-                format!("{hash} ({namespace}/{name})"),
-            ));
-        }
-        other => other?,
-    };
-    update_latest(&tx, namespace, name).await?;
-    tx.commit().await?;
+    .map_err(|e| {
+        Error::from(e).missing_if(
+            "tags_dataset_manifest_fkey",
+            "manifest linked to the dataset",
+            format!("{hash} ({namespace}/{name})"),
+        )
+    })?;
+    commit_moving_latest(tx, namespace, name).await?;
     Ok(tagged)
 }
 
@@ -279,24 +299,14 @@ pub async fn delete_version<C>(db: &C, namespace: &str, name: &str, version: &st
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     let version = parse_version(version)?.to_string();
-    let tx = db.begin().await?;
-    lock_dataset(&tx, namespace, name).await?;
-    let deleted =
-        tags::Entity::delete_by_id((namespace.to_owned(), name.to_owned(), version.clone()))
-            .exec(&tx)
-            .await?;
-    if deleted.rows_affected == 0 {
-        return Err(Error::not_found(
-            "version",
-            format!("{namespace}/{name}@{version}"),
-        ));
-    }
-    update_latest(&tx, namespace, name).await?;
-    tx.commit().await?;
-    Ok(())
+    let delete =
+        tags::Entity::delete_by_id((namespace.to_owned(), name.to_owned(), version.clone()));
+    delete_moving_latest(db, namespace, name, delete, || {
+        Error::not_found("version", format!("{namespace}/{name}@{version}"))
+    })
+    .await
 }
 
 /// Unlinks manifest `hash` from `namespace/name`; its tags (versions, and `dev` if it named it) go
@@ -306,27 +316,20 @@ pub async fn unlink<C>(db: &C, namespace: &str, name: &str, hash: &str) -> Resul
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    validate_dataset_part("namespace", namespace)?;
-    validate_dataset_part("name", name)?;
+    validate_dataset(namespace, name)?;
     validate_hash(hash)?;
-    let tx = db.begin().await?;
-    lock_dataset(&tx, namespace, name).await?;
-    let deleted = dataset_manifests::Entity::delete_by_id((
+    let delete = dataset_manifests::Entity::delete_by_id((
         namespace.to_owned(),
         name.to_owned(),
         hash.to_owned(),
-    ))
-    .exec(&tx)
-    .await?;
-    if deleted.rows_affected == 0 {
-        return Err(Error::not_found(
+    ));
+    delete_moving_latest(db, namespace, name, delete, || {
+        Error::not_found(
             "manifest linked to the dataset",
             format!("{hash} ({namespace}/{name})"),
-        ));
-    }
-    update_latest(&tx, namespace, name).await?;
-    tx.commit().await?;
-    Ok(())
+        )
+    })
+    .await
 }
 
 /// Deletes manifest `hash` (and, by cascade, the physical tables built from it). `Conflict` while
@@ -408,8 +411,7 @@ impl FromStr for Reference {
         let (namespace, name) = dataset
             .split_once('/')
             .ok_or_else(|| invalid("has no '/'"))?;
-        validate_dataset_part("namespace", namespace)?;
-        validate_dataset_part("name", name)?;
+        validate_dataset(namespace, name)?;
         let revision = match revision {
             LATEST => Revision::Latest,
             DEV => Revision::Dev,
@@ -525,11 +527,7 @@ pub async fn list_versions<C>(db: &C, namespace: &str, name: &str) -> Result<Vec
 where
     C: ConnectionTrait,
 {
-    let all = tags::Entity::find()
-        .filter(tags::Column::Namespace.eq(namespace))
-        .filter(tags::Column::Name.eq(name))
-        .all(db)
-        .await?;
+    let all = tags_of(namespace, name).all(db).await?;
     let mut versions: Vec<(semver::Version, tags::Model)> = all
         .into_iter()
         .filter_map(|t| semver::Version::parse(&t.version).ok().map(|v| (v, t)))
@@ -543,9 +541,7 @@ pub async fn list_tags<C>(db: &C, namespace: &str, name: &str) -> Result<Vec<tag
 where
     C: ConnectionTrait,
 {
-    Ok(tags::Entity::find()
-        .filter(tags::Column::Namespace.eq(namespace))
-        .filter(tags::Column::Name.eq(name))
+    Ok(tags_of(namespace, name)
         .order_by_asc(tags::Column::Version)
         .all(db)
         .await?)

@@ -155,6 +155,16 @@ impl Error {
             _ => None,
         }
     }
+
+    /// `NotFound { entity, key }` when this is a violation of foreign key `fkey` (the row it
+    /// points at is missing), else `self`.
+    pub(crate) fn missing_if(self, fkey: &str, entity: &'static str, key: impl ToString) -> Error {
+        if self.constraint() == Some(fkey) {
+            Error::not_found(entity, key)
+        } else {
+            self
+        }
+    }
 }
 
 /// Sorts a database error into `Unavailable`, `ConstraintViolation` or `Db`.

@@ -15,41 +15,17 @@
 use std::time::Duration;
 
 use entity::{file_metadata, gc_manifest, physical_table_revisions as revisions};
-use sea_orm::sea_query::{Expr, ExprTrait, IntoTableRef, LockBehavior, LockType, Query};
+use sea_orm::sea_query::extension::postgres::PgExpr;
+use sea_orm::sea_query::{
+    Expr, ExprTrait, IntoTableRef, LockBehavior, LockType, OnConflict, Query,
+};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Statement, TransactionSession, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QuerySelect, QueryTrait, Statement, TransactionSession, TransactionTrait, Value,
 };
 
-use super::{Error, Result, micros, revisions as revision_ops};
-
-fn validate_file_name(file_name: &str) -> Result<()> {
-    if file_name.is_empty()
-        || file_name == "."
-        || file_name == ".."
-        || file_name.contains(['/', '\\', '\0'])
-    {
-        return Err(Error::InvalidInput(format!(
-            "file name {file_name:?} is invalid: it must be a non-empty path segment"
-        )));
-    }
-    Ok(())
-}
-
-/// `revision_id` is active: true for the rows of `table` (`gc_manifest` or `file_metadata`) whose
-/// revision is some table's active one.
-fn revision_active_sql(table: &str) -> String {
-    format!(
-        "EXISTS (SELECT 1 FROM physical_tables t \
-         WHERE t.active_revision_id = {table}.revision_id)"
-    )
-}
-
-/// `revision_id` is not active: true for the rows of `table` (`gc_manifest` or `file_metadata`)
-/// whose revision no table has as its active one.
-fn revision_inactive(table: &str) -> Expr {
-    Expr::cust(format!("NOT {}", revision_active_sql(table)))
-}
+use super::revisions::{self as revision_ops, is_active};
+use super::{Error, Result, micros, validate_path_segment};
 
 /// Registers file `file_name` of revision `revision_id`, or returns the row already registered
 /// under that name (unchanged, whatever the other arguments say). The revision must be writable:
@@ -71,7 +47,7 @@ pub async fn register<C>(
 where
     C: ConnectionTrait,
 {
-    validate_file_name(file_name)?;
+    validate_path_segment("file name", file_name)?;
     if object_size < 0 {
         return Err(Error::InvalidInput(format!(
             "object size {object_size} of {file_name:?} is negative"
@@ -156,7 +132,10 @@ where
     C: ConnectionTrait,
 {
     Ok(file_metadata::Entity::find()
-        .filter(Expr::cust(revision_active_sql("file_metadata")))
+        .filter(is_active((
+            file_metadata::Entity,
+            file_metadata::Column::RevisionId,
+        )))
         .order_by_asc(file_metadata::Column::RevisionId)
         .order_by_asc(file_metadata::Column::Id)
         .all(db)
@@ -200,21 +179,47 @@ where
         .exec(tx)
         .await?;
     // INSERT ... SELECT ... ON CONFLICT: one statement for all the revision's files, each expiring
-    // with the revision (raw SQL: sea-query has no INSERT ... SELECT with a join and a conflict
-    // clause together).
-    Ok(tx
-        .execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO gc_manifest (file_id, revision_id, file_path, expiration) \
-             SELECT f.id, f.revision_id, r.path || '/' || f.file_name, \
-                 (r.metadata ->> 'gc_expires_at')::timestamptz \
-             FROM file_metadata f JOIN physical_table_revisions r ON r.id = f.revision_id \
-             WHERE f.revision_id = $1 \
-             ON CONFLICT (file_id) DO NOTHING",
-            [Value::from(revision_id)],
-        ))
-        .await?
-        .rows_affected())
+    // with the revision.
+    let file = |c: file_metadata::Column| Expr::col((file_metadata::Entity, c));
+    let revision = |c: revisions::Column| Expr::col((revisions::Entity, c));
+    let files = Query::select()
+        .expr(file(file_metadata::Column::Id))
+        .expr(file(file_metadata::Column::RevisionId))
+        .expr(
+            revision(revisions::Column::Path)
+                .concatenate("/")
+                .concatenate(file(file_metadata::Column::FileName)),
+        )
+        .expr(
+            revision(revisions::Column::Metadata)
+                .cast_json_field("gc_expires_at")
+                .cast_as("timestamptz"),
+        )
+        .from(file_metadata::Entity)
+        .inner_join(
+            revisions::Entity,
+            revision(revisions::Column::Id)
+                .equals((file_metadata::Entity, file_metadata::Column::RevisionId)),
+        )
+        .and_where(file(file_metadata::Column::RevisionId).eq(revision_id))
+        .to_owned();
+    let insert = Query::insert()
+        .into_table(gc_manifest::Entity)
+        .columns([
+            gc_manifest::Column::FileId,
+            gc_manifest::Column::RevisionId,
+            gc_manifest::Column::FilePath,
+            gc_manifest::Column::Expiration,
+        ])
+        .select_from(files)
+        .map_err(|e| Error::Db(DbErr::Custom(e.to_string())))?
+        .on_conflict(
+            OnConflict::column(gc_manifest::Column::FileId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .to_owned();
+    Ok(tx.execute(&insert).await?.rows_affected())
 }
 
 /// Expired gc entries (`expiration <= now()`) of revisions that are not active, soonest expired
@@ -229,7 +234,7 @@ where
     let mut query = gc_manifest::Entity::find()
         .inner_join(revisions::Entity)
         .filter(Expr::col(gc_manifest::Column::Expiration).lte(Expr::current_timestamp()))
-        .filter(revision_inactive("gc_manifest"))
+        .filter(is_active((gc_manifest::Entity, gc_manifest::Column::RevisionId)).not())
         .order_by_asc(gc_manifest::Column::Expiration)
         .order_by_asc(gc_manifest::Column::FileId)
         .limit(limit);
@@ -260,7 +265,7 @@ where
         .to_owned();
     Ok(file_metadata::Entity::delete_many()
         .filter(file_metadata::Column::Id.in_subquery(scheduled))
-        .filter(revision_inactive("file_metadata"))
+        .filter(is_active((file_metadata::Entity, file_metadata::Column::RevisionId)).not())
         .exec(db)
         .await?
         .rows_affected)

@@ -63,3 +63,19 @@ pub(crate) fn validate_dataset_part(what: &str, value: &str) -> Result<()> {
         )))
     }
 }
+
+/// A dataset's namespace and name, each as [`validate_dataset_part`] wants it.
+pub(crate) fn validate_dataset(namespace: &str, name: &str) -> Result<()> {
+    validate_dataset_part("namespace", namespace)?;
+    validate_dataset_part("name", name)
+}
+
+/// File and table names: a non-empty single path segment (no `/`, `\` or NUL, not `.` or `..`).
+pub(crate) fn validate_path_segment(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value == "." || value == ".." || value.contains(['/', '\\', '\0']) {
+        return Err(Error::InvalidInput(format!(
+            "{what} {value:?} is invalid: it must be a non-empty path segment"
+        )));
+    }
+    Ok(())
+}

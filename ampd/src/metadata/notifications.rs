@@ -63,6 +63,16 @@ pub struct JobAction {
     pub action: Action,
 }
 
+impl JobAction {
+    /// The same payload built by the database: SQL for a [`JobAction`]'s JSON text from the SQL
+    /// expressions `node_id`, `job_id` and `action`, for statements that send it themselves.
+    pub(crate) fn sql(node_id: &str, job_id: &str, action: &str) -> String {
+        format!(
+            "json_build_object('node_id', {node_id}, 'job_id', {job_id}, 'action', {action})::text"
+        )
+    }
+}
+
 /// A `revision_changes` payload: `{"physical_table_id": 1, "revision_id": 2}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevisionChange {

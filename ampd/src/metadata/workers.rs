@@ -65,15 +65,7 @@ pub async fn heartbeat<C>(db: &C, node_id: &str) -> Result<()>
 where
     C: ConnectionTrait,
 {
-    let res = workers::Entity::update_many()
-        .col_expr(workers::Column::HeartbeatAt, Expr::current_timestamp())
-        .filter(workers::Column::NodeId.eq(node_id))
-        .exec(db)
-        .await?;
-    if res.rows_affected == 0 {
-        return Err(Error::not_found("worker", node_id));
-    }
-    Ok(())
+    set_heartbeat(db, node_id, Expr::current_timestamp()).await
 }
 
 /// Signs worker `node_id` off as it shuts down: it stops counting as live at once (its
@@ -88,11 +80,16 @@ pub async fn sign_off<C>(db: &C, node_id: &str) -> Result<()>
 where
     C: ConnectionTrait,
 {
+    set_heartbeat(db, node_id, Expr::cust("'epoch'::timestamptz")).await
+}
+
+/// Sets `heartbeat_at` of worker `node_id` to `at`; `NotFound` when it has not registered.
+async fn set_heartbeat<C>(db: &C, node_id: &str, at: Expr) -> Result<()>
+where
+    C: ConnectionTrait,
+{
     let res = workers::Entity::update_many()
-        .col_expr(
-            workers::Column::HeartbeatAt,
-            Expr::cust("'epoch'::timestamptz"),
-        )
+        .col_expr(workers::Column::HeartbeatAt, at)
         .filter(workers::Column::NodeId.eq(node_id))
         .exec(db)
         .await?;

@@ -22,8 +22,9 @@ pub struct MigrationState {
     pub applied_at: Option<DateTime<Utc>>,
     /// `ok`, `mismatch`, `unknown` (applied, but this binary does not have it),
     /// `unknown-algorithm` (recorded by a newer ampd), `unrecorded` (applied without an ampd
-    /// record, e.g. by SeaORM's CLI), or `pending`.
-    pub checksum: &'static str,
+    /// record, e.g. by SeaORM's CLI), or `pending`: a verdict on the checksum, not the checksum.
+    #[serde(rename = "checksum")]
+    pub checksum_state: &'static str,
     /// The algorithm version of the recorded checksum.
     pub checksum_algorithm: Option<i64>,
     /// Time its `up` took, when ampd applied it.
@@ -54,12 +55,12 @@ pub async fn status(
 }
 
 /// An applied migration's entry, its checksum state already decided.
-fn applied(row: &AppliedRow, checksum: &'static str) -> MigrationState {
+fn applied(row: &AppliedRow, checksum_state: &'static str) -> MigrationState {
     MigrationState {
         name: row.version.clone(),
         state: "applied",
         applied_at: row.applied_at(),
-        checksum,
+        checksum_state,
         checksum_algorithm: row.checksum.as_ref().map(|_| row.algorithm),
         duration_ms: row.execution_ms,
         ampd_version: row.ampd_version.clone(),
@@ -93,7 +94,7 @@ fn states(set: &MigrationSet, state: &DbState) -> Vec<MigrationState> {
                     name: m.name().to_owned(),
                     state: "pending",
                     applied_at: None,
-                    checksum: "pending",
+                    checksum_state: "pending",
                     checksum_algorithm: None,
                     duration_ms: None,
                     ampd_version: None,

@@ -122,8 +122,17 @@ fn lost_race(err: &metadata::Error) -> bool {
 /// get a new attempt on a live worker (their previous node when it is live, else the least-loaded
 /// one), or are given up once they have failed `max_attempts` times.
 pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), metadata::Error> {
-    let window = policy.liveness_window;
-    let mut placement = Placement::read(db, window).await?;
+    let mut placement = Placement::read(db, policy.liveness_window).await?;
+    recover_orphans(db, policy.liveness_window, &mut placement).await?;
+    retry_due(db, policy, &mut placement).await
+}
+
+/// The first half of [`reconcile`]: the jobs of lost workers (and unassigned ones).
+async fn recover_orphans(
+    db: &DatabaseConnection,
+    window: Duration,
+    placement: &mut Placement,
+) -> Result<(), metadata::Error> {
     for job in jobs::list_orphaned(db, window).await? {
         let done = match job.job_status() {
             Ok(JobStatus::Running) => jobs::fail_lost(db, &job, window).await,
@@ -148,6 +157,15 @@ pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), m
             Err(e) => return Err(e),
         }
     }
+    Ok(())
+}
+
+/// The second half of [`reconcile`]: ERROR jobs due for a retry, retried or given up.
+async fn retry_due(
+    db: &DatabaseConnection,
+    policy: &Policy,
+    placement: &mut Placement,
+) -> Result<(), metadata::Error> {
     let due = jobs::list_due_for_retry(
         db,
         policy.retry_base_delay,

@@ -139,24 +139,7 @@ pub async fn run(
     let mut slots = Slots::new(db.clone(), settings, max_jobs);
     let every = Duration::from_millis(config.worker.reconcile_interval_ms);
     let lost = follow(&mut slots, &mut listener, &mut heartbeat, every, &shutdown).await;
-
-    // Stopping: everything is handed back within a bounded time.
-    let deadline = Instant::now() + STOP_WITHIN;
-    gc.stop(Duration::from_millis(500)).await;
-    // The heartbeat ended by itself when the node id was lost: there is no claim to release, and
-    // the worker must not sign off a node id another process now runs.
-    let claim = match lost {
-        Some(_) => None,
-        None => {
-            let claim = heartbeat.stop(Duration::from_secs(1)).await;
-            sign_off(&db, &node_id).await;
-            claim.and_then(Result::ok).flatten()
-        }
-    };
-    slots.hand_back(deadline - Duration::from_secs(1)).await;
-    if let Some(claim) = claim {
-        let _ = tokio::time::timeout(Duration::from_secs(1), claim.release()).await;
-    }
+    wind_down(&db, &node_id, gc, heartbeat, slots, lost.is_some()).await;
     match lost {
         Some(e) => {
             tracing::error!(node_id, error = %e, "worker stopped: its node id is no longer its own");
@@ -166,6 +149,33 @@ pub async fn run(
             tracing::info!(node_id, "worker stopped");
             Ok(())
         }
+    }
+}
+
+/// Stops the worker within [`STOP_WITHIN`]: the collector, then the heartbeat and the sign-off
+/// (unless the node id was `lost`), then every job is handed back and the node claim released.
+async fn wind_down(
+    db: &DatabaseConnection,
+    node_id: &str,
+    gc: Background<()>,
+    heartbeat: Background<Result<Option<NodeClaim>, metadata::Error>>,
+    mut slots: Slots,
+    lost: bool,
+) {
+    let deadline = Instant::now() + STOP_WITHIN;
+    gc.stop(Duration::from_millis(500)).await;
+    // The heartbeat ended by itself when the node id was lost: there is no claim to release, and
+    // the worker must not sign off a node id another process now runs.
+    let claim = if lost {
+        None
+    } else {
+        let claim = heartbeat.stop(Duration::from_secs(1)).await;
+        sign_off(db, node_id).await;
+        claim.and_then(Result::ok).flatten()
+    };
+    slots.hand_back(deadline - Duration::from_secs(1)).await;
+    if let Some(claim) = claim {
+        let _ = tokio::time::timeout(Duration::from_secs(1), claim.release()).await;
     }
 }
 
@@ -492,18 +502,7 @@ impl Slots {
                     if let Some((_, old)) = here {
                         old.cancel(Cancel::Drop);
                     }
-                    let detail = jobs::worker_lost(Some(&node_id));
-                    match jobs::mark_error(&self.db, &claim, detail).await {
-                        Ok(_) => tracing::warn!(
-                            job_id = job.id,
-                            attempt = job.attempt,
-                            "a job left running by an earlier process of this node failed as \
-                             worker_lost; the controller retries it"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(job_id = job.id, error = %e, "could not fail a job left running")
-                        }
-                    }
+                    self.fail_left_running(&claim).await;
                 }
                 (Ok(JobStatus::StopRequested | JobStatus::Stopping), Some((true, control))) => {
                     control.cancel(Cancel::Stop)
@@ -512,15 +511,7 @@ impl Slots {
                     if let Some((_, old)) = here {
                         old.cancel(Cancel::Drop);
                     }
-                    match runner::complete_stop(&self.db, &claim).await {
-                        Ok(()) => tracing::info!(
-                            job_id = job.id,
-                            "stopped a job that was not running here"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(job_id = job.id, error = %e, "could not stop a job")
-                        }
-                    }
+                    self.stop_left(&claim).await;
                 }
                 (Ok(_), _) => {}
                 (Err(e), _) => {
@@ -536,6 +527,36 @@ impl Slots {
             );
         }
         Ok(())
+    }
+
+    /// Fails as `worker_lost` a job an earlier process of this node left RUNNING; the controller
+    /// retries it.
+    async fn fail_left_running(&self, claim: &JobClaim) {
+        let detail = jobs::worker_lost(Some(&claim.node_id));
+        match jobs::mark_error(&self.db, claim, detail).await {
+            Ok(_) => tracing::warn!(
+                job_id = claim.job_id,
+                attempt = claim.attempt,
+                "a job left running by an earlier process of this node failed as worker_lost; the \
+                 controller retries it"
+            ),
+            Err(e) => {
+                tracing::warn!(job_id = claim.job_id, error = %e, "could not fail a job left running")
+            }
+        }
+    }
+
+    /// Completes the stop of a job asked to stop that does not run here.
+    async fn stop_left(&self, claim: &JobClaim) {
+        match runner::complete_stop(&self.db, claim).await {
+            Ok(()) => tracing::info!(
+                job_id = claim.job_id,
+                "stopped a job that was not running here"
+            ),
+            Err(e) => {
+                tracing::warn!(job_id = claim.job_id, error = %e, "could not stop a job")
+            }
+        }
     }
 
     /// Hands every running job back (see [`runner`]) and waits for them until `deadline`, then

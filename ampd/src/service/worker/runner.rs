@@ -89,6 +89,31 @@ pub async fn run(
     settle(&db, &settings, &claim, end).await;
 }
 
+/// Marks the job RUNNING; `Some(end)` when it did not start, and how the attempt then ends.
+async fn start_attempt(
+    db: &DatabaseConnection,
+    claim: &JobClaim,
+    control: &Control,
+) -> Option<End> {
+    let running = until_stopped(
+        &control.token,
+        retrying("mark the job running", || jobs::mark_running(db, claim)),
+    )
+    .await;
+    match running {
+        None if control.reason() == Some(Cancel::Stop) => Some(End::Stop),
+        // Not started: it stays SCHEDULED, for the controller to move (shutdown) or because it is
+        // no longer this worker's.
+        None => Some(End::Leave),
+        Some(Err(e)) if e.is_retryable() => {
+            tracing::warn!(error = %e, "could not start the job; trying again at the next reconcile");
+            Some(End::Leave)
+        }
+        Some(Err(e)) => Some(End::Refused(e)),
+        Some(Ok(_)) => None,
+    }
+}
+
 async fn attempt(
     db: &DatabaseConnection,
     settings: &Arc<Settings>,
@@ -96,22 +121,8 @@ async fn attempt(
     claim: &JobClaim,
     control: &Control,
 ) -> End {
-    let running = until_stopped(
-        &control.token,
-        retrying("mark the job running", || jobs::mark_running(db, claim)),
-    )
-    .await;
-    match running {
-        None if control.reason() == Some(Cancel::Stop) => return End::Stop,
-        // Not started: it stays SCHEDULED, for the controller to move (shutdown) or because it is
-        // no longer this worker's.
-        None => return End::Leave,
-        Some(Err(e)) if e.is_retryable() => {
-            tracing::warn!(error = %e, "could not start the job; trying again at the next reconcile");
-            return End::Leave;
-        }
-        Some(Err(e)) => return End::Refused(e),
-        Some(Ok(_)) => {}
+    if let Some(end) = start_attempt(db, claim, control).await {
+        return end;
     }
     let Some(kind) = kinds::find(&job.kind) else {
         return End::Fatal(

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use serde::Serialize;
 
-use super::datasets::{Table, table_view};
+use super::datasets::tables::{Table, table_view};
 use super::{NoFields, OptionalJson, Shared, db};
 use crate::metadata::revisions;
 use crate::service::http::{ApiError, ErrorBody, Json, Path};

@@ -1,0 +1,159 @@
+//! Rows the data-access tests start from, written through `ampd::metadata` where it writes them,
+//! and through the entities where a test needs rows the data-access layer would not write (a
+//! revision activated by hand, a gc entry with an expiration of its own), so that a test reads as
+//! what it checks.
+
+use ampd::metadata::{datasets, jobs, revisions};
+use entity::{
+    dataset_manifests, file_metadata, gc_manifest, physical_table_revisions, physical_tables, tags,
+};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, Set, Statement};
+use serde_json::{Value, json};
+
+/// The job kind of the tests' jobs.
+pub const KIND: &str = "materialize-static";
+
+/// A job descriptor naming dataset `eth/<name>` with manifest hash `a…a`.
+pub fn descriptor(name: &str) -> Value {
+    json!({
+        "namespace": "eth",
+        "name": name,
+        "manifest_hash": "a".repeat(64),
+    })
+}
+
+/// The ids of `jobs`, in order.
+pub fn job_ids(jobs: &[entity::jobs::Model]) -> Vec<i64> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
+/// Schedules one job per entry of `nodes` (on that node, or on none), for tables `t0`, `t1`, ...;
+/// returns their ids in order.
+pub async fn schedule_each(db: &DatabaseConnection, nodes: &[Option<&str>]) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let (job, _) = jobs::schedule(db, KIND, descriptor(&format!("t{i}")), *node)
+            .await
+            .expect("schedule");
+        ids.push(job.id);
+    }
+    ids
+}
+
+/// The job `id`, which must exist.
+pub async fn job(db: &DatabaseConnection, id: i64) -> entity::jobs::Model {
+    jobs::get(db, id).await.expect("get").expect("job exists")
+}
+
+/// Registers a static manifest of `content` and its tables `names` in dataset `eth/mainnet`;
+/// returns the manifest's hash and the tables, in order.
+pub async fn manifest_with_tables(
+    db: &DatabaseConnection,
+    content: &[u8],
+    names: &[&str],
+) -> (String, Vec<physical_tables::Model>) {
+    let hash = datasets::register_manifest(db, "static", content, "m.json")
+        .await
+        .expect("manifest");
+    let mut tables = Vec::with_capacity(names.len());
+    for name in names {
+        tables.push(
+            revisions::register_table(db, "eth", "mainnet", &hash, name)
+                .await
+                .expect("table"),
+        );
+    }
+    (hash, tables)
+}
+
+/// A new revision of `table_id` that no job writes, with empty metadata.
+pub async fn revision(db: &DatabaseConnection, table_id: i64) -> physical_table_revisions::Model {
+    revisions::create_revision(db, table_id, None, json!({}))
+        .await
+        .expect("create revision")
+}
+
+/// The single count `sql` selects.
+pub async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a count")
+}
+
+/// Links manifest `hash` to dataset `namespace/name`, as a row.
+pub async fn insert_link(db: &DatabaseConnection, namespace: &str, name: &str, hash: &str) {
+    dataset_manifests::ActiveModel {
+        namespace: Set(namespace.into()),
+        name: Set(name.into()),
+        hash: Set(hash.into()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("link");
+}
+
+/// Tags manifest `hash` as `version` of `namespace/name`, as a row.
+pub async fn insert_tag(
+    db: &DatabaseConnection,
+    namespace: &str,
+    name: &str,
+    version: &str,
+    hash: &str,
+) {
+    tags::ActiveModel {
+        namespace: Set(namespace.into()),
+        name: Set(name.into()),
+        version: Set(version.into()),
+        hash: Set(hash.into()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("tag");
+}
+
+/// Table `eth/blocks` `blocks` of manifest `hash`, as a row.
+pub async fn insert_blocks_table(db: &DatabaseConnection, hash: &str) -> physical_tables::Model {
+    physical_tables::ActiveModel {
+        dataset_namespace: Set("eth".into()),
+        dataset_name: Set("blocks".into()),
+        manifest_hash: Set(hash.into()),
+        table_name: Set("blocks".into()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("table")
+}
+
+/// Makes `revision_id` the active revision of `table`, behind the data-access layer's back.
+pub async fn set_active(
+    db: &DatabaseConnection,
+    table: physical_tables::Model,
+    revision_id: i64,
+) -> physical_tables::Model {
+    let mut t: physical_tables::ActiveModel = table.into();
+    t.active_revision_id = Set(Some(revision_id));
+    t.update(db).await.expect("activate")
+}
+
+/// A gc entry for `file` at `file_path`, expiring now.
+pub async fn insert_gc_entry(
+    db: &DatabaseConnection,
+    file: &file_metadata::Model,
+    file_path: &str,
+) {
+    gc_manifest::ActiveModel {
+        file_id: Set(file.id),
+        revision_id: Set(file.revision_id),
+        file_path: Set(file_path.into()),
+        expiration: Set(chrono::Utc::now().fixed_offset()),
+    }
+    .insert(db)
+    .await
+    .expect("gc entry");
+}
