@@ -615,7 +615,7 @@ async fn measure_on(
         .iter()
         .zip(steps)
         .map(|(what, v)| Step {
-            what: *what,
+            what,
             max_ms: v.iter().copied().fold(f64::MIN, f64::max),
             median_ms: median(v),
         })
