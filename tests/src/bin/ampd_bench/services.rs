@@ -750,7 +750,14 @@ async fn measure_on(
             }
         }
     }
-    let (rps, floor) = (median(rps), median(floor));
+    // The same load on a route that does no database work: what the HTTP stack and oha itself
+    // leave of the two cores, the ceiling of any route.
+    let health_url = stack.admin_url("/healthz");
+    let mut health = Vec::new();
+    for _ in 0..2 {
+        health.push(oha(tools, &health_url, secs)?.0);
+    }
+    let (rps, floor, health) = (median(rps), median(floor), median(health));
     rows.push(Row {
         what: format!("admin API: `GET /jobs/{{id}}`, {LOAD_CONNECTIONS} connections (oha 1.16.0)"),
         ampd: format!(
@@ -767,6 +774,16 @@ async fn measure_on(
             "two {secs} s runs of each side, interleaved; the query: `{}`",
             get_sql.trim()
         ),
+    });
+    rows.push(Row {
+        what: format!(
+            "admin API: `GET /healthz` (no database work), {LOAD_CONNECTIONS} connections (oha 1.16.0)"
+        ),
+        ampd: format!("{health:.0} req/s"),
+        floor: format!("the same pgbench floor: {floor:.0} tx/s"),
+        ratio: Some(health / floor),
+        goal: None,
+        note: "two runs: the ceiling the HTTP stack and the load generator leave for any route".into(),
     });
     let _ = db.close().await;
     Ok(Services {
@@ -795,6 +812,7 @@ pub fn markdown(s: &Services) -> String {
                     format!("**missed** by {:.0}%", (1.0 - ratio / goal) * 100.0)
                 },
             ),
+            (Some(ratio), None) => (format!("{ratio:.2}"), "—".into(), String::new()),
             _ => ("—".into(), "—".into(), String::new()),
         };
         let _ = writeln!(
