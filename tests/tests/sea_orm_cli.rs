@@ -98,6 +98,9 @@ const COPY_BIN: &str = "ampd-sea-orm-cli-test";
 /// - The `ampd` binary is called [`COPY_BIN`], so that building it does not replace
 ///   `<target>/debug/ampd`, which other tests run.
 ///
+/// The patched crates of `third_party/` are not copied: the copy's `[patch.crates-io]` points at
+/// this workspace's, so they are the same packages and their artifacts are reused too.
+///
 /// Returns the directory the crates are in.
 fn copy_workspace(repo: &Path, copy: &Path) -> PathBuf {
     let crates = copy.join("crates");
@@ -113,6 +116,12 @@ fn copy_workspace(repo: &Path, copy: &Path) -> PathBuf {
             &format!("\"crates/{name}\""),
         );
     }
+    let third_party = repo.join("third_party");
+    manifest = edited(
+        &manifest,
+        "path = \"third_party/",
+        &format!("path = \"{}/", third_party.display()),
+    );
     std::fs::write(copy.join("Cargo.toml"), manifest).expect("write Cargo.toml");
     let ampd_manifest = crates.join("ampd/Cargo.toml");
     let toml = std::fs::read_to_string(&ampd_manifest).expect("read ampd/Cargo.toml");

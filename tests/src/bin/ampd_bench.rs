@@ -1,6 +1,7 @@
 //! `ampd-bench`: `ampd migrate` and the data-access layer measured side by side with their floors
 //! (what `psql` and `pgbench` take for the same work) on fresh databases, in one run. Prints the
-//! medians and ratios and regenerates `BENCHMARKS.md` at the top of the workspace.
+//! medians and ratios and regenerates `BENCHMARKS.md` at the top of the workspace. The services'
+//! work (materializing, serving, the admin API, deploy to first row) is measured in [`services`].
 //!
 //! ```sh
 //! cargo run --release -p tests --features bench --bin ampd-bench [-- --runs 15 --secs 10 --out BENCHMARKS.md]
@@ -25,6 +26,9 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::cluster::{ClusterOptions, PrivateCluster};
 use tests::wire::StatementCounter;
 
+#[path = "ampd_bench/services.rs"]
+mod services;
+
 type Res<T> = Result<T, String>;
 
 /// The line separating the generated part of `BENCHMARKS.md` from the notes kept across runs.
@@ -36,7 +40,7 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
-     [--only fresh|noop|scaling|throughput (repeatable; implies --no-write)]";
+     [--only fresh|noop|scaling|throughput|services (repeatable; implies --no-write)]";
 
 #[derive(Debug)]
 struct Args {
@@ -79,7 +83,9 @@ impl Args {
                 "--no-write" => args.write = false,
                 "--only" => {
                     let part = value("--only")?;
-                    if !["fresh", "noop", "scaling", "throughput"].contains(&part.as_str()) {
+                    if !["fresh", "noop", "scaling", "throughput", "services"]
+                        .contains(&part.as_str())
+                    {
                         return Err(format!("--only {part:?}: unknown part; {USAGE}"));
                     }
                     args.only.push(part);
@@ -875,11 +881,18 @@ async fn pgbench_scripts() -> Res<(String, String)> {
 
 /// pgbench's transactions per second over `secs` (initial connections excluded).
 fn pgbench(ctx: &Ctx<'_>, url: &str, script: &str, secs: u64) -> Res<f64> {
+    pgbench_in(ctx, url, script, secs, "simple")
+}
+
+/// [`pgbench`] with query mode `mode` (`simple`, `extended` or `prepared`).
+fn pgbench_in(ctx: &Ctx<'_>, url: &str, script: &str, secs: u64, mode: &str) -> Res<f64> {
     let path = ctx.tmp.join("script.sql");
     std::fs::write(&path, script).map_err(|e| format!("write pgbench script: {e}"))?;
     let mut cmd = Command::new(ctx.bindir.join("pgbench"));
     cmd.args([
         "-n",
+        "-M",
+        mode,
         "-c",
         &CONCURRENCY.to_string(),
         "-j",
@@ -918,6 +931,12 @@ fn pgbench(ctx: &Ctx<'_>, url: &str, script: &str, secs: u64) -> Res<f64> {
         .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("no tps in pgbench's output: {stdout}"))
+}
+
+/// The heartbeat script in a form pgbench can prepare: the worker's id as a parameter
+/// (`'w' || :w::text`) instead of inside a literal, which pgbench cannot bind.
+fn prepared_heartbeat(script: &str) -> String {
+    script.replace("'w:w'", "'w' || :w::text")
 }
 
 /// A small, fast, per-task random number generator (xorshift), for picking workers.
@@ -1045,6 +1064,10 @@ async fn throughput(
     ] {
         // Two rounds in the order ampd, pgbench, pgbench, ampd; a new database for each run.
         let (mut ampd, mut floor) = (Vec::new(), Vec::new());
+        // Heartbeats only: pgbench with ampd's protocol (prepared statements), without and with
+        // the round trip sqlx's pool makes when a connection is released (Sync → ReadyForQuery).
+        let (mut prepared, mut checked) = (Vec::new(), Vec::new());
+        let heartbeat = workload == Workload::Heartbeat;
         for round in 0..2 {
             for side in 0..2 {
                 let (name, url) = throughput_db(ctx, &mut dbs).await?;
@@ -1052,6 +1075,12 @@ async fn throughput(
                     ampd.push(ampd_rate(&url, workload, secs).await?);
                 } else {
                     floor.push(pgbench(ctx, &url, script, secs)?);
+                    if heartbeat {
+                        let script = prepared_heartbeat(script);
+                        prepared.push(pgbench_in(ctx, &url, &script, secs, "prepared")?);
+                        let script = format!("{script}\\startpipeline\n\\endpipeline\n");
+                        checked.push(pgbench_in(ctx, &url, &script, secs, "prepared")?);
+                    }
                 }
                 dbs.drop(&name).await?;
             }
@@ -1061,6 +1090,8 @@ async fn throughput(
             unit,
             ampd_per_sec: median(ampd),
             pgbench_per_sec: median(floor),
+            prepared_per_sec: heartbeat.then(|| median(prepared)),
+            checked_per_sec: heartbeat.then(|| median(checked)),
         });
     }
     Ok((out, cycle_script, heartbeat_script))
@@ -1166,6 +1197,7 @@ struct Report {
     scaling_transport: String,
     throughput: Vec<Throughput>,
     throughput_note: String,
+    services: Option<services::Services>,
     elapsed: Duration,
 }
 
@@ -1175,6 +1207,10 @@ struct Throughput {
     unit: &'static str,
     ampd_per_sec: f64,
     pgbench_per_sec: f64,
+    /// Heartbeats: pgbench with prepared statements (`-M prepared`), ampd's protocol.
+    prepared_per_sec: Option<f64>,
+    /// ... and the pool's release check (an empty pipeline) after every heartbeat.
+    checked_per_sec: Option<f64>,
 }
 
 impl Report {
@@ -1336,6 +1372,48 @@ impl Report {
                     t.what, t.ampd_per_sec, t.unit, t.pgbench_per_sec, t.unit, ratio, verdict
                 );
             }
+            let split: Vec<&Throughput> = self
+                .throughput
+                .iter()
+                .filter(|t| t.prepared_per_sec.is_some())
+                .collect();
+            if !split.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\nWhere the heartbeats' time goes: pgbench again, in the same rounds, with ampd's \
+                     protocol (`-M prepared`: Bind/Execute/Sync of a prepared statement, the worker's id \
+                     bound as `'w' || $1::text`), then with, after every heartbeat, the one round trip \
+                     sqlx's pool makes when a connection goes back to it (its release check, `Sync` → \
+                     `ReadyForQuery`; here an empty `\\startpipeline`/`\\endpipeline`).\n"
+                );
+                let _ = writeln!(md, "| floor | rate | ampd's ratio to it |");
+                let _ = writeln!(md, "|---|---|---|");
+                for t in split {
+                    for (label, rate) in [
+                        (
+                            "pgbench, simple protocol (the goal's floor)",
+                            Some(t.pgbench_per_sec),
+                        ),
+                        ("pgbench -M prepared", t.prepared_per_sec),
+                        (
+                            "pgbench -M prepared + the release check's round trip",
+                            t.checked_per_sec,
+                        ),
+                    ] {
+                        if let Some(rate) = rate {
+                            let _ = writeln!(
+                                md,
+                                "| {label} | {rate:.0} {}/s | {:.2} |",
+                                t.unit,
+                                t.ampd_per_sec / rate
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = &self.services {
+            md.push_str(&services::markdown(s));
         }
         md
     }
@@ -1410,6 +1488,12 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         (throughput, cycle_script, heartbeat_script) =
             self::throughput(&ctx, first, args.secs).await?;
     }
+    let mut services = None;
+    if args.wants("services") {
+        let tools = services::tools()?;
+        eprintln!("the services' work ...");
+        services = Some(services::measure(&ctx, first, &tools, args.secs).await?);
+    }
     let throughput_note = format!(
         "{CONCURRENCY} tokio tasks sharing one ampd pool of {CONCURRENCY} connections (`ampd::db::connect`, \
          a runtime of 2 worker threads like ampd's), each calling the data-access functions in a loop, \
@@ -1431,6 +1515,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         scaling_transport: first.label.clone(),
         throughput,
         throughput_note,
+        services,
         elapsed: started.elapsed(),
     })
 }

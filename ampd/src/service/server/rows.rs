@@ -23,7 +23,7 @@ use super::view::Active;
 use crate::manifest::{Column, is_plain_relative};
 
 /// Bytes read from a file, and the size of a CSV chunk, at a time.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Why a revision's files could not be opened.
 #[derive(Debug, thiserror::Error)]
