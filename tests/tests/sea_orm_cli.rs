@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::TestDb;
-use tests::cli::{self, TempDir, config_toml};
+use tests::cli::{self, TempDir};
 
 /// The root of this workspace.
 fn repo() -> &'static Path {
@@ -180,7 +180,7 @@ async fn scalar<T: sea_orm::TryGetable>(db: &DatabaseConnection, sql: &str) -> T
 
 /// Migrates `db` to head with the real `ampd`, as an operator would.
 async fn migrate_to_head_with_ampd(db: &TestDb, dir: &TempDir) -> PathBuf {
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     let applied = format!("applied {} migrations in", migration::CHECKSUMS.len());

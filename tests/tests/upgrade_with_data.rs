@@ -3,7 +3,6 @@
 //!
 //! Data-changing migrations so far: `m20261101_000007_backfill_jobs_idempotency_key`.
 
-use ampd::config::Config;
 use ampd::migrate::{self, MigrationSet};
 use entity::{file_metadata, job_events, jobs, manifest_files, physical_table_revisions, workers};
 use migration::MigratorTrait;
@@ -204,13 +203,7 @@ async fn fill(db: &DatabaseConnection) -> Vec<i64> {
 #[tokio::test]
 async fn backfill_of_idempotency_keys_keeps_every_row_and_keys_every_job() {
     let db = TestDb::empty().await;
-    let config = Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &tests::cli::config_toml(db.url(), ""),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config")
-    .metadata_db;
+    let config = tests::metadata_config(db.url());
 
     let report = migrate::migrate(&config, &migrations_up_to(BEFORE_BACKFILL))
         .await
