@@ -9,20 +9,10 @@ use ampd::metadata::notifications::{
     self, Action, JOB_ACTIONS, JobAction, LISTENER_APPLICATION_NAME, Listener, Notification,
     PayloadError, REVISION_CHANGES, RevisionChange,
 };
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
-use tests::TestDb;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use tests::{TestDb, sql};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn raw_notify(db: &DatabaseConnection, channel: &str, payload: &str) {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_notify($1, $2)",
-        [channel.into(), payload.into()],
-    ))
-    .await
-    .expect("pg_notify");
-}
 
 fn start(job_id: i64) -> JobAction {
     JobAction {
@@ -33,10 +23,7 @@ fn start(job_id: i64) -> JobAction {
 }
 
 async fn recv(listener: &mut Listener) -> Notification {
-    tokio::time::timeout(WAIT, listener.recv())
-        .await
-        .expect("a notification in time")
-        .expect("recv")
+    sql::next_notification(listener, "a notification in time").await
 }
 
 /// Collects what `tracing` writes while it is the default subscriber.
@@ -171,9 +158,9 @@ async fn malformed_and_oversized_payloads_are_skipped_with_a_warning() {
         (JOB_ACTIONS, oversized),
     ];
     for (channel, payload) in &bad {
-        raw_notify(&conn, channel, payload).await;
+        sql::notify(&conn, channel, payload).await;
     }
-    raw_notify(
+    sql::notify(
         &conn,
         JOB_ACTIONS,
         r#"{"node_id": "w1", "job_id": 42, "action": "START"}"#,

@@ -134,12 +134,7 @@ impl Setup {
 
     /// The event types of job `id`, oldest first.
     async fn events(&self, id: i64) -> Vec<String> {
-        jobs::list_events(&self.conn, id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.event_type)
-            .collect()
+        tests::rows::event_types(&self.conn, id).await
     }
 
     /// The physical table `table` of dataset `ns/name`.
