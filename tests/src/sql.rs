@@ -61,3 +61,23 @@ pub async fn next_notification(listener: &mut Listener, what: &str) -> Notificat
         .unwrap_or_else(|_| panic!("{what}: nothing within 10 s"))
         .expect("recv")
 }
+
+/// The pid of a session of `db`'s database that waits for a lock, once there is one: evidence that
+/// a statement started elsewhere has reached what an open transaction holds. Panics with `what`
+/// when none waits within `within`.
+pub async fn lock_waiter(db: &DatabaseConnection, what: &str, within: Duration) -> i32 {
+    let started = std::time::Instant::now();
+    loop {
+        let waiting = optional::<i32>(
+            db,
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await;
+        if let Some(pid) = waiting {
+            return pid;
+        }
+        assert!(started.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -877,17 +877,11 @@ async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() 
 /// Waits until a backend of this test's database is waiting for a lock (the spawned statement has
 /// reached the row the open transaction holds).
 async fn blocked_on_a_lock(conn: &DatabaseConnection) {
-    tests::services::eventually("a statement waits for a lock", || async {
-        let row = conn
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ))
-            .await
-            .unwrap()
-            .expect("a row");
-        row.try_get::<i64>("", "n").unwrap() > 0
-    })
+    let within = Duration::from_secs(30);
+    tests::sql::lock_waiter(
+        conn,
+        "a statement waits for a lock: not within 30 s",
+        within,
+    )
     .await;
 }

@@ -9,7 +9,7 @@ use ampd::metadata::notifications::{
     self, Action, JOB_ACTIONS, JobAction, LISTENER_APPLICATION_NAME, Listener, Notification,
     PayloadError, REVISION_CHANGES, RevisionChange,
 };
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use sea_orm::ConnectionTrait;
 use tests::{TestDb, sql};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -187,18 +187,15 @@ async fn the_listener_reports_a_reconnect_after_its_backend_is_terminated() {
     let conn = db.connect().await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
     let pid = listener.backend_pid().await.expect("pid");
-    let row = conn
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!(
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
-            ),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(row.try_get::<i64>("", "n").unwrap(), 1, "named connection");
+    let named = sql::count(
+        &conn,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
+        ),
+    )
+    .await;
+    assert_eq!(named, 1, "named connection");
 
     conn.execute_unprepared(&format!("SELECT pg_terminate_backend({pid})"))
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ampd::migrate::{self, MigrationSet};
 use migration::{Algorithm, MigratorTrait};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use tests::TestDb;
 use tests::cli::{self, TempDir};
 
@@ -281,12 +281,10 @@ async fn migrations_applied_by_seaorms_cli_are_marked_when_ampd_records_them() {
     }
     let human = cli::ampd_with_config(&config, &["migrate", "status"]).await;
     assert!(human.stdout.contains("outside ampd"), "{}", human.stdout);
-    let not_adopted = conn
-        .query_all_raw(Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT version FROM ampd_migrations WHERE NOT adopted",
-        ))
-        .await
-        .expect("query");
+    let not_adopted: Vec<String> = tests::sql::column(
+        &conn,
+        "SELECT version FROM ampd_migrations WHERE NOT adopted",
+    )
+    .await;
     assert!(not_adopted.is_empty(), "every row is marked adopted");
 }

@@ -130,16 +130,7 @@ async fn a_closed_stdout_after_success_does_not_turn_it_into_a_failure() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
     let conn = db.connect().await;
-    let applied: i64 = conn
-        .query_one_raw(sea_orm::Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT count(*) FROM seaql_migrations",
-        ))
-        .await
-        .expect("count")
-        .expect("row")
-        .try_get_by_index(0)
-        .expect("integer");
+    let applied = tests::sql::count(&conn, "SELECT count(*) FROM seaql_migrations").await;
     assert_eq!(applied, 8);
 }
 

@@ -118,15 +118,7 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
          AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
         .to_owned();
     eventually("the worker asks for the migration lock", || async {
-        let row = conn
-            .query_one_raw(Statement::from_string(
-                conn.get_database_backend(),
-                waiting.clone(),
-            ))
-            .await
-            .expect("read pg_locks")
-            .expect("a row");
-        row.try_get_by_index::<i64>(0).expect("a count") > 0
+        tests::sql::count(&conn, &waiting).await > 0
     })
     .await;
     let stderr = terminate(child).await;

@@ -6,9 +6,7 @@
 use ampd::migrate::{self, MigrationSet};
 use entity::{file_metadata, job_events, jobs, manifest_files, physical_table_revisions, workers};
 use migration::MigratorTrait;
-use sea_orm::{
-    ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, NotSet, Set, Statement,
-};
+use sea_orm::{ActiveModelTrait, DatabaseConnection, EntityTrait, NotSet, Set};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::TestDb;
@@ -48,13 +46,10 @@ async fn all_rows(db: &DatabaseConnection) -> Vec<(String, Vec<Value>)> {
     let mut out = Vec::new();
     for (table, order) in tables {
         let sql = format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY {order}");
-        let rows = db
-            .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+        let rows: Vec<Value> = tests::sql::column::<String>(db, &sql)
             .await
-            .expect("read rows");
-        let rows: Vec<Value> = rows
             .iter()
-            .map(|r| serde_json::from_str(&r.try_get_by_index::<String>(0).unwrap()).unwrap())
+            .map(|text| serde_json::from_str(text).unwrap())
             .collect();
         out.push((table.to_owned(), rows));
     }
