@@ -184,6 +184,12 @@ impl TempDir {
         path
     }
 
+    /// Writes `config.toml` for `url` with extra `[metadata_db]` lines `extra` ([`config_toml`])
+    /// and returns its path.
+    pub fn config(&self, url: &str, extra: &str) -> PathBuf {
+        self.file("config.toml", &config_toml(url, extra))
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.0
@@ -248,4 +254,50 @@ pub async fn ampd_with_config(config: &Path, args: &[&str]) -> Output {
     let mut all = vec!["--config", config.to_str().expect("utf-8 path")];
     all.extend_from_slice(args);
     run(ampd(), &all, &[], Duration::from_secs(60)).await
+}
+
+/// `n` runs of `ampd --config <config> <args...>` at once: their outputs, in the order they were
+/// started, and the wall time until the last one finished.
+pub async fn ampd_concurrently(config: &Path, args: &[&str], n: usize) -> (Vec<Output>, Duration) {
+    let started = Instant::now();
+    let runs: Vec<_> = (0..n)
+        .map(|_| {
+            let config = config.to_owned();
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            tokio::spawn(async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ampd_with_config(&config, &args).await
+            })
+        })
+        .collect();
+    let mut outputs = Vec::with_capacity(n);
+    for run in runs {
+        outputs.push(run.await.expect("task"));
+    }
+    (outputs, started.elapsed())
+}
+
+/// `bin --config <config> <args...>` ready to spawn: no stdin, stdout and stderr piped, no
+/// inherited `RUST_LOG`, killed when dropped.
+pub fn command(bin: &Path, config: &Path, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A new database migrated to head by the real `ampd`, and its config file `config.toml` in `dir`
+/// (`extra`: more `[metadata_db]` lines).
+pub async fn database_at_head(dir: &TempDir, extra: &str) -> (crate::TestDb, PathBuf) {
+    let db = crate::TestDb::empty().await;
+    let config = dir.config(db.url(), extra);
+    let out = ampd_with_config(&config, &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    (db, config)
 }

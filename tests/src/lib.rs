@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod pgbouncer;
 pub mod rows;
 pub mod services;
+pub mod sql;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,7 +140,12 @@ impl Drop for TestDb {
 
 /// ampd's `[metadata_db]` configuration for `url`, everything else at its default.
 pub fn metadata_config(url: &str) -> ampd::config::MetadataDbConfig {
-    let text = format!("[metadata_db]\nurl = {url:?}\n");
+    metadata_config_with(url, "")
+}
+
+/// ampd's `[metadata_db]` configuration for `url` with the extra `[metadata_db]` lines `extra`.
+pub fn metadata_config_with(url: &str, extra: &str) -> ampd::config::MetadataDbConfig {
+    let text = cli::config_toml(url, extra);
     ampd::config::Config::from_parts(std::path::Path::new("test.toml"), &text, Vec::new())
         .unwrap_or_else(|e| panic!("config for {url}: {e}"))
         .metadata_db
@@ -292,4 +298,23 @@ pub fn schema_head() -> String {
 /// Applies every migration with SeaORM's own migrator.
 pub async fn migrate_to_head(db: &DatabaseConnection) -> Result<(), DbErr> {
     Migrator::up(db, None).await
+}
+
+/// A small deterministic generator (xorshift64), so a failure can be replayed from its seed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next number of the sequence.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next number of the sequence, below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
 }

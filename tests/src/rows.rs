@@ -7,7 +7,7 @@ use ampd::metadata::{datasets, jobs, revisions};
 use entity::{
     dataset_manifests, file_metadata, gc_manifest, physical_table_revisions, physical_tables, tags,
 };
-use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, Set, Statement};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, Set};
 use serde_json::{Value, json};
 
 /// The job kind of the tests' jobs.
@@ -27,15 +27,24 @@ pub fn job_ids(jobs: &[entity::jobs::Model]) -> Vec<i64> {
     jobs.iter().map(|j| j.id).collect()
 }
 
+/// A job of [`KIND`] for table `eth/<name>` ([`descriptor`]), scheduled on `node` or on none.
+pub async fn scheduled<C: ConnectionTrait>(
+    db: &C,
+    name: &str,
+    node: Option<&str>,
+) -> entity::jobs::Model {
+    let (job, _) = jobs::schedule(db, KIND, descriptor(name), node)
+        .await
+        .expect("schedule");
+    job
+}
+
 /// Schedules one job per entry of `nodes` (on that node, or on none), for tables `t0`, `t1`, ...;
 /// returns their ids in order.
 pub async fn schedule_each(db: &DatabaseConnection, nodes: &[Option<&str>]) -> Vec<i64> {
     let mut ids = Vec::with_capacity(nodes.len());
     for (i, node) in nodes.iter().enumerate() {
-        let (job, _) = jobs::schedule(db, KIND, descriptor(&format!("t{i}")), *node)
-            .await
-            .expect("schedule");
-        ids.push(job.id);
+        ids.push(scheduled(db, &format!("t{i}"), *node).await.id);
     }
     ids
 }
@@ -43,6 +52,16 @@ pub async fn schedule_each(db: &DatabaseConnection, nodes: &[Option<&str>]) -> V
 /// The job `id`, which must exist.
 pub async fn job(db: &DatabaseConnection, id: i64) -> entity::jobs::Model {
     jobs::get(db, id).await.expect("get").expect("job exists")
+}
+
+/// The event types of job `id`, oldest first.
+pub async fn event_types(db: &DatabaseConnection, id: i64) -> Vec<String> {
+    jobs::list_events(db, id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect()
 }
 
 /// Registers a static manifest of `content` and its tables `names` in dataset `eth/mainnet`;
@@ -71,16 +90,6 @@ pub async fn revision(db: &DatabaseConnection, table_id: i64) -> physical_table_
     revisions::create_revision(db, table_id, None, json!({}))
         .await
         .expect("create revision")
-}
-
-/// The single count `sql` selects.
-pub async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("a count")
 }
 
 /// Links manifest `hash` to dataset `namespace/name`, as a row.

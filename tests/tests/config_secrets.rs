@@ -34,7 +34,7 @@ async fn query_secrets_never_appear_in_any_output_at_info_or_trace() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
     let url = with_secret_params(db.url());
-    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let config = dir.config(&url, "");
     let unreachable = dir.file(
         "unreachable.toml",
         &config_toml(

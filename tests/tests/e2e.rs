@@ -1336,17 +1336,7 @@ async fn services_started_together_on_an_empty_database_migrate_it_once_and_come
     let count = |table: &str| {
         let sql = format!("SELECT count(*) FROM {table}");
         let conn = &conn;
-        async move {
-            let row = conn
-                .query_one_raw(sea_orm::Statement::from_string(
-                    conn.get_database_backend(),
-                    sql,
-                ))
-                .await
-                .expect("count")
-                .expect("a row");
-            row.try_get_by_index::<i64>(0).expect("a count") as usize
-        }
+        async move { tests::sql::count(conn, &sql).await as usize }
     };
     let migrations = tests::schema_migration_count();
     assert_eq!(count("seaql_migrations").await, migrations);

@@ -12,7 +12,7 @@ use entity::{JobStatus, physical_tables};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 use tests::TestDb;
-use tests::rows::{self, KIND, descriptor, job};
+use tests::rows::{self, job};
 
 const GRACE: Duration = Duration::from_secs(3600);
 
@@ -69,9 +69,7 @@ async fn a_zombie_workers_late_actions_are_refused_and_the_job_completes_on_its_
     let test_db = TestDb::migrated().await;
     let db = test_db.connect().await;
     let table = setup(&db).await;
-    let (scheduled, _) = jobs::schedule(&db, KIND, descriptor("mainnet"), Some("a"))
-        .await
-        .unwrap();
+    let scheduled = rows::scheduled(&db, "mainnet", Some("a")).await;
     let claim_a = JobClaim::of(&scheduled).unwrap();
     jobs::mark_running(&db, &claim_a).await.expect("A runs");
     let rev_a = output(&db, table.id, &claim_a).await;
@@ -203,9 +201,7 @@ async fn eight_concurrent_controllers_give_each_of_100_orphaned_jobs_exactly_one
     setup(&db).await;
     let mut ids = Vec::new();
     for i in 0..100 {
-        let (j, _) = jobs::schedule(&db, KIND, descriptor(&format!("t{i}")), Some("a"))
-            .await
-            .unwrap();
+        let j = rows::scheduled(&db, &format!("t{i}"), Some("a")).await;
         jobs::mark_running(&db, &JobClaim::of(&j).unwrap())
             .await
             .unwrap();
@@ -246,12 +242,7 @@ async fn eight_concurrent_controllers_give_each_of_100_orphaned_jobs_exactly_one
             ("SCHEDULED", Some("b"), 2),
             "job {id}"
         );
-        let types: Vec<String> = jobs::list_events(&db, id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.event_type)
-            .collect();
+        let types = rows::event_types(&db, id).await;
         assert_eq!(
             types,
             ["SCHEDULED", "RUNNING", "ERROR", "SCHEDULED"],
@@ -266,9 +257,7 @@ async fn racing_completions_leave_exactly_one_active_revision_that_of_the_winner
     let db = tests::connect(test_db.url(), 6).await;
     let table = setup(&db).await;
     for round in 0..10 {
-        let (j, _) = jobs::schedule(&db, KIND, descriptor(&format!("r{round}")), Some("a"))
-            .await
-            .unwrap();
+        let j = rows::scheduled(&db, &format!("r{round}"), Some("a")).await;
         let claim_1 = JobClaim::of(&j).unwrap();
         jobs::mark_running(&db, &claim_1).await.unwrap();
         let stale = output(&db, table.id, &claim_1).await;
@@ -330,9 +319,7 @@ async fn a_stop_of_a_lost_worker_completes_without_it_and_says_so() {
     let test_db = TestDb::migrated().await;
     let db = test_db.connect().await;
     setup(&db).await;
-    let (j, _) = jobs::schedule(&db, KIND, descriptor("s"), Some("a"))
-        .await
-        .unwrap();
+    let j = rows::scheduled(&db, "s", Some("a")).await;
     jobs::mark_running(&db, &JobClaim::of(&j).unwrap())
         .await
         .unwrap();
@@ -369,9 +356,7 @@ async fn a_job_that_used_up_its_attempts_is_given_up_as_fatal_without_a_new_atte
     let db = test_db.connect().await;
     setup(&db).await;
     workers::heartbeat(&db, "b").await.unwrap();
-    let (j, _) = jobs::schedule(&db, KIND, descriptor("g"), Some("b"))
-        .await
-        .unwrap();
+    let j = rows::scheduled(&db, "g", Some("b")).await;
     let mut policy = policy();
     policy.max_attempts = 2;
     policy.retry_base_delay = Duration::ZERO;
@@ -397,12 +382,7 @@ async fn a_job_that_used_up_its_attempts_is_given_up_as_fatal_without_a_new_atte
         given_up.detail,
         Some(json!({"reason": "max_attempts", "attempts": 2, "last_error": {"error": "boom 2"}}))
     );
-    let types: Vec<String> = jobs::list_events(&db, j.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
+    let types = rows::event_types(&db, j.id).await;
     assert_eq!(
         types,
         [

@@ -122,25 +122,7 @@ async fn a_call_whose_backend_is_terminated_is_retryable_and_the_next_call_works
         tokio::spawn(async move { jobs::request_stop(&db, a).await })
     };
     // The call's backend, found by what it waits for, in this database only.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let pid = loop {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                "SELECT pid FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ))
-            .await
-            .unwrap();
-        if let Some(row) = row {
-            break row.try_get::<i32>("", "pid").unwrap();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the call never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = tests::sql::lock_waiter(&db, "the call never waited", Duration::from_secs(20)).await;
     db.execute_unprepared(&format!("SELECT pg_terminate_backend({pid})"))
         .await
         .unwrap();

@@ -244,26 +244,7 @@ async fn an_activation_waits_for_a_collector_holding_the_revision_and_then_refus
         tokio::spawn(async move { revisions::activate(&db, t, old.id, HOUR).await })
     };
     // Evidence that it waits: a session of this database waiting for a lock.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        if row.try_get::<i64>("", "n").unwrap() > 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the activation never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::sql::lock_waiter(&db, "the activation never waited", Duration::from_secs(20)).await;
     assert!(!activation.is_finished());
     let ids: Vec<i64> = expired.iter().map(|e| e.file_id).collect();
     files::forget(&collector, &ids).await.unwrap();

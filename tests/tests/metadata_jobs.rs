@@ -14,7 +14,8 @@ use sea_orm::{
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tests::TestDb;
-use tests::rows::{KIND, descriptor, job, job_ids, schedule_each};
+use tests::rows::{KIND, descriptor, job, job_ids, schedule_each, scheduled};
+use tests::sql::next_notification;
 
 async fn exec(db: &DatabaseConnection, sql: &str, values: Vec<Value>) {
     db.execute_raw(Statement::from_sql_and_values(
@@ -120,9 +121,7 @@ async fn setup() -> (TestDb, DatabaseConnection) {
 /// A job in status `from`, one per (from, to) pair so that every case starts afresh.
 async fn job_in(db: &DatabaseConnection, from: JobStatus, to: JobStatus) -> job_rows::Model {
     let name = format!("{}_{}", from.as_str(), to.as_str()).to_lowercase();
-    let (job, _) = jobs::schedule(db, KIND, descriptor(&name), Some("w1"))
-        .await
-        .expect("schedule");
+    let job = scheduled(db, &name, Some("w1")).await;
     force_status(db, job.id, from).await;
     self::job(db, job.id).await
 }
@@ -258,9 +257,7 @@ async fn transitions_of_a_missing_job_are_not_found() {
 async fn mark_running_with_a_claim_of_another_node_or_attempt_is_fenced_and_changes_nothing() {
     let (_db, conn) = setup().await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&conn, "blocks", Some("w1")).await;
     let events_before = events(&conn, job.id).await;
     let foreign = [
         ("w2", job.attempt),
@@ -318,9 +315,7 @@ async fn schedule_creates_a_scheduled_job_at_attempt_one_keyed_by_its_target() {
 #[tokio::test]
 async fn schedule_with_the_same_descriptor_while_active_returns_the_same_job() {
     let (_db, conn) = setup().await;
-    let (first, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
-        .await
-        .unwrap();
+    let first = scheduled(&conn, "blocks", None).await;
     for status in [
         JobStatus::Scheduled,
         JobStatus::Running,
@@ -342,9 +337,7 @@ async fn schedule_with_the_same_descriptor_while_active_returns_the_same_job() {
 #[tokio::test]
 async fn schedule_with_another_descriptor_while_active_is_a_conflict() {
     let (_db, conn) = setup().await;
-    let (first, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
-        .await
-        .unwrap();
+    let first = scheduled(&conn, "blocks", None).await;
     let mut other = descriptor("blocks");
     other["options"] = json!({"parallelism": 4});
 
@@ -359,9 +352,7 @@ async fn schedule_with_another_descriptor_while_active_is_a_conflict() {
 #[tokio::test]
 async fn schedule_after_a_stopped_or_failed_run_reschedules_with_the_next_attempt() {
     let (_db, conn) = setup().await;
-    let (first, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
-        .await
-        .unwrap();
+    let first = scheduled(&conn, "blocks", None).await;
     let mut attempt = first.attempt;
     for terminal in [JobStatus::Error, JobStatus::Stopped, JobStatus::Fatal] {
         force_status(&conn, first.id, terminal).await;
@@ -390,9 +381,7 @@ async fn schedule_after_a_stopped_or_failed_run_reschedules_with_the_next_attemp
 #[tokio::test]
 async fn schedule_of_a_completed_jobs_key_returns_it_and_never_runs_it_again() {
     let (_db, conn) = setup().await;
-    let (first, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
-        .await
-        .unwrap();
+    let first = scheduled(&conn, "blocks", None).await;
     force_status(&conn, first.id, JobStatus::Completed).await;
 
     let (again, outcome) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
@@ -461,9 +450,7 @@ async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
     let tx = conn.begin().await.unwrap();
-    let (job, _) = jobs::schedule(&tx, KIND, descriptor("blocks"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&tx, "blocks", Some("w1")).await;
     // A marker committed after the uncommitted START: notifications arrive in commit order, so
     // the listener must see the marker first if nothing leaked before the commit.
     let marker = JobAction {
@@ -474,10 +461,7 @@ async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
     notifications::notify_job_action(&conn, &marker)
         .await
         .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("marker delivered")
-        .expect("recv");
+    let first = next_notification(&mut listener, "marker delivered").await;
     assert_eq!(
         first,
         Notification::JobAction(marker),
@@ -485,10 +469,7 @@ async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
     );
     tx.commit().await.unwrap();
 
-    let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("delivered")
-        .expect("recv");
+    let got = next_notification(&mut listener, "delivered").await;
     assert_eq!(
         got,
         Notification::JobAction(JobAction {
@@ -534,18 +515,13 @@ async fn schedule_to_an_unregistered_node_is_not_found() {
 #[tokio::test]
 async fn request_stop_of_an_assigned_job_sends_stop_to_its_node() {
     let (db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&conn, "blocks", Some("w1")).await;
     start(&conn, job.id).await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
     jobs::request_stop(&conn, job.id).await.unwrap();
 
-    let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("delivered")
-        .expect("recv");
+    let got = next_notification(&mut listener, "delivered").await;
     assert_eq!(
         got,
         Notification::JobAction(JobAction {
@@ -604,24 +580,14 @@ async fn list_active_for_node_lists_only_that_nodes_unfinished_jobs() {
 async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state_machine() {
     let (db, conn) = setup().await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
-    let (dead_running, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
-        .await
-        .unwrap();
+    let dead_running = scheduled(&conn, "a", Some("w1")).await;
     start(&conn, dead_running.id).await;
-    let (unassigned, _) = jobs::schedule(&conn, KIND, descriptor("b"), None)
-        .await
-        .unwrap();
-    let (live, _) = jobs::schedule(&conn, KIND, descriptor("c"), Some("w2"))
-        .await
-        .unwrap();
-    let (done, _) = jobs::schedule(&conn, KIND, descriptor("d"), Some("w1"))
-        .await
-        .unwrap();
+    let unassigned = scheduled(&conn, "b", None).await;
+    let live = scheduled(&conn, "c", Some("w2")).await;
+    let done = scheduled(&conn, "d", Some("w1")).await;
     start(&conn, done.id).await;
     complete(&conn, done.id).await;
-    let (dead_scheduled, _) = jobs::schedule(&conn, KIND, descriptor("e"), Some("w1"))
-        .await
-        .unwrap();
+    let dead_scheduled = scheduled(&conn, "e", Some("w1")).await;
     // w1 last beat a minute ago; w2 just now.
     exec(
         &conn,
@@ -659,10 +625,7 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state
     assert_eq!(moved.node_id.as_deref(), Some("w2"));
     assert_eq!(moved.status, "SCHEDULED");
     assert_eq!(moved.attempt, dead_scheduled.attempt);
-    let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("delivered")
-        .expect("recv");
+    let got = next_notification(&mut listener, "delivered").await;
     assert_eq!(
         got,
         Notification::JobAction(JobAction {
@@ -687,9 +650,7 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state
 #[tokio::test]
 async fn fail_lost_of_a_job_whose_worker_is_alive_is_refused() {
     let (_db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&conn, "a", Some("w1")).await;
     let running = start(&conn, job.id).await;
     workers::heartbeat(&conn, "w1").await.unwrap();
     let err = jobs::fail_lost(&conn, &running, Duration::from_secs(60))
@@ -703,9 +664,7 @@ async fn fail_lost_of_a_job_whose_worker_is_alive_is_refused() {
 async fn reassign_of_a_job_that_moved_since_it_was_seen_is_fenced() {
     let (_db, conn) = setup().await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
-    let (seen, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
-        .await
-        .unwrap();
+    let seen = scheduled(&conn, "a", Some("w1")).await;
     let moved = jobs::reassign(&conn, &seen, Some("w2")).await.unwrap();
     let err = jobs::reassign(&conn, &seen, Some("w1"))
         .await
@@ -717,9 +676,7 @@ async fn reassign_of_a_job_that_moved_since_it_was_seen_is_fenced() {
 #[tokio::test]
 async fn reassign_of_a_finished_job_is_a_state_conflict() {
     let (_db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&conn, "a", Some("w1")).await;
     jobs::mark_fatal(&conn, &claim(&job), json!({}))
         .await
         .unwrap();
@@ -742,9 +699,7 @@ async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
     // attempt -> backoff with base 10 s, max 60 s: 1 -> 10 s, 2 -> 20 s, 3 -> 40 s, 10 -> 60 s.
     let mut by_attempt = Vec::new();
     for attempt in [1, 2, 3, 10] {
-        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("a{attempt}")), Some("w1"))
-            .await
-            .unwrap();
+        let job = scheduled(&conn, &format!("a{attempt}"), Some("w1")).await;
         jobs::mark_error(&conn, &claim(&job), json!({"e": attempt}))
             .await
             .unwrap();
@@ -757,9 +712,7 @@ async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
         by_attempt.push((attempt, job.id));
     }
     // A fatal job failed long ago: never due.
-    let (fatal, _) = jobs::schedule(&conn, KIND, descriptor("fatal"), Some("w1"))
-        .await
-        .unwrap();
+    let fatal = scheduled(&conn, "fatal", Some("w1")).await;
     jobs::mark_fatal(&conn, &claim(&fatal), json!({}))
         .await
         .unwrap();
@@ -820,9 +773,7 @@ async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_activ
     .into_iter()
     .enumerate()
     {
-        let (job, _) = jobs::schedule(&conn, KIND, descriptor(&format!("t{i}")), None)
-            .await
-            .unwrap();
+        let job = scheduled(&conn, &format!("t{i}"), None).await;
         force_status(&conn, job.id, status).await;
         ids.push(job.id);
     }
@@ -852,19 +803,13 @@ async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_activ
 #[tokio::test]
 async fn list_events_returns_a_jobs_history_in_order() {
     let (_db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("a"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&conn, "a", Some("w1")).await;
     let running = start(&conn, job.id).await;
     let failed = jobs::mark_error(&conn, &claim(&running), json!({"e": 1}))
         .await
         .unwrap();
     jobs::reschedule(&conn, &failed, None).await.unwrap();
-    let types: Vec<String> = events(&conn, job.id)
-        .await
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
+    let types = tests::rows::event_types(&conn, job.id).await;
     assert_eq!(types, ["SCHEDULED", "RUNNING", "ERROR", "SCHEDULED"]);
     let job = self::job(&conn, job.id).await;
     assert_eq!(job.attempt, 2);
@@ -899,9 +844,7 @@ async fn schedule_waiting_on_an_uncommitted_schedule_of_the_same_key_returns_tha
 #[tokio::test]
 async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() {
     let (_db, conn) = setup().await;
-    let (job, _) = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("w1"))
-        .await
-        .unwrap();
+    let job = scheduled(&conn, "blocks", Some("w1")).await;
     let tx = conn.begin().await.unwrap();
     jobs::mark_running(&tx, &claim(&job)).await.unwrap();
 
@@ -934,17 +877,11 @@ async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() 
 /// Waits until a backend of this test's database is waiting for a lock (the spawned statement has
 /// reached the row the open transaction holds).
 async fn blocked_on_a_lock(conn: &DatabaseConnection) {
-    tests::services::eventually("a statement waits for a lock", || async {
-        let row = conn
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ))
-            .await
-            .unwrap()
-            .expect("a row");
-        row.try_get::<i64>("", "n").unwrap() > 0
-    })
+    let within = Duration::from_secs(30);
+    tests::sql::lock_waiter(
+        conn,
+        "a statement waits for a lock: not within 30 s",
+        within,
+    )
     .await;
 }

@@ -9,20 +9,10 @@ use ampd::metadata::notifications::{
     self, Action, JOB_ACTIONS, JobAction, LISTENER_APPLICATION_NAME, Listener, Notification,
     PayloadError, REVISION_CHANGES, RevisionChange,
 };
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
-use tests::TestDb;
+use sea_orm::ConnectionTrait;
+use tests::{TestDb, sql};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn raw_notify(db: &DatabaseConnection, channel: &str, payload: &str) {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_notify($1, $2)",
-        [channel.into(), payload.into()],
-    ))
-    .await
-    .expect("pg_notify");
-}
 
 fn start(job_id: i64) -> JobAction {
     JobAction {
@@ -33,10 +23,7 @@ fn start(job_id: i64) -> JobAction {
 }
 
 async fn recv(listener: &mut Listener) -> Notification {
-    tokio::time::timeout(WAIT, listener.recv())
-        .await
-        .expect("a notification in time")
-        .expect("recv")
+    sql::next_notification(listener, "a notification in time").await
 }
 
 /// Collects what `tracing` writes while it is the default subscriber.
@@ -171,9 +158,9 @@ async fn malformed_and_oversized_payloads_are_skipped_with_a_warning() {
         (JOB_ACTIONS, oversized),
     ];
     for (channel, payload) in &bad {
-        raw_notify(&conn, channel, payload).await;
+        sql::notify(&conn, channel, payload).await;
     }
-    raw_notify(
+    sql::notify(
         &conn,
         JOB_ACTIONS,
         r#"{"node_id": "w1", "job_id": 42, "action": "START"}"#,
@@ -200,18 +187,15 @@ async fn the_listener_reports_a_reconnect_after_its_backend_is_terminated() {
     let conn = db.connect().await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
     let pid = listener.backend_pid().await.expect("pid");
-    let row = conn
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            format!(
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
-            ),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(row.try_get::<i64>("", "n").unwrap(), 1, "named connection");
+    let named = sql::count(
+        &conn,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid = {pid} AND application_name = '{LISTENER_APPLICATION_NAME}'"
+        ),
+    )
+    .await;
+    assert_eq!(named, 1, "named connection");
 
     conn.execute_unprepared(&format!("SELECT pg_terminate_backend({pid})"))
         .await

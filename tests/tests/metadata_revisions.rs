@@ -10,7 +10,8 @@ use entity::{physical_table_revisions, physical_tables};
 use sea_orm::DatabaseConnection;
 use serde_json::json;
 use tests::TestDb;
-use tests::rows::{self, count};
+use tests::rows;
+use tests::sql::{count, next_notification};
 
 /// Grace period of a replaced revision's files: long, so nothing here expires.
 const GRACE: Duration = Duration::from_secs(3600);
@@ -27,6 +28,14 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     Fixture { hash, blocks, logs }
 }
 
+/// A new migrated database, a connection to it, and the fixture's rows in it.
+async fn setup() -> (TestDb, DatabaseConnection, Fixture) {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let f = fixture(&conn).await;
+    (db, conn, f)
+}
+
 async fn revision(db: &DatabaseConnection, table: &physical_tables::Model) -> i64 {
     rows::revision(db, table.id).await.id
 }
@@ -37,9 +46,7 @@ async fn active_id(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
 
 #[tokio::test]
 async fn register_table_is_idempotent_and_validates_its_arguments() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (_db, conn, f) = setup().await;
 
     let again = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "blocks")
         .await
@@ -77,9 +84,7 @@ async fn register_table_is_idempotent_and_validates_its_arguments() {
 
 #[tokio::test]
 async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (_db, conn, f) = setup().await;
     workers::register(&conn, "w1", json!({})).await.unwrap();
     let (job, _) = jobs::schedule(
         &conn,
@@ -139,9 +144,7 @@ async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
 
 #[tokio::test]
 async fn activate_replaces_the_previous_active_revision_and_notifies() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (db, conn, f) = setup().await;
     let first = revision(&conn, &f.blocks).await;
     let second = revision(&conn, &f.blocks).await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
@@ -159,10 +162,7 @@ async fn activate_replaces_the_previous_active_revision_and_notifies() {
     assert_eq!(active_id(&conn, f.logs.id).await, None);
 
     for expected in [first, second] {
-        let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-            .await
-            .expect("delivered")
-            .expect("recv");
+        let got = next_notification(&mut listener, "delivered").await;
         assert_eq!(
             got,
             Notification::RevisionChange(RevisionChange {
@@ -175,9 +175,7 @@ async fn activate_replaces_the_previous_active_revision_and_notifies() {
 
 #[tokio::test]
 async fn activating_a_revision_of_another_table_is_a_conflict() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (_db, conn, f) = setup().await;
     let blocks_rev = revision(&conn, &f.blocks).await;
     let logs_rev = revision(&conn, &f.logs).await;
     revisions::activate(&conn, f.blocks.id, blocks_rev, GRACE)
@@ -195,9 +193,7 @@ async fn activating_a_revision_of_another_table_is_a_conflict() {
 
 #[tokio::test]
 async fn activating_an_unknown_table_or_revision_is_not_found() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (_db, conn, f) = setup().await;
     let rev = revision(&conn, &f.blocks).await;
     let err = revisions::activate(&conn, 999_999, rev, GRACE)
         .await
@@ -290,9 +286,7 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
 
 #[tokio::test]
 async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (_db, conn, f) = setup().await;
     let old = revision(&conn, &f.blocks).await;
     let current = revision(&conn, &f.blocks).await;
     revisions::activate(&conn, f.blocks.id, current, GRACE)
@@ -324,9 +318,7 @@ async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
 
 #[tokio::test]
 async fn every_table_is_listed_with_its_active_revision_and_only_active_revisions_files() {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
+    let (_db, conn, f) = setup().await;
     let traces = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "traces")
         .await
         .unwrap();

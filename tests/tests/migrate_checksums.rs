@@ -7,12 +7,11 @@
 
 use std::time::Duration;
 
-use ampd::config::Config;
 use ampd::migrate::{self, MigrationSet};
 use migration::{Algorithm, MigratorTrait};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use tests::TestDb;
-use tests::cli::{self, TempDir, config_toml};
+use tests::cli::{self, TempDir};
 
 async fn exec(db: &DatabaseConnection, sql: &str) {
     db.execute_unprepared(sql)
@@ -45,13 +44,7 @@ async fn migrated_by_ampd_0_1(db: &TestDb) -> DatabaseConnection {
     let set = MigrationSet::new(first_seven, |name| {
         migration::checksum_of(name).map(str::to_owned)
     });
-    let cfg = Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &config_toml(db.url(), ""),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config")
-    .metadata_db;
+    let cfg = tests::metadata_config(db.url());
     migrate::migrate(&cfg, &set).await.expect("first seven");
     let conn = db.connect().await;
     exec(
@@ -83,7 +76,7 @@ async fn a_database_migrated_by_ampd_0_1_migrates_on_with_its_algorithm_1_checks
     let db = TestDb::empty().await;
     let _conn = migrated_by_ampd_0_1(&db).await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
 
     // Read-only before the run: the old layout reads as algorithm 1.
     let before = status(&config).await;
@@ -132,7 +125,7 @@ async fn a_changed_algorithm_1_checksum_is_still_refused_with_its_algorithm() {
     )
     .await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     let v1 = migration::checksum_with("m20261101_000005_create_files", Algorithm::V1).unwrap();
@@ -149,13 +142,8 @@ async fn a_changed_algorithm_1_checksum_is_still_refused_with_its_algorithm() {
 
 #[tokio::test]
 async fn accept_checksum_replaces_a_changed_checksum_and_keeps_the_old_one_with_the_reason() {
-    let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
-    assert_eq!(
-        cli::ampd_with_config(&config, &["migrate"]).await.code,
-        Some(0)
-    );
+    let (db, config) = cli::database_at_head(&dir, "").await;
     let name = "m20261101_000004_create_physical_tables";
     let old = "0".repeat(64);
     let conn = db.connect().await;
@@ -218,7 +206,7 @@ async fn accept_checksum_replaces_a_changed_checksum_and_keeps_the_old_one_with_
 async fn accept_checksum_refuses_what_it_cannot_accept() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     let name = "m20261101_000001_create_workers";
 
     let pending = cli::ampd_with_config(
@@ -275,7 +263,7 @@ async fn migrations_applied_by_seaorms_cli_are_marked_when_ampd_records_them() {
         .await
         .expect("SeaORM's migrator");
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     for name in migration::CHECKSUMS.iter().map(|(n, _)| n) {
@@ -293,12 +281,10 @@ async fn migrations_applied_by_seaorms_cli_are_marked_when_ampd_records_them() {
     }
     let human = cli::ampd_with_config(&config, &["migrate", "status"]).await;
     assert!(human.stdout.contains("outside ampd"), "{}", human.stdout);
-    let not_adopted = conn
-        .query_all_raw(Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT version FROM ampd_migrations WHERE NOT adopted",
-        ))
-        .await
-        .expect("query");
+    let not_adopted: Vec<String> = tests::sql::column(
+        &conn,
+        "SELECT version FROM ampd_migrations WHERE NOT adopted",
+    )
+    .await;
     assert!(not_adopted.is_empty(), "every row is marked adopted");
 }

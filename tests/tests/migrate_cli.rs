@@ -5,7 +5,6 @@
 //! - a role that may not create tables gets a GRANT that works as given, names quoted (a database
 //!   called `amp-prod-…`); a migration that changes another role's table gets its own advice.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
@@ -116,17 +115,9 @@ async fn an_ipv6_literal_host_connects_and_an_unreachable_one_is_named_as_such()
 async fn a_closed_stdout_after_success_does_not_turn_it_into_a_failure() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     for args in [vec!["migrate"], vec!["migrate", "status"]] {
-        let mut child = tokio::process::Command::new(cli::ampd())
-            .arg("--config")
-            .arg(&config)
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+        let mut child = cli::command(cli::ampd(), &config, &args)
             .spawn()
             .expect("spawn");
         // `| head -0`: the reader goes away before anything is written.
@@ -139,16 +130,7 @@ async fn a_closed_stdout_after_success_does_not_turn_it_into_a_failure() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
     let conn = db.connect().await;
-    let applied: i64 = conn
-        .query_one_raw(sea_orm::Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT count(*) FROM seaql_migrations",
-        ))
-        .await
-        .expect("count")
-        .expect("row")
-        .try_get_by_index(0)
-        .expect("integer");
+    let applied = tests::sql::count(&conn, "SELECT count(*) FROM seaql_migrations").await;
     assert_eq!(applied, 8);
 }
 
@@ -162,7 +144,7 @@ async fn a_grant_hint_with_quoted_names_works_as_given() {
     tests::admin_exec(&format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'")).await;
     let url = with_credentials(&tests::database_url(&database), &role, "pw");
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let config = dir.config(&url, "");
 
     let refused = cli::ampd_with_config(&config, &["migrate"]).await;
     let grant = refused
@@ -210,15 +192,8 @@ async fn a_grant_hint_with_quoted_names_works_as_given() {
 
 #[tokio::test]
 async fn changing_another_roles_table_gets_advice_about_owners_not_grants() {
-    let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let admin_config = dir.file("admin.toml", &config_toml(db.url(), ""));
-    assert_eq!(
-        cli::ampd_with_config(&admin_config, &["migrate"])
-            .await
-            .code,
-        Some(0)
-    );
+    let (db, _) = cli::database_at_head(&dir, "").await;
     let role = format!("ampd-owner-{}", std::process::id());
     tests::admin_exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
     tests::admin_exec(&format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'")).await;

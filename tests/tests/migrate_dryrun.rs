@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use ampd::config::{Config, MetadataDbConfig};
 use ampd::migrate::{self, MigrationSet};
 use migration::{DbErr, MigrationName, MigrationTrait, SchemaManager};
 use sea_orm::{ConnectionTrait, Statement};
@@ -155,11 +154,8 @@ async fn dry_run_prints_the_statements_a_real_run_sends_in_order() {
 
 #[tokio::test]
 async fn dry_run_of_a_current_database_reads_once_and_says_nothing_would_run() {
-    let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
-    let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    let (_db, config) = cli::database_at_head(&dir, "").await;
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert_eq!(normalise(&out.stdout).len(), 1, "{}", out.stdout);
@@ -175,10 +171,7 @@ async fn dry_run_of_a_current_database_reads_once_and_says_nothing_would_run() {
 async fn dry_run_only_prints_one_migrations_step_without_a_database() {
     let dir = TempDir::new();
     // Nothing listens there: the database is not contacted.
-    let config = dir.file(
-        "config.toml",
-        &config_toml("postgresql://lint@127.0.0.1:1/lint", ""),
-    );
+    let config = dir.config("postgresql://lint@127.0.0.1:1/lint", "");
     let name = "m20261201_000001_index_physical_tables_active_revision";
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run", "--only", name]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
@@ -234,21 +227,11 @@ impl MigrationTrait for NeedsData {
     }
 }
 
-fn config(url: &str) -> MetadataDbConfig {
-    Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &config_toml(url, ""),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config")
-    .metadata_db
-}
-
 #[tokio::test]
 async fn a_migration_that_needs_data_does_not_fail_the_dry_run_and_the_script_says_so() {
     let db = TestDb::empty().await;
     let set = MigrationSet::new(vec![Box::new(NeedsData)], |_| Some("0".repeat(64)));
-    let plan = migrate::dry_run(&config(db.url()), &set)
+    let plan = migrate::dry_run(&tests::metadata_config(db.url()), &set)
         .await
         .expect("a dry run does not fail");
     let script = plan.script();
@@ -265,7 +248,7 @@ async fn a_migration_that_needs_data_does_not_fail_the_dry_run_and_the_script_sa
         "{script}"
     );
     // The real run reads the row and goes on.
-    let report = migrate::migrate(&config(db.url()), &set)
+    let report = migrate::migrate(&tests::metadata_config(db.url()), &set)
         .await
         .expect("a real run applies it");
     assert_eq!(report.applied.len(), 1);
@@ -275,7 +258,7 @@ async fn a_migration_that_needs_data_does_not_fail_the_dry_run_and_the_script_sa
 async fn status_json_shows_which_pending_migrations_run_together_and_which_alone() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     let out = cli::run(
         cli::ampd(),
         &[

@@ -7,11 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use ampd::config::Config;
 use ampd::migrate::{self, MigrationSet};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
-use tests::cli::{self, TempDir, config_toml};
-use tests::{TestDb, catalog};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use tests::cli::{self, TempDir, database_at_head};
+use tests::sql::count;
+use tests::{TestDb, XorShift, catalog};
 
 /// How many migrations the schema has (the migrator's own list).
 fn schema_migrations() -> i64 {
@@ -22,15 +22,6 @@ fn schema_migrations() -> i64 {
 const THIS_DATABASE_LOCK: &str =
     "database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
-async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> i64 {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("an integer")
-}
-
 /// Whether any session holds the migration lock of `db`'s database.
 async fn lock_held(db: &DatabaseConnection) -> bool {
     let sql = format!(
@@ -38,7 +29,7 @@ async fn lock_held(db: &DatabaseConnection) -> bool {
          AND ((classid::bigint << 32) | objid::bigint) = {} AND {THIS_DATABASE_LOCK}",
         migrate::LOCK_KEY
     );
-    scalar_i64(db, &sql).await > 0
+    count(db, &sql).await > 0
 }
 
 /// Polls `check` every 20 ms until it is true or `limit` passes; returns the time it took.
@@ -62,25 +53,20 @@ fn fixture_command(
     set: &str,
     sleep_secs: &str,
 ) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(cli::ampd_fixture());
-    cmd.args(["--config", config.to_str().unwrap(), "migrate"])
-        .env_remove("RUST_LOG")
-        .env("AMPD_FIXTURE_MIGRATIONS", set)
-        .env("AMPD_FIXTURE_SLEEP_SECS", sleep_secs)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = cli::command(cli::ampd_fixture(), config, &["migrate"]);
+    cmd.env("AMPD_FIXTURE_MIGRATIONS", set)
+        .env("AMPD_FIXTURE_SLEEP_SECS", sleep_secs);
     cmd
 }
 
-/// A database at head, migrated by the real `ampd`, with its config file.
-async fn database_at_head(dir: &TempDir, extra: &str) -> (TestDb, std::path::PathBuf) {
-    let db = TestDb::empty().await;
-    let config = dir.file("config.toml", &config_toml(db.url(), extra));
-    let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    (db, config)
+/// The slow fixture migration run to its end without its sleep (what a rerun after a fault does).
+async fn slow_without_sleep(config: &std::path::Path) -> cli::Output {
+    let env = [
+        ("AMPD_FIXTURE_MIGRATIONS", "slow"),
+        ("AMPD_FIXTURE_SLEEP_SECS", "0"),
+    ];
+    let args = ["--config", config.to_str().unwrap(), "migrate"];
+    cli::run(cli::ampd_fixture(), &args, &env, Duration::from_secs(60)).await
 }
 
 /// The backends of `db`'s database running the slow fixture migration's sleep.
@@ -90,7 +76,7 @@ const SLOW_MIGRATION_BACKENDS: &str = "FROM pg_stat_activity WHERE datname = cur
 /// Whether the slow fixture migration is running (its table exists in the open transaction and
 /// its backend is sleeping).
 async fn slow_migration_running(db: &DatabaseConnection) -> bool {
-    scalar_i64(db, &format!("SELECT count(*) {SLOW_MIGRATION_BACKENDS}")).await > 0
+    count(db, &format!("SELECT count(*) {SLOW_MIGRATION_BACKENDS}")).await > 0
 }
 
 #[tokio::test]
@@ -129,11 +115,11 @@ async fn killing_ampd_mid_run_leaves_the_previous_version_and_releases_the_lock(
         "schema exactly as before"
     );
     assert_eq!(
-        scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        count(&conn, "SELECT count(*) FROM seaql_migrations").await,
         schema_migrations()
     );
     assert_eq!(
-        scalar_i64(
+        count(
             &conn,
             "SELECT count(*) FROM pg_tables WHERE tablename = 'fixture_slow_started'"
         )
@@ -141,17 +127,9 @@ async fn killing_ampd_mid_run_leaves_the_previous_version_and_releases_the_lock(
         0
     );
 
-    let out = fixture_command(&config, "slow", "0")
-        .output()
-        .await
-        .expect("run");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("applied 1 migration in"));
+    let out = slow_without_sleep(&config).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("applied 1 migration in"));
 }
 
 #[tokio::test]
@@ -167,7 +145,7 @@ async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
     wait_until(Duration::from_secs(30), || slow_migration_running(&conn))
         .await
         .expect("the slow migration started");
-    let terminated = scalar_i64(
+    let terminated = count(
         &conn,
         &format!(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) {SLOW_MIGRATION_BACKENDS}) t"
@@ -191,16 +169,8 @@ async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
     .expect("the lock is released with the terminated backend");
     assert_eq!(catalog::snapshot(&conn).await, before);
 
-    let out = fixture_command(&config, "slow", "0")
-        .output()
-        .await
-        .expect("run");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = slow_without_sleep(&config).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
 }
 
 #[tokio::test]
@@ -228,7 +198,7 @@ async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
     let started = Instant::now();
     let child = command.spawn().expect("spawn");
     wait_until(Duration::from_secs(30), || async {
-        scalar_i64(
+        count(
             &conn,
             &format!(
                 "SELECT count(*) FROM pg_locks WHERE relation = 'jobs'::regclass \
@@ -289,33 +259,26 @@ async fn ddl_blocked_by_a_long_transaction_fails_within_the_lock_timeout() {
 async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_once() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
-    let started = Instant::now();
-    let handles: Vec<_> = (0..32)
-        .map(|_| {
-            let config = config.clone();
-            tokio::spawn(async move { cli::ampd_with_config(&config, &["migrate"]).await })
-        })
-        .collect();
+    let config = dir.config(db.url(), "");
+    let (outputs, took) = cli::ampd_concurrently(&config, &["migrate"], 32).await;
     let mut applied = 0;
-    for h in handles {
-        let out = h.await.expect("task");
+    for out in outputs {
         assert_eq!(out.code, Some(0), "{}", out.all());
         let all = format!("applied {} migrations", schema_migrations());
         applied += usize::from(out.stdout.contains(&all));
     }
     println!(
         "32 concurrent `ampd migrate` processes: all exited 0 in {:?}",
-        started.elapsed()
+        took
     );
     assert_eq!(applied, 1);
     let conn = db.connect().await;
     assert_eq!(
-        scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        count(&conn, "SELECT count(*) FROM seaql_migrations").await,
         schema_migrations()
     );
     assert_eq!(
-        scalar_i64(&conn, "SELECT count(*) FROM ampd_migrations").await,
+        count(&conn, "SELECT count(*) FROM ampd_migrations").await,
         schema_migrations()
     );
 }
@@ -323,16 +286,11 @@ async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_on
 #[tokio::test]
 async fn thirty_two_concurrent_in_process_callers_of_the_startup_entry_point_all_succeed() {
     let db = TestDb::empty().await;
-    let config = Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &config_toml(db.url(), ""),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config");
+    let config = tests::metadata_config(db.url());
     let started = Instant::now();
     let handles: Vec<_> = (0..32)
         .map(|_| {
-            let cfg = config.metadata_db.clone();
+            let cfg = config.clone();
             tokio::spawn(async move { migrate::migrate(&cfg, &MigrationSet::ampd()).await })
         })
         .collect();
@@ -352,21 +310,9 @@ async fn thirty_two_concurrent_in_process_callers_of_the_startup_entry_point_all
     );
     let conn = db.connect().await;
     assert_eq!(
-        scalar_i64(&conn, "SELECT count(*) FROM seaql_migrations").await,
+        count(&conn, "SELECT count(*) FROM seaql_migrations").await,
         schema_migrations()
     );
-}
-
-/// A small deterministic generator, so a failure names the case that caused it.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[tokio::test]

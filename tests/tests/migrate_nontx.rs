@@ -11,13 +11,13 @@
 
 use std::time::{Duration, Instant};
 
-use ampd::config::{Config, MetadataDbConfig};
+use ampd::config::MetadataDbConfig;
 use ampd::migrate::{self, MigrateError, MigrationSet};
 use migration::{DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use sha2::{Digest, Sha256};
-use tests::cli::{self, TempDir, config_toml};
-use tests::{TestDb, catalog};
+use tests::cli::{self, TempDir};
+use tests::{TestDb, catalog, metadata_config, metadata_config_with, sql};
 
 /// A migration that runs `sql`, in a transaction or (`alone`) outside one.
 struct Sql {
@@ -73,53 +73,29 @@ fn set(migrations: Vec<Sql>) -> MigrationSet {
     })
 }
 
-fn config(url: &str, extra: &str) -> MetadataDbConfig {
-    Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &config_toml(url, extra),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config")
-    .metadata_db
-}
-
-async fn scalar<T: sea_orm::TryGetable>(db: &DatabaseConnection, sql: &str) -> T {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("a row")
-        .try_get_by_index::<T>(0)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
 async fn recorded(db: &DatabaseConnection) -> Vec<String> {
-    db.query_all_raw(Statement::from_string(
-        db.get_database_backend(),
+    sql::column(
+        db,
         "SELECT version::text FROM seaql_migrations ORDER BY version",
-    ))
+    )
     .await
-    .expect("seaql_migrations")
-    .iter()
-    .map(|r| r.try_get_by_index::<String>(0).expect("version"))
-    .collect()
 }
 
 /// Whether index `name` exists and is valid (`None`: it does not exist).
 async fn index_valid(db: &DatabaseConnection, name: &str) -> Option<bool> {
-    db.query_one_raw(Statement::from_string(
-        db.get_database_backend(),
-        format!(
+    sql::optional(
+        db,
+        &format!(
             "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
              WHERE c.relname = '{name}'"
         ),
-    ))
+    )
     .await
-    .expect("pg_index")
-    .map(|r| r.try_get_by_index::<bool>(0).expect("indisvalid"))
 }
 
-fn steps_set() -> MigrationSet {
-    set(vec![
+/// The first two migrations of [`steps_set`]: a table and its rows, both transactional.
+fn items_and_rows() -> Vec<Sql> {
+    vec![
         tx(
             "m20990101_000001_items",
             "CREATE TABLE nt_items (id bigint PRIMARY KEY, v int NOT NULL)",
@@ -128,6 +104,12 @@ fn steps_set() -> MigrationSet {
             "m20990101_000002_fill_items",
             "INSERT INTO nt_items SELECT g, g % 100 FROM generate_series(1, 5000) g",
         ),
+    ]
+}
+
+fn steps_set() -> MigrationSet {
+    let mut all = items_and_rows();
+    all.extend([
         alone(
             "m20990101_000003_index_items_v",
             "CREATE INDEX CONCURRENTLY nt_items_v_idx ON nt_items (v)",
@@ -136,13 +118,14 @@ fn steps_set() -> MigrationSet {
             "m20990101_000004_after",
             "CREATE TABLE nt_after (id bigint)",
         ),
-    ])
+    ]);
+    set(all)
 }
 
 #[tokio::test]
 async fn transactional_migrations_share_a_step_and_a_concurrent_index_runs_alone() {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     let set = steps_set();
 
     // The plan, as the dry run and the status show it.
@@ -198,7 +181,7 @@ async fn transactional_migrations_share_a_step_and_a_concurrent_index_runs_alone
 #[tokio::test]
 async fn a_failure_keeps_the_steps_before_it_and_says_which() {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     let set = set(vec![
         tx(
             "m20990102_000001_items",
@@ -255,7 +238,7 @@ fn unique_set() -> MigrationSet {
 async fn an_index_left_invalid_by_a_failed_concurrent_build_is_refused_with_the_statement_that_removes_it()
  {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     let set = unique_set();
     let drop = "DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"nt_dup_v_key\";";
 
@@ -306,21 +289,12 @@ async fn an_index_left_invalid_by_a_failed_concurrent_build_is_refused_with_the_
 #[tokio::test]
 async fn an_index_built_by_a_run_that_died_before_recording_it_is_refused_too() {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     let all = steps_set();
     let conn = db.connect().await;
     // What a run killed between the build and its record leaves: the table, the valid index, no
     // record of the migration that built it.
-    let first_two = set(vec![
-        tx(
-            "m20990101_000001_items",
-            "CREATE TABLE nt_items (id bigint PRIMARY KEY, v int NOT NULL)",
-        ),
-        tx(
-            "m20990101_000002_fill_items",
-            "INSERT INTO nt_items SELECT g, g % 100 FROM generate_series(1, 5000) g",
-        ),
-    ]);
+    let first_two = set(items_and_rows());
     migrate::migrate(&cfg, &first_two).await.expect("first two");
     conn.execute_unprepared("CREATE INDEX nt_items_v_idx ON nt_items (v)")
         .await
@@ -360,7 +334,7 @@ async fn holding_the_lock(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state = 'active' \
          AND query LIKE 'SELECT pg_sleep%'"
     );
-    while scalar::<i64>(conn, &sql).await == 0 {
+    while sql::value::<i64>(conn, &sql).await == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "the holder never slept"
@@ -396,7 +370,7 @@ async fn pollers(conn: &DatabaseConnection, db: &str) -> Vec<(String, bool)> {
 #[tokio::test]
 async fn a_run_waiting_for_the_lock_holds_no_snapshot_and_never_blocks_in_pg_advisory_lock() {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     let conn = db.connect().await;
     // A run that sleeps 3 s under the lock; then a second run with work to do.
     let holder = holding_the_lock(&cfg, &conn, db.name(), "3").await;
@@ -408,7 +382,7 @@ async fn a_run_waiting_for_the_lock_holds_no_snapshot_and_never_blocks_in_pg_adv
     while !holder.is_finished() {
         let now = pollers(&conn, db.name()).await;
         seen.extend(now);
-        let blocked: i64 = scalar(
+        let blocked: i64 = sql::value(
             &conn,
             &format!(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
@@ -445,11 +419,11 @@ async fn a_run_waiting_for_the_lock_holds_no_snapshot_and_never_blocks_in_pg_adv
 #[tokio::test]
 async fn waiting_for_the_lock_gives_up_after_migration_lock_timeout_secs() {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     let conn = db.connect().await;
     // A run that sleeps 4 s under the lock; then a second run with work to do.
     let holder = holding_the_lock(&cfg, &conn, db.name(), "4").await;
-    let impatient = config(db.url(), "migration_lock_timeout_secs = 1");
+    let impatient = metadata_config_with(db.url(), "migration_lock_timeout_secs = 1");
     let waited = Instant::now();
     let err = migrate::migrate(&impatient, &slow_set("0"))
         .await
@@ -474,7 +448,7 @@ async fn waiting_for_the_lock_gives_up_after_migration_lock_timeout_secs() {
 #[tokio::test]
 async fn eight_runs_at_once_over_a_concurrent_index_build_all_succeed() {
     let db = TestDb::empty().await;
-    let cfg = config(db.url(), "");
+    let cfg = metadata_config(db.url());
     // The schema before the index, with enough rows that building it takes a while.
     let mut before_index = migration::Migrator::migrations();
     let index = before_index.pop().expect("the index migration");
@@ -495,17 +469,10 @@ async fn eight_runs_at_once_over_a_concurrent_index_build_all_succeed() {
     .expect("rows");
 
     let dir = TempDir::new();
-    let file = dir.file("config.toml", &config_toml(db.url(), ""));
-    let started = Instant::now();
-    let runs: Vec<_> = (0..8)
-        .map(|_| {
-            let file = file.clone();
-            tokio::spawn(async move { cli::ampd_with_config(&file, &["migrate"]).await })
-        })
-        .collect();
+    let file = dir.config(db.url(), "");
+    let (outputs, took) = cli::ampd_concurrently(&file, &["migrate"], 8).await;
     let mut applied = 0;
-    for run in runs {
-        let out = run.await.expect("task");
+    for out in outputs {
         assert_eq!(out.code, Some(0), "{}", out.all());
         assert!(!out.all().contains("deadlock"), "{}", out.all());
         applied += usize::from(out.stdout.contains("applied 1 migration in"));
@@ -513,7 +480,7 @@ async fn eight_runs_at_once_over_a_concurrent_index_build_all_succeed() {
     println!(
         "8 concurrent `ampd migrate` over CREATE INDEX CONCURRENTLY on 200000 rows: all exited 0 \
          in {:?}",
-        started.elapsed()
+        took
     );
     assert_eq!(applied, 1, "exactly one run built the index");
     assert_eq!(

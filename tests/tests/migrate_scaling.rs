@@ -7,35 +7,16 @@
 //! what the server executed for the database must agree. The harness's private cluster preloads it
 //! whenever PostgreSQL has the module.
 
-use ampd::config::Config;
 use ampd::migrate;
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
-use tests::TestDb;
-use tests::cli::config_toml;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use tests::wire::StatementCounter;
+use tests::{TestDb, metadata_config, sql};
 
 /// Statements one no-op run costs, counted by the proxy and (when available) by the server.
 #[derive(Debug, PartialEq, Eq)]
 struct NoopCost {
     sent: u64,
     executed: Option<i64>,
-}
-
-fn config(url: &str) -> ampd::config::MetadataDbConfig {
-    Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &config_toml(url, ""),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config")
-    .metadata_db
-}
-
-async fn scalar(db: &DatabaseConnection, sql: &str) -> Option<i64> {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .map(|row| row.try_get_by_index::<i64>(0).expect("an integer"))
 }
 
 /// The server's own count of statements run in database `oid`, or `None` when
@@ -56,7 +37,7 @@ async fn executed_in(
             .expect("reset pg_stat_statements");
         return Some(0);
     }
-    scalar(
+    sql::optional::<i64>(
         admin,
         &format!(
             "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
@@ -70,13 +51,13 @@ async fn executed_in(
 async fn noop_cost(n: usize) -> NoopCost {
     let db = TestDb::empty().await;
     let set = tests::fixtures::synthetic(n);
-    let first = migrate::migrate(&config(db.url()), &set)
+    let first = migrate::migrate(&metadata_config(db.url()), &set)
         .await
         .expect("first run");
     assert_eq!(first.applied.len(), n, "the first run applies all {n}");
 
     let admin = tests::connect(tests::admin_url(), 1).await;
-    let preloaded = scalar(
+    let preloaded = sql::optional::<i64>(
         &admin,
         "SELECT count(*) FROM pg_settings WHERE name = 'shared_preload_libraries' \
          AND setting ~ '(^|[ ,])pg_stat_statements($|[ ,])'",
@@ -98,7 +79,7 @@ async fn noop_cost(n: usize) -> NoopCost {
             .await
             .expect("create extension pg_stat_statements");
     }
-    let oid = scalar(
+    let oid = sql::optional::<i64>(
         &admin,
         &format!(
             "SELECT oid::bigint FROM pg_database WHERE datname = '{}'",
@@ -111,7 +92,7 @@ async fn noop_cost(n: usize) -> NoopCost {
     let counter = StatementCounter::start(db.url()).await;
     executed_in(&admin, preloaded, oid, true).await;
     counter.reset();
-    let noop = migrate::migrate(&config(counter.url()), &set)
+    let noop = migrate::migrate(&metadata_config(counter.url()), &set)
         .await
         .expect("no-op run");
     assert!(noop.applied.is_empty(), "nothing left to apply: {noop:?}");

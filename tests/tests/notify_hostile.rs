@@ -2,39 +2,10 @@
 //! oversized payloads on both channels never break a listener, and valid events sent after them
 //! are still delivered, in order.
 
-use std::time::Duration;
-
 use ampd::metadata::notifications::{
     Action, JOB_ACTIONS, JobAction, Listener, Notification, REVISION_CHANGES, RevisionChange,
 };
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
-use tests::TestDb;
-
-async fn raw_notify(db: &DatabaseConnection, channel: &str, payload: &str) {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_notify($1, $2)",
-        [channel.into(), payload.into()],
-    ))
-    .await
-    .expect("pg_notify");
-}
-
-/// A small deterministic generator, so a failure can be replayed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use tests::{TestDb, XorShift, sql};
 
 /// A payload that is not a valid event: random text, JSON of the wrong shape or types, near-misses
 /// of the real shape, and payloads up to PostgreSQL's limit of just under 8000 bytes.
@@ -98,7 +69,7 @@ async fn random_and_oversized_payloads_never_break_a_listener() {
             } else {
                 REVISION_CHANGES
             };
-            raw_notify(&conn, channel, &hostile_payload(&mut rng)).await;
+            sql::notify(&conn, channel, &hostile_payload(&mut rng)).await;
         }
         let action = JobAction {
             node_id: "w1".into(),
@@ -109,22 +80,20 @@ async fn random_and_oversized_payloads_never_break_a_listener() {
             physical_table_id: round,
             revision_id: round + 100,
         };
-        raw_notify(&conn, JOB_ACTIONS, &serde_json::to_string(&action).unwrap()).await;
-        raw_notify(
+        sql::notify(&conn, JOB_ACTIONS, &serde_json::to_string(&action).unwrap()).await;
+        sql::notify(
             &conn,
             REVISION_CHANGES,
             &serde_json::to_string(&change).unwrap(),
         )
         .await;
 
-        let first = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-            .await
-            .expect("a valid event arrives after 100 hostile ones")
-            .expect("recv");
-        let second = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-            .await
-            .expect("the second valid event arrives")
-            .expect("recv");
+        let first = sql::next_notification(
+            &mut listener,
+            "a valid event arrives after 100 hostile ones",
+        )
+        .await;
+        let second = sql::next_notification(&mut listener, "the second valid event arrives").await;
         assert_eq!(first, Notification::JobAction(action), "round {round}");
         assert_eq!(
             second,

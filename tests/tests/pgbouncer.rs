@@ -7,24 +7,15 @@
 //!
 //! Outputs are printed for the record (`-- --nocapture`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::TestDb;
 use tests::cli::{self, TempDir, config_toml};
 use tests::pgbouncer::{PgBouncer, PoolMode};
 use tests::services::{Service, Workspace};
+use tests::sql::count;
 
 const SCHEMA_MIGRATIONS: i64 = 8;
-
-async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("a count")
-}
 
 /// `ampd --config <config> <args>`, printed for the record.
 async fn ampd(label: &str, config: &std::path::Path, args: &[&str]) -> cli::Output {
@@ -41,16 +32,9 @@ async fn ampd(label: &str, config: &std::path::Path, args: &[&str]) -> cli::Outp
 
 /// Eight `ampd migrate` at once: all exit 0, exactly one applies the migrations.
 async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
-    let started = Instant::now();
-    let runs: Vec<_> = (0..8)
-        .map(|_| {
-            let config = config.to_owned();
-            tokio::spawn(async move { cli::ampd_with_config(&config, &["migrate"]).await })
-        })
-        .collect();
+    let (outputs, took) = cli::ampd_concurrently(config, &["migrate"], 8).await;
     let mut applied = 0;
-    for run in runs {
-        let out = run.await.expect("task");
+    for out in outputs {
         assert_eq!(out.code, Some(0), "{}", out.all());
         assert!(!out.all().contains("deadlock"), "{}", out.all());
         if out.stdout.contains("applied 8 migrations") {
@@ -66,7 +50,7 @@ async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
     println!(
         "--- {label}: 8 concurrent `ampd migrate`: all exited 0 in {:?}; {applied} applied the \
          migrations, the others found the schema up to date",
-        started.elapsed()
+        took
     );
     assert_eq!(applied, 1);
     let conn = db.connect().await;
@@ -78,6 +62,20 @@ async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
         count(&conn, "SELECT count(*) FROM ampd_migrations").await,
         SCHEMA_MIGRATIONS
     );
+}
+
+/// PgBouncer in transaction mode with `pool_size` server connections, if it is installed.
+fn transaction_mode(pool_size: u32) -> Option<PgBouncer> {
+    PgBouncer::start(
+        PoolMode::Transaction,
+        pool_size,
+        "pgbouncer transaction mode",
+    )
+}
+
+/// The `[metadata_db]` line that sends session-bound work to `url`.
+fn direct_url(url: &str) -> String {
+    format!("direct_url = \"{url}\"")
 }
 
 /// The `[storage]` and `[worker]` keys of a worker's config, in `workspace`.
@@ -147,14 +145,13 @@ async fn session_mode_eight_concurrent_runs_through_pgbouncer_stay_correct() {
     };
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(&bouncer.url(db.name()), ""));
+    let config = dir.config(&bouncer.url(db.name()), "");
     eight_at_once("session mode, 4 server connections", &config, &db).await;
 }
 
 #[tokio::test]
 async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_fix() {
-    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4, "pgbouncer transaction mode")
-    else {
+    let Some(bouncer) = transaction_mode(4) else {
         return;
     };
     println!(
@@ -163,7 +160,7 @@ async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_
     );
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(&bouncer.url(db.name()), ""));
+    let config = dir.config(&bouncer.url(db.name()), "");
 
     let out = ampd("transaction mode, url only", &config, &["migrate"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
@@ -206,19 +203,12 @@ async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_
 
 #[tokio::test]
 async fn transaction_mode_with_direct_url_migrates_and_eight_runs_stay_correct() {
-    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 2, "pgbouncer transaction mode")
-    else {
+    let Some(bouncer) = transaction_mode(2) else {
         return;
     };
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file(
-        "config.toml",
-        &config_toml(
-            &bouncer.url(db.name()),
-            &format!("direct_url = \"{}\"", db.url()),
-        ),
-    );
+    let config = dir.config(&bouncer.url(db.name()), &direct_url(db.url()));
     eight_at_once(
         "transaction mode as url, direct_url on the server",
         &config,
@@ -236,19 +226,12 @@ async fn transaction_mode_with_direct_url_migrates_and_eight_runs_stay_correct()
 
 #[tokio::test]
 async fn transaction_mode_as_direct_url_is_refused_for_listen_and_claims() {
-    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4, "pgbouncer transaction mode")
-    else {
+    let Some(bouncer) = transaction_mode(4) else {
         return;
     };
     let db = TestDb::migrated().await;
     let dir = TempDir::new();
-    let config = dir.file(
-        "config.toml",
-        &config_toml(
-            db.url(),
-            &format!("direct_url = \"{}\"", bouncer.url(db.name())),
-        ),
-    );
+    let config = dir.config(db.url(), &direct_url(&bouncer.url(db.name())));
     let node = format!("pgbt{}", std::process::id());
     let out = ampd(
         "transaction mode as direct_url",
@@ -270,8 +253,7 @@ async fn transaction_mode_as_direct_url_is_refused_for_listen_and_claims() {
 
 #[tokio::test]
 async fn services_with_a_transaction_mode_url_work_when_pgbouncer_keeps_prepared_statements() {
-    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4, "pgbouncer transaction mode")
-    else {
+    let Some(bouncer) = transaction_mode(4) else {
         return;
     };
     let db = TestDb::migrated().await;
@@ -281,11 +263,7 @@ async fn services_with_a_transaction_mode_url_work_when_pgbouncer_keeps_prepared
         &config,
         config_toml(
             &bouncer.url(db.name()),
-            &format!(
-                "direct_url = \"{}\"\n{}",
-                db.url(),
-                worker_sections(&workspace)
-            ),
+            &format!("{}\n{}", direct_url(db.url()), worker_sections(&workspace)),
         ),
     )
     .expect("config");
@@ -327,7 +305,7 @@ async fn a_startup_parameter_pgbouncer_refuses_is_not_reported_as_a_password_pro
     let dir = TempDir::new();
     // ampd itself sends none; an `options` the operator puts in the URL is sent as given.
     let url = format!("{}?options=-c%20work_mem%3D64MB", bouncer.url(db.name()));
-    let config = dir.file("config.toml", &config_toml(&url, ""));
+    let config = dir.config(&url, "");
     let out = ampd("a refused startup parameter", &config, &["migrate"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(

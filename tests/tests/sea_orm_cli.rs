@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::TestDb;
-use tests::cli::{self, TempDir, config_toml};
+use tests::cli::{self, TempDir};
 
 /// The root of this workspace.
 fn repo() -> &'static Path {
@@ -177,19 +176,9 @@ fn is_migration_name(name: &str, what: &str) -> bool {
         && &name[17..] == what
 }
 
-async fn scalar<T: sea_orm::TryGetable>(db: &DatabaseConnection, sql: &str) -> T {
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .expect("one row");
-    row.try_get_by_index::<T>(0)
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-}
-
 /// Migrates `db` to head with the real `ampd`, as an operator would.
 async fn migrate_to_head_with_ampd(db: &TestDb, dir: &TempDir) -> PathBuf {
-    let config = dir.file("config.toml", &config_toml(db.url(), ""));
+    let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     let applied = format!("applied {} migrations in", migration::CHECKSUMS.len());
@@ -322,9 +311,10 @@ async fn generated_migration_compiles_and_ampd_applies_it_on_top_of_head() {
     );
 
     let conn = db.connect().await;
-    let exists: bool = scalar(&conn, "SELECT to_regclass('public.example') IS NOT NULL").await;
+    let exists: bool =
+        tests::sql::value(&conn, "SELECT to_regclass('public.example') IS NOT NULL").await;
     assert!(exists, "table example was not created");
-    let recorded: String = scalar(
+    let recorded: String = tests::sql::value(
         &conn,
         &format!("SELECT checksum FROM ampd_migrations WHERE version = '{name}'"),
     )
@@ -366,7 +356,7 @@ async fn seaorm_cli_status_agrees_with_ampd_migrate() {
     assert_eq!(up.code, Some(0), "{}", up.all());
     assert!(up.stdout.contains("No pending migrations"), "{}", up.all());
     let conn = db.connect().await;
-    let applied: i64 = scalar(&conn, "SELECT count(*) FROM seaql_migrations").await;
+    let applied: i64 = tests::sql::value(&conn, "SELECT count(*) FROM seaql_migrations").await;
     assert_eq!(applied, migration::CHECKSUMS.len() as i64);
 
     // And ampd, run again, still finds the schema current: the two agree after SeaORM's `up` too.

@@ -2,24 +2,15 @@
 //! a node id can be run by one worker process at a time, and SIGTERM stops them with exit 0, also
 //! while they are still starting.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::TestDb;
-use tests::cli::{self, TempDir, config_toml};
+use tests::cli::{self, TempDir};
 use tests::services::eventually;
 
 fn spawn(config: &std::path::Path, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(cli::ampd())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
+    cli::command(cli::ampd(), config, args)
         .spawn()
         .expect("spawn ampd")
 }
@@ -75,7 +66,7 @@ async fn terminate(child: tokio::process::Child) -> String {
 async fn a_node_id_runs_in_one_worker_process_at_a_time() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
+    let config = dir.config(db.url(), "auto_migrate = true");
     let conn = db.connect().await;
     let node = tests::unique_name("w1");
     let worker = ["worker", "--node-id", node.as_str()];
@@ -112,7 +103,7 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
     // SIGTERM arrives while it waits. It stops at once, with exit 0, having migrated nothing.
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file("config.toml", &config_toml(db.url(), "auto_migrate = true"));
+    let config = dir.config(db.url(), "auto_migrate = true");
     let conn = db.connect().await;
     // Hold the migration lock, so the worker cannot get past migrating.
     let key = ampd::migrate::LOCK_KEY;
@@ -127,15 +118,7 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
          AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
         .to_owned();
     eventually("the worker asks for the migration lock", || async {
-        let row = conn
-            .query_one_raw(Statement::from_string(
-                conn.get_database_backend(),
-                waiting.clone(),
-            ))
-            .await
-            .expect("read pg_locks")
-            .expect("a row");
-        row.try_get_by_index::<i64>(0).expect("a count") > 0
+        tests::sql::count(&conn, &waiting).await > 0
     })
     .await;
     let stderr = terminate(child).await;
@@ -159,7 +142,7 @@ async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
         tests::services::free_addr(),
         tests::services::free_addr()
     );
-    let config = dir.file("config.toml", &config_toml(db.url(), &addrs));
+    let config = dir.config(db.url(), &addrs);
     let conn = db.connect().await;
 
     let amp_dir = dir.path().join("amp").display().to_string();
@@ -174,10 +157,7 @@ async fn solo_migrates_on_startup_by_default_and_stops_cleanly() {
 async fn a_service_without_auto_migrate_does_not_touch_the_schema() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
-    let config = dir.file(
-        "config.toml",
-        &config_toml(db.url(), "auto_migrate = false"),
-    );
+    let config = dir.config(db.url(), "auto_migrate = false");
     let node = tests::unique_name("w1");
     let out = tokio::time::timeout(
         Duration::from_secs(30),

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
 use tests::TestDb;
 use tests::cli::{self, TempDir};
@@ -248,15 +247,11 @@ fn parent_of(pid: u32) -> u32 {
 /// The managed cluster's system identifier, which `initdb` chooses anew for every cluster.
 async fn system_identifier(url: &str) -> String {
     let db = tests::connect(url, 1).await;
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT system_identifier::text FROM pg_control_system()".to_owned(),
-        ))
-        .await
-        .expect("read pg_control_system()")
-        .expect("a row");
-    let id = row.try_get_by_index::<String>(0).expect("an identifier");
+    let id: String = tests::sql::value(
+        &db,
+        "SELECT system_identifier::text FROM pg_control_system()",
+    )
+    .await;
     let _ = db.close().await;
     id
 }

@@ -3,13 +3,10 @@
 //!
 //! Data-changing migrations so far: `m20261101_000007_backfill_jobs_idempotency_key`.
 
-use ampd::config::Config;
 use ampd::migrate::{self, MigrationSet};
 use entity::{file_metadata, job_events, jobs, manifest_files, physical_table_revisions, workers};
 use migration::MigratorTrait;
-use sea_orm::{
-    ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, NotSet, Set, Statement,
-};
+use sea_orm::{ActiveModelTrait, DatabaseConnection, EntityTrait, NotSet, Set};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::TestDb;
@@ -49,13 +46,10 @@ async fn all_rows(db: &DatabaseConnection) -> Vec<(String, Vec<Value>)> {
     let mut out = Vec::new();
     for (table, order) in tables {
         let sql = format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY {order}");
-        let rows = db
-            .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+        let rows: Vec<Value> = tests::sql::column::<String>(db, &sql)
             .await
-            .expect("read rows");
-        let rows: Vec<Value> = rows
             .iter()
-            .map(|r| serde_json::from_str(&r.try_get_by_index::<String>(0).unwrap()).unwrap())
+            .map(|text| serde_json::from_str(text).unwrap())
             .collect();
         out.push((table.to_owned(), rows));
     }
@@ -204,13 +198,7 @@ async fn fill(db: &DatabaseConnection) -> Vec<i64> {
 #[tokio::test]
 async fn backfill_of_idempotency_keys_keeps_every_row_and_keys_every_job() {
     let db = TestDb::empty().await;
-    let config = Config::from_parts(
-        std::path::Path::new("test.toml"),
-        &tests::cli::config_toml(db.url(), ""),
-        Vec::<(String, String)>::new(),
-    )
-    .expect("config")
-    .metadata_db;
+    let config = tests::metadata_config(db.url());
 
     let report = migrate::migrate(&config, &migrations_up_to(BEFORE_BACKFILL))
         .await

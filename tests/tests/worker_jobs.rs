@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ampd::manifest::{self, FileMeta, RevisionMeta};
 use ampd::metadata::{datasets, files, jobs, revisions, workers};
 use entity::{JobStatus, jobs as job_rows};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::TestDb;
@@ -134,12 +134,7 @@ impl Setup {
 
     /// The event types of job `id`, oldest first.
     async fn events(&self, id: i64) -> Vec<String> {
-        jobs::list_events(&self.conn, id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.event_type)
-            .collect()
+        tests::rows::event_types(&self.conn, id).await
     }
 
     /// The physical table `table` of dataset `ns/name`.
@@ -218,16 +213,7 @@ impl Setup {
 
     /// The one value `sql` selects.
     async fn scalar<T: sea_orm::TryGetable>(&self, sql: String) -> T {
-        let row = self
-            .conn
-            .query_one_raw(Statement::from_string(
-                self.conn.get_database_backend(),
-                sql,
-            ))
-            .await
-            .unwrap()
-            .expect("a row");
-        row.try_get_by_index::<T>(0).unwrap()
+        tests::sql::value(&self.conn, &sql).await
     }
 
     /// Whether any table of `ns/name` has an active revision.
