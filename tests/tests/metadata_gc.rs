@@ -192,7 +192,9 @@ async fn a_collector_that_dies_between_deleting_and_forgetting_is_finished_by_th
     std::fs::write(data.path().join(&old.path).join("unregistered"), b"x").unwrap();
 
     // The first collector lists the expired files and deletes them from storage, then dies
-    // before it forgets them: its transaction never commits.
+    // before it forgets them: its transaction never commits. The server rolls back a dead
+    // session's transaction; the rollback is awaited here, as a dropped transaction's rollback is
+    // only sent later and its row locks would make the next pass skip the rows.
     {
         let tx = db.begin().await.unwrap();
         let expired = files::list_expired(&tx, 100).await.unwrap();
@@ -200,7 +202,7 @@ async fn a_collector_that_dies_between_deleting_and_forgetting_is_finished_by_th
         for entry in &expired {
             std::fs::remove_file(data.path().join(&entry.file_path)).unwrap();
         }
-        drop(tx);
+        tx.rollback().await.unwrap();
     }
     assert_eq!(
         files::list(&db, old.id).await.unwrap().len(),
