@@ -368,20 +368,28 @@ async fn start_server(tmp: &Path) -> Res<Server> {
 
 /// Whether libpq (psql) ends up on TLS with `url`.
 fn uses_tls(bindir: &Path, url: &str, tmp: &Path) -> Res<bool> {
-    let out = Command::new(bindir.join("psql"))
-        .args(["-X", "-A", "-t", "-c"])
-        .arg("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-        .arg(url)
-        .current_dir(tmp)
-        .output()
-        .map_err(|e| format!("run psql: {e}"))?;
+    let stdout = run_tool(
+        "psql on AMP_BENCH_DATABASE_URL",
+        Command::new(bindir.join("psql"))
+            .args(["-X", "-A", "-t", "-c"])
+            .arg("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .arg(url)
+            .current_dir(tmp),
+    )?;
+    Ok(stdout.trim() == "t")
+}
+
+/// Runs a floor's tool to completion and returns its standard output; a failure to start or a
+/// non-zero exit is an error naming `what`, with the tool's standard error.
+fn run_tool(what: &str, cmd: &mut Command) -> Res<String> {
+    let out = cmd.output().map_err(|e| format!("run {what}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "psql on AMP_BENCH_DATABASE_URL failed: {}",
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim() == "t")
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `admin_url` with database `name`.

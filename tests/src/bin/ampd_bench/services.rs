@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
-use super::{Ctx, Databases, Res, Transport, clean_env, first_statement, median, pgbench};
+use super::{
+    Ctx, Databases, Res, Transport, clean_env, first_statement, median, pgbench, run_tool,
+};
 
 /// Rows of the materialization's CSV.
 pub const CSV_ROWS: u64 = 1_000_000;
@@ -395,18 +397,7 @@ fn duckdb(tools: &Tools, csv: &Path, out: &Path) -> Res<f64> {
         out = out.display(),
         cols = columns.join(", "),
     );
-    let res = Command::new(&tools.python)
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .map_err(|e| format!("run duckdb: {e}"))?;
-    if !res.status.success() {
-        return Err(format!(
-            "duckdb failed: {}",
-            String::from_utf8_lossy(&res.stderr).trim()
-        ));
-    }
-    String::from_utf8_lossy(&res.stdout)
+    run_tool("duckdb", Command::new(&tools.python).arg("-c").arg(&script))?
         .trim()
         .parse()
         .map_err(|e| format!("duckdb's time: {e}"))
@@ -473,22 +464,17 @@ fn mb_per_s(bytes: u64, secs: f64) -> f64 {
 /// oha's requests per second, p50 and p99 (ms) against `url` for `secs` with
 /// [`LOAD_CONNECTIONS`] connections; every answer must be a 200.
 fn oha(tools: &Tools, url: &str, secs: u64) -> Res<(f64, f64, f64)> {
-    let out = Command::new(&tools.oha)
-        .args(["--no-tui", "--output-format", "json", "-c"])
-        .arg(LOAD_CONNECTIONS.to_string())
-        .arg("-z")
-        .arg(format!("{secs}s"))
-        .arg(url)
-        .output()
-        .map_err(|e| format!("run oha: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "oha failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    let out = run_tool(
+        "oha",
+        Command::new(&tools.oha)
+            .args(["--no-tui", "--output-format", "json", "-c"])
+            .arg(LOAD_CONNECTIONS.to_string())
+            .arg("-z")
+            .arg(format!("{secs}s"))
+            .arg(url),
+    )?;
     let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("oha's JSON: {e}"))?;
+        serde_json::from_str(&out).map_err(|e| format!("oha's JSON: {e}"))?;
     let codes = &v["statusCodeDistribution"];
     if let Some(map) = codes.as_object()
         && map.keys().any(|k| k != "200")
