@@ -4,7 +4,7 @@ use migration::{Migrator, MigratorTrait};
 use tests::{TestDb, catalog};
 
 fn expected_schema() -> Vec<String> {
-    let mut lines: Vec<String> = include_str!("expected_schema.txt")
+    let mut lines: Vec<String> = include_str!("../expected_schema.txt")
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(str::to_owned)
