@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cluster;
 pub mod fixtures;
 pub mod pgbouncer;
+pub mod proxy;
 pub mod rows;
 pub mod services;
 pub mod sql;

@@ -12,24 +12,13 @@
 //! without TLS.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
-/// `SSLRequest` and `GSSENCRequest`: the 8-byte requests a client may send before its startup
-/// message.
-const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
-
-/// Where the proxy forwards to.
-#[derive(Debug, Clone)]
-enum Upstream {
-    Tcp(String, u16),
-    Unix(PathBuf),
-}
+use crate::proxy::{Upstream, read_startup, url_through};
 
 /// A running counting proxy; stops when dropped.
 pub struct StatementCounter {
@@ -43,31 +32,10 @@ impl StatementCounter {
     /// Starts a proxy to the server of `url` (a `postgresql://` URL, TCP or `?host=/socket/dir`).
     pub async fn start(url: &str) -> StatementCounter {
         let parsed = url::Url::parse(url).expect("database URL");
-        let port = parsed.port().unwrap_or(5432);
-        let socket_dir = parsed
-            .query_pairs()
-            .find(|(k, _)| k == "host")
-            .map(|(_, v)| v.into_owned())
-            .filter(|h| h.starts_with('/'));
-        let upstream = match socket_dir {
-            Some(dir) => Upstream::Unix(PathBuf::from(dir).join(format!(".s.PGSQL.{port}"))),
-            None => Upstream::Tcp(parsed.host_str().unwrap_or("localhost").to_owned(), port),
-        };
+        let upstream = Upstream::of(&parsed);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let local = listener.local_addr().expect("proxy address");
-        let mut client_url = parsed.clone();
-        client_url.set_host(Some("127.0.0.1")).expect("set host");
-        client_url.set_port(Some(local.port())).expect("set port");
-        let kept: Vec<(String, String)> = parsed
-            .query_pairs()
-            .filter(|(k, _)| k != "host" && k != "sslmode")
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        client_url
-            .query_pairs_mut()
-            .clear()
-            .extend_pairs(kept)
-            .append_pair("sslmode", "disable");
+        let client_url = url_through(&parsed, local.port());
 
         let statements = Arc::new(AtomicU64::new(0));
         let counter = statements.clone();
@@ -97,7 +65,7 @@ impl StatementCounter {
             }
         });
         StatementCounter {
-            url: client_url.to_string(),
+            url: client_url,
             statements,
             sent,
             task,
@@ -132,8 +100,6 @@ impl Drop for StatementCounter {
     }
 }
 
-/// Forwards one client connection: the server's bytes as they come, the client's message by
-/// message, counting `Query` and `Execute`.
 /// The NUL-terminated strings at the start of a message body.
 fn cstrings(body: &[u8], n: usize) -> Vec<String> {
     body.split(|b| *b == 0)
@@ -142,6 +108,8 @@ fn cstrings(body: &[u8], n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Forwards one client connection: the server's bytes as they come, the client's message by
+/// message, counting `Query` and `Execute`.
 async fn relay<S>(
     client: TcpStream,
     server: S,
@@ -155,21 +123,7 @@ where
     let (mut from_server, mut to_server) = tokio::io::split(server);
 
     // Before the startup message: refuse TLS and GSS encryption, so the rest is readable.
-    let startup = loop {
-        let len = from_client.read_u32().await?;
-        let mut body = vec![0; (len as usize).saturating_sub(4)];
-        from_client.read_exact(&mut body).await?;
-        let code = body
-            .get(..4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
-        if len == 8 && matches!(code, Some(SSL_REQUEST | GSSENC_REQUEST)) {
-            to_client.write_all(b"N").await?;
-            continue;
-        }
-        let mut message = len.to_be_bytes().to_vec();
-        message.extend_from_slice(&body);
-        break message;
-    };
+    let startup = read_startup(&mut from_client, &mut to_client).await?;
     to_server.write_all(&startup).await?;
 
     let downstream = tokio::spawn(async move {

@@ -6,6 +6,7 @@ mod ampd_migrate;
 mod config_secrets;
 mod controller_api;
 mod e2e;
+mod fault_proxy;
 mod entities;
 mod foreign_keys;
 mod job_fencing;
