@@ -100,7 +100,10 @@ pub(crate) fn url_through(url: &url::Url, port: u16) -> String {
 
 /// Reads the client's startup message, answering "no" to a TLS or GSS request before it, and
 /// returns it whole (length included).
-pub(crate) async fn read_startup<R, W>(from_client: &mut R, to_client: &mut W) -> std::io::Result<Vec<u8>>
+pub(crate) async fn read_startup<R, W>(
+    from_client: &mut R,
+    to_client: &mut W,
+) -> std::io::Result<Vec<u8>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -108,7 +111,9 @@ where
     loop {
         let len = from_client.read_u32().await?;
         if !(8..=10_000).contains(&len) {
-            return Err(std::io::Error::other(format!("startup message of {len} bytes")));
+            return Err(std::io::Error::other(format!(
+                "startup message of {len} bytes"
+            )));
         }
         let mut body = vec![0; len as usize - 4];
         from_client.read_exact(&mut body).await?;
@@ -163,7 +168,8 @@ impl FaultProxy {
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let _ = client.set_nodelay(true);
-                let (upstream, faults, open) = (upstream.clone(), sender.subscribe(), counter.clone());
+                let (upstream, faults, open) =
+                    (upstream.clone(), sender.subscribe(), counter.clone());
                 tokio::spawn(async move {
                     open.fetch_add(1, Ordering::SeqCst);
                     let _ = connection(client, upstream, faults).await;
@@ -248,13 +254,29 @@ async fn connection(
             let _ = server.set_nodelay(true);
             let (from_server, mut to_server) = server.into_split();
             to_server.write_all(&startup).await?;
-            both_ways(from_client, to_client, from_server, to_server, &application, faults).await;
+            both_ways(
+                from_client,
+                to_client,
+                from_server,
+                to_server,
+                &application,
+                faults,
+            )
+            .await;
         }
         Upstream::Unix(path) => {
             let server = UnixStream::connect(path).await?;
             let (from_server, mut to_server) = server.into_split();
             to_server.write_all(&startup).await?;
-            both_ways(from_client, to_client, from_server, to_server, &application, faults).await;
+            both_ways(
+                from_client,
+                to_client,
+                from_server,
+                to_server,
+                &application,
+                faults,
+            )
+            .await;
         }
     }
     Ok(())

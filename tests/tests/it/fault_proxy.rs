@@ -17,13 +17,16 @@ fn named(url: &str, application: &str) -> String {
     url.to_string()
 }
 
-/// Sessions of the test's database running a statement that contains `marker`.
+/// Sessions of the test's database whose statement contains `marker` (spelled in two halves here,
+/// so that this query, and the earlier ones of the pool's other connections, do not match).
 async fn running(admin: &DatabaseConnection, marker: &str) -> i64 {
     tests::sql::count(
         admin,
         &format!(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+             AND query LIKE '%' || '{head}' || '{tail}' || '%'",
+            head = &marker[..1],
+            tail = &marker[1..],
         ),
     )
     .await
@@ -37,7 +40,7 @@ async fn stall_holds_a_statement_back_until_it_ends_and_loses_nothing() {
     let mut conn = PgConnection::connect(proxy.url()).await.expect("connect");
     proxy.set(Fault::Stall);
     let query = tokio::spawn(async move {
-        let n: i64 = sqlx::query_scalar("SELECT 41 + 1 /* stalled_marker */")
+        let n: i64 = sqlx::query_scalar("SELECT 41::bigint + 1 /* stalled_marker */")
             .fetch_one(&mut conn)
             .await
             .expect("the statement completes after the stall");
@@ -104,7 +107,9 @@ async fn a_fault_for_one_application_leaves_the_others_alone() {
     assert_eq!(running(&admin, "victim_marker").await, 0);
     assert_eq!(proxy.open_connections(), 2);
     proxy.clear_for("victim");
-    held.await.expect("join").expect("the victim's statement completes");
+    held.await
+        .expect("join")
+        .expect("the victim's statement completes");
 }
 
 #[tokio::test]
