@@ -1,7 +1,7 @@
 //! `ampd migrate` under faults: killed mid-run, its backend terminated, DDL blocked by a long
 //! transaction, dozens of concurrent runs, and hostile configuration files.
 //!
-//! Figures are printed (`cargo test -p tests --test migrate_faults -- --nocapture`) for the
+//! Figures are printed (`cargo test -p tests --test it -- migrate_faults:: --nocapture`) for the
 //! README's reliability section; no test asserts on timing beyond generous bounds that separate
 //! "bounded" from "hung".
 
