@@ -352,7 +352,7 @@ async fn pollers(conn: &DatabaseConnection, db: &str) -> Vec<(String, bool)> {
         format!(
             "SELECT state, backend_xmin IS NOT NULL FROM pg_stat_activity \
              WHERE datname = '{db}' AND pid <> pg_backend_pid() \
-             AND query LIKE 'SELECT pg_try_advisory_lock(%'"
+             AND query LIKE 'SELECT pg_try_advisory_%lock(%'"
         ),
     ))
     .await
