@@ -48,13 +48,12 @@ pub async fn accept_checksum(
     let session = Session::live(cfg).await?;
     let limit = std::time::Duration::from_secs(cfg.migration_lock_timeout_secs);
     let result = async {
-        lock::acquire(&session, Scope::Transaction, limit, async || {
-            session.begin().await.map_err(MigrateError::database)?;
-            session
-                .write(&transaction_settings_sql(cfg))
-                .await
-                .map_err(MigrateError::database)
-        })
+        lock::acquire(
+            &session,
+            Scope::Transaction,
+            limit,
+            &transaction_settings_sql(cfg),
+        )
         .await?;
         let result = accept(&session, set, name, reason).await;
         // Nothing to accept, or a refusal: end the transaction (and with it the lock).
@@ -72,7 +71,7 @@ async fn accept(
     name: &str,
     reason: &str,
 ) -> Result<Option<Accepted>, MigrateError> {
-    let state = state::read_checked(session).await?;
+    let state = state::read_checked_probed(session).await?;
     // A database ahead of this binary was migrated by a newer ampd: its checksums are not this
     // binary's to judge.
     let ahead: Vec<String> = state

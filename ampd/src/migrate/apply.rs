@@ -141,18 +141,13 @@ pub(super) async fn apply(
         // The lock for the step, then the plan under it.
         match kind {
             StepKind::Transaction => {
-                lock::acquire(session, Scope::Transaction, lock_wait, async || {
-                    session.begin().await.map_err(MigrateError::database)?;
-                    session
-                        .write(&transaction_settings_sql(cfg))
-                        .await
-                        .map_err(MigrateError::database)
-                })
-                .await
-                .map_err(|e| after(e, &done))?;
+                let settings = transaction_settings_sql(cfg);
+                lock::acquire(session, Scope::Transaction, lock_wait, &settings)
+                    .await
+                    .map_err(|e| after(e, &done))?;
             }
             StepKind::Alone => {
-                lock::acquire(session, Scope::Session, lock_wait, async || Ok(()))
+                lock::acquire(session, Scope::Session, lock_wait, "")
                     .await
                     .map_err(|e| after(e, &done))?;
                 if let Err(e) = session.write(&alone_settings_sql(cfg)).await {
@@ -283,12 +278,28 @@ async fn planned<'a>(
     index: usize,
     replan: Replan,
 ) -> Result<(Plan<'a>, Identity), MigrateError> {
-    if replan == Replan::Never {
+    let rest = || {
         let mut plan = given.clone();
         plan.steps.drain(..index.min(plan.steps.len()));
-        return Ok((plan, Identity::default()));
+        plan
+    };
+    if replan == Replan::Never {
+        return Ok((rest(), Identity::default()));
     }
-    let state = state::read_checked(session).await?;
+    if session.is_dry() && index > 0 {
+        // A real run reads again here, and finds this run's earlier steps applied (and the
+        // bookkeeping tables in their current layout); a dry run, which applied nothing, shows
+        // the statement and goes on with its plan.
+        session.record_elsewhere(
+            &state::probe_sql(),
+            "on this session, under this step's lock: the applied set again (in a real run it \
+             holds this run's earlier steps)",
+        );
+        session.record_elsewhere(&state::read_current_sql(), "");
+        return Ok((rest(), Identity::default()));
+    }
+    // In the step's transaction a failing statement would abort it: probe the tables first.
+    let state = state::read_checked_probed(session).await?;
     tracing::debug!(
         applied = state.applied.len(),
         has_seaql = state.has_seaql,
@@ -357,7 +368,6 @@ async fn alone_step(
             .await
             .map_err(Failed::Refused)?;
         let duration = up(session, migration).await.map_err(Failed::Step)?;
-        lock::ensure_held(session).await.map_err(Failed::Refused)?;
         session
             .begin()
             .await

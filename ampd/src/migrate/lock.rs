@@ -57,30 +57,38 @@ fn unlock_sql() -> String {
     format!("SELECT pg_advisory_unlock({LOCK_KEY})")
 }
 
-/// Takes the lock for a step, waiting at most `limit`. With [`Scope::Transaction`], `begin` opens
-/// the step's transaction (and sets its settings) before each attempt, and a failed attempt rolls
-/// it back.
+/// Takes the lock for a step, waiting at most `limit`. With [`Scope::Transaction`], each attempt
+/// opens the step's transaction and sets `settings` in it first, and a failed attempt rolls it
+/// back. Every statement of the wait has the deadline of what is left of `limit`, plus
+/// [`LOCK_MARGIN`].
 pub(super) async fn acquire(
     session: &Session,
     scope: Scope,
     limit: Duration,
-    begin: impl AsyncFn() -> Result<(), MigrateError>,
+    settings: &str,
 ) -> Result<(), MigrateError> {
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let mut attempts = 0_u32;
+    let deadline = || limit.saturating_sub(started.elapsed()) + LOCK_MARGIN;
     loop {
         if scope == Scope::Transaction {
-            begin().await?;
+            session
+                .begin_within(deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
+            session
+                .write_within(settings, deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
         }
         let note = (attempts == 0).then(|| match scope {
             Scope::Transaction => "the migration lock, for this transaction only".to_owned(),
             Scope::Session => "the migration lock, on this session, for this step".to_owned(),
         });
         attempts += 1;
-        let left = limit.saturating_sub(started.elapsed());
         let got = session
-            .ask_within(&take_sql(scope), note, true, left + LOCK_MARGIN)
+            .ask_within(&take_sql(scope), note, true, deadline())
             .await
             .map_err(|e| lock_error(e, started))?;
         if got {
@@ -92,7 +100,10 @@ pub(super) async fn acquire(
             return Ok(());
         }
         if scope == Scope::Transaction {
-            session.rollback().await;
+            session
+                .rollback_within(deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
         }
         if attempts == 1 {
             tracing::info!("another ampd holds the migration lock; waiting for it");
@@ -107,7 +118,6 @@ pub(super) async fn acquire(
             }
             tokio::time::sleep(backoff.min(limit - waited)).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            let left = limit.saturating_sub(started.elapsed());
             let note = (attempts == 1).then(|| {
                 format!(
                     "while another run holds it: asked outside any transaction (answers whether it \
@@ -118,7 +128,7 @@ pub(super) async fn acquire(
                 )
             });
             let free = session
-                .ask_within(&probe_sql(), note, true, left + LOCK_MARGIN)
+                .ask_within(&probe_sql(), note, true, deadline())
                 .await
                 .map_err(|e| lock_error(e, started))?;
             if free || session.is_dry() {
@@ -151,6 +161,23 @@ fn held_sql() -> String {
         (LOCK_KEY as u64) >> 32,
         (LOCK_KEY as u64) & 0xffff_ffff
     )
+}
+
+/// Whether any session of this database holds the lock now (a run that may be building an index
+/// concurrently: its index is INVALID until the build ends).
+pub(super) async fn held_by_a_run(session: &Session) -> Result<bool, MigrateError> {
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND objsubid = 1 AND classid = {}::oid AND objid = {}::oid)",
+        (LOCK_KEY as u64) >> 32,
+        (LOCK_KEY as u64) & 0xffff_ffff
+    );
+    let rows = session.read(&sql).await.map_err(MigrateError::database)?;
+    Ok(rows
+        .first()
+        .and_then(|row| row.try_get_by_index::<bool>(0).ok())
+        .unwrap_or(false))
 }
 
 /// Checks, before each statement of a step that runs alone, that the server session running it

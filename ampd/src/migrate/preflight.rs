@@ -11,7 +11,7 @@
 //! Each step checks again under its lock what may have changed while the run waited.
 
 use super::error::{Identity, MigrateError, quote_ident};
-use super::leftovers;
+use super::{leftovers, lock};
 use super::plan::{Plan, StepKind};
 use super::session::Session;
 use crate::config::MetadataDbConfig;
@@ -29,7 +29,13 @@ pub(super) async fn check(
         .flat_map(|s| s.migrations.iter().copied())
         .collect();
     for &migration in &alone {
-        leftovers::check(session, migration).await?;
+        if let Some(found) = leftovers::find(session, migration).await? {
+            // A run holding the lock may be building that very index right now (INVALID until
+            // it ends): the step decides under the lock, when that run is done.
+            if !lock::held_by_a_run(session).await? {
+                return Err(found);
+            }
+        }
     }
     bookkeeping(session, plan).await?;
     if let Some(first) = alone.first() {

@@ -106,22 +106,28 @@ pub fn no_answer(err: &DbErr) -> Option<f64> {
     text.strip_prefix(NO_ANSWER)?.split(' ').next()?.parse().ok()
 }
 
-/// Waits at most `limit` for `work` on `wire`'s connection; a missed deadline drops the connection
-/// (its state is unknown) and is [`stalled`].
-async fn within<T>(
-    wire: &mut Wire,
-    limit: Duration,
-    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, DbErr>,
-) -> Result<T, DbErr> {
-    let conn = wire.conn.as_mut().ok_or_else(lost)?;
-    match tokio::time::timeout(limit, work(conn)).await {
-        Ok(result) => result,
-        Err(_) => {
-            wire.conn = None;
-            wire.depth = 0;
-            Err(stalled(limit))
+/// Waits at most `limit` for `$work` (an async block using `$conn`, the connection of `$wire`); a
+/// missed deadline drops the connection (its state is unknown) and is [`stalled`]. (A macro, not a
+/// function taking an async closure: such a closure's future is not `Send` for every lifetime,
+/// which the services' spawned tasks need.)
+macro_rules! within {
+    ($wire:expr, $limit:expr, |$conn:ident| $work:expr) => {{
+        let wire: &mut Wire = $wire;
+        let limit: Duration = $limit;
+        let outcome = match wire.conn.as_mut() {
+            None => None,
+            Some($conn) => Some(tokio::time::timeout(limit, $work).await),
+        };
+        match outcome {
+            None => Err(lost()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => {
+                wire.conn = None;
+                wire.depth = 0;
+                Err(stalled(limit))
+            }
         }
-    }
+    }};
 }
 
 fn lost() -> DbErr {
@@ -221,19 +227,68 @@ impl Session {
         if wire.conn.is_none() && self.is_dry() {
             return Ok(Vec::new());
         }
-        let rows = within(&mut wire, self.inner.quick, async |conn| {
+        let rows = within!(&mut wire, self.inner.quick, |conn| async move {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .fetch_all(conn)
                 .await
                 .map_err(query_err)
-        })
-        .await?;
+        })?;
         Ok(rows.into_iter().map(QueryResult::from).collect())
     }
 
     /// Runs `sql`, which changes something: sent in a real run, only written down in a dry run.
     pub async fn write(&self, sql: &str) -> Result<(), DbErr> {
         self.write_noted(sql, None).await
+    }
+
+    /// [`Session::write`] with a client-side deadline of `limit` (at most the run's own).
+    pub async fn write_within(&self, sql: &str, limit: Duration) -> Result<(), DbErr> {
+        self.record(Line::Sql {
+            sql: sql.to_owned(),
+            note: None,
+        });
+        if self.is_dry() {
+            return Ok(());
+        }
+        let mut wire = self.inner.wire.lock().await;
+        self.inner.settle(&mut wire).await?;
+        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(exec_err)
+        })
+    }
+
+    /// Opens a transaction (`BEGIN`) with a client-side deadline of `limit`.
+    pub async fn begin_within(&self, limit: Duration) -> Result<(), DbErr> {
+        self.write_within("BEGIN", limit).await?;
+        self.inner.wire.lock().await.depth = 1;
+        Ok(())
+    }
+
+    /// Rolls back the open transaction with a client-side deadline of `limit`, and says whether
+    /// that failed (a lock attempt that lost needs to know the session still works).
+    pub async fn rollback_within(&self, limit: Duration) -> Result<(), DbErr> {
+        if self.is_dry() {
+            return Ok(());
+        }
+        let mut wire = self.inner.wire.lock().await;
+        let open = wire.depth > 0;
+        wire.depth = 0;
+        wire.deferred = None;
+        self.inner.rollback_pending.store(false, Ordering::SeqCst);
+        if !open {
+            return Ok(());
+        }
+        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
+            sqlx::raw_sql("ROLLBACK")
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(exec_err)
+        })
     }
 
     /// [`Session::write`] with a remark for the script.
@@ -247,14 +302,13 @@ impl Session {
         }
         let mut wire = self.inner.wire.lock().await;
         self.inner.settle(&mut wire).await?;
-        within(&mut wire, self.inner.quick, async |conn| {
+        within!(&mut wire, self.inner.quick, |conn| async move {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(conn)
                 .await
                 .map(|_| ())
                 .map_err(exec_err)
         })
-        .await
     }
 
     /// Asks `sql`, a one-boolean question that changes something (taking or releasing the lock): in
@@ -287,14 +341,13 @@ impl Session {
         let mut wire = self.inner.wire.lock().await;
         self.inner.settle(&mut wire).await?;
         use sqlx::Row as _;
-        within(&mut wire, limit.min(self.inner.quick), async |conn| {
+        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .fetch_one(conn)
                 .await
                 .and_then(|row| row.try_get::<bool, _>(0))
                 .map_err(query_err)
         })
-        .await
     }
 
     /// The server process serving the session (asked, so that a dry run shows it too).
@@ -333,13 +386,12 @@ impl Session {
         self.inner.rollback_pending.store(false, Ordering::SeqCst);
         if open {
             let quick = self.inner.quick;
-            let _ = within(&mut wire, quick, async |conn| {
+            let _ = within!(&mut wire, quick, |conn| async move {
                 sqlx::raw_sql("ROLLBACK")
                     .execute(conn)
                     .await
                     .map_err(exec_err)
-            })
-            .await;
+            });
         }
     }
 
@@ -458,13 +510,12 @@ impl Inner {
                     },
                 );
             } else if wire.conn.is_some() {
-                within(wire, self.quick, async |conn| {
+                within!(wire, self.quick, |conn| async move {
                     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                         .execute(conn)
                         .await
                         .map_err(exec_err)
-                })
-                .await?;
+                })?;
             }
         }
         match wire.deferred.take() {
@@ -505,14 +556,13 @@ impl Inner {
             push(script, Line::Sql { sql, note: None });
             return;
         }
-        let result = within(wire, self.quick, async |conn| {
+        let result = within!(wire, self.quick, |conn| async move {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(conn)
                 .await
                 .map(|_| ())
                 .map_err(exec_err)
-        })
-        .await;
+        });
         if let Err(e) = result {
             wire.deferred.get_or_insert(e);
         }
@@ -675,7 +725,7 @@ impl ProxyDatabaseTrait for Proxy {
             return Ok(Vec::new());
         };
         let limit = self.0.migration_deadline();
-        let rows = within(&mut wire, limit, async |conn| {
+        let rows = within!(&mut wire, limit, |conn| async move {
             match statement.values {
                 Some(values) => {
                     sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
@@ -689,8 +739,7 @@ impl ProxyDatabaseTrait for Proxy {
                 }
             }
             .map_err(query_err)
-        })
-        .await?;
+        })?;
         rows.into_iter().map(proxy_row).collect()
     }
 
@@ -699,7 +748,7 @@ impl ProxyDatabaseTrait for Proxy {
             return Ok(ProxyExecResult::default());
         };
         let limit = self.0.migration_deadline();
-        let done = within(&mut wire, limit, async |conn| {
+        let done = within!(&mut wire, limit, |conn| async move {
             match statement.values {
                 Some(values) => {
                     sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
@@ -713,8 +762,7 @@ impl ProxyDatabaseTrait for Proxy {
                 }
             }
             .map_err(exec_err)
-        })
-        .await?;
+        })?;
         Ok(ProxyExecResult::new(0, done.rows_affected()))
     }
 

@@ -100,7 +100,7 @@ const WHO: &str = "current_user::text AS role, current_database()::text AS datab
                    current_schema()::text AS schema";
 
 /// Both tables in their current layout: one query.
-fn read_current_sql() -> String {
+pub(super) fn read_current_sql() -> String {
     format!(
         "SELECT {WHO}, s.version::text AS version, s.applied_at, h.checksum, \
          h.checksum_algorithm::bigint AS algorithm, h.execution_ms, h.ampd_version, h.adopted, \
@@ -135,7 +135,7 @@ fn read_seaql_sql() -> String {
     )
 }
 
-fn probe_sql() -> String {
+pub(super) fn probe_sql() -> String {
     format!(
         "SELECT {WHO}, to_regclass('seaql_migrations') IS NOT NULL AS has_seaql, \
          to_regclass('ampd_migrations') IS NOT NULL AS has_history, \
@@ -183,7 +183,20 @@ fn rows_to_state(rows: &[QueryResult], mut state: DbState) -> Result<DbState, Db
 
 /// [`read`], with a refusal to read explained: the role and the GRANT that lets it read.
 pub(super) async fn read_checked(db: &impl Reader) -> Result<DbState, MigrateError> {
-    match read(db).await {
+    explained(db, read(db).await).await
+}
+
+/// [`read_checked`] for a transaction, where a failing statement aborts it: the tables are probed
+/// first, and only the read that fits them is sent.
+pub(super) async fn read_checked_probed(db: &impl Reader) -> Result<DbState, MigrateError> {
+    explained(db, read_after_probe(db).await).await
+}
+
+async fn explained(
+    db: &impl Reader,
+    read: Result<DbState, DbErr>,
+) -> Result<DbState, MigrateError> {
+    match read {
         Ok(state) => Ok(state),
         Err(e) => match pg_error(&e) {
             Some(pg) if pg.code == "42501" => Err(read_denied(db, &pg.message).await),
@@ -245,6 +258,12 @@ pub(super) async fn read(db: &impl Reader) -> Result<DbState, DbErr> {
             _ => return Err(e),
         },
     }
+    read_after_probe(db).await
+}
+
+/// Reads the applied set after a probe of which bookkeeping tables exist: two statements, none
+/// of which fails on a fresh database.
+async fn read_after_probe(db: &impl Reader) -> Result<DbState, DbErr> {
     let rows = db.rows(&probe_sql()).await?;
     let probe = rows.first().ok_or_else(|| {
         DbErr::Custom("the probe of the bookkeeping tables returned no row".into())

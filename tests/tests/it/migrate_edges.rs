@@ -422,9 +422,11 @@ async fn bookkeeping_privileges_are_checked_before_the_index_is_built() {
         .await
         .expect("drop index");
     let role = login_role("indexer").await;
-    // The role owns the table the index is built on and may read, but not write, the bookkeeping.
+    // The role owns the table the index is built on (and may create in its schema, as building
+    // an index needs) and may read, but not write, the bookkeeping.
     conn.execute_unprepared(&format!(
         "ALTER TABLE physical_tables OWNER TO \"{role}\"; \
+         GRANT USAGE, CREATE ON SCHEMA public TO \"{role}\"; \
          GRANT SELECT ON seaql_migrations, ampd_migrations TO \"{role}\""
     ))
     .await

@@ -205,7 +205,8 @@ async fn a_failure_keeps_the_steps_before_it_and_says_which() {
     assert!(
         text.contains(
             "this step was rolled back; the 2 migration(s) applied by earlier steps of this run \
-             stay applied and recorded (the last: m20990102_000002_index_items_v)"
+             stay applied and recorded (m20990102_000001_items, m20990102_000002_index_items_v; \
+             the last: m20990102_000002_index_items_v)"
         ),
         "{text}"
     );
