@@ -797,6 +797,16 @@ mod tests {
     }
 
     #[test]
+    fn a_url_with_an_empty_authority_is_kept_for_libpq_defaults() {
+        for url in [
+            "postgresql:///db",
+            "postgresql://%2Fvar%2Frun%2Fpostgresql/db",
+        ] {
+            assert_eq!(DatabaseUrl::parse(url).unwrap().expose(), url);
+        }
+    }
+
+    #[test]
     fn bad_url_is_rejected_without_password() {
         for (url, why) in [
             ("mysql://u:hunter2@h/db", "unsupported URL scheme `mysql`"),
@@ -807,6 +817,10 @@ mod tests {
             ("u:hunter2@h/db", "unsupported URL"),
             ("hunter2", "not a valid URL"),
             ("postgresql:hunter2", "missing `//`"),
+            ("postgresql:/u:hunter2@h/db", "missing `//`"),
+            ("postgres:/", "missing `//`"),
+            ("postgresql://u:hun@ter2@h/db", "unencoded `@`"),
+            ("postgresql://u:hunter2@my host/db", "not a valid URL"),
             ("", "empty"),
         ] {
             let msg = load_err(&format!("[metadata_db]\nurl = \"{url}\"\n"), &[]);

@@ -87,7 +87,8 @@ fn peer_of(fd: i32) -> Option<SocketAddr> {
     match i32::from(addr.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a `sockaddr_in`.
-            let v4 = unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let v4 =
+                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
             Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(v4.sin_port)))
         }

@@ -95,9 +95,11 @@ pub async fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let db = &config.metadata_db;
     if args.action.is_some() && (args.dry_run || args.only.is_some()) {
-        return Err("--dry-run and --only apply to `ampd migrate` itself, not to its subcommands \
+        return Err(
+            "--dry-run and --only apply to `ampd migrate` itself, not to its subcommands \
                     (`status`, `accept-checksum`)"
-            .into());
+                .into(),
+        );
     }
     match (args.action, args.dry_run, args.only) {
         (Some(MigrateAction::Status { json }), _, _) => {

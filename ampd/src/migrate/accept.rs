@@ -9,11 +9,11 @@
 
 use migration::Algorithm;
 
+use super::apply::transaction_settings_sql;
 use super::error::MigrateError;
+use super::lock::{self, Scope};
 use super::session::Session;
 use super::set::MigrationSet;
-use super::apply::transaction_settings_sql;
-use super::lock::{self, Scope};
 use super::verify::{ChecksumState, checksum_state};
 use super::{record, state};
 use crate::config::MetadataDbConfig;

@@ -126,7 +126,35 @@ pub(super) enum Replan {
 }
 
 /// Applies `plan` and records what it applied.
+///
+/// A plan with a step that runs alone runs only on a session proven to be its own (see
+/// [`super::preflight`]); there the run also holds the lock on the session from before its first
+/// step to after its last (each step's own lock is then granted at once, advisory locks being
+/// re-entrant), so one run applies the whole plan while others wait, instead of taking turns
+/// between steps.
 pub(super) async fn apply(
+    session: &Session,
+    cfg: &MetadataDbConfig,
+    set: &MigrationSet,
+    plan: &Plan<'_>,
+    replan: Replan,
+) -> Result<Done, MigrateError> {
+    let hold =
+        replan == Replan::UnderEachLock && plan.steps.iter().any(|s| s.kind == StepKind::Alone);
+    if !hold {
+        return steps(session, cfg, set, plan, replan).await;
+    }
+    let lock_wait = Duration::from_secs(cfg.migration_lock_timeout_secs);
+    lock::acquire(session, Scope::Session, lock_wait, "").await?;
+    let result = steps(session, cfg, set, plan, replan).await;
+    let released = lock::release(session).await;
+    let done = result?;
+    released.map_err(|e| after(e, &done))?;
+    Ok(done)
+}
+
+/// The steps of `plan`, each under its own lock.
+async fn steps(
     session: &Session,
     cfg: &MetadataDbConfig,
     set: &MigrationSet,
@@ -207,9 +235,10 @@ pub(super) async fn apply(
                 }
                 done.applied.extend(applied);
                 if step.kind == StepKind::Alone {
-                    session.write(RESET_SQL).await.map_err(|e| {
-                        after(MigrateError::database(e), &done)
-                    })?;
+                    session
+                        .write(RESET_SQL)
+                        .await
+                        .map_err(|e| after(MigrateError::database(e), &done))?;
                     lock::release(session).await.map_err(|e| after(e, &done))?;
                 }
             }
@@ -295,7 +324,10 @@ async fn planned<'a>(
             "on this session, under this step's lock: the applied set again (in a real run it \
              holds this run's earlier steps)",
         );
-        session.record_elsewhere(&state::read_current_sql(), "");
+        session.record_elsewhere(
+            &state::read_current_sql(),
+            "then the read that fits the tables the probe found",
+        );
         return Ok((rest(), Identity::default()));
     }
     // In the step's transaction a failing statement would abort it: probe the tables first.

@@ -11,9 +11,9 @@ use serde::Serialize;
 use super::apply;
 use super::error::MigrateError;
 use super::plan::{Bookkeeping, Plan, Step, StepKind};
+use super::run;
 use super::session::{Line, Session};
 use super::set::{MigrationSet, uses_transaction};
-use super::run;
 use crate::config::MetadataDbConfig;
 
 /// What a run would send, in order.

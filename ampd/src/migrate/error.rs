@@ -284,9 +284,18 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
-    /// A database error outside any migration.
+    /// A database error outside any migration (a statement that got no answer in time is said as
+    /// such).
     pub(super) fn database(err: DbErr) -> Self {
-        MigrateError::Database(describe(&err))
+        match super::session::no_answer(&err) {
+            Some(secs) => MigrateError::NoAnswer {
+                during: "reading or recording the migration state".to_owned(),
+                secs,
+                waited_secs: secs,
+                outcome: "see `ampd migrate status` for what is applied".to_owned(),
+            },
+            None => MigrateError::Database(describe(&err)),
+        }
     }
 }
 
@@ -407,7 +416,10 @@ pub(super) fn privilege_error(
                 quote_ident(table)
             ),
             Some(("sequence", sequence)) => {
-                format!("GRANT USAGE ON SEQUENCE {} TO {role};", quote_ident(sequence))
+                format!(
+                    "GRANT USAGE ON SEQUENCE {} TO {role};",
+                    quote_ident(sequence)
+                )
             }
             Some((kind, object)) => format!(
                 "GRANT ALL ON {} {} TO {role};",
@@ -485,6 +497,32 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("create table"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_table_privilege_gets_a_grant_naming_the_table() {
+        let err = privilege_error(
+            "m",
+            &pg("permission denied for table jobs"),
+            &who(),
+            None,
+            "nothing was applied",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "as an administrator, run: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE \
+                 \"public\".\"jobs\" TO \"amp-app\";"
+            ),
+            "{text}"
+        );
+        let mut no_schema = pg("no schema has been selected to create in");
+        no_schema.code = "3F000".into();
+        let text = privilege_error("bookkeeping", &no_schema, &who(), None, "").to_string();
+        assert!(
+            text.contains("search_path") && text.contains("nothing was changed"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -11,9 +11,9 @@
 //! Each step checks again under its lock what may have changed while the run waited.
 
 use super::error::{Identity, MigrateError, quote_ident};
-use super::{leftovers, lock};
 use super::plan::{Plan, StepKind};
 use super::session::Session;
+use super::{leftovers, lock};
 use crate::config::MetadataDbConfig;
 
 /// Runs every check before the first step of `plan`.

@@ -103,7 +103,11 @@ pub fn no_answer(err: &DbErr) -> Option<f64> {
     let DbErr::Conn(RuntimeErr::Internal(text)) = err else {
         return None;
     };
-    text.strip_prefix(NO_ANSWER)?.split(' ').next()?.parse().ok()
+    text.strip_prefix(NO_ANSWER)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Waits at most `limit` for `$work` (an async block using `$conn`, the connection of `$wire`); a
@@ -459,7 +463,11 @@ impl Session {
             let _ = conn.close().await;
         }
         let moved = own.windows(2).any(|w| w[0] != w[1]) || other.windows(2).any(|w| w[0] != w[1]);
-        if let Some(&pid) = own.iter().find(|p| other.contains(p)).or(moved.then(|| own.first()).flatten()) {
+        if let Some(&pid) = own
+            .iter()
+            .find(|p| other.contains(p))
+            .or(moved.then(|| own.first()).flatten())
+        {
             return Err(MigrateError::Connect(db::ConnectError::NotASession {
                 key: db::session_key(cfg),
                 url: url.redacted(),

@@ -223,12 +223,15 @@ async fn read_denied(db: &impl Reader, message: &str) -> MigrateError {
         .unwrap_or_else(|| "<role>".to_owned());
     let tables: Option<String> = row.and_then(|r| r.try_get("", "tables").ok()).flatten();
     let role = quote_ident(&role);
-    let grant = match (message.strip_prefix("permission denied for schema "), tables) {
+    let grant = match (
+        message.strip_prefix("permission denied for schema "),
+        tables,
+    ) {
         (Some(schema), _) => format!("GRANT USAGE ON SCHEMA {} TO {role};", quote_ident(schema)),
         (None, Some(tables)) => format!("GRANT SELECT ON TABLE {tables} TO {role};"),
-        (None, None) => format!(
-            "GRANT SELECT ON TABLE \"seaql_migrations\", \"ampd_migrations\" TO {role};"
-        ),
+        (None, None) => {
+            format!("GRANT SELECT ON TABLE \"seaql_migrations\", \"ampd_migrations\" TO {role};")
+        }
     };
     MigrateError::ReadDenied {
         role,

@@ -109,9 +109,7 @@ async fn closed_or_failing_pipes_never_stop_a_run_half_way() {
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(
         out.stderr.contains("could not be written to stdout")
-            && out
-                .stderr
-                .contains(&format!("applied {total} migrations")),
+            && out.stderr.contains(&format!("applied {total} migrations")),
         "{}",
         out.stderr
     );
@@ -223,11 +221,7 @@ async fn mistyped_urls_are_refused_before_connecting_without_printing_the_passwo
     let out = cli::run(
         cli::ampd(),
         &["--config", config.to_str().unwrap(), "migrate"],
-        &[
-            ("PGHOST", &socket_dir),
-            ("PGPORT", &port),
-            ("PGUSER", user),
-        ],
+        &[("PGHOST", &socket_dir), ("PGPORT", &port), ("PGUSER", user)],
         Duration::from_secs(60),
     )
     .await;
@@ -367,7 +361,11 @@ async fn read_path_and_connect_permission_errors_give_the_grant_that_fixes_them(
         "{grant:?}"
     );
     assert_eq!(after.code, Some(0), "{}", after.all());
-    assert!(after.stdout.contains("schema is up to date"), "{}", after.stdout);
+    assert!(
+        after.stdout.contains("schema is up to date"),
+        "{}",
+        after.stdout
+    );
     assert_eq!(no_connect.code, Some(1), "{}", no_connect.all());
     assert!(
         connect_grant
@@ -448,7 +446,11 @@ async fn bookkeeping_privileges_are_checked_before_the_index_is_built() {
     tests::admin_exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 
     assert_eq!(denied.code, Some(1), "{}", denied.all());
-    assert_eq!(built, 0, "the index was built before the refusal: {}", denied.stderr);
+    assert_eq!(
+        built, 0,
+        "the index was built before the refusal: {}",
+        denied.stderr
+    );
     assert!(
         grant.as_deref().is_some_and(|g| g.contains("INSERT")
             && g.contains("\"seaql_migrations\"")
@@ -548,7 +550,8 @@ async fn failures_on_direct_url_are_named_as_such() {
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(
-        out.stderr.contains("metadata_db.direct_url") && !out.stderr.contains("fix metadata_db.url"),
+        out.stderr.contains("metadata_db.direct_url")
+            && !out.stderr.contains("fix metadata_db.url"),
         "{}",
         out.stderr
     );

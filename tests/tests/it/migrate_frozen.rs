@@ -131,7 +131,10 @@ fn timers_to(port: u16) -> Vec<u8> {
 #[tokio::test]
 async fn the_migration_session_has_tcp_keepalive() {
     if !std::path::Path::new("/proc/net/tcp").exists() {
-        tests::not_run("the_migration_session_has_tcp_keepalive", "no /proc/net/tcp");
+        tests::not_run(
+            "the_migration_session_has_tcp_keepalive",
+            "no /proc/net/tcp",
+        );
         return;
     }
     let db = TestDb::empty().await;
@@ -150,7 +153,10 @@ async fn the_migration_session_has_tcp_keepalive() {
         .expect("proxy port");
     // A connection nobody set keepalive on shows none: the probe can fail.
     let plain = tests::connect(proxy.url(), 1).await;
-    plain.execute_unprepared("SELECT 1").await.expect("a plain query");
+    plain
+        .execute_unprepared("SELECT 1")
+        .await
+        .expect("a plain query");
     assert!(
         !timers_to(port).contains(&2),
         "keepalive before ampd ran: {:?}",
@@ -176,5 +182,9 @@ async fn the_migration_session_has_tcp_keepalive() {
         .await
         .unwrap_or(false);
     let _ = child.kill().await;
-    assert!(found, "no socket to the server with keepalive: {:?}", timers_to(port));
+    assert!(
+        found,
+        "no socket to the server with keepalive: {:?}",
+        timers_to(port)
+    );
 }
