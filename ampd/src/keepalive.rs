@@ -36,10 +36,9 @@ pub fn enable_to(port: u16, addresses: &[IpAddr]) -> usize {
                 continue;
             };
             let Some(peer) = peer_of(fd) else { continue };
-            if peer.port() == port && (addresses.is_empty() || addresses.contains(&peer.ip())) {
-                if set(fd) {
-                    n += 1;
-                }
+            let ours = addresses.is_empty() || addresses.contains(&peer.ip());
+            if peer.port() == port && ours && set(fd) {
+                n += 1;
             }
         }
         n
