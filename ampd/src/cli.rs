@@ -17,9 +17,10 @@ use crate::{logging, migrate_cmd, redact, service_cmd};
 #[derive(Debug, Parser)]
 #[command(name = "ampd", version, about, long_about = None)]
 struct Cli {
-    /// Configuration file (TOML). Every key can be overridden from the environment as
+    /// Configuration file (TOML), before or after the subcommand; default: the AMP_CONFIG
+    /// environment variable. Every key can be overridden from the environment as
     /// AMP_CONFIG_<SECTION>__<KEY>, e.g. AMP_CONFIG_METADATA_DB__URL.
-    #[arg(long, global = true, env = "AMP_CONFIG", value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -88,9 +89,22 @@ pub fn main(migrations: fn() -> MigrationSet) -> ExitCode {
     }
 }
 
+/// The configuration file: `--config`, else `AMP_CONFIG` (set but empty is an error, not "unset").
+fn config_path(cli: &Cli) -> Result<Option<PathBuf>, Box<dyn std::error::Error>> {
+    if let Some(path) = &cli.config {
+        return Ok(Some(path.clone()));
+    }
+    match std::env::var_os("AMP_CONFIG") {
+        Some(value) if value.is_empty() => Err(EMPTY_AMP_CONFIG.into()),
+        Some(value) => Ok(Some(PathBuf::from(value))),
+        None => Ok(None),
+    }
+}
+
 async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn std::error::Error>> {
+    let path = config_path(&cli)?;
     let load = || -> Result<Config, Box<dyn std::error::Error>> {
-        let config = match &cli.config {
+        let config = match &path {
             Some(path) => Config::load(path)?,
             None => return Err(NO_CONFIG.into()),
         };
@@ -104,7 +118,7 @@ async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn s
     match cli.command {
         // Solo finds its configuration itself (it may live in its directory, or not exist).
         Command::Solo { node_id, amp_dir } => {
-            crate::solo::run(cli.config.as_deref(), &amp_dir, node_id, migrations).await
+            crate::solo::run(path.as_deref(), &amp_dir, node_id, migrations).await
         }
         Command::Migrate(args) => migrate_cmd::run(&load()?, args, &migrations()).await,
         Command::Controller => service_cmd::controller(load()?, migrations).await,
@@ -114,6 +128,8 @@ async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn s
 }
 
 const NO_CONFIG: &str = "no configuration file: pass --config <path> (before or after the subcommand) or set AMP_CONFIG=<path>";
+
+const EMPTY_AMP_CONFIG: &str = "AMP_CONFIG is set but empty: set it to the configuration file's path, unset it, or pass --config <path>";
 
 /// `error: <what failed>` and one `  caused by: <why>` line per source, secrets redacted.
 fn print_error(err: &dyn std::error::Error) {

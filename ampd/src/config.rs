@@ -61,6 +61,12 @@ pub struct MetadataDbConfig {
     pub migration_lock_timeout_secs: u64,
     /// PostgreSQL `lock_timeout` for migration DDL, in milliseconds; 1 ..= 2147483647.
     pub ddl_lock_timeout_ms: u64,
+    /// Seconds a concurrent index build (a migration that runs alone) may wait for older
+    /// transactions and for a lock on its table; 1 ..= 86400.
+    pub concurrent_index_timeout_secs: u64,
+    /// Client-side bound, in seconds, on each statement of a migration (beyond it the run
+    /// concludes that the network or the server is frozen); 1 ..= 86400.
+    pub migration_statement_timeout_secs: u64,
 }
 
 /// `[controller]`: the admin API and the scheduling loop.
@@ -139,6 +145,8 @@ impl Default for MetadataDbConfig {
             idle_timeout_secs: 600,
             migration_lock_timeout_secs: 60,
             ddl_lock_timeout_ms: 5000,
+            concurrent_index_timeout_secs: 600,
+            migration_statement_timeout_secs: 3600,
         }
     }
 }
@@ -239,8 +247,22 @@ impl DatabaseUrl {
                 "unsupported URL; expected postgres://... or postgresql://...".to_owned()
             });
         }
-        if url.cannot_be_a_base() {
+        // `postgresql:/user:pw@host/db` parses as a path without an authority: refused, as libpq
+        // would, instead of connecting to a default target as a default user.
+        let after_scheme = &s[scheme.len() + 1..];
+        if url.cannot_be_a_base() || !after_scheme.starts_with("//") {
             return Err(format!("missing `//` after the scheme; {URL_SHAPE}"));
+        }
+        // The user part ends at the first `@` for libpq, at the last one for a WHATWG parser: an
+        // unencoded `@` (in a password) means two different URLs.
+        let authority = after_scheme[2..]
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default();
+        if authority.matches('@').count() > 1 {
+            return Err(format!(
+                "the user part holds an unencoded `@` (write it as %40); {URL_SHAPE}"
+            ));
         }
         Ok(DatabaseUrl(s.to_owned()))
     }
@@ -775,6 +797,16 @@ mod tests {
     }
 
     #[test]
+    fn a_url_with_an_empty_authority_is_kept_for_libpq_defaults() {
+        for url in [
+            "postgresql:///db",
+            "postgresql://%2Fvar%2Frun%2Fpostgresql/db",
+        ] {
+            assert_eq!(DatabaseUrl::parse(url).unwrap().expose(), url);
+        }
+    }
+
+    #[test]
     fn bad_url_is_rejected_without_password() {
         for (url, why) in [
             ("mysql://u:hunter2@h/db", "unsupported URL scheme `mysql`"),
@@ -785,6 +817,10 @@ mod tests {
             ("u:hunter2@h/db", "unsupported URL"),
             ("hunter2", "not a valid URL"),
             ("postgresql:hunter2", "missing `//`"),
+            ("postgresql:/u:hunter2@h/db", "missing `//`"),
+            ("postgres:/", "missing `//`"),
+            ("postgresql://u:hun@ter2@h/db", "unencoded `@`"),
+            ("postgresql://u:hunter2@my host/db", "not a valid URL"),
             ("", "empty"),
         ] {
             let msg = load_err(&format!("[metadata_db]\nurl = \"{url}\"\n"), &[]);

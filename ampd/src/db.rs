@@ -31,10 +31,12 @@ pub enum ConnectError {
     /// The server did not accept a connection within the connect timeout (refused, unreachable,
     /// DNS failure, TLS failure, or the server is starting up).
     #[error(
-        "failed to connect to metadata database: {cause} (url {url}; gave up after {:.1} s)",
+        "failed to connect to metadata database: {cause} ({key} {url}; gave up after {:.1} s)",
         elapsed.as_secs_f64()
     )]
     Unreachable {
+        /// The configuration key the URL came from.
+        key: &'static str,
         /// The URL, password redacted.
         url: String,
         /// The last error seen.
@@ -44,9 +46,11 @@ pub enum ConnectError {
     },
     /// The server answered, but the database named in the URL does not exist.
     #[error(
-        "failed to connect to metadata database: database \"{database}\" does not exist (url {url}); create it (CREATE DATABASE \"{database}\") or fix metadata_db.url"
+        "failed to connect to metadata database: database \"{database}\" does not exist ({key} {url}); create it (CREATE DATABASE \"{database}\") or fix {key}"
     )]
     DatabaseMissing {
+        /// The configuration key the URL came from.
+        key: &'static str,
         /// The URL, password redacted.
         url: String,
         /// The database name the server reported missing.
@@ -54,9 +58,11 @@ pub enum ConnectError {
     },
     /// The server refused the credentials or the role.
     #[error(
-        "failed to connect to metadata database: {cause} (url {url}); check the user and password in metadata_db.url"
+        "failed to connect to metadata database: {cause} ({key} {url}); check the user and password in {key}"
     )]
     Rejected {
+        /// The configuration key the URL came from.
+        key: &'static str,
         /// The URL, password redacted.
         url: String,
         /// The server's message.
@@ -70,21 +76,43 @@ pub enum ConnectError {
     /// The server (or a pooler in front of it) refused the connection for another reason than the
     /// credentials, e.g. a startup parameter it does not support or a database it does not serve.
     #[error(
-        "failed to connect to metadata database: the server refused the connection: {cause} (url {url})"
+        "failed to connect to metadata database: the server refused the connection: {cause} ({key} {url})"
     )]
     Refused {
+        /// The configuration key the URL came from.
+        key: &'static str,
         /// The URL, password redacted.
         url: String,
         /// The server's message, with its SQLSTATE.
         cause: String,
     },
     /// The URL could not be turned into connection options.
-    #[error("failed to connect to metadata database: invalid url {url}: {cause}")]
+    #[error("failed to connect to metadata database: invalid {key} {url}: {cause}")]
     InvalidUrl {
+        /// The configuration key the URL came from.
+        key: &'static str,
         /// The URL, password redacted.
         url: String,
         /// Why it is invalid.
         cause: String,
+    },
+    /// The role may not connect to the database (no CONNECT privilege).
+    #[error(
+        "failed to connect to metadata database: {message} ({key} {url}): role {role} lacks the \
+         CONNECT privilege on database {database}. As an administrator, run: GRANT CONNECT ON \
+         DATABASE {database} TO {role};"
+    )]
+    ConnectDenied {
+        /// The configuration key the URL came from.
+        key: &'static str,
+        /// The URL, password redacted.
+        url: String,
+        /// The server's message.
+        message: String,
+        /// The role, quoted.
+        role: String,
+        /// The database, quoted.
+        database: String,
     },
     /// Work that needs a session of its own was pointed at a pooler that shares server sessions
     /// between its clients (transaction or statement mode).
@@ -174,11 +202,12 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
 /// Connection options for `url` as ampd uses them everywhere: no startup parameter a pooler could
 /// refuse, an IPv6 literal host (`[::1]`) as an address, no TLS request on a Unix socket,
 /// statements logged at debug level, application name `ampd`.
-fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> {
+fn connect_options(url: &DatabaseUrl, key: &'static str) -> Result<PgConnectOptions, ConnectError> {
     let opts: PgConnectOptions =
         url.expose()
             .parse()
             .map_err(|e: sqlx::Error| ConnectError::InvalidUrl {
+                key,
                 url: url.redacted(),
                 cause: crate::redact::redact_url(&e.to_string()),
             })?;
@@ -220,7 +249,8 @@ pub async fn connect(
     max_connections: u32,
 ) -> Result<DatabaseConnection, ConnectError> {
     let url = cfg.url.as_ref().ok_or(ConnectError::NoUrl)?;
-    let opts = connect_options(url)?;
+    let key = "metadata_db.url";
+    let opts = connect_options(url, key)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
     let pool = PgPoolOptions::new()
@@ -239,7 +269,17 @@ pub async fn connect(
         Err(_) => sqlx::Error::PoolTimedOut,
     };
     pool.close().await;
-    Err(classify(url, &opts, err, started.elapsed(), timeout).await)
+    Err(classify(url, key, &opts, err, started, timeout).await)
+}
+
+/// The configuration key `url` came from: `metadata_db.direct_url` when it is that URL, else
+/// `metadata_db.url` (errors name the key, since the two redacted URLs may look alike).
+pub fn key_of(cfg: &MetadataDbConfig, url: &DatabaseUrl) -> &'static str {
+    if cfg.direct_url.as_ref() == Some(url) {
+        "metadata_db.direct_url"
+    } else {
+        "metadata_db.url"
+    }
 }
 
 /// The URL for work that needs a real session of its own (LISTEN, node claims):
@@ -268,7 +308,8 @@ where
     F: FnMut(PgConnectOptions) -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let opts = connect_options(url)?;
+    let key = key_of(cfg, url);
+    let opts = connect_options(url, key)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
     let mut delay = Duration::from_millis(50);
@@ -280,11 +321,23 @@ where
             {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => e,
-                Err(_) => sqlx::Error::PoolTimedOut,
+                // A listener that accepts but never answers: no second try within the timeout.
+                Err(_) => {
+                    return Err(ConnectError::Unreachable {
+                        key,
+                        url: url.redacted(),
+                        cause: format!(
+                            "no answer to the connection's startup within {} s (a listener that \
+                             accepts but never answers: a frozen network, server or pooler)",
+                            timeout.as_secs()
+                        ),
+                        elapsed: started.elapsed(),
+                    });
+                }
             };
         let left = timeout.saturating_sub(started.elapsed());
         if !is_transient(&err) || left.is_zero() {
-            return Err(classify(url, &opts, err, started.elapsed(), timeout).await);
+            return Err(classify(url, key, &opts, err, started, timeout).await);
         }
         tracing::debug!(error = %crate::redact::redact_url(&err.to_string()), "connect failed; retrying");
         // The last try is made when the timeout is reached, not a backoff step before it.
@@ -319,28 +372,41 @@ where
 
 async fn classify(
     url: &DatabaseUrl,
+    key: &'static str,
     opts: &PgConnectOptions,
     err: sqlx::Error,
-    elapsed: Duration,
+    started: Instant,
     timeout: Duration,
 ) -> ConnectError {
     if let Some(pg) = pg_error_of_sqlx(&err) {
         return match pg.code.as_str() {
             "3D000" => ConnectError::DatabaseMissing {
+                key,
                 url: url.redacted(),
                 database: url.database().unwrap_or_default(),
             },
             // invalid_password, invalid_authorization_specification.
             "28P01" | "28000" => ConnectError::Rejected {
+                key,
                 url: url.redacted(),
                 cause: pg.message,
+            },
+            // insufficient_privilege at connect: CONNECT on the database.
+            "42501" => ConnectError::ConnectDenied {
+                key,
+                url: url.redacted(),
+                message: pg.message,
+                role: quote_ident(opts.get_username()),
+                database: quote_ident(opts.get_database().unwrap_or(opts.get_username())),
             },
             _ if is_transient(&err) => ConnectError::Unreachable {
+                key,
                 url: url.redacted(),
                 cause: pg.message,
-                elapsed,
+                elapsed: started.elapsed(),
             },
             code => ConnectError::Refused {
+                key,
                 url: url.redacted(),
                 cause: format!("{} (SQLSTATE {code})", pg.message),
             },
@@ -348,14 +414,17 @@ async fn classify(
     }
     if !is_transient(&err) {
         return ConnectError::Refused {
+            key,
             url: url.redacted(),
             cause: crate::redact::redact_url(&err.to_string()),
         };
     }
-    // The pool only says it timed out: one more direct attempt tells why.
+    // The pool only says it timed out: one more direct attempt tells why, within what is left of
+    // the timeout (so the time the error states is the time it took).
     let cause = match &err {
         sqlx::Error::PoolTimedOut => {
-            match tokio::time::timeout(Duration::from_secs(1), opts.connect()).await {
+            let left = timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, opts.connect()).await {
                 Ok(Err(e)) => crate::redact::redact_url(&e.to_string()),
                 _ => format!("no answer within {} s", timeout.as_secs()),
             }
@@ -363,16 +432,43 @@ async fn classify(
         other => crate::redact::redact_url(&other.to_string()),
     };
     ConnectError::Unreachable {
+        key,
         url: url.redacted(),
         cause,
-        elapsed,
+        elapsed: started.elapsed(),
     }
+}
+
+/// `name` as an SQL identifier, in double quotes.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Opens one plain connection of its own to `url` (no settings applied), with the pool's connect
 /// options and retries ([`with_connect_retry`]).
 pub async fn open(cfg: &MetadataDbConfig, url: &DatabaseUrl) -> Result<PgConnection, ConnectError> {
     with_connect_retry(url, cfg, |opts| async move { opts.connect().await }).await
+}
+
+/// [`open`], with TCP keepalive on the connection's socket ([`crate::keepalive`]).
+pub async fn open_with_keepalive(
+    cfg: &MetadataDbConfig,
+    url: &DatabaseUrl,
+) -> Result<PgConnection, ConnectError> {
+    let conn = open(cfg, url).await?;
+    if let Ok(opts) = connect_options(url, key_of(cfg, url))
+        && opts.get_socket().is_none()
+        && !opts.get_host().starts_with('/')
+    {
+        let port = opts.get_port();
+        let addresses: Vec<std::net::IpAddr> = tokio::net::lookup_host((opts.get_host(), port))
+            .await
+            .map(|found| found.map(|a| a.ip()).collect())
+            .unwrap_or_default();
+        let n = crate::keepalive::enable_to(port, &addresses);
+        tracing::debug!(sockets = n, "TCP keepalive on the migration session");
+    }
+    Ok(conn)
 }
 
 /// How long a check's second connection may wait for a server process before the check concludes
@@ -423,6 +519,7 @@ pub async fn check_session(
     };
     let _ = second.close().await;
     let pid = pid.map_err(|e| ConnectError::Refused {
+        key: session_key(cfg),
         url: url.redacted(),
         cause: crate::redact::redact_url(&e.to_string()),
     })?;
@@ -449,6 +546,7 @@ pub async fn require_session(
     let result = match pid {
         Ok(pid) => check_session(cfg, pid, work).await,
         Err(e) => Err(ConnectError::Refused {
+            key: session_key(cfg),
             url: url.redacted(),
             cause: crate::redact::redact_url(&e.to_string()),
         }),
@@ -500,6 +598,7 @@ pub async fn check_prepared_statements(cfg: &MetadataDbConfig) -> Result<(), Con
                     }
                 }
                 _ => ConnectError::Refused {
+                    key: "metadata_db.url",
                     url: url.redacted(),
                     cause: crate::redact::redact_url(&e.to_string()),
                 },

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod keepalive;
 mod logging;
 pub mod manifest;
 pub mod metadata;

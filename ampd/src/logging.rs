@@ -23,16 +23,21 @@ pub fn init() {
 
 /// Stderr, through [`redact::redact`]. The formatter writes each event whole, so a secret is never
 /// split across two writes.
+///
+/// A log line that cannot be written (stderr closed by its reader, `2>&1 | head -1`, or full) is
+/// dropped: the work goes on. Reporting the failure would not reach anyone, and the subscriber's
+/// own report of it (`eprintln!`) would panic half-way through a run.
 struct RedactingStderr;
 
 impl Write for RedactingStderr {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let text = String::from_utf8_lossy(buf);
-        io::stderr().write_all(redact::redact(&text).as_bytes())?;
+        let _ = io::stderr().write_all(redact::redact(&text).as_bytes());
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        io::stderr().flush()
+        let _ = io::stderr().flush();
+        Ok(())
     }
 }

@@ -9,7 +9,6 @@ use crate::config::Config;
 use crate::migrate::{self, MigrationSet};
 
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct MigrateArgs {
     /// Print what a run would send, in order (the lock, the settings, the bookkeeping, every
     /// migration's statements, the records), sending only the statements that read. Shows which
@@ -56,9 +55,20 @@ fn non_empty(text: &str) -> Result<String, String> {
     }
 }
 
+/// The result of a command could not be written to stdout (other than a reader that went away).
+#[derive(Debug, thiserror::Error)]
+#[error("{done}; but the result could not be written to stdout")]
+struct Unwritten {
+    /// What the command did, in full, since stdout cannot say it.
+    done: String,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Writes `text` to stdout. A reader that went away (`ampd migrate | head -0`) does not turn what
-/// was done into a failure: the result was already committed, and stderr still reports it.
-fn print(text: &str) -> std::io::Result<()> {
+/// was done into a failure: the result was already committed, and stderr still reports it. Any
+/// other failure (a full disk, `> /dev/full`) is an error that says what was done (`done`).
+fn print(text: &str, done: impl FnOnce() -> String) -> Result<(), Unwritten> {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
@@ -68,9 +78,15 @@ fn print(text: &str) -> std::io::Result<()> {
             tracing::debug!("stdout is closed; the result was not printed");
             Ok(())
         }
-        other => other,
+        Err(source) => Err(Unwritten {
+            done: done(),
+            source,
+        }),
+        Ok(()) => Ok(()),
     }
 }
+
+const READ_ONLY: fn() -> String = || "nothing was changed".to_owned();
 
 pub async fn run(
     config: &Config,
@@ -78,39 +94,55 @@ pub async fn run(
     set: &MigrationSet,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let db = &config.metadata_db;
+    if args.action.is_some() && (args.dry_run || args.only.is_some()) {
+        return Err(
+            "--dry-run and --only apply to `ampd migrate` itself, not to its subcommands \
+                    (`status`, `accept-checksum`)"
+                .into(),
+        );
+    }
     match (args.action, args.dry_run, args.only) {
         (Some(MigrateAction::Status { json }), _, _) => {
             let states = migrate::status(db, set).await?;
             if json {
-                print(&format!("{}\n", serde_json::to_string_pretty(&states)?))?;
+                print(
+                    &format!("{}\n", serde_json::to_string_pretty(&states)?),
+                    READ_ONLY,
+                )?;
             } else {
-                print(&status_table(&states))?;
+                print(&status_table(&states), READ_ONLY)?;
             }
         }
         (Some(MigrateAction::AcceptChecksum { name, reason }), _, _) => {
             match migrate::accept_checksum(db, set, &name, &reason).await? {
-                Some(accepted) => print(&format!(
-                    "accepted checksum {} for {} (was {}, algorithm {}); the old value and the \
-                     reason are kept in {}.checksum_history\n",
-                    accepted.new,
-                    accepted.name,
-                    accepted.old,
-                    accepted.old_algorithm,
-                    migrate::HISTORY_TABLE
-                ))?,
-                None => print(&format!(
-                    "{name}: the recorded checksum already matches (or none is recorded yet); \
-                     nothing changed\n"
-                ))?,
+                Some(accepted) => {
+                    let text = format!(
+                        "accepted checksum {} for {} (was {}, algorithm {}); the old value and the \
+                         reason are kept in {}.checksum_history",
+                        accepted.new,
+                        accepted.name,
+                        accepted.old,
+                        accepted.old_algorithm,
+                        migrate::HISTORY_TABLE
+                    );
+                    print(&format!("{text}\n"), || text.clone())?
+                }
+                None => print(
+                    &format!(
+                        "{name}: the recorded checksum already matches (or none is recorded yet); \
+                         nothing changed\n"
+                    ),
+                    READ_ONLY,
+                )?,
             }
         }
         (None, true, Some(name)) => {
             let plan = migrate::dry_run_one(db, set, &name).await?;
-            print(&plan.script())?;
+            print(&plan.script(), READ_ONLY)?;
         }
         (None, true, None) => {
             let plan = migrate::dry_run(db, set).await?;
-            print(&plan.script())?;
+            print(&plan.script(), READ_ONLY)?;
         }
         (None, false, _) => {
             tracing::info!(url = %crate::db::session_url(db)?, "migrating metadata database");
@@ -121,7 +153,20 @@ pub async fn run(
             }
             out.push_str(&report.summary());
             out.push('\n');
-            print(&out)?;
+            print(&out, || {
+                let names: Vec<&str> = report.applied.iter().map(|a| a.name.as_str()).collect();
+                let mut done = format!("the run is complete: {}", report.summary());
+                if !names.is_empty() {
+                    done.push_str(&format!(" ({})", names.join(", ")));
+                }
+                if !report.adopted.is_empty() {
+                    done.push_str(&format!(
+                        "; recorded {} (applied earlier without ampd)",
+                        report.adopted.join(", ")
+                    ));
+                }
+                done
+            })?;
         }
     }
     Ok(())

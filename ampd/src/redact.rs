@@ -107,8 +107,43 @@ fn ends_word(c: char) -> bool {
     c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>')
 }
 
+/// A `postgres:` or `postgresql:` scheme not followed by `//` (`postgresql:/user:pw@host/db`, a
+/// mistyped URL) is given its `//`, so that its user part is found as in a URL.
+fn with_authority(s: &str) -> std::borrow::Cow<'_, str> {
+    let lower = s.to_ascii_lowercase();
+    let mut inserts = Vec::new();
+    for scheme in ["postgresql:", "postgres:"] {
+        for (at, _) in lower.match_indices(scheme) {
+            let end = at + scheme.len();
+            let starts_word = at == 0 || !lower.as_bytes()[at - 1].is_ascii_alphanumeric();
+            if starts_word && !lower[end..].starts_with("//") && !inserts.contains(&end) {
+                // `postgres:` inside `postgresql:` is not a scheme of its own.
+                if scheme == "postgres:" && lower[..end].ends_with("postgresql:") {
+                    continue;
+                }
+                inserts.push(end);
+            }
+        }
+    }
+    if inserts.is_empty() {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    inserts.sort_unstable();
+    let mut out = String::with_capacity(s.len() + 2 * inserts.len());
+    let mut cursor = 0;
+    for at in inserts {
+        out.push_str(&s[cursor..at]);
+        let slashes = s[at..].bytes().take_while(|&b| b == b'/').count();
+        out.push_str(&"//"[..2 - slashes.min(2)]);
+        cursor = at;
+    }
+    out.push_str(&s[cursor..]);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Shape-based redaction of free text (see [`redact_url`]).
 fn redact_text(s: &str) -> String {
+    let s = &*with_authority(s);
     let mut out = String::with_capacity(s.len());
     let mut cursor = 0;
     while let Some(rel) = s[cursor..].find("://") {
@@ -289,6 +324,24 @@ mod tests {
         for s in ["", "://", ":///@", "a://:@", "x://é:ü@", "://@:"] {
             let _ = redact_url(s);
         }
+    }
+
+    #[test]
+    fn a_url_without_its_authority_slashes_is_redacted_too() {
+        for (text, expected) in [
+            (
+                "url=postgresql:/amp:HunterPw2@host/db",
+                "url=postgresql://amp:***@host/db",
+            ),
+            (
+                "postgresql:amp:HunterPw2@host/db",
+                "postgresql://amp:***@host/db",
+            ),
+            ("postgres:/u:Pw@h", "postgres://u:***@h"),
+        ] {
+            assert_eq!(redact_url(text), expected);
+        }
+        assert_eq!(redact_url("postgresql:///db"), "postgresql:///db");
     }
 
     #[test]

@@ -101,6 +101,18 @@ impl PgBouncer {
     /// Starts PgBouncer in `mode` with `pool_size` server connections per database, for `test`;
     /// `None` when it is not installed (outside CI).
     pub fn start(mode: PoolMode, pool_size: u32, test: &str) -> Option<PgBouncer> {
+        PgBouncer::start_with(mode, pool_size, "", test)
+    }
+
+    /// [`PgBouncer::start`] with more `[pgbouncer]` settings (`extra`: `key = value` lines), e.g.
+    /// `server_round_robin = 1`, which hands a client the server connection used longest ago
+    /// instead of the one just released.
+    pub fn start_with(
+        mode: PoolMode,
+        pool_size: u32,
+        extra: &str,
+        test: &str,
+    ) -> Option<PgBouncer> {
         let bin = require("pgbouncer", ".ci/run (apt-get install pgbouncer)", test)?;
         let version = version_of(&bin);
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -125,7 +137,7 @@ impl PgBouncer {
             "[databases]\n* = {upstream}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1,::1\n\
              listen_port = {port}\nunix_socket_dir =\nauth_type = any\npool_mode = {mode_name}\n\
              default_pool_size = {pool_size}\nmax_client_conn = 500\n{prepared}\
-             logfile = {log}\npidfile = {pid}\n",
+             logfile = {log}\npidfile = {pid}\n{extra}\n",
             upstream = upstream(),
             log = dir.join("pgbouncer.log").display(),
             pid = dir.join("pgbouncer.pid").display(),

@@ -307,6 +307,18 @@ impl Problems<'_> {
             db.migration_lock_timeout_secs,
         );
         self.at_most(lock_wait, MAX_MIGRATION_LOCK_TIMEOUT_SECS, "one day");
+        let index_wait = (
+            "metadata_db.concurrent_index_timeout_secs",
+            db.concurrent_index_timeout_secs,
+        );
+        self.at_least_1(index_wait.0, index_wait.1);
+        self.at_most(index_wait, MAX_MIGRATION_LOCK_TIMEOUT_SECS, "one day");
+        let statement = (
+            "metadata_db.migration_statement_timeout_secs",
+            db.migration_statement_timeout_secs,
+        );
+        self.at_least_1(statement.0, statement.1);
+        self.at_most(statement, MAX_MIGRATION_LOCK_TIMEOUT_SECS, "one day");
         self.not_empty(
             "controller.admin_token",
             c.admin_token.as_ref().map(|t| t.expose()),

@@ -2,16 +2,20 @@
 //! example when a sea-orm or sea-query upgrade forces an edit that does not change what it did),
 //! without dropping the database or editing the history by hand. Under the migration lock, the
 //! recorded checksum of one applied migration is replaced by this binary's; the old value, its
-//! algorithm, the reason, the time and this ampd's version are appended to the row's
-//! `checksum_history`.
+//! algorithm, the reason, the time, this ampd's version and the database role are appended to the
+//! row's `checksum_history`. It runs in one transaction holding the lock for that transaction
+//! (safe through a pooler in transaction mode), and refuses a database that is ahead of this
+//! binary, and a checksum recorded with an algorithm this binary does not know (a newer ampd's).
 
 use migration::Algorithm;
 
+use super::apply::transaction_settings_sql;
 use super::error::MigrateError;
+use super::lock::{self, Scope};
 use super::session::Session;
 use super::set::MigrationSet;
 use super::verify::{ChecksumState, checksum_state};
-use super::{lock, record, state};
+use super::{record, state};
 use crate::config::MetadataDbConfig;
 
 /// A checksum accepted by [`accept_checksum`].
@@ -42,9 +46,20 @@ pub async fn accept_checksum(
         });
     }
     let session = Session::live(cfg).await?;
-    let result = lock::holding(&session, cfg, async || {
-        accept(&session, set, name, reason).await
-    })
+    let limit = std::time::Duration::from_secs(cfg.migration_lock_timeout_secs);
+    let result = async {
+        lock::acquire(
+            &session,
+            Scope::Transaction,
+            limit,
+            &transaction_settings_sql(cfg),
+        )
+        .await?;
+        let result = accept(&session, set, name, reason).await;
+        // Nothing to accept, or a refusal: end the transaction (and with it the lock).
+        session.rollback().await;
+        result
+    }
     .await;
     session.close().await;
     result
@@ -56,15 +71,33 @@ async fn accept(
     name: &str,
     reason: &str,
 ) -> Result<Option<Accepted>, MigrateError> {
-    let state = state::read(session).await.map_err(MigrateError::database)?;
+    let state = state::read_checked_probed(session).await?;
+    // A database ahead of this binary was migrated by a newer ampd: its checksums are not this
+    // binary's to judge.
+    let ahead: Vec<String> = state
+        .applied
+        .iter()
+        .filter(|row| set.find(&row.version).is_none())
+        .map(|row| row.version.clone())
+        .collect();
+    if !ahead.is_empty() {
+        return Err(MigrateError::DatabaseAhead { names: ahead });
+    }
     let row = state.row(name).ok_or_else(|| MigrateError::NotApplied {
         name: name.to_owned(),
     })?;
     let Some(old) = row.checksum.clone() else {
         return Ok(None);
     };
-    if checksum_state(set, row) == ChecksumState::Ok {
-        return Ok(None);
+    match checksum_state(set, row) {
+        ChecksumState::Ok | ChecksumState::Unrecorded => return Ok(None),
+        ChecksumState::UnknownAlgorithm => {
+            return Err(MigrateError::UnknownAlgorithm {
+                name: name.to_owned(),
+                algorithm: row.algorithm,
+            });
+        }
+        ChecksumState::Mismatch => {}
     }
     let new = set.checksum(name, Algorithm::CURRENT);
     let accepted = Accepted {
@@ -73,7 +106,6 @@ async fn accept(
         old_algorithm: row.algorithm,
         new,
     };
-    session.begin().await.map_err(MigrateError::database)?;
     let changed = async {
         if !state.history_current {
             record::upgrade(session).await?;

@@ -11,9 +11,9 @@ use serde::Serialize;
 use super::apply;
 use super::error::MigrateError;
 use super::plan::{Bookkeeping, Plan, Step, StepKind};
+use super::run;
 use super::session::{Line, Session};
 use super::set::{MigrationSet, uses_transaction};
-use super::{run, settings_sql};
 use crate::config::MetadataDbConfig;
 
 /// What a run would send, in order.
@@ -121,10 +121,6 @@ pub async fn dry_run_one(
             name: name.to_owned(),
         })?;
     let session = Session::dry(None).await?;
-    session
-        .write(&settings_sql(cfg))
-        .await
-        .map_err(MigrateError::database)?;
     let plan = Plan {
         steps: vec![Step {
             kind: if uses_transaction(migration) {
@@ -137,14 +133,7 @@ pub async fn dry_run_one(
         }],
         bookkeeping: Bookkeeping::default(),
     };
-    apply::apply(
-        &session,
-        cfg.ddl_lock_timeout_ms,
-        set,
-        &Default::default(),
-        &plan,
-    )
-    .await?;
+    apply::apply(&session, cfg, set, &plan, apply::Replan::Never).await?;
     Ok(DryRun::new(
         format!(
             "ampd migrate --dry-run --only {name}: the statements a run sends for this migration, \

@@ -117,8 +117,7 @@ pub enum MigrateError {
     /// The role lacks another privilege a migration (or the bookkeeping) needs.
     #[error(
         "migration {name} failed: {message} (SQLSTATE 42501): role {role} lacks a privilege it needs. \
-         {outcome}. Grant it to {role} (e.g. GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ... TO \
-         {role}), or run ampd migrate as the owner of the schema"
+         {outcome}. Run ampd migrate as the owner of the schema, or as an administrator, run: {grant}"
     )]
     Privilege {
         /// The migration (or `bookkeeping`).
@@ -129,13 +128,98 @@ pub enum MigrateError {
         role: String,
         /// What stays applied.
         outcome: String,
+        /// The statement that grants what is missing.
+        grant: String,
+    },
+    /// The role may not read the bookkeeping tables (the read every run and `status` starts with).
+    #[error(
+        "role {role} may not read the migration bookkeeping ({message}); nothing was changed. As an \
+         administrator, run: {grant}"
+    )]
+    ReadDenied {
+        /// The connected role, quoted.
+        role: String,
+        /// PostgreSQL's message.
+        message: String,
+        /// The statement that grants what is missing.
+        grant: String,
+    },
+    /// Checked before the first step: the role may not write the bookkeeping tables.
+    #[error(
+        "role {role} may not record migrations: it lacks {missing}; nothing was changed (checked \
+         before the first step). As an administrator, run: {grant}"
+    )]
+    BookkeepingDenied {
+        /// The connected role, quoted.
+        role: String,
+        /// The privileges missing, and where.
+        missing: String,
+        /// The statement that grants them.
+        grant: String,
+    },
+    /// No schema on the search path exists or may be used, so no table can be created.
+    #[error(
+        "no schema on the search_path of role {role} in database {database} exists or may be used \
+         (current_schema() is NULL), so the bookkeeping tables cannot be created; nothing was \
+         changed. Fix the search_path (e.g. ALTER ROLE {role} SET search_path = public), or, if \
+         the schema exists but the role may not use it, as an administrator, run: {grant}"
+    )]
+    NoSchema {
+        /// The connected role, quoted.
+        role: String,
+        /// The database, quoted.
+        database: String,
+        /// The statement that grants the use of `public`.
+        grant: String,
+    },
+    /// A concurrent index build waited longer than `concurrent_index_timeout_secs` for older
+    /// transactions (or a lock on its table).
+    #[error(
+        "migration {name} failed: its concurrent index build waited more than \
+         metadata_db.concurrent_index_timeout_secs ({secs} s) for older transactions or a lock on \
+         its table to end ({message}); {outcome}. Find the long transactions (pg_stat_activity, \
+         oldest xact_start first), let them finish or raise the bound, and run again"
+    )]
+    ConcurrentIndexTimeout {
+        /// The migration.
+        name: String,
+        /// The configured bound.
+        secs: u64,
+        /// PostgreSQL's message.
+        message: String,
+        /// What stays applied.
+        outcome: String,
+    },
+    /// A statement got no answer within its client-side deadline.
+    #[error(
+        "no answer from the metadata database within {secs:.1} s while {during} (after {waited_secs:.1} \
+         s): a frozen network, server or pooler; the connection was closed, so the server ends what \
+         it was doing once it notices. {outcome}"
+    )]
+    NoAnswer {
+        /// What the run was doing.
+        during: String,
+        /// The deadline missed.
+        secs: f64,
+        /// How long the run waited in all.
+        waited_secs: f64,
+        /// What stays applied.
+        outcome: String,
+    },
+    /// A failure after earlier steps of the run applied migrations.
+    #[error("{err}; but earlier steps of this run changed the database: {earlier}")]
+    AfterSteps {
+        /// The failure.
+        err: Box<MigrateError>,
+        /// What the earlier steps applied, by name.
+        earlier: String,
     },
     /// A migration could not lock a table within `ddl_lock_timeout_ms` because another session
     /// holds a conflicting lock on it.
     #[error(
         "migration {name} failed: a table it changes is locked by another session and the lock was not \
-         granted within {timeout_ms} ms ({message}); {outcome}. Find the blocking session \
-         (pg_stat_activity / pg_locks), let it finish, and run again"
+         granted within metadata_db.ddl_lock_timeout_ms ({timeout_ms} ms) ({message}); {outcome}. \
+         Find the blocking session (pg_stat_activity / pg_locks), let it finish, and run again"
     )]
     LockedByOtherSession {
         /// The migration.
@@ -200,9 +284,18 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
-    /// A database error outside any migration.
+    /// A database error outside any migration (a statement that got no answer in time is said as
+    /// such).
     pub(super) fn database(err: DbErr) -> Self {
-        MigrateError::Database(describe(&err))
+        match super::session::no_answer(&err) {
+            Some(secs) => MigrateError::NoAnswer {
+                during: "reading or recording the migration state".to_owned(),
+                secs,
+                waited_secs: secs,
+                outcome: "see `ampd migrate status` for what is applied".to_owned(),
+            },
+            None => MigrateError::Database(describe(&err)),
+        }
     }
 }
 
@@ -304,26 +397,45 @@ pub(super) fn privilege_error(
             grant: format!("GRANT CREATE ON DATABASE {database} TO {role};"),
         };
     }
-    if pg
-        .message
-        .starts_with("no schema has been selected to create in")
-    {
-        let schema = quote_ident(who.schema.as_deref().unwrap_or("public"));
-        return MigrateError::CreateDenied {
-            place: format!(
-                "database {} (no schema on the search path)",
-                quote_ident(&who.database)
-            ),
-            role: role.clone(),
-            message: pg.message.clone(),
-            grant: format!("GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};"),
+    // SQLSTATE 3F000 (invalid_schema_name): no schema on the search path exists or may be used.
+    if pg.code == "3F000" {
+        return MigrateError::NoSchema {
+            database: quote_ident(&who.database),
+            grant: format!("GRANT USAGE, CREATE ON SCHEMA \"public\" TO {role};"),
+            role,
         };
     }
+    let grant = match pg.message.strip_prefix("permission denied for ") {
+        Some(object) => match object.split_once(' ') {
+            Some(("table" | "relation", table)) => format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {}{} TO {role};",
+                who.schema
+                    .as_deref()
+                    .map(|s| format!("{}.", quote_ident(s)))
+                    .unwrap_or_default(),
+                quote_ident(table)
+            ),
+            Some(("sequence", sequence)) => {
+                format!(
+                    "GRANT USAGE ON SEQUENCE {} TO {role};",
+                    quote_ident(sequence)
+                )
+            }
+            Some((kind, object)) => format!(
+                "GRANT ALL ON {} {} TO {role};",
+                kind.to_uppercase(),
+                quote_ident(object)
+            ),
+            None => format!("GRANT ... TO {role}; (PostgreSQL did not name the object)"),
+        },
+        None => format!("GRANT ... TO {role}; (PostgreSQL did not name the object)"),
+    };
     MigrateError::Privilege {
         name: name.to_owned(),
         message: pg.message.clone(),
         role,
         outcome: outcome.to_owned(),
+        grant,
     }
 }
 
@@ -385,6 +497,32 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("create table"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_table_privilege_gets_a_grant_naming_the_table() {
+        let err = privilege_error(
+            "m",
+            &pg("permission denied for table jobs"),
+            &who(),
+            None,
+            "nothing was applied",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "as an administrator, run: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE \
+                 \"public\".\"jobs\" TO \"amp-app\";"
+            ),
+            "{text}"
+        );
+        let mut no_schema = pg("no schema has been selected to create in");
+        no_schema.code = "3F000".into();
+        let text = privilege_error("bookkeeping", &no_schema, &who(), None, "").to_string();
+        assert!(
+            text.contains("search_path") && text.contains("nothing was changed"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,77 +1,97 @@
-//! The migration lock: a session-level advisory lock on the migration session.
+//! The migration lock, `LOCK_KEY`, taken for each step on the server session that runs it:
 //!
-//! A run waits for it by asking `pg_try_advisory_lock` again and again, with backoff, never by
-//! blocking in `pg_advisory_lock`: a session blocked there keeps a snapshot, `CREATE INDEX
-//! CONCURRENTLY` in the lock holder waits for every older snapshot, and PostgreSQL then finds a
-//! deadlock and aborts one of them. Between two questions a waiting run holds nothing.
+//! - a step that runs in a transaction takes it **transaction-scoped**
+//!   (`pg_try_advisory_xact_lock` inside the step's transaction) and sets its settings with
+//!   `SET LOCAL`: the lock and the settings end with the transaction, on whatever server session
+//!   ran it, so nothing outlives the step even behind a pooler in transaction mode;
+//! - a step that must run alone (`CREATE INDEX CONCURRENTLY`, outside any transaction) takes it
+//!   **session-level** (`pg_try_advisory_lock`) on a session proven to be a real one before the run
+//!   started ([`super::preflight`]), checks before each statement that the session running it
+//!   holds it, and releases it (checking the answer) when the step ends.
+//!
+//! A run waits by asking `pg_try_advisory_xact_lock` outside any transaction (it answers whether the
+//! lock is free now, and holds nothing afterwards) again and again with backoff, never by blocking
+//! in `pg_advisory_lock`: a session blocked there keeps a snapshot, `CREATE INDEX CONCURRENTLY` in
+//! the lock holder waits for every older snapshot, and PostgreSQL then finds a deadlock and aborts
+//! one of them. Between two questions a waiting run holds nothing. Every question has a client-side
+//! deadline: what is left of `migration_lock_timeout_secs`, plus [`LOCK_MARGIN`].
 
 use std::time::{Duration, Instant};
 
+use super::LOCK_KEY;
 use super::error::MigrateError;
 use super::session::Session;
-use super::{LOCK_KEY, settings_sql};
-use crate::config::MetadataDbConfig;
 
 /// The first pause between two attempts; it doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The longest pause between two attempts: a waiting run asks at most four times a second, so it
 /// follows a short run quickly, and dozens of them cost the server next to nothing.
-const MAX_BACKOFF: Duration = Duration::from_millis(250);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
-fn try_lock_sql() -> String {
-    format!("SELECT pg_try_advisory_lock({LOCK_KEY})")
+/// How much longer than `migration_lock_timeout_secs` a run may wait for the answer to its last
+/// question before it concludes that the server or the network is frozen.
+pub(super) const LOCK_MARGIN: Duration = Duration::from_secs(2);
+
+/// Which lock a step takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// `pg_try_advisory_xact_lock`, in the step's open transaction.
+    Transaction,
+    /// `pg_try_advisory_lock`, on the session (a step that runs alone).
+    Session,
+}
+
+fn probe_sql() -> String {
+    format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})")
+}
+
+fn take_sql(scope: Scope) -> String {
+    match scope {
+        Scope::Transaction => format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})"),
+        Scope::Session => format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
+    }
 }
 
 fn unlock_sql() -> String {
     format!("SELECT pg_advisory_unlock({LOCK_KEY})")
 }
 
-/// Runs `work` under the lock: first proves the session is one of its own and sets its settings
-/// (nothing has changed yet), then waits for the lock (at most `migration_lock_timeout_secs`), runs
-/// `work`, and releases the lock, failing if it was no longer held.
-pub(super) async fn holding<T>(
+/// Takes the lock for a step, waiting at most `limit`. With [`Scope::Transaction`], each attempt
+/// opens the step's transaction and sets `settings` in it first, and a failed attempt rolls it
+/// back. Every statement of the wait has the deadline of what is left of `limit`, plus
+/// [`LOCK_MARGIN`].
+pub(super) async fn acquire(
     session: &Session,
-    cfg: &MetadataDbConfig,
-    work: impl AsyncFnOnce() -> Result<T, MigrateError>,
-) -> Result<T, MigrateError> {
-    session.check_own(cfg).await?;
-    session
-        .write(&settings_sql(cfg))
-        .await
-        .map_err(MigrateError::database)?;
-    acquire(
-        session,
-        Duration::from_secs(cfg.migration_lock_timeout_secs),
-    )
-    .await?;
-    let result = work().await;
-    let released = release(session).await;
-    let value = result?;
-    released?;
-    Ok(value)
-}
-
-/// Takes the lock, waiting at most `limit`.
-async fn acquire(session: &Session, limit: Duration) -> Result<(), MigrateError> {
+    scope: Scope,
+    limit: Duration,
+    settings: &str,
+) -> Result<(), MigrateError> {
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
-    let note = format!(
-        "asked again while it answers false, after {} ms doubling up to {} ms, for at most {} s; \
-         nothing is held in between",
-        FIRST_BACKOFF.as_millis(),
-        MAX_BACKOFF.as_millis(),
-        limit.as_secs()
-    );
     let mut attempts = 0_u32;
+    let deadline = || limit.saturating_sub(started.elapsed()) + LOCK_MARGIN;
     loop {
-        let note = (attempts == 0).then(|| note.clone());
+        if scope == Scope::Transaction {
+            session
+                .begin_within(deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
+            session
+                .write_within(settings, deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
+        }
+        let note = (attempts == 0).then(|| match scope {
+            Scope::Transaction => "the migration lock, for this transaction only".to_owned(),
+            Scope::Session => "the migration lock, on this session, for this step".to_owned(),
+        });
         attempts += 1;
-        if session
-            .ask(&try_lock_sql(), note, true)
+        let got = session
+            .ask_within(&take_sql(scope), note, true, deadline())
             .await
-            .map_err(MigrateError::database)?
-        {
+            .map_err(|e| lock_error(e, started))?;
+        if got {
             tracing::debug!(
                 waited_ms = started.elapsed().as_millis() as u64,
                 attempts,
@@ -79,21 +99,60 @@ async fn acquire(session: &Session, limit: Duration) -> Result<(), MigrateError>
             );
             return Ok(());
         }
-        let waited = started.elapsed();
-        if waited >= limit {
-            return Err(MigrateError::LockTimeout {
-                waited_secs: waited.as_secs(),
-            });
+        if scope == Scope::Transaction {
+            session
+                .rollback_within(deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
         }
         if attempts == 1 {
             tracing::info!("another ampd holds the migration lock; waiting for it");
         }
-        tokio::time::sleep(backoff.min(limit - waited)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        // Ask, holding nothing, until it is free (or the time is up); then take it again.
+        loop {
+            let waited = started.elapsed();
+            if waited >= limit {
+                return Err(MigrateError::LockTimeout {
+                    waited_secs: waited.as_secs(),
+                });
+            }
+            tokio::time::sleep(backoff.min(limit - waited)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let note = (attempts == 1).then(|| {
+                format!(
+                    "while another run holds it: asked outside any transaction (answers whether it \
+                     is free, holds nothing), after {} ms doubling up to {} ms, for at most {} s",
+                    FIRST_BACKOFF.as_millis(),
+                    MAX_BACKOFF.as_millis(),
+                    limit.as_secs()
+                )
+            });
+            let free = session
+                .ask_within(&probe_sql(), note, true, deadline())
+                .await
+                .map_err(|e| lock_error(e, started))?;
+            if free || session.is_dry() {
+                break;
+            }
+        }
     }
 }
 
-/// Whether the session serving the statement holds the lock.
+/// A failure while waiting for the lock: a question that got no answer in time is the frozen
+/// network's, said as such.
+fn lock_error(err: sea_orm::DbErr, started: Instant) -> MigrateError {
+    match super::session::no_answer(&err) {
+        Some(secs) => MigrateError::NoAnswer {
+            during: "waiting for the migration lock".to_owned(),
+            secs,
+            waited_secs: started.elapsed().as_secs_f64(),
+            outcome: "nothing was changed".to_owned(),
+        },
+        None => MigrateError::database(err),
+    }
+}
+
+/// Whether the session serving the statement holds the lock at session level.
 fn held_sql() -> String {
     // A bigint key is (classid, objid) = (high, low) 32 bits, objsubid 1.
     format!(
@@ -104,9 +163,26 @@ fn held_sql() -> String {
     )
 }
 
-/// Checks, at the start of a step, that the server session running it holds the lock: a pooler
-/// that moved the client to another server session (or a migration that released the lock) would
-/// otherwise let two runs apply at once.
+/// Whether any session of this database holds the lock now (a run that may be building an index
+/// concurrently: its index is INVALID until the build ends).
+pub(super) async fn held_by_a_run(session: &Session) -> Result<bool, MigrateError> {
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND objsubid = 1 AND classid = {}::oid AND objid = {}::oid)",
+        (LOCK_KEY as u64) >> 32,
+        (LOCK_KEY as u64) & 0xffff_ffff
+    );
+    let rows = session.read(&sql).await.map_err(MigrateError::database)?;
+    Ok(rows
+        .first()
+        .and_then(|row| row.try_get_by_index::<bool>(0).ok())
+        .unwrap_or(false))
+}
+
+/// Checks, before each statement of a step that runs alone, that the server session running it
+/// holds the lock: a pooler that moved the client to another server session (or a migration that
+/// released the lock) would otherwise let two runs apply at once.
 pub(super) async fn ensure_held(session: &Session) -> Result<(), MigrateError> {
     let held = session
         .ask(
@@ -123,8 +199,9 @@ pub(super) async fn ensure_held(session: &Session) -> Result<(), MigrateError> {
     }
 }
 
-/// Releases the lock, and fails if the session no longer held it.
-async fn release(session: &Session) -> Result<(), MigrateError> {
+/// Releases the session-level lock of a step that ran alone, and fails if the session no longer
+/// held it.
+pub(super) async fn release(session: &Session) -> Result<(), MigrateError> {
     let held = session
         .ask(&unlock_sql(), None, true)
         .await

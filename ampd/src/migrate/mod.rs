@@ -3,19 +3,21 @@
 //!
 //! A run ([`migrate`], the steps in [`run`]):
 //! 1. connects the migration session: one connection to `metadata_db.direct_url` (default `url`),
-//!    held until the end ([`session`]);
+//!    held until the end, every statement with a client-side deadline ([`session`]);
 //! 2. reads the applied set and validates it against this binary ([`state`], [`verify`]): an
 //!    applied migration this binary does not know, or a recorded checksum that does not match
 //!    (computed with the algorithm it was recorded with), is refused. With nothing to do it stops
 //!    here, after one query;
-//! 3. checks that the session is one of its own (not a pooler in transaction mode), before any
-//!    change, and sets `lock_timeout` (`ddl_lock_timeout_ms`) and `client_connection_check_interval`;
-//! 4. waits for the advisory lock [`LOCK_KEY`], asking with backoff for at most
-//!    `migration_lock_timeout_secs` and holding nothing while it waits ([`lock`]);
-//! 5. under the lock, reads and validates again (another run may have just migrated), plans the
-//!    pending migrations into steps ([`plan`]) and applies them, recording each one in the step
-//!    that applied it ([`apply`], [`record`]);
-//! 6. releases the lock, and fails if it was no longer held.
+//! 3. plans the pending migrations into steps ([`plan`]) and checks, before the first step, all
+//!    that can refuse the run: leftovers of the steps that run alone, the bookkeeping privileges,
+//!    and, when a step must run alone, that the session is one of its own ([`preflight`]);
+//! 4. runs the steps ([`apply`]): each takes the advisory lock [`LOCK_KEY`] for itself, asking with
+//!    backoff for at most `migration_lock_timeout_secs` and holding nothing while it waits
+//!    ([`lock`]); a transaction step takes it for its transaction and sets its settings with
+//!    `SET LOCAL`, so nothing outlives it on a pooled connection; a step that runs alone takes it
+//!    on the session and releases it after. Under the lock each step reads and validates the
+//!    applied set again (another run may have migrated meanwhile), plans, and applies, recording
+//!    each migration in the step that applied it ([`record`]).
 //!
 //! "All or nothing" holds per step: consecutive migrations that run in a transaction are applied in
 //! one transaction, so a failure in any of them leaves the database as the previous step left it.
@@ -31,6 +33,7 @@ mod error;
 mod leftovers;
 mod lock;
 mod plan;
+mod preflight;
 mod record;
 mod session;
 mod set;
@@ -97,16 +100,6 @@ struct Outcome {
     version: Option<String>,
 }
 
-/// The session settings of a run that changes something.
-fn settings_sql(cfg: &MetadataDbConfig) -> String {
-    // Let the server notice within a second that a client died in the middle of a statement (a
-    // killed `ampd migrate`), so its transaction and its lock go with it (PostgreSQL 14+).
-    format!(
-        "SET lock_timeout = {}; SET client_connection_check_interval = 1000",
-        cfg.ddl_lock_timeout_ms.max(1)
-    )
-}
-
 /// Connects the migration session and brings the database up to date with `set`.
 pub async fn migrate(
     cfg: &MetadataDbConfig,
@@ -132,37 +125,20 @@ async fn run(
     set: &MigrationSet,
 ) -> Result<Outcome, MigrateError> {
     // Read and validate without the lock: with nothing to do, that was the run's one query.
-    let state = state::read(session).await.map_err(MigrateError::database)?;
+    let state = state::read_checked(session).await?;
     let verdict = verify::check(set, &state)?;
-    if plan::plan(set, &state, &verdict).steps.is_empty() {
+    let plan = plan::plan(set, &state, &verdict);
+    if plan.steps.is_empty() {
         session.note("schema is up to date: nothing would run");
         return Ok(Outcome {
             done: Done::default(),
             version: state.version(set.names().into_iter()),
         });
     }
-    // The rest on a session proven to be one of its own, holding the lock.
-    lock::holding(session, cfg, async || locked(session, cfg, set).await).await
-}
-
-/// The part of a run under the lock: read and validate again, plan, apply and record.
-async fn locked(
-    session: &Session,
-    cfg: &MetadataDbConfig,
-    set: &MigrationSet,
-) -> Result<Outcome, MigrateError> {
-    // Another run may have migrated while this one waited: read and validate again.
-    let state = state::read(session).await.map_err(MigrateError::database)?;
-    tracing::debug!(
-        applied = state.applied.len(),
-        has_seaql = state.has_seaql,
-        has_history = state.has_history,
-        "applied set under the lock"
-    );
-    let verdict = verify::check(set, &state)?;
-    // Plan the steps, then apply and record them one by one.
-    let plan = plan::plan(set, &state, &verdict);
-    let done = apply::apply(session, cfg.ddl_lock_timeout_ms, set, &state.who, &plan).await?;
+    // Everything that can refuse the run, while nothing has changed.
+    preflight::check(session, cfg, &plan).await?;
+    // The steps, each under the lock, each planned again under it.
+    let done = apply::apply(session, cfg, set, &plan, apply::Replan::UnderEachLock).await?;
     let version = set
         .names()
         .into_iter()
@@ -179,7 +155,7 @@ pub async fn verify_current(
     db: &DatabaseConnection,
     set: &MigrationSet,
 ) -> Result<(), MigrateError> {
-    let state = state::read(db).await.map_err(MigrateError::database)?;
+    let state = state::read_checked(db).await?;
     verify::check(set, &state)?;
     let pending = plan::pending(set, &state).len();
     if pending == 0 {

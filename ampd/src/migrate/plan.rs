@@ -33,6 +33,7 @@ impl StepKind {
 }
 
 /// One step of a run.
+#[derive(Clone)]
 pub(super) struct Step<'a> {
     pub kind: StepKind,
     pub migrations: Vec<&'a dyn MigrationTrait>,
@@ -60,6 +61,7 @@ impl Bookkeeping {
 }
 
 /// A run's plan.
+#[derive(Clone)]
 pub(super) struct Plan<'a> {
     pub steps: Vec<Step<'a>>,
     pub bookkeeping: Bookkeeping,

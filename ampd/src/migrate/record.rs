@@ -223,7 +223,8 @@ pub(super) async fn accept(
             "UPDATE {HISTORY_TABLE} SET checksum = {new}, checksum_algorithm = {algorithm}, \
              checksum_history = checksum_history || jsonb_build_array(jsonb_build_object(\
              'checksum', {old}, 'algorithm', {old_algorithm}, 'accepted', {new}, \
-             'reason', {reason}, 'at', now()::text, 'ampd_version', {version})) \
+             'reason', {reason}, 'at', now()::text, 'ampd_version', {version}, \
+             'role', current_user::text)) \
              WHERE version = {name} AND checksum = {old} RETURNING version",
             new = quote_literal(new),
             algorithm = Algorithm::CURRENT.number(),

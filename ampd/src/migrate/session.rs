@@ -4,13 +4,21 @@
 //! another connection behind the run's back (a pool of one would, after a reconnect, without the
 //! lock).
 //!
+//! Every statement has a client-side deadline ([`Deadlines`]): the run's own statements (reads,
+//! the lock, the settings, the bookkeeping) `ddl_lock_timeout_ms` plus [`QUICK_MARGIN`], a
+//! migration's statements `migration_statement_timeout_secs`. A statement that gets no answer in
+//! time (a frozen network or server) closes the connection, so the server ends what it was doing
+//! when it notices, and fails with [`NO_ANSWER`]. On TCP the client socket has keepalive on
+//! ([`crate::db::keepalive`]), so a peer that vanished is noticed even between statements.
+//!
 //! A dry run uses the same session type with a script: statements that change nothing (reading
 //! the applied set, looking for leftovers) run for real when there is a connection, everything is
 //! written to the script, and nothing that changes anything (the lock, DDL, bookkeeping rows) is
 //! sent. The run's code is the same either way, so the script is what a real run would send.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
 use sea_orm::sqlx::postgres::PgRow;
 use sea_orm::sqlx::{self, Column as _, Connection as _, PgConnection, TypeInfo as _};
@@ -52,6 +60,10 @@ struct Wire {
 
 struct Inner {
     wire: tokio::sync::Mutex<Wire>,
+    /// The client-side deadline of the run's own statements.
+    quick: Duration,
+    /// The client-side deadline of a migration's statements, in milliseconds (changed for a step).
+    migration_ms: AtomicU64,
     /// The script of a dry run; `None` for a real run.
     script: Option<StdMutex<Vec<Line>>>,
     /// A SeaORM transaction was dropped unfinished: roll it back before the next statement.
@@ -71,6 +83,57 @@ fn query_err(e: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
 }
 
+/// How much longer than `ddl_lock_timeout_ms` one of the run's own statements may go without an
+/// answer before the run concludes that the server or the network is frozen.
+pub const QUICK_MARGIN: Duration = Duration::from_secs(10);
+
+/// How an error for a statement that got no answer in time begins.
+pub const NO_ANSWER: &str = "no answer from the server within ";
+
+/// The error of a statement that got no answer within `limit`.
+fn stalled(limit: Duration) -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal(format!(
+        "{NO_ANSWER}{:.1} s (a frozen network or a stalled server); the connection was closed",
+        limit.as_secs_f64()
+    )))
+}
+
+/// The deadline, in seconds, that a statement failing with `err` missed, if that is why it failed.
+pub fn no_answer(err: &DbErr) -> Option<f64> {
+    let DbErr::Conn(RuntimeErr::Internal(text)) = err else {
+        return None;
+    };
+    text.strip_prefix(NO_ANSWER)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Waits at most `limit` for `$work` (an async block using `$conn`, the connection of `$wire`); a
+/// missed deadline drops the connection (its state is unknown) and is [`stalled`]. (A macro, not a
+/// function taking an async closure: such a closure's future is not `Send` for every lifetime,
+/// which the services' spawned tasks need.)
+macro_rules! within {
+    ($wire:expr, $limit:expr, |$conn:ident| $work:expr) => {{
+        let wire: &mut Wire = $wire;
+        let limit: Duration = $limit;
+        let outcome = match wire.conn.as_mut() {
+            None => None,
+            Some($conn) => Some(tokio::time::timeout(limit, $work).await),
+        };
+        match outcome {
+            None => Err(lost()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => {
+                wire.conn = None;
+                wire.depth = 0;
+                Err(stalled(limit))
+            }
+        }
+    }};
+}
+
 fn lost() -> DbErr {
     DbErr::Conn(RuntimeErr::Internal(
         "the migration session's connection is closed".into(),
@@ -78,7 +141,7 @@ fn lost() -> DbErr {
 }
 
 impl Session {
-    fn new(conn: Option<PgConnection>, dry: bool) -> Session {
+    fn new(conn: Option<PgConnection>, dry: bool, cfg: &MetadataDbConfig) -> Session {
         Session {
             inner: Arc::new(Inner {
                 wire: tokio::sync::Mutex::new(Wire {
@@ -86,6 +149,8 @@ impl Session {
                     depth: 0,
                     deferred: None,
                 }),
+                quick: Duration::from_millis(cfg.ddl_lock_timeout_ms) + QUICK_MARGIN,
+                migration_ms: AtomicU64::new(cfg.migration_statement_timeout_secs.max(1) * 1000),
                 script: dry.then(|| StdMutex::new(Vec::new())),
                 rollback_pending: AtomicBool::new(false),
             }),
@@ -94,8 +159,15 @@ impl Session {
 
     /// Connects the session of a real run to `metadata_db.direct_url` (default `url`).
     pub async fn live(cfg: &MetadataDbConfig) -> Result<Session, MigrateError> {
-        let conn = db::open(cfg, db::session_url(cfg)?).await?;
-        Ok(Session::new(Some(conn), false))
+        let conn = db::open_with_keepalive(cfg, db::session_url(cfg)?).await?;
+        Ok(Session::new(Some(conn), false, cfg))
+    }
+
+    /// Sets the client-side deadline of a migration's statements (for a step that may wait long).
+    pub fn set_migration_deadline(&self, limit: Duration) {
+        self.inner
+            .migration_ms
+            .store(limit.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// A dry run's session: connected to read what a run would read when `cfg` is given, else
@@ -105,7 +177,8 @@ impl Session {
             Some(cfg) => Some(db::open(cfg, db::session_url(cfg)?).await?),
             None => None,
         };
-        Ok(Session::new(conn, true))
+        let defaults = MetadataDbConfig::default();
+        Ok(Session::new(conn, true, cfg.unwrap_or(&defaults)))
     }
 
     /// Whether this is a dry run.
@@ -155,19 +228,71 @@ impl Session {
         });
         let mut wire = self.inner.wire.lock().await;
         self.inner.settle(&mut wire).await?;
-        let Some(conn) = wire.conn.as_mut() else {
+        if wire.conn.is_none() && self.is_dry() {
             return Ok(Vec::new());
-        };
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-            .fetch_all(conn)
-            .await
-            .map_err(query_err)?;
+        }
+        let rows = within!(&mut wire, self.inner.quick, |conn| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_all(conn)
+                .await
+                .map_err(query_err)
+        })?;
         Ok(rows.into_iter().map(QueryResult::from).collect())
     }
 
     /// Runs `sql`, which changes something: sent in a real run, only written down in a dry run.
     pub async fn write(&self, sql: &str) -> Result<(), DbErr> {
         self.write_noted(sql, None).await
+    }
+
+    /// [`Session::write`] with a client-side deadline of `limit` (at most the run's own).
+    pub async fn write_within(&self, sql: &str, limit: Duration) -> Result<(), DbErr> {
+        self.record(Line::Sql {
+            sql: sql.to_owned(),
+            note: None,
+        });
+        if self.is_dry() {
+            return Ok(());
+        }
+        let mut wire = self.inner.wire.lock().await;
+        self.inner.settle(&mut wire).await?;
+        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(exec_err)
+        })
+    }
+
+    /// Opens a transaction (`BEGIN`) with a client-side deadline of `limit`.
+    pub async fn begin_within(&self, limit: Duration) -> Result<(), DbErr> {
+        self.write_within("BEGIN", limit).await?;
+        self.inner.wire.lock().await.depth = 1;
+        Ok(())
+    }
+
+    /// Rolls back the open transaction with a client-side deadline of `limit`, and says whether
+    /// that failed (a lock attempt that lost needs to know the session still works).
+    pub async fn rollback_within(&self, limit: Duration) -> Result<(), DbErr> {
+        if self.is_dry() {
+            return Ok(());
+        }
+        let mut wire = self.inner.wire.lock().await;
+        let open = wire.depth > 0;
+        wire.depth = 0;
+        wire.deferred = None;
+        self.inner.rollback_pending.store(false, Ordering::SeqCst);
+        if !open {
+            return Ok(());
+        }
+        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
+            sqlx::raw_sql("ROLLBACK")
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(exec_err)
+        })
     }
 
     /// [`Session::write`] with a remark for the script.
@@ -181,12 +306,13 @@ impl Session {
         }
         let mut wire = self.inner.wire.lock().await;
         self.inner.settle(&mut wire).await?;
-        let conn = wire.conn.as_mut().ok_or_else(lost)?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-            .execute(conn)
-            .await
-            .map(|_| ())
-            .map_err(exec_err)
+        within!(&mut wire, self.inner.quick, |conn| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(exec_err)
+        })
     }
 
     /// Asks `sql`, a one-boolean question that changes something (taking or releasing the lock): in
@@ -197,6 +323,18 @@ impl Session {
         note: Option<String>,
         dry_answer: bool,
     ) -> Result<bool, DbErr> {
+        self.ask_within(sql, note, dry_answer, self.inner.quick)
+            .await
+    }
+
+    /// [`Session::ask`] with a client-side deadline of `limit` (at most the run's own).
+    pub async fn ask_within(
+        &self,
+        sql: &str,
+        note: Option<String>,
+        dry_answer: bool,
+        limit: Duration,
+    ) -> Result<bool, DbErr> {
         self.record(Line::Sql {
             sql: sql.to_owned(),
             note,
@@ -206,13 +344,14 @@ impl Session {
         }
         let mut wire = self.inner.wire.lock().await;
         self.inner.settle(&mut wire).await?;
-        let conn = wire.conn.as_mut().ok_or_else(lost)?;
         use sqlx::Row as _;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-            .fetch_one(conn)
-            .await
-            .and_then(|row| row.try_get::<bool, _>(0))
-            .map_err(query_err)
+        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_one(conn)
+                .await
+                .and_then(|row| row.try_get::<bool, _>(0))
+                .map_err(query_err)
+        })
     }
 
     /// The server process serving the session (asked, so that a dry run shows it too).
@@ -249,8 +388,14 @@ impl Session {
         wire.depth = 0;
         wire.deferred = None;
         self.inner.rollback_pending.store(false, Ordering::SeqCst);
-        if open && let Some(conn) = wire.conn.as_mut() {
-            let _ = sqlx::raw_sql("ROLLBACK").execute(conn).await;
+        if open {
+            let quick = self.inner.quick;
+            let _ = within!(&mut wire, quick, |conn| async move {
+                sqlx::raw_sql("ROLLBACK")
+                    .execute(conn)
+                    .await
+                    .map_err(exec_err)
+            });
         }
     }
 
@@ -266,17 +411,70 @@ impl Session {
         sea_orm::Database::connect_proxy(DatabaseBackend::Postgres, proxy).await
     }
 
-    /// Checks that the session is a session of its own: a second connection to the same URL must
-    /// reach another server process (see [`db::check_session`]).
-    pub async fn check_own(&self, cfg: &MetadataDbConfig) -> Result<(), MigrateError> {
-        let pid = self.backend_pid().await.map_err(MigrateError::database)?;
-        self.record_elsewhere(
-            BACKEND_PID_SQL,
-            "on a second connection to the same URL, which must reach another server process (a \
-             pooler in transaction mode would hand it this one)",
+    /// Checks that the session is a session of its own, as a step that must run alone (`migration`)
+    /// needs: in [`PROBE_ROUNDS`] rounds, the session and a second connection to the same URL ask
+    /// which server process serves them. On PostgreSQL (or a pooler in session mode) the session
+    /// always meets the same process and the second connection always another one. A pooler in
+    /// transaction mode hands the second connection the process the session just released (the
+    /// same one), or with `server_round_robin` moves the session from process to process: either
+    /// shows within the rounds, before anything has changed.
+    pub async fn check_own(
+        &self,
+        cfg: &MetadataDbConfig,
+        migration: &str,
+    ) -> Result<(), MigrateError> {
+        let note = format!(
+            "{migration} must run alone, holding the lock and its settings on this session: the \
+             session and a second connection to the same URL must reach two server processes, \
+             each always the same"
         );
-        if let Some(pid) = pid {
-            db::check_session(cfg, pid, "the migration lock and its transactions").await?;
+        let url = db::session_url(cfg)?;
+        let mut second = if self.is_dry() && self.inner.wire.lock().await.conn.is_none() {
+            None
+        } else {
+            Some(db::open(cfg, url).await?)
+        };
+        let mut own = Vec::new();
+        let mut other = Vec::new();
+        for round in 0..PROBE_ROUNDS {
+            if round == 0 {
+                self.note(note.clone());
+            }
+            let pid = self.backend_pid().await.map_err(MigrateError::database)?;
+            own.extend(pid);
+            self.record_elsewhere(BACKEND_PID_SQL, "on the second connection");
+            let Some(conn) = second.as_mut() else {
+                continue;
+            };
+            match tokio::time::timeout(db::SECOND_CONNECTION_WAIT, db::backend_pid(conn)).await {
+                // No server process for a second connection: a full pool in session mode.
+                Err(_) => break,
+                Ok(Ok(pid)) => other.push(pid),
+                Ok(Err(e)) => {
+                    return Err(MigrateError::Connect(db::ConnectError::Refused {
+                        key: db::session_key(cfg),
+                        url: url.redacted(),
+                        cause: crate::redact::redact_url(&e.to_string()),
+                    }));
+                }
+            }
+        }
+        if let Some(conn) = second {
+            let _ = conn.close().await;
+        }
+        let moved = own.windows(2).any(|w| w[0] != w[1]) || other.windows(2).any(|w| w[0] != w[1]);
+        if let Some(&pid) = own
+            .iter()
+            .find(|p| other.contains(p))
+            .or(moved.then(|| own.first()).flatten())
+        {
+            return Err(MigrateError::Connect(db::ConnectError::NotASession {
+                key: db::session_key(cfg),
+                url: url.redacted(),
+                pid,
+                work: "a migration that must run alone (CREATE INDEX CONCURRENTLY), which holds \
+                       the migration lock and its settings on the session",
+            }));
         }
         Ok(())
     }
@@ -300,6 +498,11 @@ impl Reader for Session {
 }
 
 impl Inner {
+    /// The client-side deadline of a migration's statements now.
+    fn migration_deadline(&self) -> Duration {
+        Duration::from_millis(self.migration_ms.load(Ordering::SeqCst))
+    }
+
     /// Before a statement: a SeaORM transaction dropped unfinished is rolled back, and a failure
     /// that could not be returned earlier is returned now.
     async fn settle(&self, wire: &mut Wire) -> Result<(), DbErr> {
@@ -314,11 +517,13 @@ impl Inner {
                         note: None,
                     },
                 );
-            } else if let Some(conn) = wire.conn.as_mut() {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(conn)
-                    .await
-                    .map_err(exec_err)?;
+            } else if wire.conn.is_some() {
+                within!(wire, self.quick, |conn| async move {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(conn)
+                        .await
+                        .map_err(exec_err)
+                })?;
             }
         }
         match wire.deferred.take() {
@@ -359,14 +564,13 @@ impl Inner {
             push(script, Line::Sql { sql, note: None });
             return;
         }
-        let result = match wire.conn.as_mut() {
-            Some(conn) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        let result = within!(wire, self.quick, |conn| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(conn)
                 .await
                 .map(|_| ())
-                .map_err(exec_err),
-            None => Err(lost()),
-        };
+                .map_err(exec_err)
+        });
         if let Err(e) = result {
             wire.deferred.get_or_insert(e);
         }
@@ -431,6 +635,9 @@ fn placeholders_within(sql: &str, count: usize) -> bool {
     }
     true
 }
+
+/// How many rounds [`Session::check_own`] asks.
+const PROBE_ROUNDS: usize = 3;
 
 /// Column types whose values SeaORM's proxy rows can hold (others would make it panic).
 const ROW_TYPES: [&str; 19] = [
@@ -525,20 +732,22 @@ impl ProxyDatabaseTrait for Proxy {
         let Some(mut wire) = self.wire_for(&statement, Some(ROWS_NOTE)).await? else {
             return Ok(Vec::new());
         };
-        let conn = wire.conn.as_mut().ok_or_else(lost)?;
-        let rows = match statement.values {
-            Some(values) => {
-                sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
-                    .fetch_all(conn)
-                    .await
+        let limit = self.0.migration_deadline();
+        let rows = within!(&mut wire, limit, |conn| async move {
+            match statement.values {
+                Some(values) => {
+                    sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
+                        .fetch_all(conn)
+                        .await
+                }
+                None => {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
+                        .fetch_all(conn)
+                        .await
+                }
             }
-            None => {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
-                    .fetch_all(conn)
-                    .await
-            }
-        }
-        .map_err(query_err)?;
+            .map_err(query_err)
+        })?;
         rows.into_iter().map(proxy_row).collect()
     }
 
@@ -546,20 +755,22 @@ impl ProxyDatabaseTrait for Proxy {
         let Some(mut wire) = self.wire_for(&statement, None).await? else {
             return Ok(ProxyExecResult::default());
         };
-        let conn = wire.conn.as_mut().ok_or_else(lost)?;
-        let done = match statement.values {
-            Some(values) => {
-                sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
-                    .execute(conn)
-                    .await
+        let limit = self.0.migration_deadline();
+        let done = within!(&mut wire, limit, |conn| async move {
+            match statement.values {
+                Some(values) => {
+                    sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
+                        .execute(conn)
+                        .await
+                }
+                None => {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
+                        .execute(conn)
+                        .await
+                }
             }
-            None => {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
-                    .execute(conn)
-                    .await
-            }
-        }
-        .map_err(exec_err)?;
+            .map_err(exec_err)
+        })?;
         Ok(ProxyExecResult::new(0, done.rows_affected()))
     }
 

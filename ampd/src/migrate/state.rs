@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, Statement};
 use serde::{Deserialize, Serialize};
 
-use super::error::Identity;
+use super::error::{Identity, MigrateError, quote_ident};
 use crate::db::pg_error;
 
 /// Something that runs a read-only statement and gives its rows.
@@ -42,6 +42,9 @@ pub struct ChecksumChange {
     pub at: String,
     /// The ampd version that accepted it.
     pub ampd_version: String,
+    /// The database role that accepted it (absent in entries of older ampds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A row of the applied set.
@@ -97,7 +100,7 @@ const WHO: &str = "current_user::text AS role, current_database()::text AS datab
                    current_schema()::text AS schema";
 
 /// Both tables in their current layout: one query.
-fn read_current_sql() -> String {
+pub(super) fn read_current_sql() -> String {
     format!(
         "SELECT {WHO}, s.version::text AS version, s.applied_at, h.checksum, \
          h.checksum_algorithm::bigint AS algorithm, h.execution_ms, h.ampd_version, h.adopted, \
@@ -132,7 +135,7 @@ fn read_seaql_sql() -> String {
     )
 }
 
-fn probe_sql() -> String {
+pub(super) fn probe_sql() -> String {
     format!(
         "SELECT {WHO}, to_regclass('seaql_migrations') IS NOT NULL AS has_seaql, \
          to_regclass('ampd_migrations') IS NOT NULL AS has_history, \
@@ -178,6 +181,65 @@ fn rows_to_state(rows: &[QueryResult], mut state: DbState) -> Result<DbState, Db
     Ok(state)
 }
 
+/// [`read`], with a refusal to read explained: the role and the GRANT that lets it read.
+pub(super) async fn read_checked(db: &impl Reader) -> Result<DbState, MigrateError> {
+    explained(db, read(db).await).await
+}
+
+/// [`read_checked`] for a transaction, where a failing statement aborts it: the tables are probed
+/// first, and only the read that fits them is sent.
+pub(super) async fn read_checked_probed(db: &impl Reader) -> Result<DbState, MigrateError> {
+    explained(db, read_after_probe(db).await).await
+}
+
+async fn explained(
+    db: &impl Reader,
+    read: Result<DbState, DbErr>,
+) -> Result<DbState, MigrateError> {
+    match read {
+        Ok(state) => Ok(state),
+        Err(e) => match pg_error(&e) {
+            Some(pg) if pg.code == "42501" => Err(read_denied(db, &pg.message).await),
+            _ => Err(MigrateError::database(e)),
+        },
+    }
+}
+
+/// The error for a read of the bookkeeping that PostgreSQL refused with `message`.
+async fn read_denied(db: &impl Reader, message: &str) -> MigrateError {
+    let rows = db
+        .rows(
+            "SELECT current_user::text AS role, \
+             (SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY c.relname DESC) \
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.relname IN ('seaql_migrations', 'ampd_migrations') \
+              AND n.nspname = ANY (current_schemas(false))) AS tables",
+        )
+        .await
+        .unwrap_or_default();
+    let row = rows.first();
+    let role: String = row
+        .and_then(|r| r.try_get("", "role").ok())
+        .unwrap_or_else(|| "<role>".to_owned());
+    let tables: Option<String> = row.and_then(|r| r.try_get("", "tables").ok()).flatten();
+    let role = quote_ident(&role);
+    let grant = match (
+        message.strip_prefix("permission denied for schema "),
+        tables,
+    ) {
+        (Some(schema), _) => format!("GRANT USAGE ON SCHEMA {} TO {role};", quote_ident(schema)),
+        (None, Some(tables)) => format!("GRANT SELECT ON TABLE {tables} TO {role};"),
+        (None, None) => {
+            format!("GRANT SELECT ON TABLE \"seaql_migrations\", \"ampd_migrations\" TO {role};")
+        }
+    };
+    MigrateError::ReadDenied {
+        role,
+        message: format!("{message} (SQLSTATE 42501)"),
+        grant,
+    }
+}
+
 /// Reads the applied set without creating anything. Statements run outside any transaction (one
 /// that fails aborts nothing).
 pub(super) async fn read(db: &impl Reader) -> Result<DbState, DbErr> {
@@ -199,6 +261,12 @@ pub(super) async fn read(db: &impl Reader) -> Result<DbState, DbErr> {
             _ => return Err(e),
         },
     }
+    read_after_probe(db).await
+}
+
+/// Reads the applied set after a probe of which bookkeeping tables exist: two statements, none
+/// of which fails on a fresh database.
+async fn read_after_probe(db: &impl Reader) -> Result<DbState, DbErr> {
     let rows = db.rows(&probe_sql()).await?;
     let probe = rows.first().ok_or_else(|| {
         DbErr::Custom("the probe of the bookkeeping tables returned no row".into())

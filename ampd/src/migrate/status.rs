@@ -49,7 +49,7 @@ pub async fn status(
     set: &MigrationSet,
 ) -> Result<Vec<MigrationState>, MigrateError> {
     let db = db::connect(cfg, 1).await?;
-    let state = state::read(&db).await.map_err(MigrateError::database);
+    let state = state::read_checked(&db).await;
     let _ = db.close().await;
     Ok(states(set, &state?))
 }

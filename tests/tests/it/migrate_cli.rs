@@ -74,7 +74,7 @@ async fn an_ipv6_literal_host_connects_and_an_unreachable_one_is_named_as_such()
             .contains("failed to connect to metadata database: ")
             && out
                 .stderr
-                .contains("(url postgresql://amp:***@[::1]:1/amp;"),
+                .contains("(metadata_db.url postgresql://amp:***@[::1]:1/amp;"),
         "{}",
         out.stderr
     );

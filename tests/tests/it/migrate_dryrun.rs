@@ -189,7 +189,15 @@ async fn dry_run_only_prints_one_migrations_step_without_a_database() {
     );
     assert_eq!(statements[build + 1], "BEGIN", "{}", out.stdout);
     assert!(statements[build + 2].starts_with("INSERT INTO seaql_migrations"));
-    assert_eq!(statements.last().map(String::as_str), Some("COMMIT"));
+    // The records commit; then the step's settings are reset and its session lock released.
+    assert_eq!(statements[build + 4], "COMMIT", "{}", out.stdout);
+    assert!(
+        statements
+            .last()
+            .is_some_and(|s| s.starts_with("SELECT pg_advisory_unlock")),
+        "{}",
+        out.stdout
+    );
 
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run", "--only", "m1_nope"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());

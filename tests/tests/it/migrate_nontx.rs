@@ -205,7 +205,8 @@ async fn a_failure_keeps_the_steps_before_it_and_says_which() {
     assert!(
         text.contains(
             "this step was rolled back; the 2 migration(s) applied by earlier steps of this run \
-             stay applied and recorded (the last: m20990102_000002_index_items_v)"
+             stay applied and recorded (m20990102_000001_items, m20990102_000002_index_items_v; \
+             the last: m20990102_000002_index_items_v)"
         ),
         "{text}"
     );
@@ -352,7 +353,7 @@ async fn pollers(conn: &DatabaseConnection, db: &str) -> Vec<(String, bool)> {
         format!(
             "SELECT state, backend_xmin IS NOT NULL FROM pg_stat_activity \
              WHERE datname = '{db}' AND pid <> pg_backend_pid() \
-             AND query LIKE 'SELECT pg_try_advisory_lock(%'"
+             AND query LIKE 'SELECT pg_try_advisory_%lock(%'"
         ),
     ))
     .await

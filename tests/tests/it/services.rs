@@ -113,9 +113,9 @@ async fn sigterm_while_a_service_is_still_starting_stops_it_with_exit_0() {
     let node = tests::unique_name("w1");
     let child = spawn(&config, &["worker", "--node-id", node.as_str()]);
     // Evidence that it is waiting for the lock: a session of this database (not this one) that
-    // asks for it (a waiting run polls pg_try_advisory_lock).
+    // asks for it (a waiting run polls pg_try_advisory_xact_lock).
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
+         AND pid <> pg_backend_pid() AND query LIKE 'SELECT pg_try_advisory%'"
         .to_owned();
     eventually("the worker asks for the migration lock", || async {
         tests::sql::count(&conn, &waiting).await > 0
