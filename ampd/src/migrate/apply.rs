@@ -160,10 +160,8 @@ async fn transaction_step(
     }
     let mut applied = Vec::new();
     if step.bookkeeping {
-        record::ensure(session, &plan.bookkeeping, |name| {
-            set.checksum(name, Algorithm::CURRENT)
-        })
-        .await
+        record::ensure(session, &plan.bookkeeping, set)
+            .await
         .map_err(failed("bookkeeping"))
         .map_err(Failed::Step)?;
     }
@@ -264,6 +262,7 @@ async fn record(
         name,
         &set.checksum(name, Algorithm::CURRENT),
         duration.map(|d| d.as_millis() as u64),
+        set.is_compatible(name),
     )
     .await
     .map_err(failed(name))

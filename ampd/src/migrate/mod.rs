@@ -26,16 +26,21 @@
 
 mod accept;
 mod apply;
+mod baseline;
+mod catalog;
+mod compat;
 mod dry_run;
 mod error;
 mod leftovers;
 mod lock;
+mod order;
 mod plan;
 mod record;
 mod session;
 mod set;
 mod state;
 mod status;
+mod validate;
 mod verify;
 
 use std::time::{Duration, Instant};
@@ -45,13 +50,16 @@ use serde::Serialize;
 
 pub use accept::{Accepted, accept_checksum};
 pub use apply::Applied;
+pub use baseline::{Baselined, baseline};
+pub use compat::{ServiceStart, migrate_for_service, verify_for_service, warn_newer};
 pub use dry_run::{DryRun, dry_run, dry_run_one};
 pub use error::{MigrateError, quote_ident, quote_literal};
 pub use plan::StepKind;
 pub use record::HISTORY_TABLE;
 pub use set::{AMPD_VERSION, MigrationSet};
-pub use state::ChecksumChange;
+pub use state::{BaselineRecord, ChecksumChange};
 pub use status::{MigrationState, status};
+pub use validate::{Check, Validation, validate};
 
 use crate::config::MetadataDbConfig;
 use apply::Done;
@@ -134,6 +142,7 @@ async fn run(
     // Read and validate without the lock: with nothing to do, that was the run's one query.
     let state = state::read(session).await.map_err(MigrateError::database)?;
     let verdict = verify::check(set, &state)?;
+    order::check(set, &state, cfg.allow_out_of_order)?;
     if plan::plan(set, &state, &verdict).steps.is_empty() {
         session.note("schema is up to date: nothing would run");
         return Ok(Outcome {
@@ -160,6 +169,17 @@ async fn locked(
         "applied set under the lock"
     );
     let verdict = verify::check(set, &state)?;
+    if let Some(late) = order::check(set, &state, cfg.allow_out_of_order)? {
+        let text = format!(
+            "applying {} out of order (allowed): older than {}, the newest applied migration",
+            late.pending.join(", "),
+            late.newest
+        );
+        session.note(&text);
+        if !session.is_dry() {
+            tracing::warn!("{text}");
+        }
+    }
     // Plan the steps, then apply and record them one by one.
     let plan = plan::plan(set, &state, &verdict);
     let done = apply::apply(session, cfg.ddl_lock_timeout_ms, set, &state.who, &plan).await?;
