@@ -531,7 +531,12 @@ mod tests {
 
     #[test]
     fn allow_out_of_order_is_off_unless_the_file_or_the_environment_turns_it_on() {
-        assert!(!load(&with_url(""), &[]).unwrap().metadata_db.allow_out_of_order);
+        assert!(
+            !load(&with_url(""), &[])
+                .unwrap()
+                .metadata_db
+                .allow_out_of_order
+        );
         let on = with_url("allow_out_of_order = true\n");
         assert!(load(&on, &[]).unwrap().metadata_db.allow_out_of_order);
         let env = [("AMP_CONFIG_METADATA_DB__ALLOW_OUT_OF_ORDER", "false")];

@@ -162,8 +162,8 @@ async fn transaction_step(
     if step.bookkeeping {
         record::ensure(session, &plan.bookkeeping, set)
             .await
-        .map_err(failed("bookkeeping"))
-        .map_err(Failed::Step)?;
+            .map_err(failed("bookkeeping"))
+            .map_err(Failed::Step)?;
     }
     for &migration in &step.migrations {
         let duration = up(session, migration).await.map_err(Failed::Step)?;

@@ -49,7 +49,9 @@ pub async fn baseline(
     reason: &str,
 ) -> Result<Baselined, MigrateError> {
     let Some(last) = set.names().iter().position(|name| *name == to) else {
-        return Err(MigrateError::UnknownMigration { name: to.to_owned() });
+        return Err(MigrateError::UnknownMigration {
+            name: to.to_owned(),
+        });
     };
     let migrations: Vec<&dyn MigrationTrait> = set.migrations().take(last + 1).collect();
     let session = Session::live(cfg).await?;

@@ -26,7 +26,10 @@ pub(super) async fn read(session: &Session, schema: &str) -> Result<Catalog, DbE
     session
         .write(&format!("SET search_path TO {}", quote_ident(schema)))
         .await?;
-    let ns = format!("(SELECT oid FROM pg_namespace WHERE nspname = {})", quote_literal(schema));
+    let ns = format!(
+        "(SELECT oid FROM pg_namespace WHERE nspname = {})",
+        quote_literal(schema)
+    );
     let mut catalog = Catalog::default();
     for row in session
         .read(&format!(
@@ -62,10 +65,7 @@ pub(super) async fn read(session: &Session, schema: &str) -> Result<Catalog, DbE
          WHERE t.relnamespace = {ns} AND k.contype <> 'n'"
     );
     // pg_get_indexdef qualifies the table whatever the search_path says.
-    let qualified = [
-        format!("{schema}."),
-        format!("{}.", quote_ident(schema)),
-    ];
+    let qualified = [format!("{schema}."), format!("{}.", quote_ident(schema))];
     for (kind, sql) in [
         ("column", columns),
         ("index", indexes),
@@ -76,9 +76,10 @@ pub(super) async fn read(session: &Session, schema: &str) -> Result<Catalog, DbE
             for prefix in &qualified {
                 def = def.replace(&format!(" ON {prefix}"), " ON ");
             }
-            catalog
-                .objects
-                .insert((kind, row.try_get("", "tbl")?, row.try_get("", "name")?), def);
+            catalog.objects.insert(
+                (kind, row.try_get("", "tbl")?, row.try_get("", "name")?),
+                def,
+            );
         }
     }
     Ok(catalog)
@@ -98,7 +99,9 @@ pub(super) fn differences(expected: &Catalog, actual: &Catalog, to: &str) -> Vec
             continue;
         }
         match actual.objects.get(key) {
-            None => out.push(format!("{kind} {table}.{name} is missing (expected: {def})")),
+            None => out.push(format!(
+                "{kind} {table}.{name} is missing (expected: {def})"
+            )),
             Some(found) if found != def => out.push(format!(
                 "{kind} {table}.{name} differs: expected {def}, found {found}"
             )),
@@ -134,12 +137,22 @@ mod tests {
         let expected = catalog(&[
             ("column", "jobs", "id", "bigint NOT NULL"),
             ("column", "jobs", "detail", "jsonb NULL"),
-            ("index", "jobs", "idx_jobs_status", "CREATE INDEX idx_jobs_status ON jobs (status)"),
+            (
+                "index",
+                "jobs",
+                "idx_jobs_status",
+                "CREATE INDEX idx_jobs_status ON jobs (status)",
+            ),
         ]);
         let mut actual = catalog(&[
             ("column", "jobs", "id", "integer NOT NULL"),
             ("column", "jobs", "extra", "text NULL"),
-            ("index", "jobs", "idx_jobs_status", "CREATE INDEX idx_jobs_status ON jobs (status)"),
+            (
+                "index",
+                "jobs",
+                "idx_jobs_status",
+                "CREATE INDEX idx_jobs_status ON jobs (status)",
+            ),
             ("column", "other", "x", "text NULL"),
         ]);
         actual.tables.insert("other".into());
@@ -154,6 +167,9 @@ mod tests {
         );
         assert!(differences(&expected, &expected, "m1").is_empty());
         let none = Catalog::default();
-        assert_eq!(differences(&expected, &none, "m1"), ["table jobs is missing"]);
+        assert_eq!(
+            differences(&expected, &none, "m1"),
+            ["table jobs is missing"]
+        );
     }
 }

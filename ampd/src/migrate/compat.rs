@@ -20,7 +20,11 @@ use crate::config::MetadataDbConfig;
 pub(super) fn unknown(set: &MigrationSet, state: &DbState) -> (Vec<String>, Vec<String>) {
     let mut compatible = Vec::new();
     let mut incompatible = Vec::new();
-    for row in state.applied.iter().filter(|row| set.find(&row.version).is_none()) {
+    for row in state
+        .applied
+        .iter()
+        .filter(|row| set.find(&row.version).is_none())
+    {
         if row.compatible {
             compatible.push(row.version.clone());
         } else {

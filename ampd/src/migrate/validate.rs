@@ -109,7 +109,11 @@ async fn run(
 
 fn checksums(set: &MigrationSet, state: &DbState, v: &mut Validation) {
     let mut matching = 0;
-    for row in state.applied.iter().filter(|r| set.find(&r.version).is_some()) {
+    for row in state
+        .applied
+        .iter()
+        .filter(|r| set.find(&r.version).is_some())
+    {
         let name = &row.version;
         match checksum_state(set, row) {
             ChecksumState::Ok => matching += 1,

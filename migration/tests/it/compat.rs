@@ -14,5 +14,7 @@ fn every_compatible_entry_is_a_migration_of_the_migrator() {
             "{entry} is in compat::COMPATIBLE but is no migration of the migrator"
         );
     }
-    assert!(!migration::compat::is_compatible("m20000101_000001_not_reviewed"));
+    assert!(!migration::compat::is_compatible(
+        "m20000101_000001_not_reviewed"
+    ));
 }
