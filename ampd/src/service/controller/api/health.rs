@@ -36,8 +36,8 @@ pub async fn healthz() -> Json<Status> {
 
 /// The controller is ready.
 ///
-/// The database answers (within 5 s) and its schema is at this binary's head; 503 with the reason
-/// otherwise.
+/// The database answers (within 5 s) and its schema is at this binary's head, or ahead of it only
+/// by migrations recorded as compatible with it; 503 with the reason otherwise.
 #[utoipa::path(
     get,
     path = "/readyz",
