@@ -165,8 +165,9 @@ fn probe_sql() -> String {
          to_regclass('ampd_migrations') IS NOT NULL AS has_history, \
          EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ampd_migrations') \
                  AND attname = 'checksum_history' AND NOT attisdropped) AS history_v2, \
-         EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ampd_migrations') \
-                 AND attname = 'compatible' AND NOT attisdropped) AS history_current"
+         (SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = to_regclass('ampd_migrations') \
+          AND attname IN ('checksum_history', 'compatible', 'baseline') AND NOT attisdropped) \
+         AS history_current"
     )
 }
 

@@ -105,3 +105,41 @@ async fn a_previous_release_starts_on_compatible_migrations_and_refuses_after_an
         out.stdout
     );
 }
+
+#[tokio::test]
+async fn a_history_table_from_before_the_compatibility_flag_is_upgraded_and_reads_as_not_compatible()
+ {
+    let db = TestDb::empty().await;
+    let dir = cli::TempDir::new();
+    let config = dir.config(db.url(), "");
+    let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let conn = db.connect().await;
+    // `ampd_migrations` as an ampd without the flag left it.
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &conn,
+        "ALTER TABLE ampd_migrations DROP COLUMN compatible, DROP COLUMN baseline",
+    )
+    .await
+    .expect("old layout");
+    let out = cli::ampd_with_config(&config, &["migrate", "validate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    let out = cli::ampd_with_config(&config, &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("applied 1 migration "),
+        "{}",
+        out.stdout
+    );
+    let compatible: Vec<String> = tests::sql::column(
+        &conn,
+        "SELECT version::text FROM ampd_migrations WHERE compatible ORDER BY version",
+    )
+    .await;
+    assert_eq!(
+        compatible,
+        [schema_head()],
+        "old rows read as not compatible"
+    );
+}
