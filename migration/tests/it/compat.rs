@@ -1,6 +1,6 @@
 //! The compatibility table names only migrations of the migrator.
 
-use migration::{MigrationName as _, Migrator, MigratorTrait};
+use migration::{Migrator, MigratorTrait};
 
 #[test]
 fn every_compatible_entry_is_a_migration_of_the_migrator() {
