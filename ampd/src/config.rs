@@ -67,6 +67,9 @@ pub struct MetadataDbConfig {
     /// Client-side bound, in seconds, on each statement of a migration (beyond it the run
     /// concludes that the network or the server is frozen); 1 ..= 86400.
     pub migration_statement_timeout_secs: u64,
+    /// Apply a pending migration older than the newest applied one (a branch merged late) instead
+    /// of refusing the run; `ampd migrate --allow-out-of-order` sets it for one run.
+    pub allow_out_of_order: bool,
 }
 
 /// `[controller]`: the admin API and the scheduling loop.
@@ -147,6 +150,7 @@ impl Default for MetadataDbConfig {
             ddl_lock_timeout_ms: 5000,
             concurrent_index_timeout_secs: 600,
             migration_statement_timeout_secs: 3600,
+            allow_out_of_order: false,
         }
     }
 }
@@ -545,6 +549,22 @@ mod tests {
         assert_eq!(c.controller.reconcile_interval_ms, 1000);
         assert_eq!(c.controller.retry_base_delay_ms, 1000);
         assert_eq!(c.controller.retry_max_delay_ms, 300_000);
+    }
+
+    #[test]
+    fn allow_out_of_order_is_off_unless_the_file_or_the_environment_turns_it_on() {
+        assert!(
+            !load(&with_url(""), &[])
+                .unwrap()
+                .metadata_db
+                .allow_out_of_order
+        );
+        let on = with_url("allow_out_of_order = true\n");
+        assert!(load(&on, &[]).unwrap().metadata_db.allow_out_of_order);
+        let env = [("AMP_CONFIG_METADATA_DB__ALLOW_OUT_OF_ORDER", "false")];
+        assert!(!load(&on, &env).unwrap().metadata_db.allow_out_of_order);
+        let msg = load_err(&with_url("allow_out_of_order = \"yes\"\n"), &[]);
+        assert!(msg.contains("metadata_db.allow_out_of_order"), "{msg}");
     }
 
     #[test]

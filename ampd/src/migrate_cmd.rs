@@ -1,5 +1,5 @@
 //! `ampd migrate`: apply pending migrations and exit; `ampd migrate status`; `--dry-run`;
-//! `ampd migrate accept-checksum`.
+//! `ampd migrate accept-checksum`; `ampd migrate validate`; `ampd migrate baseline`.
 
 use std::io::Write as _;
 
@@ -20,6 +20,11 @@ pub struct MigrateArgs {
     /// without contacting the database (for review and linting).
     #[arg(long, value_name = "MIGRATION", requires = "dry_run")]
     only: Option<String>,
+
+    /// Apply pending migrations older than the newest applied one (merged late) instead of
+    /// refusing the run; for this run only (metadata_db.allow_out_of_order for every run).
+    #[arg(long)]
+    allow_out_of_order: bool,
 
     #[command(subcommand)]
     action: Option<MigrateAction>,
@@ -42,6 +47,34 @@ enum MigrateAction {
         #[arg(value_name = "MIGRATION")]
         name: String,
         /// Why the change is safe (recorded in the history).
+        #[arg(long, value_parser = non_empty)]
+        reason: String,
+    },
+    /// Check that the database and this binary agree: checksums match, every applied migration
+    /// this binary does not know is recorded as compatible with it, nothing is half-applied and no
+    /// pending migration would be refused as out of order. Exit 0 when they agree, 1 otherwise,
+    /// with the reasons (read-only: creates nothing).
+    Validate {
+        /// One JSON document on stdout, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Count pending migrations as a problem too (the database must be at this binary's head).
+        #[arg(long)]
+        require_current: bool,
+        /// Pending migrations older than the newest applied one are not a problem.
+        #[arg(long)]
+        allow_out_of_order: bool,
+    },
+    /// Record the migrations up to MIGRATION as applied without running them, on a database whose
+    /// schema was created without ampd (restored from a dump without the bookkeeping tables, or by
+    /// hand). First checks that its tables, columns and types, indexes and constraints are what
+    /// those migrations create (built in a scratch schema, dropped again); any difference is listed
+    /// and nothing is recorded.
+    Baseline {
+        /// The last migration the schema already has.
+        #[arg(long, value_name = "MIGRATION")]
+        to: String,
+        /// Why (recorded with each migration, with the role, the time and this ampd's version).
         #[arg(long, value_parser = non_empty)]
         reason: String,
     },
@@ -93,14 +126,16 @@ pub async fn run(
     args: MigrateArgs,
     set: &MigrationSet,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let db = &config.metadata_db;
     if args.action.is_some() && (args.dry_run || args.only.is_some()) {
         return Err(
             "--dry-run and --only apply to `ampd migrate` itself, not to its subcommands \
-                    (`status`, `accept-checksum`)"
+             (`status`, `validate`, `baseline`, `accept-checksum`)"
                 .into(),
         );
     }
+    let mut db = config.metadata_db.clone();
+    db.allow_out_of_order |= args.allow_out_of_order;
+    let db = &db;
     match (args.action, args.dry_run, args.only) {
         (Some(MigrateAction::Status { json }), _, _) => {
             let states = migrate::status(db, set).await?;
@@ -135,6 +170,48 @@ pub async fn run(
                     READ_ONLY,
                 )?,
             }
+        }
+        (
+            Some(MigrateAction::Validate {
+                json,
+                require_current,
+                allow_out_of_order,
+            }),
+            _,
+            _,
+        ) => {
+            let allow = allow_out_of_order || db.allow_out_of_order;
+            let validation = migrate::validate(db, set, allow, require_current).await?;
+            if json {
+                print(
+                    &format!("{}\n", serde_json::to_string_pretty(&validation)?),
+                    READ_ONLY,
+                )?;
+            } else {
+                print(&validation.text(), READ_ONLY)?;
+            }
+            if validation.problems > 0 {
+                return Err(migrate::MigrateError::Invalid {
+                    problems: validation.problems,
+                }
+                .into());
+            }
+        }
+        (Some(MigrateAction::Baseline { to, reason }), _, _) => {
+            let done = migrate::baseline(db, set, &to, &reason).await?;
+            let recorded = format!(
+                "recorded {} migration(s) as applied without running them (baseline): {}",
+                done.recorded.len(),
+                done.recorded.join(", ")
+            );
+            print(
+                &format!(
+                    "compared {} columns, indexes and constraints of schema {} with what the \
+                     migrations up to {to} create: they agree\n{recorded}\n",
+                    done.compared, done.schema,
+                ),
+                || recorded.clone(),
+            )?;
         }
         (None, true, Some(name)) => {
             let plan = migrate::dry_run_one(db, set, &name).await?;
@@ -202,6 +279,7 @@ fn status_table(states: &[migrate::MigrationState]) -> String {
             .unwrap_or_else(|| "-".into());
         let by = match (s.applied_by, s.ampd_version.as_deref()) {
             (Some("outside-ampd"), _) => "outside ampd".to_owned(),
+            (Some("baseline"), Some(version)) => format!("baseline {version}"),
             (_, Some(version)) => format!("ampd {version}"),
             _ => "-".to_owned(),
         };

@@ -11,6 +11,7 @@ pub use sea_orm_migration::prelude::*;
 pub use sea_orm_migration::seaql_migrations;
 
 mod checksum;
+pub mod compat;
 pub use checksum::{
     Algorithm, CHECKSUMS, CHECKSUMS_V1, FROZEN_V1, FrozenV1, canonical_tokens, checksum_of,
     checksum_with, effective_v1, parse_frozen_v1, source_checksum, source_checksum_v1,

@@ -301,3 +301,17 @@ pub async fn database_at_head(dir: &TempDir, extra: &str) -> (crate::TestDb, Pat
     assert_eq!(out.code, Some(0), "{}", out.all());
     (db, config)
 }
+
+/// `ampd-fixture --config <config> <args...>` with migration set `set`
+/// (`AMPD_FIXTURE_MIGRATIONS`, see [`crate::fixtures`]), 60 s at most.
+pub async fn fixture_with_config(config: &Path, set: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--config", config.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    run(
+        ampd_fixture(),
+        &all,
+        &[("AMPD_FIXTURE_MIGRATIONS", set)],
+        Duration::from_secs(60),
+    )
+    .await
+}

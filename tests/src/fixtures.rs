@@ -8,6 +8,11 @@
 //! | `slow` | the schema's, then one that sleeps `AMPD_FIXTURE_SLEEP_SECS` (default 30) inside the run |
 //! | `alter-jobs` | the schema's, then one that adds a column to `jobs` (needs its lock) |
 //! | `synthetic:N` | N trivial migrations (each creates and drops nothing but a comment) |
+//! | `previous` | the schema's without its last one: a previous release |
+//! | `expand` | the schema's, then [`EXPAND`] (a nullable column, marked compatible) |
+//! | `expand-breaking` | `expand`'s, then [`BREAKING`] (a required column, not marked compatible) |
+//! | `newer` | the schema's, then [`NEWER`] |
+//! | `late` | the schema's, then [`LATE`] (merged late: it sorts before `NEWER`), then [`NEWER`] |
 
 use ampd::migrate::MigrationSet;
 use migration::{DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
@@ -27,6 +32,15 @@ pub fn from_env() -> MigrationSet {
 pub fn named(which: &str) -> Option<MigrationSet> {
     let extra: Box<dyn MigrationTrait> = match which {
         "" | "schema" => return Some(MigrationSet::ampd()),
+        "previous" => {
+            let mut migrations = migration::Migrator::migrations();
+            migrations.pop();
+            return Some(MigrationSet::new(migrations, checksum));
+        }
+        "expand" => return Some(with_sql(&[EXPAND])),
+        "expand-breaking" => return Some(with_sql(&[EXPAND, BREAKING])),
+        "newer" => return Some(with_sql(&[NEWER])),
+        "late" => return Some(with_sql(&[LATE, NEWER])),
         "failing" => Box::new(Failing),
         "slow" => Box::new(Slow),
         "alter-jobs" => Box::new(AlterJobs),
@@ -135,6 +149,79 @@ impl MigrationTrait for Synthetic {
         manager
             .get_connection()
             .execute_unprepared("SELECT 1")
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A fixture migration: its name, its one statement, and whether it is marked compatible with
+/// binaries that do not know it.
+pub struct SqlFixture {
+    /// The migration's name.
+    pub name: &'static str,
+    /// What it runs.
+    pub sql: &'static str,
+    /// Marked compatible (as `migration::compat` marks a reviewed migration).
+    pub compatible: bool,
+}
+
+/// Adds a nullable column: compatible with binaries that do not know it.
+pub const EXPAND: SqlFixture = SqlFixture {
+    name: "m20991231_000006_fixture_expand",
+    sql: "ALTER TABLE workers ADD COLUMN fixture_zone text",
+    compatible: true,
+};
+
+/// Adds a required column older binaries would not fill: not compatible.
+pub const BREAKING: SqlFixture = SqlFixture {
+    name: "m20991231_000007_fixture_breaking",
+    sql: "ALTER TABLE jobs ADD COLUMN fixture_fence bigint NOT NULL DEFAULT 0",
+    compatible: false,
+};
+
+/// A migration merged late: it sorts before [`NEWER`], which was applied first.
+pub const LATE: SqlFixture = SqlFixture {
+    name: "m20991231_000004_fixture_late",
+    sql: "CREATE TABLE fixture_late (id bigint)",
+    compatible: false,
+};
+
+/// A migration released before [`LATE`] was merged.
+pub const NEWER: SqlFixture = SqlFixture {
+    name: "m20991231_000005_fixture_newer",
+    sql: "CREATE TABLE fixture_newer (id bigint)",
+    compatible: false,
+};
+
+/// The schema's migrations, then `extra`, with the compatible ones of `extra` marked so.
+fn with_sql(extra: &[SqlFixture]) -> MigrationSet {
+    let mut migrations = migration::Migrator::migrations();
+    let mut compatible: Vec<&'static str> = Vec::new();
+    for fixture in extra {
+        migrations.push(Box::new(Sql(fixture.name, fixture.sql)));
+        if fixture.compatible {
+            compatible.push(fixture.name);
+        }
+    }
+    MigrationSet::new(migrations, checksum).with_compatible(move |name| {
+        migration::compat::is_compatible(name) || compatible.contains(&name)
+    })
+}
+
+struct Sql(&'static str, &'static str);
+
+impl MigrationName for Sql {
+    fn name(&self) -> &str {
+        self.0
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Sql {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(self.1)
             .await
             .map(|_| ())
     }

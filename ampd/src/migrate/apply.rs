@@ -325,7 +325,7 @@ async fn planned<'a>(
              holds this run's earlier steps)",
         );
         session.record_elsewhere(
-            &state::read_current_sql(),
+            &state::read_current_sql(true),
             "then the read that fits the tables the probe found",
         );
         return Ok((rest(), Identity::default()));
@@ -362,12 +362,10 @@ async fn transaction_step(
 ) -> Result<Vec<Applied>, Failed> {
     let mut applied = Vec::new();
     if step.bookkeeping {
-        record::ensure(session, &plan.bookkeeping, |name| {
-            set.checksum(name, Algorithm::CURRENT)
-        })
-        .await
-        .map_err(failed("bookkeeping"))
-        .map_err(Failed::Step)?;
+        record::ensure(session, &plan.bookkeeping, set)
+            .await
+            .map_err(failed("bookkeeping"))
+            .map_err(Failed::Step)?;
     }
     for &migration in &step.migrations {
         let duration = up(session, migration).await.map_err(Failed::Step)?;
@@ -467,6 +465,7 @@ async fn record(
         name,
         &set.checksum(name, Algorithm::CURRENT),
         duration.map(|d| d.as_millis() as u64),
+        set.is_compatible(name),
     )
     .await
     .map_err(failed(name))

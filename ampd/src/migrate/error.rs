@@ -278,9 +278,84 @@ pub enum MigrateError {
         /// The migration.
         name: String,
     },
+    /// A service met applied migrations it does not know, and not every one is recorded as
+    /// compatible with binaries that do not know it.
+    #[error(
+        "database is newer than this ampd ({AMPD_VERSION}): it has applied {} unknown to this \
+         binary and not recorded as compatible with binaries that do not know {}; run a newer ampd \
+         (the one that migrated it, or later)",
+        incompatible.join(", "),
+        if incompatible.len() == 1 { "it" } else { "them" }
+    )]
+    IncompatibleNewer {
+        /// The unknown migrations not recorded as compatible.
+        incompatible: Vec<String>,
+    },
+    /// A pending migration is older than the newest applied one.
+    #[error(
+        "migration {} is pending but older than {newest}, the newest applied migration: it would \
+         be applied out of order (a change merged after a newer one was released?); nothing was \
+         changed. If it does not depend on what came after it, run `ampd migrate \
+         --allow-out-of-order` (or set metadata_db.allow_out_of_order = true)",
+        pending.join(", ")
+    )]
+    OutOfOrder {
+        /// The pending migrations older than `newest`.
+        pending: Vec<String>,
+        /// The newest applied migration.
+        newest: String,
+    },
+    /// `baseline` found the schema different from what the migrations up to `to` create.
+    #[error(
+        "baseline refused, nothing was recorded: the schema differs from what the migrations up to \
+         {to} create in {} place(s): {}",
+        differences.len(),
+        summary(differences)
+    )]
+    BaselineMismatch {
+        /// The last migration of the baseline.
+        to: String,
+        /// Each difference, one line each.
+        differences: Vec<String>,
+    },
+    /// `baseline` on a database that already records applied migrations.
+    #[error(
+        "baseline refused, nothing was recorded: the database already records applied migrations \
+         ({}); baseline is for a schema created without ampd (restored from a dump without the \
+         bookkeeping tables, or by hand). Use `ampd migrate`",
+        applied.join(", ")
+    )]
+    BaselineNotEmpty {
+        /// The migrations already recorded.
+        applied: Vec<String>,
+    },
+    /// `validate` found problems (listed on stdout).
+    #[error(
+        "the database does not agree with this ampd ({AMPD_VERSION}): {problems} problem(s), listed \
+         above"
+    )]
+    Invalid {
+        /// How many problems were found.
+        problems: usize,
+    },
     /// Any other database error while reading or recording migration state.
     #[error("metadata database error: {0}")]
     Database(String),
+}
+
+/// The first few of `lines`, joined on one line.
+fn summary(lines: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = lines
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if lines.len() > SHOWN {
+        let _ = write!(text, "; and {} more", lines.len() - SHOWN);
+    }
+    text
 }
 
 impl MigrateError {

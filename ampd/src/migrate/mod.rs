@@ -28,10 +28,14 @@
 
 mod accept;
 mod apply;
+mod baseline;
+mod catalog;
+mod compat;
 mod dry_run;
 mod error;
 mod leftovers;
 mod lock;
+mod order;
 mod plan;
 mod preflight;
 mod record;
@@ -39,22 +43,25 @@ mod session;
 mod set;
 mod state;
 mod status;
+mod validate;
 mod verify;
 
 use std::time::{Duration, Instant};
 
-use sea_orm::DatabaseConnection;
 use serde::Serialize;
 
 pub use accept::{Accepted, accept_checksum};
 pub use apply::Applied;
+pub use baseline::{Baselined, baseline};
+pub use compat::{ServiceStart, migrate_for_service, verify_for_service, warn_newer};
 pub use dry_run::{DryRun, dry_run, dry_run_one};
 pub use error::{MigrateError, quote_ident, quote_literal};
 pub use plan::StepKind;
 pub use record::HISTORY_TABLE;
 pub use set::{AMPD_VERSION, MigrationSet};
-pub use state::ChecksumChange;
+pub use state::{BaselineRecord, ChecksumChange};
 pub use status::{MigrationState, status};
+pub use validate::{Check, Validation, validate};
 
 use crate::config::MetadataDbConfig;
 use apply::Done;
@@ -127,6 +134,17 @@ async fn run(
     // Read and validate without the lock: with nothing to do, that was the run's one query.
     let state = state::read_checked(session).await?;
     let verdict = verify::check(set, &state)?;
+    if let Some(late) = order::check(set, &state, cfg.allow_out_of_order)? {
+        let text = format!(
+            "applying {} out of order (allowed): older than {}, the newest applied migration",
+            late.pending.join(", "),
+            late.newest
+        );
+        session.note(&text);
+        if !session.is_dry() {
+            tracing::warn!("{text}");
+        }
+    }
     let plan = plan::plan(set, &state, &verdict);
     if plan.steps.is_empty() {
         session.note("schema is up to date: nothing would run");
@@ -146,21 +164,4 @@ async fn run(
         .find(|name| state.row(name).is_some() || done.applied.iter().any(|a| a.name == *name))
         .map(str::to_owned);
     Ok(Outcome { done, version })
-}
-
-/// Verifies, read-only, that the database is at this binary's head: the check a service makes at
-/// startup when it does not migrate itself. Errors as [`migrate`] would refuse, or
-/// [`MigrateError::NotMigrated`] when migrations are pending.
-pub async fn verify_current(
-    db: &DatabaseConnection,
-    set: &MigrationSet,
-) -> Result<(), MigrateError> {
-    let state = state::read_checked(db).await?;
-    verify::check(set, &state)?;
-    let pending = plan::pending(set, &state).len();
-    if pending == 0 {
-        Ok(())
-    } else {
-        Err(MigrateError::NotMigrated { pending })
-    }
 }

@@ -9,6 +9,8 @@
 //! | `ampd_version` | the ampd that applied (or recorded) it |
 //! | `adopted` | applied without ampd (by SeaORM's CLI) and recorded later |
 //! | `checksum_history` | checksums replaced by `ampd migrate accept-checksum`, with reason and time |
+//! | `compatible` | binaries that do not know it may keep running on the schema it produces (`migration::compat`, as the binary that recorded it had it) |
+//! | `baseline` | set when `ampd migrate baseline` recorded it without running it: up to which migration, reason, role, time, ampd version |
 //! | `applied_at` | when ampd recorded it |
 //!
 //! Rows are written in the transaction of the step that applied the migration, so a migration is
@@ -24,7 +26,7 @@ use sea_orm::{DatabaseBackend, DbErr};
 use super::error::quote_literal;
 use super::plan::Bookkeeping;
 use super::session::Session;
-use super::set::AMPD_VERSION;
+use super::set::{AMPD_VERSION, MigrationSet};
 
 /// ampd's companion to `seaql_migrations`.
 pub const HISTORY_TABLE: &str = "ampd_migrations";
@@ -40,6 +42,8 @@ enum AmpdMigrations {
     ChecksumAlgorithm,
     Adopted,
     ChecksumHistory,
+    Compatible,
+    Baseline,
 }
 
 #[derive(sea_orm::DeriveIden)]
@@ -59,7 +63,7 @@ fn create_seaql_sql() -> String {
 
 /// The columns this ampd added to `ampd_migrations`; defaults that make the rows of older ampds
 /// (and of older ampds still running) read right.
-fn added_columns() -> [ColumnDef; 3] {
+fn added_columns() -> [ColumnDef; 5] {
     [
         ColumnDef::new(AmpdMigrations::ChecksumAlgorithm)
             .small_integer()
@@ -75,6 +79,15 @@ fn added_columns() -> [ColumnDef; 3] {
             .json_binary()
             .not_null()
             .default(Expr::cust("'[]'::jsonb"))
+            .to_owned(),
+        ColumnDef::new(AmpdMigrations::Compatible)
+            .boolean()
+            .not_null()
+            .default(false)
+            .to_owned(),
+        ColumnDef::new(AmpdMigrations::Baseline)
+            .json_binary()
+            .null()
             .to_owned(),
     ]
 }
@@ -119,8 +132,9 @@ fn create_history_sql() -> String {
     stmt.to_string(PostgresQueryBuilder)
 }
 
-/// Brings an `ampd_migrations` of ampd 0.1 to this layout: its rows are algorithm-1 checksums, and
-/// those without a duration were recorded after SeaORM's CLI applied the migration.
+/// Brings an `ampd_migrations` of an older ampd to this layout. Rows of ampd 0.1 are algorithm-1
+/// checksums, and those without a duration were recorded after SeaORM's CLI applied the migration;
+/// rows recorded before `compatible` existed read as not compatible.
 fn upgrade_history_sql() -> [String; 2] {
     let mut alter = Table::alter();
     alter.table(AmpdMigrations::Table);
@@ -138,7 +152,7 @@ fn upgrade_history_sql() -> [String; 2] {
 pub(super) async fn ensure(
     session: &Session,
     bookkeeping: &Bookkeeping,
-    checksum: impl Fn(&str) -> String,
+    set: &MigrationSet,
 ) -> Result<(), DbErr> {
     if bookkeeping.create_seaql {
         session.write(&create_seaql_sql()).await?;
@@ -155,11 +169,12 @@ pub(super) async fn ensure(
         session
             .write(&format!(
                 "INSERT INTO {HISTORY_TABLE} (version, checksum, checksum_algorithm, execution_ms, \
-                 ampd_version, adopted) VALUES ({}, {}, {}, NULL, {}, true)",
+                 ampd_version, adopted, compatible) VALUES ({}, {}, {}, NULL, {}, true, {})",
                 quote_literal(name),
-                quote_literal(&checksum(name)),
+                quote_literal(&set.checksum(name, Algorithm::CURRENT)),
                 Algorithm::CURRENT.number(),
-                quote_literal(AMPD_VERSION)
+                quote_literal(AMPD_VERSION),
+                set.is_compatible(name)
             ))
             .await?;
         if !session.is_dry() {
@@ -170,12 +185,14 @@ pub(super) async fn ensure(
 }
 
 /// Records migration `name` as applied, in `seaql_migrations` (as SeaORM does) and in
-/// `ampd_migrations`, with the time its `up` took (`None` in a dry run, which cannot know it).
+/// `ampd_migrations`, with the time its `up` took (`None` in a dry run, which cannot know it) and
+/// whether binaries that do not know it may keep running on it.
 pub(super) async fn applied(
     session: &Session,
     name: &str,
     checksum: &str,
     execution_ms: Option<u64>,
+    compatible: bool,
 ) -> Result<(), DbErr> {
     session
         .write(&format!(
@@ -195,7 +212,7 @@ pub(super) async fn applied(
         .write_noted(
             &format!(
                 "INSERT INTO {HISTORY_TABLE} (version, checksum, checksum_algorithm, execution_ms, \
-                 ampd_version, adopted) VALUES ({}, {}, {}, {ms}, {}, false)",
+                 ampd_version, adopted, compatible) VALUES ({}, {}, {}, {ms}, {}, false, {compatible})",
                 quote_literal(name),
                 quote_literal(checksum),
                 Algorithm::CURRENT.number(),
@@ -244,4 +261,38 @@ pub(super) async fn upgrade(session: &Session) -> Result<(), DbErr> {
         session.write(&sql).await?;
     }
     Ok(())
+}
+
+/// Records migration `name` as applied by `ampd migrate baseline` (up to `to`, for `reason`),
+/// without running it: `adopted`, no duration, the role and time of the baseline kept in
+/// `baseline`. In the caller's transaction.
+pub(super) async fn baselined(
+    session: &Session,
+    set: &MigrationSet,
+    name: &str,
+    to: &str,
+    reason: &str,
+) -> Result<(), DbErr> {
+    session
+        .write(&format!(
+            "INSERT INTO seaql_migrations (version, applied_at) VALUES ({}, \
+             EXTRACT(EPOCH FROM now())::bigint)",
+            quote_literal(name)
+        ))
+        .await?;
+    session
+        .write(&format!(
+            "INSERT INTO {HISTORY_TABLE} (version, checksum, checksum_algorithm, execution_ms, \
+             ampd_version, adopted, compatible, baseline) VALUES ({name}, {checksum}, {algorithm}, \
+             NULL, {version}, true, {compatible}, jsonb_build_object('to', {to}, 'reason', {reason}, \
+             'role', current_user::text, 'at', now()::text, 'ampd_version', {version}))",
+            name = quote_literal(name),
+            checksum = quote_literal(&set.checksum(name, Algorithm::CURRENT)),
+            algorithm = Algorithm::CURRENT.number(),
+            version = quote_literal(AMPD_VERSION),
+            compatible = set.is_compatible(name),
+            to = quote_literal(to),
+            reason = quote_literal(reason),
+        ))
+        .await
 }

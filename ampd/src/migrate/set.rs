@@ -8,10 +8,14 @@ pub const AMPD_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Gives the checksum this binary knows a migration by, under a checksum algorithm.
 type ChecksumFn = Box<dyn Fn(&str, Algorithm) -> Option<String> + Send + Sync>;
 
+/// Says whether a migration was reviewed as compatible with binaries that do not know it.
+type CompatFn = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// A list of migrations and the checksums this binary knows them by.
 pub struct MigrationSet {
     migrations: Vec<Box<dyn MigrationTrait>>,
     checksum: ChecksumFn,
+    compatible: CompatFn,
 }
 
 impl MigrationSet {
@@ -47,7 +51,18 @@ impl MigrationSet {
         MigrationSet {
             migrations,
             checksum: Box::new(checksum),
+            compatible: Box::new(migration::compat::is_compatible),
         }
+    }
+
+    /// This set with `compatible` saying which of its migrations binaries that do not know them
+    /// may keep running on (by default the metadata schema's table, `migration::compat`).
+    pub fn with_compatible(
+        mut self,
+        compatible: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.compatible = Box::new(compatible);
+        self
     }
 
     /// Migration names, in order.
@@ -63,6 +78,12 @@ impl MigrationSet {
     /// The migration called `name`.
     pub(super) fn find(&self, name: &str) -> Option<&dyn MigrationTrait> {
         self.migrations().find(|m| m.name() == name)
+    }
+
+    /// Whether `name` was reviewed as compatible with binaries that do not know it (recorded with
+    /// it when it is applied).
+    pub(super) fn is_compatible(&self, name: &str) -> bool {
+        (self.compatible)(name)
     }
 
     /// The checksum of `name` under `algorithm` (empty when this binary has none).

@@ -47,6 +47,21 @@ pub struct ChecksumChange {
     pub role: Option<String>,
 }
 
+/// How `ampd migrate baseline` recorded a migration without running it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineRecord {
+    /// The migration the baseline went up to.
+    pub to: String,
+    /// Why (given by the operator).
+    pub reason: String,
+    /// The role that ran it (`current_user`).
+    pub role: String,
+    /// When (server time).
+    pub at: String,
+    /// The ampd version that recorded it.
+    pub ampd_version: String,
+}
+
 /// A row of the applied set.
 #[derive(Debug, Clone)]
 pub(super) struct AppliedRow {
@@ -61,6 +76,10 @@ pub(super) struct AppliedRow {
     /// Applied without ampd and recorded later.
     pub adopted: bool,
     pub changes: Vec<ChecksumChange>,
+    /// Recorded as compatible with binaries that do not know it (`false` when nothing says so).
+    pub compatible: bool,
+    /// Recorded by `ampd migrate baseline`, not applied by ampd.
+    pub baseline: Option<BaselineRecord>,
 }
 
 impl AppliedRow {
@@ -76,7 +95,8 @@ pub(super) struct DbState {
     pub who: Identity,
     pub has_seaql: bool,
     pub has_history: bool,
-    /// `ampd_migrations` has this ampd's layout (checksum algorithm, adoption, accepted changes).
+    /// `ampd_migrations` has this ampd's layout (checksum algorithm, adoption, accepted changes,
+    /// compatibility, baseline).
     pub history_current: bool,
     pub applied: Vec<AppliedRow>,
 }
@@ -99,12 +119,19 @@ impl DbState {
 const WHO: &str = "current_user::text AS role, current_database()::text AS database, \
                    current_schema()::text AS schema";
 
-/// Both tables in their current layout: one query.
-pub(super) fn read_current_sql() -> String {
+/// Both tables in their current layout: one query. `with_compat`: `ampd_migrations` has the
+/// columns `compatible` and `baseline` (an ampd from before them created it: read as `false` and
+/// none).
+pub(super) fn read_current_sql(with_compat: bool) -> String {
+    let compat = if with_compat {
+        "h.compatible, h.baseline::text AS baseline"
+    } else {
+        "false AS compatible, NULL::text AS baseline"
+    };
     format!(
         "SELECT {WHO}, s.version::text AS version, s.applied_at, h.checksum, \
          h.checksum_algorithm::bigint AS algorithm, h.execution_ms, h.ampd_version, h.adopted, \
-         h.checksum_history::text AS changes \
+         h.checksum_history::text AS changes, {compat} \
          FROM (SELECT 1) AS one \
          LEFT JOIN (seaql_migrations AS s LEFT JOIN ampd_migrations AS h ON h.version = s.version) ON true \
          ORDER BY s.version"
@@ -118,7 +145,7 @@ fn read_legacy_sql() -> String {
         "SELECT {WHO}, s.version::text AS version, s.applied_at, h.checksum, \
          CASE WHEN h.version IS NULL THEN NULL ELSE 1::bigint END AS algorithm, h.execution_ms, \
          h.ampd_version, (h.version IS NOT NULL AND h.execution_ms IS NULL) AS adopted, \
-         NULL::text AS changes \
+         NULL::text AS changes, false AS compatible, NULL::text AS baseline \
          FROM (SELECT 1) AS one \
          LEFT JOIN (seaql_migrations AS s LEFT JOIN ampd_migrations AS h ON h.version = s.version) ON true \
          ORDER BY s.version"
@@ -130,7 +157,7 @@ fn read_seaql_sql() -> String {
     format!(
         "SELECT {WHO}, s.version::text AS version, s.applied_at, NULL::text AS checksum, \
          NULL::bigint AS algorithm, NULL::bigint AS execution_ms, NULL::text AS ampd_version, \
-         false AS adopted, NULL::text AS changes \
+         false AS adopted, NULL::text AS changes, false AS compatible, NULL::text AS baseline \
          FROM (SELECT 1) AS one LEFT JOIN seaql_migrations AS s ON true ORDER BY s.version"
     )
 }
@@ -140,7 +167,10 @@ pub(super) fn probe_sql() -> String {
         "SELECT {WHO}, to_regclass('seaql_migrations') IS NOT NULL AS has_seaql, \
          to_regclass('ampd_migrations') IS NOT NULL AS has_history, \
          EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ampd_migrations') \
-                 AND attname = 'checksum_history' AND NOT attisdropped) AS history_current"
+                 AND attname = 'checksum_history' AND NOT attisdropped) AS history_v2, \
+         (SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = to_regclass('ampd_migrations') \
+          AND attname IN ('checksum_history', 'compatible', 'baseline') AND NOT attisdropped) \
+         AS history_current"
     )
 }
 
@@ -166,6 +196,15 @@ fn rows_to_state(rows: &[QueryResult], mut state: DbState) -> Result<DbState, Db
             })?,
             None => Vec::new(),
         };
+        let baseline: Option<String> = row.try_get("", "baseline")?;
+        let baseline = match baseline {
+            Some(json) => Some(serde_json::from_str(&json).map_err(|e| {
+                DbErr::Custom(format!(
+                    "ampd_migrations.baseline of {version} is not what ampd wrote: {e}"
+                ))
+            })?),
+            None => None,
+        };
         let algorithm: Option<i64> = row.try_get("", "algorithm")?;
         state.applied.push(AppliedRow {
             applied_at: row.try_get("", "applied_at")?,
@@ -175,6 +214,10 @@ fn rows_to_state(rows: &[QueryResult], mut state: DbState) -> Result<DbState, Db
             ampd_version: row.try_get("", "ampd_version")?,
             adopted: row.try_get::<Option<bool>>("", "adopted")?.unwrap_or(false),
             changes,
+            compatible: row
+                .try_get::<Option<bool>>("", "compatible")?
+                .unwrap_or(false),
+            baseline,
             version,
         });
     }
@@ -249,7 +292,7 @@ pub(super) async fn read(db: &impl Reader) -> Result<DbState, DbErr> {
         history_current: true,
         ..DbState::default()
     };
-    match db.rows(&read_current_sql()).await {
+    match db.rows(&read_current_sql(true)).await {
         Ok(rows) => return rows_to_state(&rows, current),
         // undefined_table: a fresh database, or one migrated only by SeaORM's CLI;
         // undefined_column: `ampd_migrations` as an older ampd created it.
@@ -278,9 +321,10 @@ async fn read_after_probe(db: &impl Reader) -> Result<DbState, DbErr> {
         history_current: probe.try_get("", "history_current")?,
         applied: Vec::new(),
     };
-    let sql = match (state.has_seaql, state.has_history, state.history_current) {
+    let history_v2: bool = probe.try_get("", "history_v2")?;
+    let sql = match (state.has_seaql, state.has_history, history_v2) {
         (false, _, _) => return Ok(state),
-        (true, true, true) => read_current_sql(),
+        (true, true, true) => read_current_sql(state.history_current),
         (true, true, false) => read_legacy_sql(),
         (true, false, _) => read_seaql_sql(),
     };

@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::error::MigrateError;
 use super::plan::{StepKind, pending_steps};
 use super::set::MigrationSet;
-use super::state::{self, AppliedRow, ChecksumChange, DbState};
+use super::state::{self, AppliedRow, BaselineRecord, ChecksumChange, DbState};
 use super::verify::{ChecksumState, checksum_state};
 use crate::config::MetadataDbConfig;
 use crate::db;
@@ -31,9 +31,15 @@ pub struct MigrationState {
     pub duration_ms: Option<i64>,
     /// The ampd version that applied (or recorded) it.
     pub ampd_version: Option<String>,
-    /// `ampd`, or `outside-ampd` when it was applied without ampd (by SeaORM's CLI) and recorded
-    /// later.
+    /// `ampd`, `outside-ampd` when it was applied without ampd (by SeaORM's CLI) and recorded
+    /// later, or `baseline` when `ampd migrate baseline` recorded it without running it.
     pub applied_by: Option<&'static str>,
+    /// For an applied migration, whether it is recorded as compatible with binaries that do not
+    /// know it (see `migration::compat`).
+    pub compatible: Option<bool>,
+    /// How `ampd migrate baseline` recorded it (up to which migration, reason, role, time, ampd
+    /// version), when it did.
+    pub baseline: Option<BaselineRecord>,
     /// For a pending migration, the step of the next run it belongs to (from 1).
     pub step: Option<usize>,
     /// For a pending migration, how its step runs: `transaction` (with the other migrations of its
@@ -67,7 +73,13 @@ fn applied(row: &AppliedRow, checksum_state: &'static str) -> MigrationState {
         applied_by: row
             .checksum
             .as_ref()
-            .map(|_| if row.adopted { "outside-ampd" } else { "ampd" }),
+            .map(|_| match (&row.baseline, row.adopted) {
+                (Some(_), _) => "baseline",
+                (None, true) => "outside-ampd",
+                (None, false) => "ampd",
+            }),
+        compatible: row.checksum.as_ref().map(|_| row.compatible),
+        baseline: row.baseline.clone(),
         step: None,
         runs: None,
         checksum_changes: row.changes.clone(),
@@ -99,6 +111,8 @@ fn states(set: &MigrationSet, state: &DbState) -> Vec<MigrationState> {
                     duration_ms: None,
                     ampd_version: None,
                     applied_by: None,
+                    compatible: None,
+                    baseline: None,
                     step: step.map(|(_, number, _)| *number),
                     runs: step.map(|(_, _, kind)| *kind),
                     checksum_changes: Vec::new(),

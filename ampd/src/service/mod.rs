@@ -165,6 +165,10 @@ where
 /// and `auto_migrate_default` is true, as in solo mode). Migration uses the same entry point as
 /// `ampd migrate`, so concurrent starts are safe.
 ///
+/// A database that a newer ampd migrated is accepted when every migration this binary does not
+/// know is recorded as compatible with it (a warning names them), and refused otherwise
+/// (`migrate::verify_for_service`).
+///
 /// Before a service starts it proves that its URLs can carry what it sends: the pool's URL keeps
 /// prepared statements (a pooler in transaction mode must track them), and the session URL
 /// (`direct_url`, default `url`), used for LISTEN and node-id claims, gives a session of its own.
@@ -176,16 +180,19 @@ pub async fn connect(
     let db = &config.metadata_db;
     let auto_migrate = db.auto_migrate.unwrap_or(auto_migrate_default);
     if auto_migrate {
-        let report = migrate::migrate(db, &migrations()).await?;
-        tracing::info!("{}", report.summary());
+        match migrate::migrate_for_service(db, &migrations()).await? {
+            migrate::ServiceStart::Migrated(report) => tracing::info!("{}", report.summary()),
+            migrate::ServiceStart::Newer(names) => migrate::warn_newer(&names),
+        }
     }
     let pool = crate::db::connect(db, db.max_connections).await?;
     crate::db::check_prepared_statements(db).await?;
     crate::db::require_session(db, "LISTEN and node-id claims").await?;
     if !auto_migrate {
-        migrate::verify_current(&pool, &migrations())
+        let newer = migrate::verify_for_service(&pool, &migrations())
             .await
             .map_err(ServiceError::NotMigrated)?;
+        migrate::warn_newer(&newer);
     }
     Ok(pool)
 }

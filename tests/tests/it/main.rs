@@ -1,7 +1,6 @@
 //! The integration tests of the ampd metadata database, one module per domain, in one test binary:
 //! one link of ampd, SeaORM and sqlx, one private PostgreSQL cluster for the run, and every test
 //! free to run beside every other (each on a database of its own; see `tests/README.md`).
-
 mod ampd_migrate;
 mod config_secrets;
 mod controller_api;
@@ -18,6 +17,7 @@ mod metadata_jobs;
 mod metadata_notifications;
 mod metadata_revisions;
 mod metadata_workers;
+mod migrate_baseline;
 mod migrate_checksums;
 mod migrate_cli;
 mod migrate_dryrun;
@@ -25,8 +25,11 @@ mod migrate_edges;
 mod migrate_faults;
 mod migrate_frozen;
 mod migrate_nontx;
+mod migrate_order;
 mod migrate_pooler;
+mod migrate_rollback;
 mod migrate_scaling;
+mod migrate_validate;
 mod notify_hostile;
 mod pgbouncer;
 mod schema;

@@ -1,0 +1,145 @@
+//! Safe binary roll-back: a service of a previous release (the fixture binary with the schema's
+//! migrations but the last) starts on a database a newer release migrated, when every migration
+//! it does not know is recorded as compatible (warning with their names), and refuses once one is
+//! not; `ampd migrate` of the previous release keeps refusing the newer database.
+
+use tests::TestDb;
+use tests::cli;
+use tests::fixtures::{BREAKING, EXPAND};
+use tests::services::{Service, Workspace, free_addr};
+
+/// The schema's last migration, which `migration::compat` marks compatible.
+fn schema_head() -> String {
+    tests::schema_head()
+}
+
+/// Starts the previous release's server on `config`, with `env` added.
+fn previous_server(config: &std::path::Path, env: &[(&str, &str)]) -> Service {
+    let mut cmd = tokio::process::Command::new(cli::ampd_fixture());
+    cmd.arg("--config").arg(config).arg("server");
+    let mut all = vec![("AMPD_FIXTURE_MIGRATIONS", "previous")];
+    all.extend_from_slice(env);
+    Service::spawn("previous release's server", cmd, &all)
+}
+
+#[tokio::test]
+async fn a_previous_release_starts_on_compatible_migrations_and_refuses_after_an_incompatible_one()
+{
+    let db = TestDb::empty().await;
+    let ws = Workspace::new();
+    let addr = free_addr();
+    let config = ws.config(
+        "server.toml",
+        db.url(),
+        &format!("[server]\naddr = \"{addr}\"\n"),
+    );
+    // The newer release migrates: the schema's migrations, then a compatible expand step.
+    let out = cli::fixture_with_config(&config, "expand", &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let conn = db.connect().await;
+    let compatible: Vec<String> = tests::sql::column(
+        &conn,
+        "SELECT version::text FROM ampd_migrations WHERE compatible ORDER BY version",
+    )
+    .await;
+    assert_eq!(compatible, [schema_head(), EXPAND.name.to_owned()]);
+
+    // The previous release's `ampd migrate` still refuses the newer database.
+    let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("database is newer than this ampd"),
+        "{}",
+        out.stderr
+    );
+
+    // Its services start on it (with or without auto_migrate), warning with both names.
+    for env in [
+        vec![],
+        vec![("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")],
+    ] {
+        let mut server = previous_server(&config, &env);
+        server.wait_healthy(addr).await;
+        let log = server.log();
+        assert!(
+            log.contains("the database is newer than this ampd")
+                && log.contains(&schema_head())
+                && log.contains(EXPAND.name),
+            "{env:?}: {log}"
+        );
+        let exit = server.stop().await;
+        assert_eq!(exit.code, Some(0), "{}", exit.log);
+    }
+    // And its validate agrees with the database.
+    let out = cli::fixture_with_config(&config, "previous", &["migrate", "validate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    // The newer release applies a step that is not compatible: the previous release refuses,
+    // naming it (and only it).
+    let out = cli::fixture_with_config(&config, "expand-breaking", &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    for env in [
+        vec![],
+        vec![("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")],
+    ] {
+        let exit = previous_server(&config, &env).wait().await;
+        assert_eq!(exit.code, Some(1), "{env:?}: {}", exit.log);
+        let error = exit
+            .log
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("{env:?}: no error line: {}", exit.log));
+        assert!(
+            error.contains("database is newer than this ampd")
+                && error.contains(BREAKING.name)
+                && error.contains("not recorded as compatible")
+                && !error.contains(EXPAND.name),
+            "{env:?}: {error}"
+        );
+    }
+    let out = cli::fixture_with_config(&config, "previous", &["migrate", "validate"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout.contains(&format!("PROBLEM  {}", BREAKING.name)),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn a_history_table_from_before_the_compatibility_flag_is_upgraded_and_reads_as_not_compatible()
+ {
+    let db = TestDb::empty().await;
+    let dir = cli::TempDir::new();
+    let config = dir.config(db.url(), "");
+    let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let conn = db.connect().await;
+    // `ampd_migrations` as an ampd without the flag left it.
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &conn,
+        "ALTER TABLE ampd_migrations DROP COLUMN compatible, DROP COLUMN baseline",
+    )
+    .await
+    .expect("old layout");
+    let out = cli::ampd_with_config(&config, &["migrate", "validate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    let out = cli::ampd_with_config(&config, &["migrate"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("applied 1 migration "),
+        "{}",
+        out.stdout
+    );
+    let compatible: Vec<String> = tests::sql::column(
+        &conn,
+        "SELECT version::text FROM ampd_migrations WHERE compatible ORDER BY version",
+    )
+    .await;
+    assert_eq!(
+        compatible,
+        [schema_head()],
+        "old rows read as not compatible"
+    );
+}
