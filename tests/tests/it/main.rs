@@ -3,6 +3,7 @@
 //! free to run beside every other (each on a database of its own; see `tests/README.md`).
 
 mod ampd_migrate;
+mod cli_output;
 mod config_secrets;
 mod controller_api;
 mod e2e;
