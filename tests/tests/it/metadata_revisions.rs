@@ -174,6 +174,30 @@ async fn activate_replaces_the_previous_active_revision_and_notifies() {
 }
 
 #[tokio::test]
+async fn active_is_the_revision_its_table_points_at() {
+    let (_db, conn, f) = rows::setup(fixture).await;
+    let first = revision(&conn, &f.blocks).await;
+    let second = revision(&conn, &f.blocks).await;
+    assert_eq!(
+        revisions::active(&conn, f.blocks.id).await.unwrap(),
+        None,
+        "none before an activation"
+    );
+
+    for id in [first, second] {
+        revisions::activate(&conn, f.blocks.id, id, GRACE)
+            .await
+            .unwrap();
+    }
+
+    let active = revisions::active(&conn, f.blocks.id).await.unwrap();
+    assert_eq!(active.as_ref().map(|r| r.id), Some(second));
+    assert_eq!(active, rows::active_revision(&conn, f.blocks.id).await);
+    assert_eq!(revisions::active(&conn, f.logs.id).await.unwrap(), None);
+    assert_eq!(revisions::active(&conn, 999_999).await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn activating_a_revision_of_another_table_is_a_conflict() {
     let (_db, conn, f) = rows::setup(fixture).await;
     let blocks_rev = revision(&conn, &f.blocks).await;
