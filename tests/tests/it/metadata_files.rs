@@ -77,8 +77,8 @@ async fn register_is_idempotent_on_revision_and_file_name() {
 }
 
 #[tokio::test]
-async fn register_validates_its_arguments_and_needs_a_revision() {
-    let (_db, conn, f) = rows::setup(fixture).await;
+async fn register_needs_an_existing_revision() {
+    let (_db, conn, _) = rows::setup(fixture).await;
     let err = files::register(&conn, 999_999, "a.parquet", 1, None, None, json!({}))
         .await
         .expect_err("unknown revision");
@@ -92,6 +92,12 @@ async fn register_validates_its_arguments_and_needs_a_revision() {
         ),
         "{err:?}"
     );
+    assert_eq!(file_metadata::Entity::find().count(&conn).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn register_refuses_invalid_file_names_and_sizes() {
+    let (_db, conn, f) = rows::setup(fixture).await;
     for (name, size) in [("", 1), ("a/b.parquet", 1), ("..", 1), ("a.parquet", -1)] {
         let err = files::register(&conn, f.old.id, name, size, None, None, json!({}))
             .await
