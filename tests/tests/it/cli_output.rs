@@ -42,9 +42,12 @@ fn checks_that_hold_pass_and_chain() {
     assert_eq!(failed, None);
 }
 
+/// A check, and the start of its failure message on [`run`].
+type Case = (&'static str, fn(&Output));
+
 #[test]
 fn a_check_that_does_not_hold_fails_showing_the_whole_run() {
-    let cases: [(&str, fn(&Output)); 7] = [
+    let cases: [Case; 7] = [
         ("expected exit code 0", |out| {
             out.assert_success();
         }),
