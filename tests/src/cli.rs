@@ -6,9 +6,12 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// What a run of the binary did.
+/// What a run of the binary did. The `assert_*` methods check it and, when a check fails, print
+/// the whole run (command, exit code, stdout, stderr) and point at the test's line.
 #[derive(Debug)]
 pub struct Output {
+    /// The command line that ran, with the environment it was given, for failure messages.
+    pub command: String,
     /// Exit code (`None` if killed by a signal).
     pub code: Option<i32>,
     /// Standard output.
@@ -23,6 +26,83 @@ impl Output {
     /// stdout and stderr together, for searching.
     pub fn all(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    /// Fails the test unless `holds`, saying `what` failed and showing the whole run.
+    #[track_caller]
+    fn check(&self, holds: bool, what: impl FnOnce() -> String) -> &Self {
+        if !holds {
+            panic!(
+                "{}\ncommand: {}\nexit code: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                what(),
+                self.command,
+                self.code
+                    .map_or_else(|| "none (killed by a signal)".to_owned(), |c| c.to_string()),
+                self.stdout,
+                self.stderr
+            );
+        }
+        self
+    }
+
+    /// Asserts the run exited with `code`.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        self.check(self.code == Some(code), || {
+            format!("expected exit code {code}")
+        })
+    }
+
+    /// Asserts the run exited with code 0.
+    #[track_caller]
+    pub fn assert_success(&self) -> &Self {
+        self.assert_code(0)
+    }
+
+    /// Asserts stdout contains `needle`.
+    #[track_caller]
+    pub fn assert_stdout_contains(&self, needle: impl AsRef<str>) -> &Self {
+        let needle = needle.as_ref();
+        self.check(self.stdout.contains(needle), || {
+            format!("stdout does not contain {needle:?}")
+        })
+    }
+
+    /// Asserts stderr contains `needle`.
+    #[track_caller]
+    pub fn assert_stderr_contains(&self, needle: impl AsRef<str>) -> &Self {
+        let needle = needle.as_ref();
+        self.check(self.stderr.contains(needle), || {
+            format!("stderr does not contain {needle:?}")
+        })
+    }
+
+    /// Asserts stdout does not contain `needle`.
+    #[track_caller]
+    pub fn assert_stdout_lacks(&self, needle: impl AsRef<str>) -> &Self {
+        let needle = needle.as_ref();
+        self.check(!self.stdout.contains(needle), || {
+            format!("stdout contains {needle:?}")
+        })
+    }
+
+    /// Asserts stderr does not contain `needle`.
+    #[track_caller]
+    pub fn assert_stderr_lacks(&self, needle: impl AsRef<str>) -> &Self {
+        let needle = needle.as_ref();
+        self.check(!self.stderr.contains(needle), || {
+            format!("stderr contains {needle:?}")
+        })
+    }
+
+    /// Asserts `needle` appears in neither stdout nor stderr ([`all`](Self::all)): for secrets
+    /// that must never be printed.
+    #[track_caller]
+    pub fn assert_not_in_output(&self, needle: impl AsRef<str>) -> &Self {
+        let needle = needle.as_ref();
+        self.check(!self.all().contains(needle), || {
+            format!("the output contains {needle:?}")
+        })
     }
 }
 
@@ -242,6 +322,13 @@ pub async fn run(bin: &Path, args: &[&str], env: &[(&str, &str)], timeout: Durat
         })
         .expect("wait for ampd");
     Output {
+        command: env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(std::iter::once(bin.display().to_string()))
+            .chain(args.iter().map(|a| (*a).to_owned()))
+            .collect::<Vec<_>>()
+            .join(" "),
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

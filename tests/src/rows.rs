@@ -3,12 +3,67 @@
 //! revision activated by hand, a gc entry with an expiration of its own), so that a test reads as
 //! what it checks.
 
-use ampd::metadata::{datasets, jobs, revisions};
+use ampd::metadata::{datasets, jobs, revisions, workers};
 use entity::{
     dataset_manifests, file_metadata, gc_manifest, physical_table_revisions, physical_tables, tags,
 };
-use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, Set};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set};
 use serde_json::{Value, json};
+
+use crate::TestDb;
+
+/// A new migrated database, a connection pool on it ([`TestDb::connect`]), and what `rows` wrote
+/// in it (a test's fixture): the start of most data-access tests.
+pub async fn setup<T>(
+    rows: impl AsyncFnOnce(&DatabaseConnection) -> T,
+) -> (TestDb, DatabaseConnection, T) {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let fixture = rows(&conn).await;
+    (db, conn, fixture)
+}
+
+/// Registers a worker for each of `nodes`, with empty worker info.
+pub async fn workers(db: &DatabaseConnection, nodes: &[&str]) {
+    for node in nodes {
+        workers::register(db, node, json!({}))
+            .await
+            .unwrap_or_else(|e| panic!("register worker {node}: {e}"));
+    }
+}
+
+/// The active revision of table `table_id`: the revision its `active_revision_id` points at,
+/// which must exist and belong to the table. Read from the rows, not through `revisions::active`,
+/// so that a test of the data-access layer does not check it against itself.
+pub async fn active_revision<C: ConnectionTrait>(
+    db: &C,
+    table_id: i64,
+) -> Option<physical_table_revisions::Model> {
+    let id = active_revision_id(db, table_id).await?;
+    let revision = physical_table_revisions::Entity::find_by_id(id)
+        .one(db)
+        .await
+        .expect("read the active revision")
+        .unwrap_or_else(|| {
+            panic!("table {table_id} points at revision {id}, which does not exist")
+        });
+    assert_eq!(
+        revision.physical_table_id, table_id,
+        "table {table_id} points at revision {id} of another table"
+    );
+    Some(revision)
+}
+
+/// The id of the active revision of table `table_id` (its `active_revision_id`); the table must
+/// exist.
+pub async fn active_revision_id<C: ConnectionTrait>(db: &C, table_id: i64) -> Option<i64> {
+    physical_tables::Entity::find_by_id(table_id)
+        .one(db)
+        .await
+        .expect("read the table")
+        .unwrap_or_else(|| panic!("table {table_id} does not exist"))
+        .active_revision_id
+}
 
 /// The job kind of the tests' jobs.
 pub const KIND: &str = "materialize-static";

@@ -32,29 +32,17 @@ async fn migrate_applies_everything_then_a_second_run_is_a_noop() {
 
     let head = tests::schema_head();
     let first = migrate(&config).await;
-    assert_eq!(first.code, Some(0), "{}", first.all());
-    assert!(
-        first
-            .stdout
-            .contains(&format!("applied {} migrations in", schema_migrations())),
-        "{}",
-        first.stdout
-    );
-    assert!(
-        first.stdout.contains(&format!("schema at version {head}")),
-        "{}",
-        first.stdout
-    );
+    first
+        .assert_success()
+        .assert_stdout_contains(format!("applied {} migrations in", schema_migrations()))
+        .assert_stdout_contains(format!("schema at version {head}"));
     for name in migration::CHECKSUMS.iter().map(|(n, _)| n) {
-        assert!(
-            first.stderr.contains(name),
-            "progress names {name}: {}",
-            first.stderr
-        );
+        // The progress names every migration.
+        first.assert_stderr_contains(name);
     }
 
     let second = migrate(&config).await;
-    assert_eq!(second.code, Some(0), "{}", second.all());
+    second.assert_success();
     assert_eq!(
         second.stdout.trim(),
         format!("schema is up to date (version {head})")
@@ -84,13 +72,8 @@ async fn amp_config_names_the_config_file() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout
-            .contains(&format!("applied {} migrations", schema_migrations())),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains(format!("applied {} migrations", schema_migrations()));
 }
 
 #[tokio::test]
@@ -107,77 +90,72 @@ async fn environment_override_beats_the_file() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout
-            .contains(&format!("applied {} migrations", schema_migrations())),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains(format!("applied {} migrations", schema_migrations()));
 }
 
 #[tokio::test]
 async fn without_a_config_the_error_says_how_to_pass_one() {
     let out = cli::run(cli::ampd(), &["migrate"], &[], Duration::from_secs(30)).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stderr.contains("--config <path>"), "{}", out.stderr);
-    assert!(out.stderr.contains("AMP_CONFIG"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains("--config <path>")
+        .assert_stderr_contains("AMP_CONFIG");
 }
 
 #[tokio::test]
-async fn missing_unreadable_and_malformed_config_files_are_clear_errors() {
+async fn a_missing_config_file_is_a_clear_error_naming_it() {
     let dir = TempDir::new();
     let missing = dir.path().join("nope.toml");
     let out = cli::ampd_with_config(&missing, &["migrate"]).await;
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("cannot read config file"),
-        "{}",
-        out.stderr
-    );
-    assert!(out.stderr.contains("nope.toml"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains("cannot read config file")
+        .assert_stderr_contains("nope.toml");
+}
 
+#[tokio::test]
+async fn an_unreadable_config_file_is_a_clear_error() {
+    let dir = TempDir::new();
     // A directory cannot be read as a file (and, unlike permissions, this holds for root too).
     let out = cli::ampd_with_config(dir.path(), &["migrate"]).await;
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("cannot read config file"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("cannot read config file");
+}
 
+#[tokio::test]
+async fn a_malformed_config_file_is_named_with_the_line() {
+    let dir = TempDir::new();
     let bad = dir.file(
         "bad.toml",
         "[metadata_db]\nurl = \"postgresql://x@h/db\"\nmax_connections = \n",
     );
     let out = cli::ampd_with_config(&bad, &["migrate"]).await;
-    assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("bad.toml"), "{}", out.stderr);
-    assert!(out.stderr.contains("line 3"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains("bad.toml")
+        .assert_stderr_contains("line 3");
+}
 
+#[tokio::test]
+async fn a_config_value_of_the_wrong_type_names_its_key() {
+    let dir = TempDir::new();
     let wrong_type = dir.file(
         "type.toml",
         "[metadata_db]\nurl = \"postgresql://x@h/db\"\nmax_connections = \"many\"\n",
     );
     let out = cli::ampd_with_config(&wrong_type, &["migrate"]).await;
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("metadata_db.max_connections"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("metadata_db.max_connections");
+}
 
+#[tokio::test]
+async fn an_unknown_config_key_is_named() {
+    let dir = TempDir::new();
     let unknown = dir.file(
         "unknown.toml",
         "[metadata_db]\nurl = \"postgresql://x@h/db\"\npool_size = 3\n",
     );
     let out = cli::ampd_with_config(&unknown, &["migrate"]).await;
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("metadata_db.pool_size"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("metadata_db.pool_size");
 }
 
 #[tokio::test]
@@ -185,9 +163,9 @@ async fn a_missing_url_is_named() {
     let dir = TempDir::new();
     let config = dir.file("config.toml", "[metadata_db]\nauto_migrate = false\n");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("metadata_db.url"), "{}", out.stderr);
-    assert!(out.stderr.contains("config.toml"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains("metadata_db.url")
+        .assert_stderr_contains("config.toml");
 }
 
 #[tokio::test]
@@ -198,7 +176,7 @@ async fn an_unreachable_server_fails_within_the_connect_timeout() {
         "connect_timeout_secs = 2",
     );
     let out = migrate(&config).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     // A refused connection is retried with backoff until the timeout, then given up.
     assert!(
         out.elapsed >= Duration::from_secs(2),
@@ -210,18 +188,9 @@ async fn an_unreachable_server_fails_within_the_connect_timeout() {
         "gave up after {:?}, connect timeout is 2 s",
         out.elapsed
     );
-    assert!(
-        out.stderr
-            .contains("failed to connect to metadata database: "),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("postgresql://amp:***@127.0.0.1:1/amp"),
-        "{}",
-        out.stderr
-    );
-    assert!(!out.all().contains("Unreachable-Pw"));
+    out.assert_stderr_contains("failed to connect to metadata database: ")
+        .assert_stderr_contains("postgresql://amp:***@127.0.0.1:1/amp")
+        .assert_not_in_output("Unreachable-Pw");
 }
 
 #[tokio::test]
@@ -230,13 +199,8 @@ async fn a_wrong_database_name_is_reported_as_missing() {
     let url = tests::database_url("ampd_database_that_does_not_exist");
     let config = dir.config(&url, "");
     let out = migrate(&config).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("database \"ampd_database_that_does_not_exist\" does not exist"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("database \"ampd_database_that_does_not_exist\" does not exist");
 }
 
 #[tokio::test]
@@ -253,19 +217,11 @@ async fn a_role_without_create_gets_the_grant_to_ask_for() {
     drop(conn);
     tests::admin_exec(&format!("DROP ROLE IF EXISTS {role}")).await;
 
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("permission denied to create table"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains(&format!(
+    out.assert_code(1)
+        .assert_stderr_contains("permission denied to create table")
+        .assert_stderr_contains(format!(
             "GRANT USAGE, CREATE ON SCHEMA \"public\" TO \"{role}\";"
-        )),
-        "{}",
-        out.stderr
-    );
+        ));
     assert!(tables.is_empty(), "nothing was created: {tables:?}");
 }
 
@@ -281,18 +237,14 @@ async fn eight_concurrent_runs_all_succeed_and_apply_each_migration_once() {
     let outputs = futures_join_all(runs).await;
     let mut applied_by = 0;
     for out in &outputs {
-        assert_eq!(out.code, Some(0), "{}", out.all());
+        out.assert_success();
         if out
             .stdout
             .contains(&format!("applied {} migrations", schema_migrations()))
         {
             applied_by += 1;
         } else {
-            assert!(
-                out.stdout.contains("schema is up to date"),
-                "{}",
-                out.stdout
-            );
+            out.assert_stdout_contains("schema is up to date");
         }
     }
     assert_eq!(applied_by, 1, "exactly one run applied the migrations");
@@ -348,22 +300,12 @@ async fn a_failing_migration_leaves_no_trace_of_its_step_on_an_empty_database() 
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = fixture(&config, "failing", &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("migration m20991231_000001_fixture_fails failed"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr
-            .contains("relation \"no_such_table\" does not exist"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("migration m20991231_000001_fixture_fails failed")
+        .assert_stderr_contains("relation \"no_such_table\" does not exist");
     // The schema's own migrations are steps before the failing one (the last of them runs alone,
     // outside a transaction), so they stay applied; the failing step leaves nothing.
-    assert!(out.stderr.contains("stay applied"), "{}", out.stderr);
+    out.assert_stderr_contains("stay applied");
     let conn = db.connect().await;
     let tables = catalog::tables(&conn).await;
     assert!(
@@ -381,13 +323,13 @@ async fn a_failing_migration_leaves_a_current_database_exactly_as_it_was() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
-    assert_eq!(migrate(&config).await.code, Some(0));
+    migrate(&config).await.assert_success();
     let conn = db.connect().await;
     let before = catalog::snapshot(&conn).await;
     let history = count(&conn, "SELECT count(*) FROM ampd_migrations").await;
 
     let out = fixture(&config, "failing", &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     assert_eq!(catalog::snapshot(&conn).await, before);
     assert_eq!(
         count(&conn, "SELECT count(*) FROM ampd_migrations").await,
@@ -418,26 +360,14 @@ async fn a_tampered_checksum_is_refused_and_nothing_changes() {
 
     // A run that has something to apply (the fixture's extra migration) still applies nothing.
     let out = fixture(&config, "alter-jobs", &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("migration checksum mismatch"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("m20261101_000003_create_datasets"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("Restore the original migration"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("migration checksum mismatch")
+        .assert_stderr_contains("m20261101_000003_create_datasets")
+        .assert_stderr_contains("Restore the original migration");
     assert_eq!(catalog::snapshot(&conn).await, before);
 
     let status = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
-    assert_eq!(status.code, Some(0), "{}", status.all());
+    status.assert_success();
     let states: serde_json::Value = serde_json::from_str(&status.stdout).expect("json");
     let datasets = states
         .as_array()
@@ -454,25 +384,16 @@ async fn an_applied_migration_unknown_to_this_binary_is_refused() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     // A newer ampd (here: the fixture with one more migration) migrated this database.
-    assert_eq!(
-        fixture(&config, "alter-jobs", &["migrate"]).await.code,
-        Some(0)
-    );
+    fixture(&config, "alter-jobs", &["migrate"])
+        .await
+        .assert_success();
     let conn = db.connect().await;
     let before = catalog::snapshot(&conn).await;
 
     let out = migrate(&config).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("database is newer than this ampd"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("m20991231_000003_fixture_alter_jobs"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("database is newer than this ampd")
+        .assert_stderr_contains("m20991231_000003_fixture_alter_jobs");
     assert_eq!(catalog::snapshot(&conn).await, before);
 
     let status = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
@@ -489,20 +410,15 @@ async fn status_is_read_only_and_reports_every_migration() {
     let config = dir.config(db.url(), "");
 
     let out = cli::ampd_with_config(&config, &["migrate", "status"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout
-            .contains(&format!("0 applied, {} pending", schema_migrations())),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains(format!("0 applied, {} pending", schema_migrations()));
     let conn = db.connect().await;
     assert!(
         catalog::tables(&conn).await.is_empty(),
         "status created nothing"
     );
 
-    assert_eq!(migrate(&config).await.code, Some(0));
+    migrate(&config).await.assert_success();
     let out = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
     let states: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     let states = states.as_array().expect("array");
@@ -522,7 +438,7 @@ async fn dry_run_prints_the_sql_in_order_and_changes_nothing() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let workers = out
         .stdout
         .find("CREATE TABLE \"workers\"")
@@ -536,9 +452,9 @@ async fn dry_run_prints_the_sql_in_order_and_changes_nothing() {
     let conn = db.connect().await;
     assert!(catalog::tables(&conn).await.is_empty());
 
-    assert_eq!(migrate(&config).await.code, Some(0));
+    migrate(&config).await.assert_success();
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run"]).await;
-    assert!(out.stdout.contains("nothing would run"), "{}", out.stdout);
+    out.assert_stdout_contains("nothing would run");
 }
 
 #[tokio::test]
@@ -597,7 +513,7 @@ async fn a_percent_encoded_password_is_checked_by_the_server_and_never_printed()
             &["--config", config, "migrate", "--dry-run"],
         ] {
             let out = run(args, &env).await;
-            assert_eq!(out.code, Some(0), "{level} {args:?}: {}", out.all());
+            out.assert_success();
             outputs.push(out);
         }
         let out = run(
@@ -605,35 +521,19 @@ async fn a_percent_encoded_password_is_checked_by_the_server_and_never_printed()
             &env,
         )
         .await;
-        assert_eq!(out.code, Some(1), "{level}: {}", out.all());
-        assert!(
-            out.stderr.contains(&format!(
-                "password authentication failed for user \"{role}\""
-            )),
-            "{level}: {}",
-            out.stderr
-        );
+        out.assert_code(1).assert_stderr_contains(format!(
+            "password authentication failed for user \"{role}\""
+        ));
         outputs.push(out);
         for config in [&bad_port, &malformed] {
             let out = run(&["--config", config.to_str().unwrap(), "migrate"], &env).await;
-            assert_eq!(
-                out.code,
-                Some(1),
-                "{level} {}: {}",
-                config.display(),
-                out.all()
-            );
+            out.assert_code(1);
             outputs.push(out);
         }
     }
     let first = &outputs[0];
-    assert!(
-        first
-            .stdout
-            .contains(&format!("applied {} migrations in", schema_migrations())),
-        "the first run migrated as {role}: {}",
-        first.stdout
-    );
+    // The first run migrated, as the role.
+    first.assert_stdout_contains(format!("applied {} migrations in", schema_migrations()));
     for out in outputs {
         let all = out.all();
         for secret in [password, encoded.as_str(), wrong, "S3cr3t"] {

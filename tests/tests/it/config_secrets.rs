@@ -69,20 +69,13 @@ async fn query_secrets_never_appear_in_any_output_at_info_or_trace() {
             let mut all = vec!["--config", config.to_str().unwrap()];
             all.extend(args);
             let out = cli::run(cli::ampd(), &all, &env, Duration::from_secs(60)).await;
-            let shown = out.all();
-            assert_eq!(out.code, Some(code), "{level} {args:?}: {shown}");
+            out.assert_code(code);
             for secret in FORMS {
-                assert!(
-                    !shown.contains(secret),
-                    "{secret:?} leaked at {level} by {args:?}:\n{shown}"
-                );
+                out.assert_not_in_output(secret);
             }
             if shows_url {
-                assert!(
-                    out.stderr.contains("sslpassword=***&app_token=***"),
-                    "{level} {args:?}: the URL is not shown redacted:\n{}",
-                    out.stderr
-                );
+                // The URL is shown redacted.
+                out.assert_stderr_contains("sslpassword=***&app_token=***");
             }
         }
     }

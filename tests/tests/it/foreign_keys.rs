@@ -103,17 +103,9 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     }
 }
 
-/// A new migrated database, a connection to it, and the fixture's rows in it.
-async fn setup() -> (TestDb, DatabaseConnection, Fixture) {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
-    (db, conn, f)
-}
-
 #[tokio::test]
 async fn deleting_a_job_cascades_to_its_events_and_nulls_the_writer_of_its_revisions() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     assert_eq!(job_events::Entity::find().count(&conn).await.unwrap(), 2);
 
     f.job.delete(&conn).await.expect("delete job");
@@ -129,7 +121,7 @@ async fn deleting_a_job_cascades_to_its_events_and_nulls_the_writer_of_its_revis
 
 #[tokio::test]
 async fn deleting_the_active_revision_nulls_the_tables_active_revision_id() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     assert_eq!(f.table.active_revision_id, Some(f.active_revision.id));
 
     f.active_revision
@@ -137,12 +129,7 @@ async fn deleting_the_active_revision_nulls_the_tables_active_revision_id() {
         .await
         .expect("delete revision");
 
-    let table = physical_tables::Entity::find_by_id(f.table.id)
-        .one(&conn)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(table.active_revision_id, None);
+    assert_eq!(rows::active_revision_id(&conn, f.table.id).await, None);
     assert_eq!(
         file_metadata::Entity::find().count(&conn).await.unwrap(),
         1,
@@ -152,7 +139,7 @@ async fn deleting_the_active_revision_nulls_the_tables_active_revision_id() {
 
 #[tokio::test]
 async fn deleting_a_revision_cascades_to_its_files_and_gc_entries() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
 
     f.old_revision.delete(&conn).await.expect("delete revision");
 
@@ -169,7 +156,7 @@ async fn deleting_a_revision_cascades_to_its_files_and_gc_entries() {
 
 #[tokio::test]
 async fn deleting_a_file_cascades_to_its_gc_entry() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     f.old_file.delete(&conn).await.expect("delete file");
     assert_eq!(gc_manifest::Entity::find().count(&conn).await.unwrap(), 0);
 }

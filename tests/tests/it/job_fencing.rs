@@ -25,13 +25,9 @@ fn policy() -> Policy {
     }
 }
 
-/// A registered manifest with one table, and workers `a` and `b`.
-async fn setup(db: &DatabaseConnection) -> physical_tables::Model {
-    for node in ["a", "b"] {
-        workers::register(db, node, json!({}))
-            .await
-            .expect("register");
-    }
+/// Workers `a` and `b`, and a registered manifest with one table, which is returned.
+async fn workers_and_a_table(db: &DatabaseConnection) -> physical_tables::Model {
+    rows::workers(db, &["a", "b"]).await;
     let (_, mut tables) = rows::manifest_with_tables(db, b"{}", &["blocks"]).await;
     tables.remove(0)
 }
@@ -66,9 +62,7 @@ async fn output(db: &DatabaseConnection, table_id: i64, claim: &JobClaim) -> i64
 
 #[tokio::test]
 async fn a_zombie_workers_late_actions_are_refused_and_the_job_completes_on_its_new_attempt() {
-    let test_db = TestDb::migrated().await;
-    let db = test_db.connect().await;
-    let table = setup(&db).await;
+    let (_test_db, db, table) = rows::setup(workers_and_a_table).await;
     let scheduled = rows::scheduled(&db, "mainnet", Some("a")).await;
     let claim_a = JobClaim::of(&scheduled).unwrap();
     jobs::mark_running(&db, &claim_a).await.expect("A runs");
@@ -142,7 +136,7 @@ async fn a_zombie_workers_late_actions_are_refused_and_the_job_completes_on_its_
         events_before,
         "no event"
     );
-    assert_eq!(revisions::active(&db, table.id).await.unwrap(), None);
+    assert_eq!(rows::active_revision_id(&db, table.id).await, None);
     assert_eq!(files::list(&db, rev_a).await.unwrap().len(), 1);
 
     // B completes: its revision becomes active in the same transaction.
@@ -152,13 +146,7 @@ async fn a_zombie_workers_late_actions_are_refused_and_the_job_completes_on_its_
         .expect("B completes");
     assert_eq!(done.job.status, "COMPLETED");
     assert_eq!(done.activated[0].previous, None);
-    assert_eq!(
-        revisions::active(&db, table.id)
-            .await
-            .unwrap()
-            .map(|r| r.id),
-        Some(rev_b)
-    );
+    assert_eq!(rows::active_revision_id(&db, table.id).await, Some(rev_b));
 
     let history: Vec<(String, Option<String>, Option<serde_json::Value>)> =
         jobs::list_events(&db, scheduled.id)
@@ -196,9 +184,10 @@ async fn a_zombie_workers_late_actions_are_refused_and_the_job_completes_on_its_
 
 #[tokio::test]
 async fn eight_concurrent_controllers_give_each_of_100_orphaned_jobs_exactly_one_new_attempt() {
+    // A pool of its own size: eight controllers run at once.
     let test_db = TestDb::migrated().await;
     let db = tests::connect(test_db.url(), 20).await;
-    setup(&db).await;
+    workers_and_a_table(&db).await;
     let mut ids = Vec::new();
     for i in 0..100 {
         let j = rows::scheduled(&db, &format!("t{i}"), Some("a")).await;
@@ -253,9 +242,10 @@ async fn eight_concurrent_controllers_give_each_of_100_orphaned_jobs_exactly_one
 
 #[tokio::test]
 async fn racing_completions_leave_exactly_one_active_revision_that_of_the_winner() {
+    // A pool of its own size, for the racing completions.
     let test_db = TestDb::migrated().await;
     let db = tests::connect(test_db.url(), 6).await;
-    let table = setup(&db).await;
+    let table = workers_and_a_table(&db).await;
     for round in 0..10 {
         let j = rows::scheduled(&db, &format!("r{round}"), Some("a")).await;
         let claim_1 = JobClaim::of(&j).unwrap();
@@ -305,10 +295,7 @@ async fn racing_completions_leave_exactly_one_active_revision_that_of_the_winner
             winners[0], stale,
             "round {round}: never the fenced-off attempt"
         );
-        let active = revisions::active(&db, table.id)
-            .await
-            .unwrap()
-            .map(|r| r.id);
+        let active = rows::active_revision_id(&db, table.id).await;
         assert_eq!(active, Some(winners[0]), "round {round}");
         assert_eq!(job(&db, j.id).await.status, "COMPLETED");
     }
@@ -316,9 +303,7 @@ async fn racing_completions_leave_exactly_one_active_revision_that_of_the_winner
 
 #[tokio::test]
 async fn a_stop_of_a_lost_worker_completes_without_it_and_says_so() {
-    let test_db = TestDb::migrated().await;
-    let db = test_db.connect().await;
-    setup(&db).await;
+    let (_test_db, db, _) = rows::setup(workers_and_a_table).await;
     let j = rows::scheduled(&db, "s", Some("a")).await;
     jobs::mark_running(&db, &JobClaim::of(&j).unwrap())
         .await
@@ -352,9 +337,7 @@ async fn a_stop_of_a_lost_worker_completes_without_it_and_says_so() {
 
 #[tokio::test]
 async fn a_job_that_used_up_its_attempts_is_given_up_as_fatal_without_a_new_attempt() {
-    let test_db = TestDb::migrated().await;
-    let db = test_db.connect().await;
-    setup(&db).await;
+    let (_test_db, db, _) = rows::setup(workers_and_a_table).await;
     workers::heartbeat(&db, "b").await.unwrap();
     let j = rows::scheduled(&db, "g", Some("b")).await;
     let mut policy = policy();

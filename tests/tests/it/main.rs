@@ -2,6 +2,7 @@
 //! one link of ampd, SeaORM and sqlx, one private PostgreSQL cluster for the run, and every test
 //! free to run beside every other (each on a database of its own; see `tests/README.md`).
 mod ampd_migrate;
+mod cli_output;
 mod config_secrets;
 mod controller_api;
 mod e2e;

@@ -64,7 +64,7 @@ async fn register_manifest_returns_the_sha256_of_its_bytes_and_registers_them_on
 }
 
 #[tokio::test]
-async fn link_validates_names_and_needs_a_registered_manifest() {
+async fn link_refuses_invalid_names_and_hashes() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
     let hash = manifest(&conn, "m1").await;
@@ -82,6 +82,19 @@ async fn link_validates_names_and_needs_a_registered_manifest() {
             "{namespace}/{name}: {err:?}"
         );
     }
+    let err = datasets::link(&conn, "eth", "blocks", "not-a-hash")
+        .await
+        .expect_err("malformed hash");
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    datasets::link(&conn, "eth_2", "blocks_v1", &hash)
+        .await
+        .expect("valid names");
+}
+
+#[tokio::test]
+async fn link_needs_a_registered_manifest() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
     let unknown = "b".repeat(64);
     let err = datasets::link(&conn, "eth", "blocks", &unknown)
         .await
@@ -90,13 +103,6 @@ async fn link_validates_names_and_needs_a_registered_manifest() {
         matches!(&err, Error::NotFound { entity: "manifest", key } if *key == unknown),
         "{err:?}"
     );
-    let err = datasets::link(&conn, "eth", "blocks", "not-a-hash")
-        .await
-        .expect_err("malformed hash");
-    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
-    datasets::link(&conn, "eth_2", "blocks_v1", &hash)
-        .await
-        .expect("valid names");
 }
 
 #[tokio::test]

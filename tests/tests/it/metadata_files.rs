@@ -6,7 +6,6 @@ use ampd::metadata::{Error, files, revisions};
 use entity::{file_metadata, gc_manifest, physical_table_revisions};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 use serde_json::json;
-use tests::TestDb;
 use tests::rows;
 
 struct Fixture {
@@ -31,14 +30,6 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     }
 }
 
-/// A new migrated database, a connection to it, and the fixture's rows in it.
-async fn setup() -> (TestDb, DatabaseConnection, Fixture) {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
-    (db, conn, f)
-}
-
 async fn activate(db: &DatabaseConnection, f: &Fixture) {
     revisions::activate(db, f.table_id, f.active.id, Duration::from_secs(3600))
         .await
@@ -61,7 +52,7 @@ async fn file(db: &DatabaseConnection, revision_id: i64, name: &str) -> file_met
 
 #[tokio::test]
 async fn register_is_idempotent_on_revision_and_file_name() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let first = file(&conn, f.old.id, "a.parquet").await;
     assert_eq!(first.object_size, 100);
     assert_eq!(first.object_e_tag.as_deref(), Some("etag"));
@@ -86,8 +77,8 @@ async fn register_is_idempotent_on_revision_and_file_name() {
 }
 
 #[tokio::test]
-async fn register_validates_its_arguments_and_needs_a_revision() {
-    let (_db, conn, f) = setup().await;
+async fn register_needs_an_existing_revision() {
+    let (_db, conn, _) = rows::setup(fixture).await;
     let err = files::register(&conn, 999_999, "a.parquet", 1, None, None, json!({}))
         .await
         .expect_err("unknown revision");
@@ -101,6 +92,12 @@ async fn register_validates_its_arguments_and_needs_a_revision() {
         ),
         "{err:?}"
     );
+    assert_eq!(file_metadata::Entity::find().count(&conn).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn register_refuses_invalid_file_names_and_sizes() {
+    let (_db, conn, f) = rows::setup(fixture).await;
     for (name, size) in [("", 1), ("a/b.parquet", 1), ("..", 1), ("a.parquet", -1)] {
         let err = files::register(&conn, f.old.id, name, size, None, None, json!({}))
             .await
@@ -112,7 +109,7 @@ async fn register_validates_its_arguments_and_needs_a_revision() {
 
 #[tokio::test]
 async fn list_returns_the_files_of_one_revision_in_registration_order() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     for name in ["c", "a", "b"] {
         file(&conn, f.old.id, name).await;
     }
@@ -128,7 +125,7 @@ async fn list_returns_the_files_of_one_revision_in_registration_order() {
 
 #[tokio::test]
 async fn schedule_gc_of_the_active_revision_is_a_conflict() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     file(&conn, f.active.id, "a.parquet").await;
     activate(&conn, &f).await;
 
@@ -146,7 +143,7 @@ async fn schedule_gc_of_the_active_revision_is_a_conflict() {
 
 #[tokio::test]
 async fn schedule_gc_schedules_every_file_with_its_path_once() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let a = file(&conn, f.old.id, "a.parquet").await;
     let b = file(&conn, f.old.id, "b.parquet").await;
     file(&conn, f.active.id, "c.parquet").await;
@@ -192,7 +189,7 @@ async fn schedule_gc_schedules_every_file_with_its_path_once() {
 
 #[tokio::test]
 async fn list_expired_returns_expired_entries_up_to_the_limit() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let newer = revisions::create_revision(&conn, f.table_id, None, json!({}))
         .await
         .unwrap();
@@ -215,7 +212,7 @@ async fn list_expired_returns_expired_entries_up_to_the_limit() {
 
 #[tokio::test]
 async fn forget_deletes_scheduled_files_with_their_entries_and_leaves_the_others() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let a = file(&conn, f.old.id, "a").await;
     let b = file(&conn, f.old.id, "b").await;
     let live = file(&conn, f.active.id, "live").await;

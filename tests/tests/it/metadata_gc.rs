@@ -39,10 +39,6 @@ async fn revision(
     rev
 }
 
-async fn active(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
-    revisions::active(db, table_id).await.unwrap().map(|r| r.id)
-}
-
 async fn gc_entries(db: &DatabaseConnection, revision_id: i64) -> usize {
     gc_manifest::Entity::find()
         .all(db)
@@ -88,7 +84,7 @@ async fn activation_cancels_an_unexpired_gc_schedule_and_refuses_an_expired_one(
         .await
         .expect("roll back");
     assert_eq!(back.previous, Some(two.id));
-    assert_eq!(active(&db, t).await, Some(one.id));
+    assert_eq!(rows::active_revision_id(&db, t).await, Some(one.id));
     assert_eq!(gc_entries(&db, one.id).await, 0, "cancelled");
     let meta = revisions::get(&db, one.id).await.unwrap().unwrap().metadata;
     assert!(meta.get("gc_expires_at").is_none(), "{meta}");
@@ -103,7 +99,7 @@ async fn activation_cancels_an_unexpired_gc_schedule_and_refuses_an_expired_one(
         matches!(&err, Error::Conflict(m) if m.contains("due for deletion")),
         "{err:?}"
     );
-    assert_eq!(active(&db, t).await, Some(one.id));
+    assert_eq!(rows::active_revision_id(&db, t).await, Some(one.id));
     assert_eq!(gc_entries(&db, two.id).await, 1);
 }
 
@@ -254,5 +250,5 @@ async fn an_activation_waits_for_a_collector_holding_the_revision_and_then_refus
 
     let err = activation.await.unwrap().expect_err("files gone");
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    assert_eq!(active(&db, t).await, Some(served.id));
+    assert_eq!(rows::active_revision_id(&db, t).await, Some(served.id));
 }

@@ -14,7 +14,7 @@ use sea_orm::{
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tests::TestDb;
-use tests::rows::{KIND, descriptor, job, job_ids, schedule_each, scheduled};
+use tests::rows::{self, KIND, descriptor, job, job_ids, schedule_each, scheduled};
 use tests::sql::next_notification;
 
 async fn exec(db: &DatabaseConnection, sql: &str, values: Vec<Value>) {
@@ -111,11 +111,9 @@ async fn complete(db: &DatabaseConnection, job_id: i64) -> job_rows::Model {
         .job
 }
 
-async fn setup() -> (TestDb, DatabaseConnection) {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    workers::register(&conn, "w1", json!({})).await.expect("w1");
-    (db, conn)
+/// Worker `w1`, registered: the node the tests' jobs are scheduled on.
+async fn worker_w1(db: &DatabaseConnection) {
+    rows::workers(db, &["w1"]).await;
 }
 
 /// A job in status `from`, one per (from, to) pair so that every case starts afresh.
@@ -157,7 +155,7 @@ async fn every_transition_schema_md_lists_applies_and_every_other_is_a_state_con
         Failed,
         Fatal,
     ];
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let (mut legal, mut illegal) = (0, 0);
     for from in STATUSES {
         for to in STATUSES {
@@ -238,7 +236,7 @@ async fn every_transition_schema_md_lists_applies_and_every_other_is_a_state_con
 
 #[tokio::test]
 async fn transitions_of_a_missing_job_are_not_found() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     for to in JobStatus::ALL {
         let err = move_to(&conn, 4242, to).await.expect_err("no such job");
         assert!(
@@ -255,7 +253,7 @@ async fn transitions_of_a_missing_job_are_not_found() {
 
 #[tokio::test]
 async fn mark_running_with_a_claim_of_another_node_or_attempt_is_fenced_and_changes_nothing() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
     let job = scheduled(&conn, "blocks", Some("w1")).await;
     let events_before = events(&conn, job.id).await;
@@ -294,7 +292,7 @@ async fn mark_running_with_a_claim_of_another_node_or_attempt_is_fenced_and_chan
 
 #[tokio::test]
 async fn schedule_creates_a_scheduled_job_at_attempt_one_keyed_by_its_target() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let (job, outcome) = jobs::schedule(&conn, KIND, descriptor("blocks"), None)
         .await
         .expect("schedule");
@@ -314,7 +312,7 @@ async fn schedule_creates_a_scheduled_job_at_attempt_one_keyed_by_its_target() {
 
 #[tokio::test]
 async fn schedule_with_the_same_descriptor_while_active_returns_the_same_job() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let first = scheduled(&conn, "blocks", None).await;
     for status in [
         JobStatus::Scheduled,
@@ -336,7 +334,7 @@ async fn schedule_with_the_same_descriptor_while_active_returns_the_same_job() {
 
 #[tokio::test]
 async fn schedule_with_another_descriptor_while_active_is_a_conflict() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let first = scheduled(&conn, "blocks", None).await;
     let mut other = descriptor("blocks");
     other["options"] = json!({"parallelism": 4});
@@ -351,7 +349,7 @@ async fn schedule_with_another_descriptor_while_active_is_a_conflict() {
 
 #[tokio::test]
 async fn schedule_after_a_stopped_or_failed_run_reschedules_with_the_next_attempt() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let first = scheduled(&conn, "blocks", None).await;
     let mut attempt = first.attempt;
     for terminal in [JobStatus::Error, JobStatus::Stopped, JobStatus::Fatal] {
@@ -380,7 +378,7 @@ async fn schedule_after_a_stopped_or_failed_run_reschedules_with_the_next_attemp
 
 #[tokio::test]
 async fn schedule_of_a_completed_jobs_key_returns_it_and_never_runs_it_again() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let first = scheduled(&conn, "blocks", None).await;
     force_status(&conn, first.id, JobStatus::Completed).await;
 
@@ -401,7 +399,7 @@ async fn schedule_of_a_completed_jobs_key_returns_it_and_never_runs_it_again() {
 
 #[tokio::test]
 async fn schedule_of_a_descriptor_without_its_target_fields_is_invalid_input() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     for bad in [
         json!({"name": "blocks", "manifest_hash": "x"}),
         json!({"namespace": "eth", "manifest_hash": "x"}),
@@ -446,7 +444,7 @@ async fn sixteen_concurrent_schedules_of_one_key_create_exactly_one_job() {
 
 #[tokio::test]
 async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
-    let (db, conn) = setup().await;
+    let (db, conn, ()) = rows::setup(worker_w1).await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
 
     let tx = conn.begin().await.unwrap();
@@ -483,7 +481,7 @@ async fn schedule_with_a_node_assigns_it_and_sends_start_on_commit() {
 
 #[tokio::test]
 async fn schedule_in_a_rolled_back_transaction_leaves_no_job_and_no_event() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let tx = conn.begin().await.unwrap();
     jobs::schedule(&tx, KIND, descriptor("blocks"), Some("w1"))
         .await
@@ -495,7 +493,7 @@ async fn schedule_in_a_rolled_back_transaction_leaves_no_job_and_no_event() {
 
 #[tokio::test]
 async fn schedule_to_an_unregistered_node_is_not_found() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let err = jobs::schedule(&conn, KIND, descriptor("blocks"), Some("ghost"))
         .await
         .expect_err("unknown worker");
@@ -514,7 +512,7 @@ async fn schedule_to_an_unregistered_node_is_not_found() {
 
 #[tokio::test]
 async fn request_stop_of_an_assigned_job_sends_stop_to_its_node() {
-    let (db, conn) = setup().await;
+    let (db, conn, ()) = rows::setup(worker_w1).await;
     let job = scheduled(&conn, "blocks", Some("w1")).await;
     start(&conn, job.id).await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
@@ -533,8 +531,8 @@ async fn request_stop_of_an_assigned_job_sends_stop_to_its_node() {
 }
 
 #[tokio::test]
-async fn list_pages_by_id_and_filters_by_status() {
-    let (_db, conn) = setup().await;
+async fn list_pages_by_id() {
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let ids = schedule_each(&conn, &[Some("w1"); 5]).await;
     start(&conn, ids[1]).await;
     start(&conn, ids[3]).await;
@@ -548,6 +546,14 @@ async fn list_pages_by_id_and_filters_by_status() {
         .unwrap();
     let paged = job_ids(&[page1, page2, page3].concat());
     assert_eq!(paged, ids);
+}
+
+#[tokio::test]
+async fn list_filters_by_status() {
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
+    let ids = schedule_each(&conn, &[Some("w1"); 5]).await;
+    start(&conn, ids[1]).await;
+    start(&conn, ids[3]).await;
 
     let running = job_ids(
         &jobs::list(&conn, &[JobStatus::Running], None, 10)
@@ -565,7 +571,7 @@ async fn list_pages_by_id_and_filters_by_status() {
 
 #[tokio::test]
 async fn list_active_for_node_lists_only_that_nodes_unfinished_jobs() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
     let ids = schedule_each(&conn, &[Some("w1"), Some("w1"), Some("w1"), Some("w2")]).await;
     start(&conn, ids[1]).await;
@@ -578,7 +584,7 @@ async fn list_active_for_node_lists_only_that_nodes_unfinished_jobs() {
 
 #[tokio::test]
 async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state_machine() {
-    let (db, conn) = setup().await;
+    let (db, conn, ()) = rows::setup(worker_w1).await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
     let dead_running = scheduled(&conn, "a", Some("w1")).await;
     start(&conn, dead_running.id).await;
@@ -649,7 +655,7 @@ async fn orphaned_jobs_of_a_dead_worker_are_found_and_recovered_within_the_state
 
 #[tokio::test]
 async fn fail_lost_of_a_job_whose_worker_is_alive_is_refused() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let job = scheduled(&conn, "a", Some("w1")).await;
     let running = start(&conn, job.id).await;
     workers::heartbeat(&conn, "w1").await.unwrap();
@@ -662,7 +668,7 @@ async fn fail_lost_of_a_job_whose_worker_is_alive_is_refused() {
 
 #[tokio::test]
 async fn reassign_of_a_job_that_moved_since_it_was_seen_is_fenced() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     workers::register(&conn, "w2", json!({})).await.unwrap();
     let seen = scheduled(&conn, "a", Some("w1")).await;
     let moved = jobs::reassign(&conn, &seen, Some("w2")).await.unwrap();
@@ -675,7 +681,7 @@ async fn reassign_of_a_job_that_moved_since_it_was_seen_is_fenced() {
 
 #[tokio::test]
 async fn reassign_of_a_finished_job_is_a_state_conflict() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let job = scheduled(&conn, "a", Some("w1")).await;
     jobs::mark_fatal(&conn, &claim(&job), json!({}))
         .await
@@ -695,7 +701,7 @@ async fn reassign_of_a_finished_job_is_a_state_conflict() {
 
 #[tokio::test]
 async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     // attempt -> backoff with base 10 s, max 60 s: 1 -> 10 s, 2 -> 20 s, 3 -> 40 s, 10 -> 60 s.
     let mut by_attempt = Vec::new();
     for attempt in [1, 2, 3, 10] {
@@ -762,7 +768,7 @@ async fn jobs_due_for_retry_follow_a_capped_exponential_backoff() {
 
 #[tokio::test]
 async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_active_ones() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let mut ids = Vec::new();
     for (i, status) in [
         JobStatus::Completed,
@@ -802,7 +808,7 @@ async fn delete_terminal_deletes_finished_jobs_with_their_events_and_keeps_activ
 
 #[tokio::test]
 async fn list_events_returns_a_jobs_history_in_order() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let job = scheduled(&conn, "a", Some("w1")).await;
     let running = start(&conn, job.id).await;
     let failed = jobs::mark_error(&conn, &claim(&running), json!({"e": 1}))
@@ -818,7 +824,7 @@ async fn list_events_returns_a_jobs_history_in_order() {
 
 #[tokio::test]
 async fn schedule_waiting_on_an_uncommitted_schedule_of_the_same_key_returns_that_job() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let tx = conn.begin().await.unwrap();
     let (created, outcome) = jobs::schedule(&tx, KIND, descriptor("blocks"), None)
         .await
@@ -843,7 +849,7 @@ async fn schedule_waiting_on_an_uncommitted_schedule_of_the_same_key_returns_tha
 
 #[tokio::test]
 async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() {
-    let (_db, conn) = setup().await;
+    let (_db, conn, ()) = rows::setup(worker_w1).await;
     let job = scheduled(&conn, "blocks", Some("w1")).await;
     let tx = conn.begin().await.unwrap();
     jobs::mark_running(&tx, &claim(&job)).await.unwrap();

@@ -28,25 +28,13 @@ async fn fixture(db: &DatabaseConnection) -> Fixture {
     Fixture { hash, blocks, logs }
 }
 
-/// A new migrated database, a connection to it, and the fixture's rows in it.
-async fn setup() -> (TestDb, DatabaseConnection, Fixture) {
-    let db = TestDb::migrated().await;
-    let conn = db.connect().await;
-    let f = fixture(&conn).await;
-    (db, conn, f)
-}
-
 async fn revision(db: &DatabaseConnection, table: &physical_tables::Model) -> i64 {
     rows::revision(db, table.id).await.id
 }
 
-async fn active_id(db: &DatabaseConnection, table_id: i64) -> Option<i64> {
-    revisions::active(db, table_id).await.unwrap().map(|r| r.id)
-}
-
 #[tokio::test]
-async fn register_table_is_idempotent_and_validates_its_arguments() {
-    let (_db, conn, f) = setup().await;
+async fn register_table_is_idempotent() {
+    let (_db, conn, f) = rows::setup(fixture).await;
 
     let again = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "blocks")
         .await
@@ -60,7 +48,11 @@ async fn register_table_is_idempotent_and_validates_its_arguments() {
             .len(),
         2
     );
+}
 
+#[tokio::test]
+async fn register_table_needs_a_registered_manifest() {
+    let (_db, conn, _) = rows::setup(fixture).await;
     let err = revisions::register_table(&conn, "eth", "mainnet", &"f".repeat(64), "blocks")
         .await
         .expect_err("unknown manifest");
@@ -74,6 +66,11 @@ async fn register_table_is_idempotent_and_validates_its_arguments() {
         ),
         "{err:?}"
     );
+}
+
+#[tokio::test]
+async fn register_table_refuses_invalid_names() {
+    let (_db, conn, f) = rows::setup(fixture).await;
     for (ns, name, table) in [("Eth", "m", "t"), ("eth", "m", "a/b"), ("eth", "m", "")] {
         let err = revisions::register_table(&conn, ns, name, &f.hash, table)
             .await
@@ -84,7 +81,7 @@ async fn register_table_is_idempotent_and_validates_its_arguments() {
 
 #[tokio::test]
 async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     workers::register(&conn, "w1", json!({})).await.unwrap();
     let (job, _) = jobs::schedule(
         &conn,
@@ -144,7 +141,7 @@ async fn create_revision_gets_a_uuid_v7_path_under_its_table() {
 
 #[tokio::test]
 async fn activate_replaces_the_previous_active_revision_and_notifies() {
-    let (db, conn, f) = setup().await;
+    let (db, conn, f) = rows::setup(fixture).await;
     let first = revision(&conn, &f.blocks).await;
     let second = revision(&conn, &f.blocks).await;
     let mut listener = Listener::connect(&db.config()).await.expect("listener");
@@ -158,8 +155,11 @@ async fn activate_replaces_the_previous_active_revision_and_notifies() {
         .await
         .unwrap();
     assert_eq!(b.previous, Some(first));
-    assert_eq!(active_id(&conn, f.blocks.id).await, Some(second));
-    assert_eq!(active_id(&conn, f.logs.id).await, None);
+    assert_eq!(
+        rows::active_revision_id(&conn, f.blocks.id).await,
+        Some(second)
+    );
+    assert_eq!(rows::active_revision_id(&conn, f.logs.id).await, None);
 
     for expected in [first, second] {
         let got = next_notification(&mut listener, "delivered").await;
@@ -174,8 +174,32 @@ async fn activate_replaces_the_previous_active_revision_and_notifies() {
 }
 
 #[tokio::test]
+async fn active_is_the_revision_its_table_points_at() {
+    let (_db, conn, f) = rows::setup(fixture).await;
+    let first = revision(&conn, &f.blocks).await;
+    let second = revision(&conn, &f.blocks).await;
+    assert_eq!(
+        revisions::active(&conn, f.blocks.id).await.unwrap(),
+        None,
+        "none before an activation"
+    );
+
+    for id in [first, second] {
+        revisions::activate(&conn, f.blocks.id, id, GRACE)
+            .await
+            .unwrap();
+    }
+
+    let active = revisions::active(&conn, f.blocks.id).await.unwrap();
+    assert_eq!(active.as_ref().map(|r| r.id), Some(second));
+    assert_eq!(active, rows::active_revision(&conn, f.blocks.id).await);
+    assert_eq!(revisions::active(&conn, f.logs.id).await.unwrap(), None);
+    assert_eq!(revisions::active(&conn, 999_999).await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn activating_a_revision_of_another_table_is_a_conflict() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let blocks_rev = revision(&conn, &f.blocks).await;
     let logs_rev = revision(&conn, &f.logs).await;
     revisions::activate(&conn, f.blocks.id, blocks_rev, GRACE)
@@ -187,13 +211,16 @@ async fn activating_a_revision_of_another_table_is_a_conflict() {
         .expect_err("other table");
 
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    assert_eq!(active_id(&conn, f.blocks.id).await, Some(blocks_rev));
-    assert_eq!(active_id(&conn, f.logs.id).await, None);
+    assert_eq!(
+        rows::active_revision_id(&conn, f.blocks.id).await,
+        Some(blocks_rev)
+    );
+    assert_eq!(rows::active_revision_id(&conn, f.logs.id).await, None);
 }
 
 #[tokio::test]
 async fn activating_an_unknown_table_or_revision_is_not_found() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let rev = revision(&conn, &f.blocks).await;
     let err = revisions::activate(&conn, 999_999, rev, GRACE)
         .await
@@ -231,7 +258,7 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
     for round in 0..10 {
         let a = revision(&conn, &f.blocks).await;
         let b = revision(&conn, &f.blocks).await;
-        let before = active_id(&conn, f.blocks.id).await;
+        let before = rows::active_revision_id(&conn, f.blocks.id).await;
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let race = |rev: i64| {
             let conn = conn.clone();
@@ -246,7 +273,7 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
         let ra = ta.await.unwrap().expect("activate a");
         let rb = tb.await.unwrap().expect("activate b");
 
-        let active = active_id(&conn, f.blocks.id).await;
+        let active = rows::active_revision_id(&conn, f.blocks.id).await;
         assert!(active == Some(a) || active == Some(b), "round {round}");
         // They took turns: the loser of the race replaced the winner's revision.
         let (first, second) = if active == Some(b) {
@@ -286,7 +313,7 @@ async fn two_tasks_racing_to_activate_revisions_of_one_table_leave_exactly_one_a
 
 #[tokio::test]
 async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let old = revision(&conn, &f.blocks).await;
     let current = revision(&conn, &f.blocks).await;
     revisions::activate(&conn, f.blocks.id, current, GRACE)
@@ -299,7 +326,10 @@ async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
     let err = revisions::delete(&conn, current).await.expect_err("active");
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
     assert!(revisions::get(&conn, current).await.unwrap().is_some());
-    assert_eq!(active_id(&conn, f.blocks.id).await, Some(current));
+    assert_eq!(
+        rows::active_revision_id(&conn, f.blocks.id).await,
+        Some(current)
+    );
 
     revisions::delete(&conn, old).await.expect("inactive");
     assert!(revisions::get(&conn, old).await.unwrap().is_none());
@@ -318,7 +348,7 @@ async fn deleting_the_active_revision_is_a_conflict_and_an_inactive_one_goes() {
 
 #[tokio::test]
 async fn every_table_is_listed_with_its_active_revision_and_only_active_revisions_files() {
-    let (_db, conn, f) = setup().await;
+    let (_db, conn, f) = rows::setup(fixture).await;
     let traces = revisions::register_table(&conn, "eth", "mainnet", &f.hash, "traces")
         .await
         .unwrap();

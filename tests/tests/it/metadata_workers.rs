@@ -91,7 +91,7 @@ async fn register_with_an_invalid_node_id_is_invalid_input() {
 }
 
 #[tokio::test]
-async fn heartbeat_moves_heartbeat_at_and_is_not_found_for_an_unknown_worker() {
+async fn heartbeat_moves_heartbeat_at_and_keeps_registered_at() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
     workers::register(&conn, "w1", json!({})).await.unwrap();
@@ -107,7 +107,13 @@ async fn heartbeat_moves_heartbeat_at_and_is_not_found_for_an_unknown_worker() {
     let after = workers::get(&conn, "w1").await.unwrap().unwrap();
     assert!(after.heartbeat_at > before.heartbeat_at);
     assert_eq!(after.registered_at, before.registered_at);
+}
 
+#[tokio::test]
+async fn heartbeat_of_an_unknown_worker_is_not_found() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    workers::register(&conn, "w1", json!({})).await.unwrap();
     let err = workers::heartbeat(&conn, "ghost")
         .await
         .expect_err("unknown");

@@ -21,7 +21,7 @@ async fn exec(db: &DatabaseConnection, sql: &str) {
 
 async fn status(config: &std::path::Path) -> Vec<serde_json::Value> {
     let out = cli::ampd_with_config(config, &["migrate", "status", "--json"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let states: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     states.as_array().expect("array").clone()
 }
@@ -86,12 +86,8 @@ async fn a_database_migrated_by_ampd_0_1_migrates_on_with_its_algorithm_1_checks
     }
 
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 1 migration in"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 1 migration in");
 
     let after = status(&config).await;
     for s in &after {
@@ -127,17 +123,13 @@ async fn a_changed_algorithm_1_checksum_is_still_refused_with_its_algorithm() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     let v1 = migration::checksum_with("m20261101_000005_create_files", Algorithm::V1).unwrap();
-    assert!(
-        out.stderr.contains(&format!(
-            "migration checksum mismatch: m20261101_000005_create_files was applied with checksum \
+    out.assert_stderr_contains(format!(
+        "migration checksum mismatch: m20261101_000005_create_files was applied with checksum \
              {} (algorithm 1) but this ampd has {v1}",
-            "1".repeat(64)
-        )),
-        "{}",
-        out.stderr
-    );
+        "1".repeat(64)
+    ));
 }
 
 #[tokio::test]
@@ -154,14 +146,10 @@ async fn accept_checksum_replaces_a_changed_checksum_and_keeps_the_old_one_with_
     )
     .await;
     let refused = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(refused.code, Some(1), "{}", refused.all());
-    assert!(
-        refused
-            .stderr
-            .contains(&format!("ampd migrate accept-checksum {name} --reason")),
-        "the refusal names the way out: {}",
-        refused.stderr
-    );
+    // The refusal names the way out.
+    refused
+        .assert_code(1)
+        .assert_stderr_contains(format!("ampd migrate accept-checksum {name} --reason"));
 
     let reason = "sea-query 1.1 renamed Func::cust; the SQL is the same";
     let accepted = cli::ampd_with_config(
@@ -169,18 +157,14 @@ async fn accept_checksum_replaces_a_changed_checksum_and_keeps_the_old_one_with_
         &["migrate", "accept-checksum", name, "--reason", reason],
     )
     .await;
-    assert_eq!(accepted.code, Some(0), "{}", accepted.all());
+    accepted.assert_success();
     let new = migration::checksum_of(name).unwrap();
-    assert!(
-        accepted.stdout.contains(&format!(
-            "accepted checksum {new} for {name} (was {old}, algorithm 2)"
-        )),
-        "{}",
-        accepted.stdout
-    );
+    accepted.assert_stdout_contains(format!(
+        "accepted checksum {new} for {name} (was {old}, algorithm 2)"
+    ));
 
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let states = status(&config).await;
     let row = entry(&states, name);
     assert_eq!(row["checksum"], "ok");
@@ -198,8 +182,9 @@ async fn accept_checksum_replaces_a_changed_checksum_and_keeps_the_old_one_with_
         &["migrate", "accept-checksum", name, "--reason", reason],
     )
     .await;
-    assert_eq!(again.code, Some(0), "{}", again.all());
-    assert!(again.stdout.contains("nothing changed"), "{}", again.stdout);
+    again
+        .assert_success()
+        .assert_stdout_contains("nothing changed");
 }
 
 #[tokio::test]
@@ -214,28 +199,18 @@ async fn accept_checksum_refuses_what_it_cannot_accept() {
         &["migrate", "accept-checksum", name, "--reason", "x"],
     )
     .await;
-    assert_eq!(pending.code, Some(1), "{}", pending.all());
-    assert!(
-        pending
-            .stderr
-            .contains(&format!("migration {name} is not applied to this database")),
-        "{}",
-        pending.stderr
-    );
+    pending
+        .assert_code(1)
+        .assert_stderr_contains(format!("migration {name} is not applied to this database"));
 
     let unknown = cli::ampd_with_config(
         &config,
         &["migrate", "accept-checksum", "m1_unknown", "--reason", "x"],
     )
     .await;
-    assert_eq!(unknown.code, Some(1), "{}", unknown.all());
-    assert!(
-        unknown
-            .stderr
-            .contains("this ampd has no migration m1_unknown"),
-        "{}",
-        unknown.stderr
-    );
+    unknown
+        .assert_code(1)
+        .assert_stderr_contains("this ampd has no migration m1_unknown");
 
     for args in [
         vec!["migrate", "accept-checksum", name],
@@ -248,8 +223,7 @@ async fn accept_checksum_refuses_what_it_cannot_accept() {
             Duration::from_secs(30),
         )
         .await;
-        assert_eq!(out.code, Some(1), "{args:?}: {}", out.all());
-        assert!(out.stderr.contains("--reason"), "{}", out.stderr);
+        out.assert_code(1).assert_stderr_contains("--reason");
     }
     let conn = db.connect().await;
     assert!(tests::catalog::tables(&conn).await.is_empty());
@@ -265,14 +239,9 @@ async fn migrations_applied_by_seaorms_cli_are_marked_when_ampd_records_them() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     for name in migration::CHECKSUMS.iter().map(|(n, _)| n) {
-        assert!(
-            out.stdout
-                .contains(&format!("recorded {name} (applied earlier without ampd)")),
-            "{}",
-            out.stdout
-        );
+        out.assert_stdout_contains(format!("recorded {name} (applied earlier without ampd)"));
     }
     for s in status(&config).await {
         assert_eq!(s["checksum"], "ok", "{s}");
@@ -280,7 +249,7 @@ async fn migrations_applied_by_seaorms_cli_are_marked_when_ampd_records_them() {
         assert!(s["duration_ms"].is_null(), "{s}");
     }
     let human = cli::ampd_with_config(&config, &["migrate", "status"]).await;
-    assert!(human.stdout.contains("outside ampd"), "{}", human.stdout);
+    human.assert_stdout_contains("outside ampd");
     let not_adopted: Vec<String> = tests::sql::column(
         &conn,
         "SELECT version FROM ampd_migrations WHERE NOT adopted",

@@ -68,22 +68,12 @@ async fn an_ipv6_literal_host_connects_and_an_unreachable_one_is_named_as_such()
         ),
     );
     let out = cli::ampd_with_config(&unreachable, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("failed to connect to metadata database: ")
-            && out
-                .stderr
-                .contains("(metadata_db.url postgresql://amp:***@[::1]:1/amp;"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        !out.stderr.contains("lookup address"),
-        "the literal is an address, not a name: {}",
-        out.stderr
-    );
-    assert!(!out.all().contains("V6-Secret"));
+    out.assert_code(1)
+        .assert_stderr_contains("failed to connect to metadata database: ")
+        .assert_stderr_contains("(metadata_db.url postgresql://amp:***@[::1]:1/amp;")
+        // The literal is an address, not a name to look up.
+        .assert_stderr_lacks("lookup address")
+        .assert_not_in_output("V6-Secret");
 
     let Some((port, forwarder)) = ipv6_forwarder().await else {
         use std::io::Write as _;
@@ -102,12 +92,8 @@ async fn an_ipv6_literal_host_connects_and_an_unreachable_one_is_named_as_such()
         ),
     );
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 8 migrations"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 8 migrations");
     forwarder.abort();
 }
 
@@ -168,26 +154,18 @@ async fn a_grant_hint_with_quoted_names_works_as_given() {
     .await;
     tests::admin_exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 
-    assert_eq!(refused.code, Some(1), "{}", refused.all());
-    assert!(
-        refused.stderr.contains(&format!(
-            "permission denied to create table in schema \"public\" of database \"{database}\""
-        )),
-        "{}",
-        refused.stderr
-    );
+    refused.assert_code(1).assert_stderr_contains(format!(
+        "permission denied to create table in schema \"public\" of database \"{database}\""
+    ));
     assert_eq!(
         grant.as_deref(),
         Some(format!("GRANT USAGE, CREATE ON SCHEMA \"public\" TO \"{role}\";").as_str()),
         "{}",
         refused.stderr
     );
-    assert_eq!(after.code, Some(0), "{}", after.all());
-    assert!(
-        after.stdout.contains("applied 8 migrations"),
-        "{}",
-        after.stdout
-    );
+    after
+        .assert_success()
+        .assert_stdout_contains("applied 8 migrations");
 }
 
 #[tokio::test]
@@ -229,20 +207,13 @@ async fn changing_another_roles_table_gets_advice_about_owners_not_grants() {
     drop(db);
     tests::admin_exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 
-    assert_eq!(refused.code, Some(1), "{}", refused.all());
-    assert!(
-        refused.stderr.contains(&format!(
+    refused
+        .assert_code(1)
+        .assert_stderr_contains(format!(
             "migration m20991231_000003_fixture_alter_jobs failed: must be owner of table jobs: \
              table \"jobs\" belongs to role \"postgres\", and ampd connects as \"{role}\""
-        )),
-        "{}",
-        refused.stderr
-    );
-    assert!(refused.stderr.contains(&fix), "{}", refused.stderr);
-    assert!(
-        !refused.stderr.contains("create table"),
-        "{}",
-        refused.stderr
-    );
-    assert_eq!(after.code, Some(0), "{}", after.all());
+        ))
+        .assert_stderr_contains(&fix)
+        .assert_stderr_lacks("create table");
+    after.assert_success();
 }

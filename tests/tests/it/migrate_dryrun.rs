@@ -117,17 +117,13 @@ async fn dry_run_prints_the_statements_a_real_run_sends_in_order() {
     let dir = TempDir::new();
     let dry_config = dir.file("dry.toml", &config_toml(dry_db.url(), ""));
     let dry = cli::ampd_with_config(&dry_config, &["migrate", "--dry-run"]).await;
-    assert_eq!(dry.code, Some(0), "{}", dry.all());
+    dry.assert_success();
 
     let wire = StatementCounter::start(real_db.url()).await;
     let real_config = dir.file("real.toml", &config_toml(wire.url(), ""));
     let real = cli::ampd_with_config(&real_config, &["migrate"]).await;
-    assert_eq!(real.code, Some(0), "{}", real.all());
-    assert!(
-        real.stdout.contains("applied 8 migrations"),
-        "{}",
-        real.stdout
-    );
+    real.assert_success()
+        .assert_stdout_contains("applied 8 migrations");
 
     let printed = normalise(&dry.stdout);
     let sent: Vec<String> = wire.sent().iter().flat_map(|s| normalise(s)).collect();
@@ -157,14 +153,9 @@ async fn dry_run_of_a_current_database_reads_once_and_says_nothing_would_run() {
     let dir = TempDir::new();
     let (_db, config) = cli::database_at_head(&dir, "").await;
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     assert_eq!(normalise(&out.stdout).len(), 1, "{}", out.stdout);
-    assert!(
-        out.stdout
-            .contains("-- schema is up to date: nothing would run"),
-        "{}",
-        out.stdout
-    );
+    out.assert_stdout_contains("-- schema is up to date: nothing would run");
 }
 
 #[tokio::test]
@@ -174,7 +165,7 @@ async fn dry_run_only_prints_one_migrations_step_without_a_database() {
     let config = dir.config("postgresql://lint@127.0.0.1:1/lint", "");
     let name = "m20261201_000001_index_physical_tables_active_revision";
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run", "--only", name]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let statements = normalise(&out.stdout);
     let build = statements
         .iter()
@@ -200,12 +191,8 @@ async fn dry_run_only_prints_one_migrations_step_without_a_database() {
     );
 
     let out = cli::ampd_with_config(&config, &["migrate", "--dry-run", "--only", "m1_nope"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("this ampd has no migration m1_nope"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("this ampd has no migration m1_nope");
 }
 
 /// Backfills from a row it reads first: what it sends next depends on the data.
@@ -280,7 +267,7 @@ async fn status_json_shows_which_pending_migrations_run_together_and_which_alone
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let states: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     let plan: Vec<(String, u64, String)> = states
         .as_array()

@@ -128,8 +128,8 @@ async fn killing_ampd_mid_run_leaves_the_previous_version_and_releases_the_lock(
     );
 
     let out = slow_without_sleep(&config).await;
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(out.stdout.contains("applied 1 migration in"));
+    out.assert_success()
+        .assert_stdout_contains("applied 1 migration in");
 }
 
 #[tokio::test]
@@ -170,7 +170,7 @@ async fn terminating_the_backend_mid_run_leaves_the_previous_version() {
     assert_eq!(catalog::snapshot(&conn).await, before);
 
     let out = slow_without_sleep(&config).await;
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    out.assert_success();
 }
 
 #[tokio::test]
@@ -263,7 +263,7 @@ async fn thirty_two_concurrent_processes_all_succeed_and_apply_each_migration_on
     let (outputs, took) = cli::ampd_concurrently(&config, &["migrate"], 32).await;
     let mut applied = 0;
     for out in outputs {
-        assert_eq!(out.code, Some(0), "{}", out.all());
+        out.assert_success();
         let all = format!("applied {} migrations", schema_migrations());
         applied += usize::from(out.stdout.contains(&all));
     }

@@ -35,16 +35,11 @@ async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
     let (outputs, took) = cli::ampd_concurrently(config, &["migrate"], 8).await;
     let mut applied = 0;
     for out in outputs {
-        assert_eq!(out.code, Some(0), "{}", out.all());
-        assert!(!out.all().contains("deadlock"), "{}", out.all());
+        out.assert_success().assert_not_in_output("deadlock");
         if out.stdout.contains("applied 8 migrations") {
             applied += 1;
         } else {
-            assert!(
-                out.stdout.contains("schema is up to date"),
-                "{}",
-                out.stdout
-            );
+            out.assert_stdout_contains("schema is up to date");
         }
     }
     println!(
@@ -117,19 +112,11 @@ async fn session_mode_migrate_and_services_work_through_pgbouncer() {
     .expect("config");
 
     let out = ampd("session mode", &config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 8 migrations"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 8 migrations");
     let out = ampd("session mode", &config, &["migrate", "status"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("8 applied, 0 pending"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("8 applied, 0 pending");
 
     // A worker (node-id claim and LISTEN on session connections, its pool too) through PgBouncer.
     let node = format!("pgbs{}", std::process::id());
@@ -163,23 +150,11 @@ async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_
     let config = dir.config(&bouncer.url(db.name()), "");
 
     let out = ampd("transaction mode, url only", &config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("metadata_db.url (postgresql://postgres@127.0.0.1:")
-            && out
-                .stderr
-                .contains("does not give a connection a session of its own"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr
-            .contains("Set metadata_db.direct_url to PostgreSQL itself"),
-        "{}",
-        out.stderr
-    );
-    assert!(out.stderr.contains("nothing was changed"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains("metadata_db.url (postgresql://postgres@127.0.0.1:")
+        .assert_stderr_contains("does not give a connection a session of its own")
+        .assert_stderr_contains("Set metadata_db.direct_url to PostgreSQL itself")
+        .assert_stderr_contains("nothing was changed");
     let conn = db.connect().await;
     assert!(
         tests::catalog::tables(&conn).await.is_empty(),
@@ -193,12 +168,8 @@ async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_
         &["migrate", "status"],
     )
     .await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("0 applied, 8 pending"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("0 applied, 8 pending");
 }
 
 #[tokio::test]
@@ -216,12 +187,8 @@ async fn transaction_mode_with_direct_url_migrates_and_eight_runs_stay_correct()
     )
     .await;
     let out = ampd("transaction mode, direct_url", &config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("schema is up to date"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("schema is up to date");
 }
 
 #[tokio::test]
@@ -239,16 +206,9 @@ async fn transaction_mode_as_direct_url_is_refused_for_listen_and_claims() {
         &["worker", "--node-id", &node],
     )
     .await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("metadata_db.direct_url (postgresql://postgres@127.0.0.1:")
-            && out
-                .stderr
-                .contains("LISTEN and node-id claims could not stay on one session"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("metadata_db.direct_url (postgresql://postgres@127.0.0.1:")
+        .assert_stderr_contains("LISTEN and node-id claims could not stay on one session");
 }
 
 #[tokio::test]
@@ -280,18 +240,9 @@ async fn services_with_a_transaction_mode_url_work_when_pgbouncer_keeps_prepared
             &["worker", "--node-id", &node],
         )
         .await;
-        assert_eq!(out.code, Some(1), "{}", out.all());
-        assert!(
-            out.stderr
-                .contains("does not keep prepared statements across transactions"),
-            "{}",
-            out.stderr
-        );
-        assert!(
-            out.stderr.contains("max_prepared_statements"),
-            "{}",
-            out.stderr
-        );
+        out.assert_code(1)
+            .assert_stderr_contains("does not keep prepared statements across transactions")
+            .assert_stderr_contains("max_prepared_statements");
     }
 }
 
@@ -307,12 +258,9 @@ async fn a_startup_parameter_pgbouncer_refuses_is_not_reported_as_a_password_pro
     let url = format!("{}?options=-c%20work_mem%3D64MB", bouncer.url(db.name()));
     let config = dir.config(&url, "");
     let out = ampd("a refused startup parameter", &config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("the server refused the connection: unsupported startup parameter: options"),
-        "{}",
-        out.stderr
-    );
-    assert!(!out.stderr.contains("password"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains(
+            "the server refused the connection: unsupported startup parameter: options",
+        )
+        .assert_stderr_lacks("password");
 }

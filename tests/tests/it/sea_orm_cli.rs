@@ -180,9 +180,9 @@ fn is_migration_name(name: &str, what: &str) -> bool {
 async fn migrate_to_head_with_ampd(db: &TestDb, dir: &TempDir) -> PathBuf {
     let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let applied = format!("applied {} migrations in", migration::CHECKSUMS.len());
-    assert!(out.stdout.contains(&applied), "{}", out.stdout);
+    out.assert_stdout_contains(&applied);
     config
 }
 
@@ -298,17 +298,9 @@ async fn generated_migration_compiles_and_ampd_applies_it_on_top_of_head() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 1 migration in"),
-        "{}",
-        out.all()
-    );
-    assert!(
-        out.stdout.contains(&format!("schema at version {name}")),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 1 migration in")
+        .assert_stdout_contains(format!("schema at version {name}"));
 
     let conn = db.connect().await;
     let exists: bool =
@@ -334,15 +326,9 @@ async fn seaorm_cli_status_agrees_with_ampd_migrate() {
     let env = [("DATABASE_URL", db.url()), ("DATABASE_SCHEMA", "public")];
 
     let status = cli::run(seaorm, &["status"], &env, Duration::from_secs(60)).await;
-    assert_eq!(status.code, Some(0), "{}", status.all());
+    status.assert_success();
     for (name, _) in migration::CHECKSUMS {
-        assert!(
-            status
-                .stdout
-                .contains(&format!("Migration '{name}'... Applied")),
-            "{name} is not applied:\n{}",
-            status.all()
-        );
+        status.assert_stdout_contains(format!("Migration '{name}'... Applied"));
     }
     assert_eq!(
         status.stdout.matches("Migration '").count(),
@@ -350,18 +336,18 @@ async fn seaorm_cli_status_agrees_with_ampd_migrate() {
         "{}",
         status.stdout
     );
-    assert!(!status.stdout.contains("Pending"), "{}", status.stdout);
+    status.assert_stdout_lacks("Pending");
 
     let up = cli::run(seaorm, &["up"], &env, Duration::from_secs(60)).await;
-    assert_eq!(up.code, Some(0), "{}", up.all());
-    assert!(up.stdout.contains("No pending migrations"), "{}", up.all());
+    up.assert_success()
+        .assert_stdout_contains("No pending migrations");
     let conn = db.connect().await;
     let applied: i64 = tests::sql::value(&conn, "SELECT count(*) FROM seaql_migrations").await;
     assert_eq!(applied, migration::CHECKSUMS.len() as i64);
 
     // And ampd, run again, still finds the schema current: the two agree after SeaORM's `up` too.
     let again = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(again.code, Some(0), "{}", again.all());
+    again.assert_success();
     assert!(
         again.stdout.starts_with("schema is up to date"),
         "{}",

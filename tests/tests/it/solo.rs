@@ -314,9 +314,9 @@ async fn cold_start_serves_a_deployed_dataset_and_a_warm_start_keeps_everything(
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(status.code, Some(0), "{}", status.all());
+    status.assert_success();
     let counts = format!("{} applied, 0 pending", tests::schema_migration_count());
-    assert!(status.stdout.contains(&counts), "{}", status.all());
+    status.assert_stdout_contains(&counts);
 
     let cluster = system_identifier(&url).await;
     solo.register_example().await;
@@ -516,7 +516,7 @@ async fn without_postgresql_programs_solo_says_where_it_looked_and_exits_1() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     let expected = format!(
         "error: PostgreSQL's server programs (initdb, postgres) were not found; \
          looked on PATH, `pg_config --bindir` (no pg_config on PATH) and {nowhere}/<version>/bin; \
@@ -629,7 +629,7 @@ async fn an_amp_dir_postgres_cannot_reach_is_refused_with_the_reason() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     assert_eq!(
         out.stderr,
         format!(
@@ -652,7 +652,7 @@ async fn an_amp_dir_too_deep_for_a_unix_socket_is_refused_before_initdb() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     let socket = amp.join("metadb/.s.PGSQL.5432");
     assert_eq!(
         out.stderr,

@@ -13,8 +13,8 @@ use entity::{JobStatus, jobs as job_rows};
 use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tests::TestDb;
 use tests::services::{Service, Workspace};
+use tests::{TestDb, rows};
 
 /// Generous bound on anything a test waits for.
 const WAIT: Duration = Duration::from_secs(120);
@@ -172,9 +172,8 @@ impl Setup {
     /// else in the revision's directory. Returns the rows of each file, and the files' text.
     async fn check_output(&self, ns: &str, name: &str, table: &str) -> (Vec<u64>, String) {
         let physical = self.table(ns, name, table).await;
-        let revision = revisions::active(&self.conn, physical.id)
+        let revision = rows::active_revision(&self.conn, physical.id)
             .await
-            .unwrap()
             .unwrap_or_else(|| panic!("{table} has an active revision"));
         assert!(
             revision.path.starts_with(&format!("{ns}/{name}/{table}/")),
@@ -320,10 +319,9 @@ async fn inline_and_csv_manifests_complete_with_exactly_their_rows_in_registered
         ])
     );
     let meta: RevisionMeta = serde_json::from_value(
-        revisions::active(&s.conn, s.table("demo", "people", "people").await.id)
+        rows::active_revision(&s.conn, s.table("demo", "people", "people").await.id)
             .await
-            .unwrap()
-            .unwrap()
+            .expect("people has an active revision")
             .metadata,
     )
     .unwrap();
@@ -482,7 +480,7 @@ async fn a_stop_request_ends_stopped_and_the_partial_revision_is_never_activated
         ]
     );
     let table = s.table("demo", "stop", "big").await;
-    assert_eq!(table.active_revision_id, None);
+    assert_eq!(rows::active_revision_id(&s.conn, table.id).await, None);
 
     // The partial revision is abandoned: the garbage collector deletes its files and its row.
     let poll = Poll::new();
