@@ -291,29 +291,13 @@ async fn connection(
             let _ = server.set_nodelay(true);
             let (from_server, mut to_server) = server.into_split();
             to_server.write_all(&startup).await?;
-            both_ways(
-                from_client,
-                to_client,
-                from_server,
-                to_server,
-                peer,
-                faults,
-            )
-            .await;
+            both_ways(from_client, to_client, from_server, to_server, peer, faults).await;
         }
         Upstream::Unix(path) => {
             let server = UnixStream::connect(path).await?;
             let (from_server, mut to_server) = server.into_split();
             to_server.write_all(&startup).await?;
-            both_ways(
-                from_client,
-                to_client,
-                from_server,
-                to_server,
-                peer,
-                faults,
-            )
-            .await;
+            both_ways(from_client, to_client, from_server, to_server, peer, faults).await;
         }
     }
     Ok(())
