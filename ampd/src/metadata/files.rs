@@ -227,10 +227,22 @@ where
 /// [`forget`]s them: it locks the entries' revisions (`FOR NO KEY UPDATE ... SKIP LOCKED`), so an
 /// activation of one of them waits until the files are forgotten and then refuses, and concurrent
 /// collectors take different revisions.
+///
+/// The index `idx_gc_manifest_expiration_file_id` gives the entries in this order, so a batch
+/// reads about `limit` entries, whatever the backlog.
 pub async fn list_expired<C>(db: &C, limit: u64) -> Result<Vec<gc_manifest::Model>>
 where
     C: ConnectionTrait,
 {
+    Ok(
+        gc_manifest::Model::find_by_statement(list_expired_statement(limit))
+            .all(db)
+            .await?,
+    )
+}
+
+/// The statement [`list_expired`] runs (to `EXPLAIN` it).
+pub fn list_expired_statement(limit: u64) -> Statement {
     let mut query = gc_manifest::Entity::find()
         .inner_join(revisions::Entity)
         .filter(Expr::col(gc_manifest::Column::Expiration).lte(Expr::current_timestamp()))
@@ -243,7 +255,7 @@ where
         [revisions::Entity.into_table_ref()],
         LockBehavior::SkipLocked,
     );
-    Ok(query.all(db).await?)
+    query.build(DbBackend::Postgres)
 }
 
 /// Forgets files that were scheduled for garbage collection (their objects deleted): deletes the

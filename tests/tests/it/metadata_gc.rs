@@ -256,3 +256,70 @@ async fn an_activation_waits_for_a_collector_holding_the_revision_and_then_refus
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
     assert_eq!(active(&db, t).await, Some(served.id));
 }
+
+/// The plan of `stmt`, as `EXPLAIN (FORMAT JSON)` gives it, as text.
+async fn plan_of<C: ConnectionTrait>(db: &C, stmt: &sea_orm::Statement) -> String {
+    let explain = sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        format!("EXPLAIN (FORMAT JSON) {}", stmt.sql),
+        stmt.values.clone().map(|v| v.0).unwrap_or_default(),
+    );
+    let row = db.query_one_raw(explain).await.unwrap().expect("a plan");
+    row.try_get_by_index::<serde_json::Value>(0)
+        .unwrap()
+        .to_string()
+}
+
+/// Issue 21, item 7: a collector batch reads the soonest expired entries through
+/// `idx_gc_manifest_expiration_file_id` and stops after its batch, instead of reading and sorting
+/// the whole backlog (what the plan is without the index).
+#[tokio::test]
+async fn a_collector_batch_reads_its_entries_through_the_index_not_the_whole_backlog() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.connect().await;
+    let t = table(&db).await;
+    // A backlog of 20 000 expired entries: 200 retired revisions of 100 files each.
+    db.execute_unprepared(&format!(
+        "INSERT INTO physical_table_revisions (physical_table_id, path, metadata) \
+         SELECT {t}, 'eth/mainnet/blocks/r' || i, \
+                jsonb_build_object('gc_expires_at', now() - interval '1 hour') \
+         FROM generate_series(1, 200) i; \
+         INSERT INTO file_metadata (revision_id, file_name, object_size) \
+         SELECT r.id, 'f' || j, 1 FROM physical_table_revisions r, generate_series(1, 100) j; \
+         INSERT INTO gc_manifest (file_id, revision_id, file_path, expiration) \
+         SELECT f.id, f.revision_id, r.path || '/' || f.file_name, \
+                now() - interval '1 hour' + (f.id % 997) * interval '1 second' \
+         FROM file_metadata f JOIN physical_table_revisions r ON r.id = f.revision_id; \
+         ANALYZE"
+    ))
+    .await
+    .unwrap();
+    let stmt = files::list_expired_statement(100);
+
+    let plan = plan_of(&db, &stmt).await;
+    assert!(
+        plan.contains("\"Index Name\":\"idx_gc_manifest_expiration_file_id\""),
+        "the batch does not read through the index: {plan}"
+    );
+    assert!(
+        !plan.contains("\"Node Type\":\"Sort\""),
+        "the batch sorts: {plan}"
+    );
+    // Without the index (as before the migration that adds it), the whole backlog is sorted.
+    let tx = db.begin().await.unwrap();
+    tx.execute_unprepared("DROP INDEX idx_gc_manifest_expiration_file_id")
+        .await
+        .unwrap();
+    let before = plan_of(&tx, &stmt).await;
+    tx.rollback().await.unwrap();
+    assert!(before.contains("\"Node Type\":\"Sort\""), "{before}");
+
+    // And the batch is the soonest expired entries, in order.
+    let batch = files::list_expired(&db, 100).await.unwrap();
+    let soonest: Vec<i64> = tests::sql::column(
+        &db,
+        "SELECT file_id FROM gc_manifest ORDER BY expiration, file_id LIMIT 100",
+    )
+    .await;
+    assert_eq!(batch.iter().map(|e| e.file_id).collect::<Vec<_>>(), soonest);
+}
