@@ -257,6 +257,144 @@ async fn an_activation_waits_for_a_collector_holding_the_revision_and_then_refus
     assert_eq!(active(&db, t).await, Some(served.id));
 }
 
+/// Sets the garbage collection of `revision_id` (its `gc_expires_at` and its entries) to expire
+/// `after` from now by the database clock, as scheduling it with that grace period does.
+async fn expire_in(db: &DatabaseConnection, revision_id: i64, after: Duration) {
+    let micros = after.as_micros();
+    db.execute_unprepared(&format!(
+        "UPDATE physical_table_revisions SET metadata = metadata || \
+             jsonb_build_object('gc_expires_at', clock_timestamp() + {micros} * interval '1 microsecond') \
+         WHERE id = {revision_id}; \
+         UPDATE gc_manifest g SET expiration = (r.metadata ->> 'gc_expires_at')::timestamptz \
+         FROM physical_table_revisions r WHERE r.id = g.revision_id AND g.revision_id = {revision_id}"
+    ))
+    .await
+    .unwrap();
+}
+
+/// Waits until the database clock has passed the garbage collection expiry of `revision_id` as
+/// the committed rows give it (what a collector starting now reads).
+async fn wait_past_expiry(db: &DatabaseConnection, revision_id: i64) {
+    let started = std::time::Instant::now();
+    let sql = format!(
+        "SELECT bool_and(expiration < clock_timestamp()) FROM gc_manifest \
+         WHERE revision_id = {revision_id}"
+    );
+    while !tests::sql::value::<bool>(db, &sql).await {
+        assert!(started.elapsed() < Duration::from_secs(20), "never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A pause inside a statement, between its snapshot and the row locks it takes at the end: in a
+/// schema `gate`, a view `gc_manifest` over `public.gc_manifest` whose rows are read only when the
+/// advisory lock [`GATE_KEY`] is free. A session whose `search_path` starts with `gate` reads the
+/// garbage collection entries through it; while [`close_gate`]'s transaction holds the lock, its
+/// statement waits (a lock wait the test can see) after taking its snapshot, and goes on with that
+/// snapshot when the transaction ends. Nothing else in the statement changes.
+const GATE_KEY: i64 = 2_161_001;
+
+async fn install_gate(db: &DatabaseConnection) {
+    db.execute_unprepared(&format!(
+        "CREATE SCHEMA gate; \
+         CREATE FUNCTION gate.pass() RETURNS boolean VOLATILE LANGUAGE sql AS \
+           $$ SELECT pg_advisory_lock_shared({GATE_KEY}) IS NOT NULL \
+              AND pg_advisory_unlock_shared({GATE_KEY}) $$; \
+         CREATE VIEW gate.gc_manifest AS SELECT * FROM public.gc_manifest WHERE gate.pass()"
+    ))
+    .await
+    .unwrap();
+}
+
+/// A transaction that holds the gate closed until it ends.
+async fn close_gate(db: &DatabaseConnection) -> sea_orm::DatabaseTransaction {
+    let tx = db.begin().await.unwrap();
+    tx.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({GATE_KEY})"))
+        .await
+        .unwrap();
+    tx
+}
+
+/// Issue 21, item 1: a roll back that locked the revision before its expiry and commits after a
+/// collector's statement has taken its snapshot must not lose its files. The collector's
+/// statement saw the revision inactive and its entries present; it must re-check, on the row it
+/// locks, what the roll back changed.
+#[tokio::test]
+async fn a_roll_back_committed_during_a_collector_batch_keeps_its_files() {
+    let test_db = TestDb::migrated().await;
+    let db = tests::connect(test_db.url(), 4).await;
+    let data = TempDir::new();
+    let t = table(&db).await;
+    let old = revision(&db, t, &["p0", "p1"], Some(&data)).await;
+    let served = revision(&db, t, &["q0"], Some(&data)).await;
+    revisions::activate(&db, t, old.id, HOUR).await.unwrap();
+    revisions::activate(&db, t, served.id, HOUR).await.unwrap();
+    install_gate(&db).await;
+
+    // The roll back locks `old` while its schedule has not expired (so it cancels the schedule)
+    // and holds its transaction open across the expiry. The margin grows if this machine was too
+    // slow to get the lock before the expiry.
+    let mut margin = Duration::from_millis(400);
+    let activation = loop {
+        expire_in(&db, old.id, margin).await;
+        let tx = db.begin().await.unwrap();
+        match revisions::activate(&tx, t, old.id, HOUR).await {
+            Ok(done) => {
+                assert_eq!(done.previous, Some(served.id));
+                break tx;
+            }
+            Err(Error::Conflict(m)) if m.contains("due for deletion") => {
+                tx.rollback().await.unwrap();
+                margin *= 4;
+                assert!(margin < Duration::from_secs(30), "never activated in time");
+            }
+            Err(e) => panic!("roll back: {e:?}"),
+        }
+    };
+    wait_past_expiry(&db, old.id).await;
+
+    // A collector pass whose batch statement takes its snapshot now (the roll back not yet
+    // committed) and is held at the gate before it locks anything.
+    let gate = close_gate(&db).await;
+    let collector = tests::connect(test_db.url(), 1).await;
+    collector
+        .execute_unprepared("SET search_path = gate, public")
+        .await
+        .unwrap();
+    let pass = {
+        let root = data.path().to_owned();
+        tokio::spawn(async move { gc::collect(&collector, &root).await })
+    };
+    tests::sql::lock_waiter(
+        &db,
+        "the collector never reached the gate",
+        Duration::from_secs(20),
+    )
+    .await;
+    activation.commit().await.expect("roll back commits");
+    gate.commit().await.unwrap();
+    let done = pass.await.unwrap().expect("collector pass");
+
+    assert_eq!(active(&db, t).await, Some(old.id), "rolled back");
+    assert_eq!(
+        done.files, 0,
+        "nothing of the active revision was collected: {done:?}"
+    );
+    assert_eq!(
+        files::list(&db, old.id).await.unwrap().len(),
+        2,
+        "rows stay"
+    );
+    for name in ["p0", "p1"] {
+        assert!(
+            data.path().join(&old.path).join(name).exists(),
+            "file {name} of the active revision was deleted"
+        );
+    }
+    // The replaced revision is scheduled in turn; nothing of it is due yet.
+    assert_eq!(gc_entries(&db, served.id).await, 1);
+}
+
 /// The plan of `stmt`, as `EXPLAIN (FORMAT JSON)` gives it, as text.
 async fn plan_of<C: ConnectionTrait>(db: &C, stmt: &sea_orm::Statement) -> String {
     let explain = sea_orm::Statement::from_sql_and_values(
