@@ -10,6 +10,7 @@ mod entities;
 mod fault_proxy;
 mod foreign_keys;
 mod job_fencing;
+mod job_stops;
 mod metadata_datasets;
 mod metadata_errors;
 mod metadata_files;
