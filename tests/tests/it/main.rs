@@ -27,6 +27,7 @@ mod migrate_nontx;
 mod migrate_scaling;
 mod notify_hostile;
 mod pgbouncer;
+mod pool_stalls;
 mod schema;
 mod sea_orm_cli;
 mod server_rows;
