@@ -262,11 +262,12 @@ async fn an_activation_waits_for_a_collector_holding_the_revision_and_then_refus
 async fn expire_in(db: &DatabaseConnection, revision_id: i64, after: Duration) {
     let micros = after.as_micros();
     db.execute_unprepared(&format!(
-        "UPDATE physical_table_revisions SET metadata = metadata || \
-             jsonb_build_object('gc_expires_at', clock_timestamp() + {micros} * interval '1 microsecond') \
+        "UPDATE physical_table_revisions SET metadata = metadata || jsonb_build_object( \
+             'gc_expires_at', clock_timestamp() + {micros} * interval '1 microsecond') \
          WHERE id = {revision_id}; \
          UPDATE gc_manifest g SET expiration = (r.metadata ->> 'gc_expires_at')::timestamptz \
-         FROM physical_table_revisions r WHERE r.id = g.revision_id AND g.revision_id = {revision_id}"
+         FROM physical_table_revisions r \
+         WHERE r.id = g.revision_id AND g.revision_id = {revision_id}"
     ))
     .await
     .unwrap();
