@@ -288,23 +288,36 @@ async fn wait_past_expiry(db: &DatabaseConnection, revision_id: i64) {
 }
 
 /// A pause inside a statement, between its snapshot and the row locks it takes at the end: in a
-/// schema `gate`, a view `gc_manifest` over `public.gc_manifest` whose rows are read only when the
-/// advisory lock [`GATE_KEY`] is free. A session whose `search_path` starts with `gate` reads the
-/// garbage collection entries through it; while [`close_gate`]'s transaction holds the lock, its
-/// statement waits (a lock wait the test can see) after taking its snapshot, and goes on with that
-/// snapshot when the transaction ends. Nothing else in the statement changes.
+/// schema `gate`, a view `table` over `public.table` whose rows are read only when the advisory lock
+/// [`GATE_KEY`] is free, in statements whose text contains `marker` (all when it is empty). A
+/// session whose `search_path` starts with `gate` reads the table through it; while
+/// [`close_gate`]'s transaction holds the lock, such a statement waits (a lock wait the test can
+/// see) after taking its snapshot, and goes on with that snapshot when the transaction ends.
+/// Nothing else in the statement changes.
 const GATE_KEY: i64 = 2_161_001;
 
-async fn install_gate(db: &DatabaseConnection) {
+async fn install_gate(db: &DatabaseConnection, table: &str, marker: &str) {
     db.execute_unprepared(&format!(
         "CREATE SCHEMA gate; \
          CREATE FUNCTION gate.pass() RETURNS boolean VOLATILE LANGUAGE sql AS \
-           $$ SELECT pg_advisory_lock_shared({GATE_KEY}) IS NOT NULL \
-              AND pg_advisory_unlock_shared({GATE_KEY}) $$; \
-         CREATE VIEW gate.gc_manifest AS SELECT * FROM public.gc_manifest WHERE gate.pass()"
+           $$ SELECT CASE WHEN current_query() LIKE '%{marker}%' \
+                THEN pg_advisory_lock_shared({GATE_KEY}) IS NOT NULL \
+                     AND pg_advisory_unlock_shared({GATE_KEY}) \
+                ELSE true END $$; \
+         CREATE VIEW gate.{table} AS SELECT * FROM public.{table} WHERE gate.pass()"
     ))
     .await
     .unwrap();
+}
+
+/// A connection of its own for a collector, reading through the gate's views.
+async fn gated_collector(test_db: &TestDb) -> DatabaseConnection {
+    let collector = tests::connect(test_db.url(), 1).await;
+    collector
+        .execute_unprepared("SET search_path = gate, public")
+        .await
+        .unwrap();
+    collector
 }
 
 /// A transaction that holds the gate closed until it ends.
@@ -330,7 +343,7 @@ async fn a_roll_back_committed_during_a_collector_batch_keeps_its_files() {
     let served = revision(&db, t, &["q0"], Some(&data)).await;
     revisions::activate(&db, t, old.id, HOUR).await.unwrap();
     revisions::activate(&db, t, served.id, HOUR).await.unwrap();
-    install_gate(&db).await;
+    install_gate(&db, "gc_manifest", "").await;
 
     // The roll back locks `old` while its schedule has not expired (so it cancels the schedule)
     // and holds its transaction open across the expiry. The margin grows if this machine was too
@@ -357,11 +370,7 @@ async fn a_roll_back_committed_during_a_collector_batch_keeps_its_files() {
     // A collector pass whose batch statement takes its snapshot now (the roll back not yet
     // committed) and is held at the gate before it locks anything.
     let gate = close_gate(&db).await;
-    let collector = tests::connect(test_db.url(), 1).await;
-    collector
-        .execute_unprepared("SET search_path = gate, public")
-        .await
-        .unwrap();
+    let collector = gated_collector(&test_db).await;
     let pass = {
         let root = data.path().to_owned();
         tokio::spawn(async move { gc::collect(&collector, &root).await })
@@ -394,6 +403,78 @@ async fn a_roll_back_committed_during_a_collector_batch_keeps_its_files() {
     }
     // The replaced revision is scheduled in turn; nothing of it is due yet.
     assert_eq!(gc_entries(&db, served.id).await, 1);
+}
+
+/// Issue 21, item 1, the pass's last step: a roll back of a revision that has no files left (it
+/// never had any), committed after the collector listed it as emptied and before the collector
+/// removed its directory, keeps its directory (and what a writer left there) and its row.
+#[tokio::test]
+async fn a_roll_back_committed_after_a_revision_was_listed_as_emptied_keeps_its_directory() {
+    let test_db = TestDb::migrated().await;
+    let db = tests::connect(test_db.url(), 4).await;
+    let data = TempDir::new();
+    let t = table(&db).await;
+    let empty = revision(&db, t, &[], None).await;
+    std::fs::create_dir_all(data.path().join(&empty.path)).unwrap();
+    std::fs::write(data.path().join(&empty.path).join("unregistered"), b"x").unwrap();
+    let served = revision(&db, t, &["q0"], Some(&data)).await;
+    revisions::activate(&db, t, empty.id, HOUR).await.unwrap();
+    revisions::activate(&db, t, served.id, HOUR).await.unwrap();
+    // Only the statement that lists emptied revisions (the one that reads `file_metadata`) waits.
+    install_gate(&db, "physical_table_revisions", "file_metadata").await;
+
+    let mut margin = Duration::from_millis(400);
+    let activation = loop {
+        expire_in(&db, empty.id, margin).await;
+        let tx = db.begin().await.unwrap();
+        match revisions::activate(&tx, t, empty.id, HOUR).await {
+            Ok(_) => break tx,
+            Err(Error::Conflict(m)) if m.contains("due for deletion") => {
+                tx.rollback().await.unwrap();
+                margin *= 4;
+                assert!(margin < Duration::from_secs(30), "never activated in time");
+            }
+            Err(e) => panic!("roll back: {e:?}"),
+        }
+    };
+    let due = format!(
+        "SELECT (metadata ->> 'gc_expires_at')::timestamptz < clock_timestamp() \
+         FROM physical_table_revisions WHERE id = {}",
+        empty.id
+    );
+    let started = std::time::Instant::now();
+    while !tests::sql::value::<bool>(&db, &due).await {
+        assert!(started.elapsed() < Duration::from_secs(20), "never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let gate = close_gate(&db).await;
+    let collector = gated_collector(&test_db).await;
+    let pass = {
+        let root = data.path().to_owned();
+        tokio::spawn(async move { gc::collect(&collector, &root).await })
+    };
+    tests::sql::lock_waiter(
+        &db,
+        "the collector never reached the gate",
+        Duration::from_secs(20),
+    )
+    .await;
+    activation.commit().await.expect("roll back commits");
+    gate.commit().await.unwrap();
+    let done = pass.await.unwrap();
+
+    assert_eq!(active(&db, t).await, Some(empty.id), "rolled back");
+    assert!(
+        data.path().join(&empty.path).join("unregistered").exists(),
+        "the active revision's directory was removed (pass: {done:?})"
+    );
+    let done = done.expect("collector pass");
+    assert_eq!(done.revisions, 0, "{done:?}");
+    assert!(
+        revisions::get(&db, empty.id).await.unwrap().is_some(),
+        "row kept"
+    );
 }
 
 /// The plan of `stmt`, as `EXPLAIN (FORMAT JSON)` gives it, as text.
