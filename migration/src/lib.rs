@@ -25,6 +25,7 @@ mod m20261101_000005_create_files;
 mod m20261101_000006_add_jobs_idempotency_key;
 mod m20261101_000007_backfill_jobs_idempotency_key;
 mod m20261201_000001_index_physical_tables_active_revision;
+mod m20261206_000001_index_gc_manifest_expiration;
 
 /// The Rust examples of the workspace's README, compiled as doc tests (`cargo test -p migration
 /// --doc`) so that they keep compiling as written.
@@ -46,6 +47,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261101_000006_add_jobs_idempotency_key::Migration),
             Box::new(m20261101_000007_backfill_jobs_idempotency_key::Migration),
             Box::new(m20261201_000001_index_physical_tables_active_revision::Migration),
+            Box::new(m20261206_000001_index_gc_manifest_expiration::Migration),
         ]
     }
 }

@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -41,20 +41,34 @@ pub enum Fault {
     Drop,
 }
 
-/// The faults in force: one for every connection, and overrides by `application_name` prefix.
+/// The faults in force: one for every connection, overrides by `application_name` prefix, and
+/// the connections blackholed (stalled whatever else is set).
 #[derive(Debug, Clone)]
 struct Faults {
     all: Fault,
     by_application: Vec<(String, Fault)>,
+    /// Connections numbered below this are stalled (see [`FaultProxy::blackhole_open`]).
+    blackholed_below: u64,
 }
 
 impl Faults {
-    fn of(&self, application: &str) -> Fault {
+    fn of(&self, peer: &Peer<'_>) -> Fault {
+        if peer.number < self.blackholed_below {
+            return Fault::Stall;
+        }
         self.by_application
             .iter()
-            .find(|(prefix, _)| application.starts_with(prefix.as_str()))
+            .find(|(prefix, _)| peer.application.starts_with(prefix.as_str()))
             .map_or(self.all, |(_, fault)| *fault)
     }
+}
+
+/// A connection through the proxy: its number (in the order the proxy accepted them) and its
+/// `application_name`.
+#[derive(Debug, Clone, Copy)]
+struct Peer<'a> {
+    number: u64,
+    application: &'a str,
 }
 
 /// Where the proxy forwards to.
@@ -148,6 +162,8 @@ pub struct FaultProxy {
     url: String,
     faults: watch::Sender<Faults>,
     open: Arc<AtomicUsize>,
+    /// How many connections the proxy has accepted.
+    accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -162,17 +178,20 @@ impl FaultProxy {
         let (faults, _) = watch::channel(Faults {
             all: Fault::Pass,
             by_application: Vec::new(),
+            blackholed_below: 0,
         });
         let open = Arc::new(AtomicUsize::new(0));
-        let (sender, counter) = (faults.clone(), open.clone());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (sender, counter, numbers) = (faults.clone(), open.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let _ = client.set_nodelay(true);
+                let number = numbers.fetch_add(1, Ordering::SeqCst);
                 let (upstream, faults, open) =
                     (upstream.clone(), sender.subscribe(), counter.clone());
                 tokio::spawn(async move {
                     open.fetch_add(1, Ordering::SeqCst);
-                    let _ = connection(client, upstream, faults).await;
+                    let _ = connection(client, number, upstream, faults).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -181,6 +200,7 @@ impl FaultProxy {
             url: url_through(&parsed, port),
             faults,
             open,
+            accepted,
             task,
         }
     }
@@ -221,6 +241,15 @@ impl FaultProxy {
         });
     }
 
+    /// Stalls, for as long as the proxy runs, every connection it has accepted so far, and none it
+    /// accepts later: a socket blackholed by a vanished peer or an expired NAT mapping, which never
+    /// reports an error, while new connections to the same server work.
+    pub fn blackhole_open(&self) {
+        let below = self.accepted.load(Ordering::SeqCst);
+        self.faults
+            .send_modify(|faults| faults.blackholed_below = below);
+    }
+
     /// Connections open through the proxy now.
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
@@ -231,21 +260,29 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
         // Every connection sees the fault set go away and closes.
-        self.faults.send_modify(|faults| faults.all = Fault::Drop);
+        self.faults.send_modify(|faults| {
+            faults.all = Fault::Drop;
+            faults.blackholed_below = 0;
+        });
     }
 }
 
 /// One client connection: its startup message read, then both directions pumped under the faults.
 async fn connection(
     client: TcpStream,
+    number: u64,
     upstream: Upstream,
     faults: watch::Receiver<Faults>,
 ) -> std::io::Result<()> {
     let (mut from_client, mut to_client) = client.into_split();
     let startup = read_startup(&mut from_client, &mut to_client).await?;
     let application = application_name(&startup);
+    let peer = Peer {
+        number,
+        application: &application,
+    };
     let mut gate = faults.clone();
-    if !pass_gate(&mut gate, &application).await {
+    if !pass_gate(&mut gate, peer).await {
         return Ok(());
     }
     match upstream {
@@ -254,29 +291,13 @@ async fn connection(
             let _ = server.set_nodelay(true);
             let (from_server, mut to_server) = server.into_split();
             to_server.write_all(&startup).await?;
-            both_ways(
-                from_client,
-                to_client,
-                from_server,
-                to_server,
-                &application,
-                faults,
-            )
-            .await;
+            both_ways(from_client, to_client, from_server, to_server, peer, faults).await;
         }
         Upstream::Unix(path) => {
             let server = UnixStream::connect(path).await?;
             let (from_server, mut to_server) = server.into_split();
             to_server.write_all(&startup).await?;
-            both_ways(
-                from_client,
-                to_client,
-                from_server,
-                to_server,
-                &application,
-                faults,
-            )
-            .await;
+            both_ways(from_client, to_client, from_server, to_server, peer, faults).await;
         }
     }
     Ok(())
@@ -288,7 +309,7 @@ async fn both_ways<CR, CW, SR, SW>(
     to_client: CW,
     from_server: SR,
     to_server: SW,
-    application: &str,
+    peer: Peer<'_>,
     faults: watch::Receiver<Faults>,
 ) where
     CR: AsyncRead + Unpin,
@@ -297,15 +318,15 @@ async fn both_ways<CR, CW, SR, SW>(
     SW: AsyncWrite + Unpin,
 {
     tokio::select! {
-        _ = pump(from_client, to_server, application, faults.clone()) => {}
-        _ = pump(from_server, to_client, application, faults) => {}
+        _ = pump(from_client, to_server, peer, faults.clone()) => {}
+        _ = pump(from_server, to_client, peer, faults) => {}
     }
 }
 
 /// Waits while the connection is stalled and sleeps a delay; false when it is to be dropped.
-async fn pass_gate(faults: &mut watch::Receiver<Faults>, application: &str) -> bool {
+async fn pass_gate(faults: &mut watch::Receiver<Faults>, peer: Peer<'_>) -> bool {
     loop {
-        let fault = faults.borrow_and_update().of(application);
+        let fault = faults.borrow_and_update().of(&peer);
         match fault {
             Fault::Pass => return true,
             Fault::Delay(delay) => {
@@ -323,9 +344,9 @@ async fn pass_gate(faults: &mut watch::Receiver<Faults>, application: &str) -> b
 }
 
 /// Returns once the connection is to be dropped (or the proxy is gone).
-async fn dropped(faults: &mut watch::Receiver<Faults>, application: &str) {
+async fn dropped(faults: &mut watch::Receiver<Faults>, peer: Peer<'_>) {
     loop {
-        if faults.borrow_and_update().of(application) == Fault::Drop {
+        if faults.borrow_and_update().of(&peer) == Fault::Drop {
             return;
         }
         if faults.changed().await.is_err() {
@@ -335,7 +356,7 @@ async fn dropped(faults: &mut watch::Receiver<Faults>, application: &str) {
 }
 
 /// Forwards one direction chunk by chunk, each chunk through [`pass_gate`].
-async fn pump<R, W>(mut from: R, mut to: W, application: &str, faults: watch::Receiver<Faults>)
+async fn pump<R, W>(mut from: R, mut to: W, peer: Peer<'_>, faults: watch::Receiver<Faults>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -352,9 +373,9 @@ where
                 }
                 Ok(n) => n,
             },
-            () = dropped(&mut watch_drop, application) => return,
+            () = dropped(&mut watch_drop, peer) => return,
         };
-        if !pass_gate(&mut gate, application).await || to.write_all(&buf[..n]).await.is_err() {
+        if !pass_gate(&mut gate, peer).await || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }

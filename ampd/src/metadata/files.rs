@@ -222,18 +222,43 @@ where
     Ok(tx.execute(&insert).await?.rows_affected())
 }
 
-/// Expired gc entries (`expiration <= now()`) of revisions that are not active, soonest expired
-/// first, at most `limit`. Call it inside the transaction that deletes the objects and then
-/// [`forget`]s them: it locks the entries' revisions (`FOR NO KEY UPDATE ... SKIP LOCKED`), so an
-/// activation of one of them waits until the files are forgotten and then refuses, and concurrent
-/// collectors take different revisions.
+/// Expired gc entries (`expiration <= now()`) of revisions whose garbage collection is due and
+/// that are not active, soonest expired first, at most `limit`. Call it inside the transaction that
+/// deletes the objects and then [`forget`]s them: it locks the entries' revisions (`FOR NO KEY
+/// UPDATE ... SKIP LOCKED`), so an activation of one of them waits until the files are forgotten
+/// and then refuses, and concurrent collectors take different revisions.
+///
+/// "Due" is also read from the revision row itself (its `gc_expires_at`), the row that is locked: a
+/// roll back ([`crate::metadata::revisions::activate`]) that cancelled the schedule and committed
+/// after this statement took its snapshot changed that row, PostgreSQL re-checks the statement's
+/// conditions on the row's latest version once it holds the lock, and the revision's entries are
+/// not listed. (The entries and the "not active" test come from the statement's snapshot, so they
+/// alone cannot see such a roll back.) A revision that has `gc_expires_at` is never active: an
+/// activation cancels the schedule under the revision's lock.
+///
+/// The index `idx_gc_manifest_expiration_file_id` gives the entries in this order, so a batch
+/// reads about `limit` entries, whatever the backlog.
 pub async fn list_expired<C>(db: &C, limit: u64) -> Result<Vec<gc_manifest::Model>>
 where
     C: ConnectionTrait,
 {
+    Ok(
+        gc_manifest::Model::find_by_statement(list_expired_statement(limit))
+            .all(db)
+            .await?,
+    )
+}
+
+/// The statement [`list_expired`] runs (to `EXPLAIN` it).
+pub fn list_expired_statement(limit: u64) -> Statement {
+    let revision_due = Expr::col((revisions::Entity, revisions::Column::Metadata))
+        .cast_json_field("gc_expires_at")
+        .cast_as("timestamptz")
+        .lte(Expr::current_timestamp());
     let mut query = gc_manifest::Entity::find()
         .inner_join(revisions::Entity)
         .filter(Expr::col(gc_manifest::Column::Expiration).lte(Expr::current_timestamp()))
+        .filter(revision_due)
         .filter(is_active((gc_manifest::Entity, gc_manifest::Column::RevisionId)).not())
         .order_by_asc(gc_manifest::Column::Expiration)
         .order_by_asc(gc_manifest::Column::FileId)
@@ -243,7 +268,7 @@ where
         [revisions::Entity.into_table_ref()],
         LockBehavior::SkipLocked,
     );
-    Ok(query.all(db).await?)
+    query.build(DbBackend::Postgres)
 }
 
 /// Forgets files that were scheduled for garbage collection (their objects deleted): deletes the

@@ -237,15 +237,13 @@ impl Listener {
         loop {
             let listener = match self.inner.as_mut() {
                 Some(listener) => listener,
-                None => {
-                    let listener = self.inner.insert(listen(&self.url, &self.cfg).await?);
-                    if std::mem::take(&mut self.lost) {
-                        tracing::info!("notification listener connected again");
-                        return Ok(Notification::Reconnected);
-                    }
-                    listener
-                }
+                None => self.inner.insert(listen(&self.url, &self.cfg).await?),
             };
+            // Connected again since the loss, here or in `backend_pid`: said once, either way.
+            if std::mem::take(&mut self.lost) {
+                tracing::info!("notification listener connected again");
+                return Ok(Notification::Reconnected);
+            }
             let received = match tokio::time::timeout(PING_EVERY, listener.try_recv()).await {
                 Ok(Ok(Some(received))) => received,
                 Ok(Ok(None)) => {
@@ -289,7 +287,9 @@ impl Listener {
     }
 
     /// The server process id of the listener's current connection (to find it in
-    /// `pg_stat_activity`). Connects first if it is not connected.
+    /// `pg_stat_activity`). Connects first if it is not connected; when that is a reconnect after
+    /// a lost connection, the next [`recv`](Self::recv) still returns
+    /// [`Notification::Reconnected`] first.
     pub async fn backend_pid(&mut self) -> Result<i32> {
         let listener = match self.inner.as_mut() {
             Some(listener) => listener,

@@ -8,8 +8,9 @@
 //!    entries (which locks their revisions against activation), delete the files, forget their rows,
 //!    commit. A pass that dies half-way leaves the rows; the next pass deletes again (a file already
 //!    gone counts as deleted) and forgets them, so no file is ever left without a row naming it;
-//! 3. removes what is left of revisions whose files are all gone: the revision's directory (with
-//!    any file a writer never registered), then its row.
+//! 3. removes what is left of revisions whose files are all gone, each in one transaction that
+//!    locks the revision and checks it again (a roll back may have cancelled its schedule since it
+//!    was listed): the revision's directory (with any file a writer never registered), then its row.
 //!
 //! Paths come from the database; each is checked to be a plain relative path (no `..`, no root)
 //! before anything under the data directory is touched.
@@ -100,15 +101,20 @@ pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collect
             break;
         }
     }
-    for revision in revisions::list_emptied(db, BATCH).await? {
+    for listed in revisions::list_emptied(db, BATCH).await? {
+        // Locked and checked again before anything is removed: a roll back may have cancelled its
+        // schedule since it was listed, or another collector may be removing it.
+        let tx = db.begin().await.map_err(metadata::Error::from)?;
+        let Some(revision) = revisions::lock_emptied(&tx, listed.id).await? else {
+            tx.rollback().await.map_err(metadata::Error::from)?;
+            continue;
+        };
         let dir = under(data_dir, &revision.path)?;
         let removed = tokio::fs::remove_dir_all(&dir).await;
         gone_is_fine(dir, removed)?;
-        match revisions::delete(db, revision.id).await {
-            // Someone else removed it first.
-            Ok(()) | Err(metadata::Error::NotFound { .. }) => done.revisions += 1,
-            Err(e) => return Err(e.into()),
-        }
+        revisions::delete(&tx, revision.id).await?;
+        tx.commit().await.map_err(metadata::Error::from)?;
+        done.revisions += 1;
     }
     if done != Collected::default() {
         tracing::info!(

@@ -10,6 +10,7 @@ use ampd::metadata::notifications::{
     PayloadError, REVISION_CHANGES, RevisionChange,
 };
 use sea_orm::ConnectionTrait;
+use tests::proxy::{Fault, FaultProxy};
 use tests::{TestDb, sql};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -267,5 +268,36 @@ async fn a_listener_or_claim_that_cannot_connect_gives_up_after_the_connect_time
         // Retried for the connect timeout (a lower bound), then given up (a generous upper one).
         assert!(took >= Duration::from_millis(1500), "{what}: {took:?}");
         assert!(took < Duration::from_secs(30), "{what}: {took:?}");
+    }
+}
+
+/// Issue 21 (also-list): the listener lost its connection and could not connect again, so `recv`
+/// failed; `backend_pid` then connected it again. Notifications were lost meanwhile, so the next
+/// `recv` must still say [`Notification::Reconnected`], before anything else.
+#[tokio::test]
+async fn a_reconnect_made_by_backend_pid_is_still_reported_by_the_next_recv() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let proxy = FaultProxy::start(db.url()).await;
+    let cfg = tests::metadata_config_with(proxy.url(), "connect_timeout_secs = 1");
+    let mut listener = Listener::connect(&cfg).await.expect("listener");
+    let pid = listener.backend_pid().await.expect("pid");
+
+    proxy.set(Fault::Drop);
+    tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("recv gives up within the connect timeout")
+        .expect_err("the connection is lost and cannot be made again");
+    proxy.set(Fault::Pass);
+    let new_pid = listener.backend_pid().await.expect("connects again");
+    assert_ne!(new_pid, pid);
+    notifications::notify_job_action(&conn, &start(7))
+        .await
+        .unwrap();
+
+    assert_eq!(recv(&mut listener).await, Notification::Reconnected);
+    match recv(&mut listener).await {
+        Notification::JobAction(action) => assert_eq!(action.job_id, 7),
+        other => panic!("{other:?}"),
     }
 }

@@ -216,7 +216,8 @@ async fn backfill_of_idempotency_keys_keeps_every_row_and_keys_every_job() {
         applied,
         [
             "m20261101_000007_backfill_jobs_idempotency_key",
-            "m20261201_000001_index_physical_tables_active_revision"
+            "m20261201_000001_index_physical_tables_active_revision",
+            "m20261206_000001_index_gc_manifest_expiration"
         ],
         "the backfill and the migration after it were pending"
     );

@@ -70,9 +70,9 @@ pub fn worker_lost(node_id: Option<&str>) -> serde_json::Value {
 
 /// RUNNING → ERROR of a job whose worker is lost: `seen` (the job as the caller saw it, same node
 /// and attempt, else `Fenced`) is on a node that has sent no heartbeat for `window` (by the database
-/// clock, checked in the same statement: `Conflict` if it has). The detail is [`worker_lost`];
-/// [`list_due_for_retry`](super::list_due_for_retry) offers such a job at once, and its retry is a
-/// new attempt, which fences off the lost worker should it come back.
+/// clock, checked in the same statement: `Conflict` if it has), or on no node at all. The detail is
+/// [`worker_lost`]; [`list_due_for_retry`](super::list_due_for_retry) offers such a job at once,
+/// and its retry is a new attempt, which fences off the lost worker should it come back.
 #[tracing::instrument(skip(db, seen), fields(job_id = seen.id), err)]
 pub async fn fail_lost<C>(db: &C, seen: &jobs::Model, window: Duration) -> Result<jobs::Model>
 where
@@ -87,7 +87,8 @@ where
 
 /// STOP_REQUESTED or STOPPING → STOPPED of a job whose worker is lost (as in [`fail_lost`]), through
 /// STOPPING, in one transaction: the stop it was asked for completes without the worker. Both events
-/// carry the [`worker_lost`] detail.
+/// carry the [`worker_lost`] detail. A job on no node (asked to stop before it was placed) is lost
+/// in this sense: no worker will ever acknowledge its stop.
 #[tracing::instrument(skip(db, seen), fields(job_id = seen.id), err)]
 pub async fn stop_lost<C>(db: &C, seen: &jobs::Model, window: Duration) -> Result<jobs::Model>
 where

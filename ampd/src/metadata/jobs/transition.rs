@@ -194,10 +194,13 @@ fn statement(job_id: i64, change: &Change<'_>) -> Statement {
             p.push(a.attempt)
         ));
     }
+    // A job on no node (never placed, or its worker removed) has no worker that could act on it:
+    // it counts as lost, whatever the window.
     let node_dead = match change.node_dead_for {
         Some(window) => format!(
-            "EXISTS (SELECT 1 FROM workers w WHERE w.node_id = jobs.node_id \
-             AND w.heartbeat_at <= now() - {} * interval '1 microsecond')",
+            "(jobs.node_id IS NULL OR EXISTS (SELECT 1 FROM workers w \
+             WHERE w.node_id = jobs.node_id \
+             AND w.heartbeat_at <= now() - {} * interval '1 microsecond'))",
             p.push(window)
         ),
         None => "TRUE".to_owned(),

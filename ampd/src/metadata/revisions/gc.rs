@@ -3,8 +3,8 @@
 
 use entity::{JobStatus, file_metadata, jobs, physical_table_revisions as revisions};
 use sea_orm::sea_query::extension::postgres::PgExpr;
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
-use sea_orm::{ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::{is_active, revision};
 use crate::metadata::Result;
@@ -59,13 +59,39 @@ where
 
 /// Revisions whose garbage collection is due and whose files have all been deleted and forgotten:
 /// what is left is the revision's directory (which may still hold files a writer never
-/// registered) and its row. The collector removes the directory, then the row
-/// ([`delete`](super::delete)). Never an active revision. By id, at most `limit`.
+/// registered) and its row. The collector locks each ([`lock_emptied`]), removes the directory,
+/// then the row ([`delete`](super::delete)). Never an active revision. By id, at most `limit`.
 pub async fn list_emptied<C>(db: &C, limit: u64) -> Result<Vec<revisions::Model>>
 where
     C: ConnectionTrait,
 {
-    Ok(revisions::Entity::find()
+    Ok(emptied()
+        .order_by_asc(revisions::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Locks revision `revision_id` (`FOR UPDATE SKIP LOCKED`) if it is still one [`list_emptied`]
+/// lists, for the transaction that removes its directory and then its row: `None` when it no longer
+/// is (a roll back cancelled its schedule since it was listed) or another transaction holds it.
+/// "Due" is tested on the locked row itself, so a roll back that commits while this statement runs
+/// is seen too (as in [`crate::metadata::files::list_expired`]); once it is locked, an activation
+/// waits for the removal and then finds no revision.
+pub async fn lock_emptied<C>(tx: &C, revision_id: i64) -> Result<Option<revisions::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(emptied()
+        .filter(revisions::Column::Id.eq(revision_id))
+        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+        .one(tx)
+        .await?)
+}
+
+/// The revisions that are due, without files, and not active.
+fn emptied() -> sea_orm::Select<revisions::Entity> {
+    revisions::Entity::find()
         .filter(
             Expr::col(revision(revisions::Column::Metadata))
                 .cast_json_field("gc_expires_at")
@@ -83,8 +109,4 @@ where
                 .to_owned(),
         ))
         .filter(is_active(revision(revisions::Column::Id)).not())
-        .order_by_asc(revisions::Column::Id)
-        .limit(limit)
-        .all(db)
-        .await?)
 }

@@ -28,7 +28,7 @@ mod physical_tables;
 
 pub(crate) use activate::activate_output;
 pub use activate::{Activated, activate};
-pub use gc::{list_abandoned, list_emptied};
+pub use gc::{list_abandoned, list_emptied, lock_emptied};
 pub use physical_tables::{
     get_table, list_tables, list_tables_of_manifest, list_tables_with_active, register_table,
 };

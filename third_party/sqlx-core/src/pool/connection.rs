@@ -15,6 +15,10 @@ use crate::pool::options::PoolConnectionMetadata;
 
 const CLOSE_ON_DROP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest a connection being returned to the pool waits for the answer to its ping (less when
+/// the pool's acquire timeout is shorter): the connection holds its place in the pool meanwhile.
+const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection managed by a [`Pool`][crate::pool::Pool].
 ///
 /// Will be returned to the pool on-drop.
@@ -311,19 +315,37 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
-            tracing::warn!(
-                %error,
-                "error occurred while testing the connection on-release",
-            );
+        // A peer that vanished without closing the socket never answers, and the socket reports
+        // no error until the kernel gives up on it (many minutes): bound the wait, and drop the
+        // connection when it is exceeded, which frees its place in the pool at once.
+        let limit = RELEASE_PING_TIMEOUT.min(self.guard.pool.options.acquire_timeout);
+        match crate::rt::timeout(limit, self.raw.ping()).await {
+            Ok(Ok(())) => {
+                // if the connection is still viable, release it to the pool
+                self.release();
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    %error,
+                    "error occurred while testing the connection on-release",
+                );
 
-            // Connection is broken, don't try to gracefully close.
-            self.close_hard().await;
-            false
-        } else {
-            // if the connection is still viable, release it to the pool
-            self.release();
-            true
+                // Connection is broken, don't try to gracefully close.
+                self.close_hard().await;
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?limit,
+                    "no answer to the ping testing the connection on-release; dropping it",
+                );
+
+                // No shutdown either: it could wait on the same socket. Dropping the connection
+                // closes the socket and returns its place to the pool.
+                drop(self);
+                false
+            }
         }
     }
 
