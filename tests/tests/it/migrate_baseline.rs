@@ -64,7 +64,7 @@ async fn baseline_adopts_a_schema_restored_from_a_dump_and_migrate_applies_only_
     let dir = TempDir::new();
     let source_config = dir.file("source.toml", &cli::config_toml(source.url(), ""));
     let out = cli::fixture_with_config(&source_config, "previous", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let dump = dir.path().join("schema.sql");
     let dump = dump.to_str().expect("utf-8 path");
     let Some(_) = pg_tool(
@@ -112,18 +112,12 @@ async fn baseline_adopts_a_schema_restored_from_a_dump_and_migrate_applies_only_
 
     // Without a baseline, a run fails on what exists.
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    out.assert_code(1).assert_stderr_contains("already exists");
 
     let out = baseline(&config, &previous_head()).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let previous = tests::schema_migration_count() - 1;
-    assert!(
-        out.stdout
-            .contains(&format!("recorded {previous} migration(s) as applied")),
-        "{}",
-        out.stdout
-    );
+    out.assert_stdout_contains(format!("recorded {previous} migration(s) as applied"));
     let audited = sql::count(
         &conn,
         "SELECT count(*) FROM ampd_migrations WHERE adopted AND execution_ms IS NULL \
@@ -140,14 +134,10 @@ async fn baseline_adopts_a_schema_restored_from_a_dump_and_migrate_applies_only_
 
     // The next run applies only the rest.
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 1 migration "),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 1 migration ");
     let out = cli::ampd_with_config(&config, &["migrate", "validate", "--require-current"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let out = cli::ampd_with_config(&config, &["migrate", "status", "--json"]).await;
     let states: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     let by: Vec<&str> = states
@@ -167,10 +157,9 @@ async fn baseline_refuses_a_schema_with_a_missing_column_and_records_nothing() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     // A schema created without ampd's records, then changed by hand.
-    assert_eq!(
-        cli::ampd_with_config(&config, &["migrate"]).await.code,
-        Some(0)
-    );
+    cli::ampd_with_config(&config, &["migrate"])
+        .await
+        .assert_success();
     let conn = db.connect().await;
     conn.execute_unprepared(
         "DROP TABLE ampd_migrations, seaql_migrations; ALTER TABLE jobs DROP COLUMN detail",
@@ -179,16 +168,9 @@ async fn baseline_refuses_a_schema_with_a_missing_column_and_records_nothing() {
     .expect("change the schema");
 
     let out = baseline(&config, &tests::schema_head()).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("baseline refused, nothing was recorded")
-            && out
-                .stderr
-                .contains("column jobs.detail is missing (expected: jsonb NULL)"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("baseline refused, nothing was recorded")
+        .assert_stderr_contains("column jobs.detail is missing (expected: jsonb NULL)");
     assert_eq!(
         sql::count(
             &conn,
@@ -207,11 +189,7 @@ async fn baseline_refuses_a_schema_with_a_missing_column_and_records_nothing() {
     // A database that records migrations is not one to baseline.
     let (other, other_config) = cli::database_at_head(&dir, "").await;
     let out = baseline(&other_config, &tests::schema_head()).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("already records applied migrations"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("already records applied migrations");
     drop(other);
 }

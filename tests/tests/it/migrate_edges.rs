@@ -96,7 +96,7 @@ async fn closed_or_failing_pipes_never_stop_a_run_half_way() {
         let dir = TempDir::new();
         let config = dir.config(db.url(), "");
         let out = through_shell(&config, shell).await;
-        assert_eq!(out.code, Some(0), "{shell}: {}", out.all());
+        out.assert_success();
         assert_eq!(applied_count(db.url()).await, total, "{shell}");
     }
 
@@ -106,15 +106,11 @@ async fn closed_or_failing_pipes_never_stop_a_run_half_way() {
     let config = dir.config(db.url(), "");
     let out = through_shell(&config, "{ampd} > /dev/full").await;
     assert_eq!(applied_count(db.url()).await, total);
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("could not be written to stdout")
-            && out.stderr.contains(&format!("applied {total} migrations")),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("could not be written to stdout")
+        .assert_stderr_contains(format!("applied {total} migrations"));
     for name in tests::schema_migrations() {
-        assert!(out.stderr.contains(&name), "{name}: {}", out.stderr);
+        out.assert_stderr_contains(&name);
     }
 }
 
@@ -140,7 +136,7 @@ async fn global_flags_work_after_the_subcommand_and_an_empty_amp_config_is_expla
         ],
     ] {
         let out = cli::run(cli::ampd(), &args, &[], long).await;
-        assert_eq!(out.code, Some(0), "{args:?}: {}", out.all());
+        out.assert_success();
     }
     let both = cli::run(
         cli::ampd(),
@@ -149,17 +145,13 @@ async fn global_flags_work_after_the_subcommand_and_an_empty_amp_config_is_expla
         long,
     )
     .await;
-    assert_eq!(both.code, Some(1), "{}", both.all());
-    assert!(both.stderr.contains("--dry-run"), "{}", both.stderr);
+    both.assert_code(1).assert_stderr_contains("--dry-run");
 
     let empty = cli::run(cli::ampd(), &["migrate"], &[("AMP_CONFIG", "")], long).await;
-    assert_eq!(empty.code, Some(1), "{}", empty.all());
-    assert!(
-        empty.stderr.contains("AMP_CONFIG is set but empty")
-            && !empty.stderr.contains("value is required"),
-        "{}",
-        empty.stderr
-    );
+    empty
+        .assert_code(1)
+        .assert_stderr_contains("AMP_CONFIG is set but empty")
+        .assert_stderr_lacks("value is required");
 }
 
 #[tokio::test]
@@ -184,15 +176,17 @@ async fn mistyped_urls_are_refused_before_connecting_without_printing_the_passwo
             Duration::from_secs(30),
         )
         .await;
-        let all = out.all();
-        assert_eq!(out.code, Some(1), "{url}: {all}");
+        out.assert_code(1);
         for secret in ["HunterPw2", "Hunter@Pw2", "Pw2@"] {
-            assert!(!all.contains(secret), "{url} printed {secret}: {all}");
+            out.assert_not_in_output(secret);
         }
+        // Refused before connecting: the key named, no connection attempted.
+        let all = out.all();
         assert!(
-            all.contains("metadata_db.url") && !all.contains("failed to connect"),
+            all.contains("metadata_db.url"),
             "{url} is not refused before connecting: {all}"
         );
+        out.assert_not_in_output("failed to connect");
     }
 
     // `postgresql:///db`: the default Unix socket and the OS user, as libpq reads it.
@@ -225,7 +219,7 @@ async fn mistyped_urls_are_refused_before_connecting_without_printing_the_passwo
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     assert_eq!(
         applied_count(db.url()).await,
         tests::schema_migration_count() as i64
@@ -253,8 +247,7 @@ async fn accept_checksum_refuses_an_unknown_algorithm_and_a_database_that_is_ahe
     .await
     .expect("newer algorithm");
     let out = accept(config.clone()).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stderr.contains("algorithm 99"), "{}", out.stderr);
+    out.assert_code(1).assert_stderr_contains("algorithm 99");
     let kept: i64 = tests::sql::value(
         &conn,
         &format!("SELECT checksum_algorithm::bigint FROM ampd_migrations WHERE version = '{name}'"),
@@ -270,12 +263,8 @@ async fn accept_checksum_refuses_an_unknown_algorithm_and_a_database_that_is_ahe
     .await
     .expect("ahead");
     let out = accept(config.clone()).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("database is newer than this ampd"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("database is newer than this ampd");
     let kept: String = tests::sql::value(
         &conn,
         &format!("SELECT checksum FROM ampd_migrations WHERE version = '{name}'"),
@@ -290,7 +279,7 @@ async fn accept_checksum_refuses_an_unknown_algorithm_and_a_database_that_is_ahe
     .await
     .expect("not ahead");
     let out = accept(config).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let role: String = tests::sql::value(
         &conn,
         &format!(
@@ -350,23 +339,18 @@ async fn read_path_and_connect_permission_errors_give_the_grant_that_fixes_them(
     drop(db);
     tests::admin_exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 
-    assert_eq!(denied.code, Some(1), "{}", denied.all());
-    assert!(
-        denied.stderr.contains("permission denied") && grant.is_some(),
-        "{}",
-        denied.stderr
-    );
+    denied
+        .assert_code(1)
+        .assert_stderr_contains("permission denied");
+    assert!(grant.is_some(), "{}", denied.stderr);
     assert!(
         !grant.as_deref().unwrap_or_default().contains("..."),
         "{grant:?}"
     );
-    assert_eq!(after.code, Some(0), "{}", after.all());
-    assert!(
-        after.stdout.contains("schema is up to date"),
-        "{}",
-        after.stdout
-    );
-    assert_eq!(no_connect.code, Some(1), "{}", no_connect.all());
+    after
+        .assert_success()
+        .assert_stdout_contains("schema is up to date");
+    no_connect.assert_code(1);
     assert!(
         connect_grant
             .as_deref()
@@ -374,7 +358,7 @@ async fn read_path_and_connect_permission_errors_give_the_grant_that_fixes_them(
         "{}",
         no_connect.stderr
     );
-    assert_eq!(reconnected.code, Some(0), "{}", reconnected.all());
+    reconnected.assert_success();
 }
 
 /// A database at head whose migrations `unapply` are made pending again (their records deleted,
@@ -406,8 +390,8 @@ async fn a_leftover_index_is_refused_before_any_step_runs() {
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     let created: bool =
         tests::sql::value(&conn, "SELECT to_regclass('ampd_migrations') IS NOT NULL").await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stderr.contains("nothing was changed"), "{}", out.stderr);
+    out.assert_code(1)
+        .assert_stderr_contains("nothing was changed");
     assert!(!created, "a step ran before the refusal: {}", out.stderr);
 }
 
@@ -445,7 +429,7 @@ async fn bookkeeping_privileges_are_checked_before_the_index_is_built() {
     drop(db);
     tests::admin_exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 
-    assert_eq!(denied.code, Some(1), "{}", denied.all());
+    denied.assert_code(1);
     assert_eq!(
         built, 0,
         "the index was built before the refusal: {}",
@@ -458,7 +442,7 @@ async fn bookkeeping_privileges_are_checked_before_the_index_is_built() {
         "{}",
         denied.stderr
     );
-    assert_eq!(after.code, Some(0), "{}", after.all());
+    after.assert_success();
 }
 
 #[tokio::test]
@@ -511,7 +495,7 @@ async fn a_concurrent_index_build_waits_for_older_transactions_under_its_own_bou
         .expect("the build waits");
     old.execute_unprepared("COMMIT").await.expect("commit");
     let out = run.await.expect("run");
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
 
     // Under a bound of 1 s, the error names that bound.
     let conn = db.connect().await;
@@ -533,12 +517,8 @@ async fn a_concurrent_index_build_waits_for_older_transactions_under_its_own_bou
         .expect("old transaction");
     let out = cli::ampd_with_config(&short, &["migrate"]).await;
     old.execute_unprepared("ROLLBACK").await.expect("rollback");
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("concurrent_index_timeout_secs"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("concurrent_index_timeout_secs");
 }
 
 #[tokio::test]
@@ -548,13 +528,9 @@ async fn failures_on_direct_url_are_named_as_such() {
     let missing = tests::database_url(&tests::unique_name("missing"));
     let config = dir.config(db.url(), &format!("direct_url = \"{missing}\""));
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("metadata_db.direct_url")
-            && !out.stderr.contains("fix metadata_db.url"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("metadata_db.direct_url")
+        .assert_stderr_lacks("fix metadata_db.url");
 }
 
 #[tokio::test]
@@ -568,10 +544,7 @@ async fn a_search_path_without_a_usable_schema_is_explained() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("search_path") && out.stderr.contains("nothing was changed"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("search_path")
+        .assert_stderr_contains("nothing was changed");
 }

@@ -362,17 +362,11 @@ async fn hostile_config_files_always_exit_1_with_one_clear_error_line() {
         )
         .await;
         let case = String::from_utf8_lossy(bytes);
-        assert_eq!(out.code, Some(1), "case {i} {case:?}: {}", out.all());
-        assert!(
-            !out.stderr.contains("panicked"),
-            "case {i} {case:?}: {}",
-            out.stderr
-        );
-        assert!(
-            !out.all().contains("S3cr3tPw"),
-            "case {i} {case:?}: {}",
-            out.all()
-        );
+        // The cases come from a fixed seed: case i, named by its file case{i}.toml in the command
+        // a failure prints, is the same on every run.
+        out.assert_code(1)
+            .assert_stderr_lacks("panicked")
+            .assert_not_in_output("S3cr3tPw");
         let errors: Vec<&str> = out
             .stderr
             .lines()

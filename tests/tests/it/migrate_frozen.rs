@@ -60,18 +60,15 @@ async fn a_network_that_freezes_during_the_lock_wait_fails_within_the_bound() {
     proxy.set(Fault::Stall);
     let out = run.await.expect("the run");
     println!("frozen lock wait: {:?}\n{}", out.elapsed, out.all());
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     assert!(
         out.elapsed < Duration::from_secs(15),
         "{:?}: {}",
         out.elapsed,
         out.all()
     );
-    assert!(
-        out.stderr.contains("migration lock") && out.stderr.contains("no answer"),
-        "{}",
-        out.stderr
-    );
+    out.assert_stderr_contains("migration lock")
+        .assert_stderr_contains("no answer");
 }
 
 #[tokio::test]
@@ -83,7 +80,7 @@ async fn a_listener_that_never_answers_is_given_up_in_the_time_the_message_state
     let config = dir.config(proxy.url(), "connect_timeout_secs = 2");
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
     println!("frozen startup: {:?}\n{}", out.elapsed, out.all());
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     let stated: f64 = out
         .stderr
         .split("gave up after ")

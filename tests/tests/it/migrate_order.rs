@@ -19,40 +19,25 @@ async fn a_migration_merged_late_is_refused_naming_both_and_applied_when_allowed
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::fixture_with_config(&config, "newer", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
 
     let out = cli::fixture_with_config(&config, "late", &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains(&format!(
+    out.assert_code(1)
+        .assert_stderr_contains(format!(
             "migration {} is pending but older than {}, the newest applied migration",
             LATE.name, NEWER.name
-        )) && out.stderr.contains("--allow-out-of-order"),
-        "{}",
-        out.stderr
-    );
+        ))
+        .assert_stderr_contains("--allow-out-of-order");
     let conn = db.connect().await;
     assert_eq!(late_table(&conn).await, 0, "nothing applied");
     let out = cli::fixture_with_config(&config, "late", &["migrate", "validate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stdout.contains(&format!("PROBLEM  {}", LATE.name)),
-        "{}",
-        out.stdout
-    );
+    out.assert_code(1)
+        .assert_stdout_contains(format!("PROBLEM  {}", LATE.name));
 
     let out = cli::fixture_with_config(&config, "late", &["migrate", "--allow-out-of-order"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 1 migration "),
-        "{}",
-        out.stdout
-    );
-    assert!(
-        out.stderr.contains("out of order (allowed)"),
-        "{}",
-        out.stderr
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 1 migration ")
+        .assert_stderr_contains("out of order (allowed)");
     assert_eq!(late_table(&conn).await, 1);
 }
 
@@ -62,9 +47,9 @@ async fn the_configuration_key_allows_out_of_order_migrations_too() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "allow_out_of_order = true");
     let out = cli::fixture_with_config(&config, "newer", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let out = cli::fixture_with_config(&config, "late", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let conn = db.connect().await;
     assert_eq!(late_table(&conn).await, 1);
 }

@@ -105,12 +105,8 @@ async fn transaction_steps_through_a_transaction_pooler_leave_no_lock_or_setting
             Duration::from_secs(30),
         )
         .await;
-        assert_eq!(out.code, Some(0), "run {run}: {}", out.all());
-        assert!(
-            out.stdout.contains("applied 1 migration"),
-            "run {run}: {}",
-            out.stdout
-        );
+        out.assert_success()
+            .assert_stdout_contains("applied 1 migration");
         assert_eq!(advisory_locks(&direct).await, 0, "run {run} left a lock");
         assert_eq!(
             settings_seen(&mut through).await,
@@ -138,13 +134,9 @@ async fn a_run_with_a_step_that_runs_alone_is_refused_through_a_transaction_pool
     let config = dir.config(&pgb.url(db.name()), "");
     for _ in 0..3 {
         let out = cli::ampd_with_config(&config, &["migrate"]).await;
-        assert_eq!(out.code, Some(1), "{}", out.all());
-        assert!(
-            out.stderr.contains("metadata_db.direct_url")
-                && out.stderr.contains("nothing was changed"),
-            "{}",
-            out.stderr
-        );
+        out.assert_code(1)
+            .assert_stderr_contains("metadata_db.direct_url")
+            .assert_stderr_contains("nothing was changed");
         let exists: bool = tests::sql::value(
             &direct,
             "SELECT to_regclass('seaql_migrations') IS NOT NULL",
@@ -164,7 +156,7 @@ async fn a_run_with_a_step_that_runs_alone_is_refused_through_a_transaction_pool
         ),
     );
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     assert_eq!(
         tests::sql::count(&direct, "SELECT count(*) FROM seaql_migrations").await,
         tests::schema_migration_count() as i64

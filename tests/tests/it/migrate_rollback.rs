@@ -35,7 +35,7 @@ async fn a_previous_release_starts_on_compatible_migrations_and_refuses_after_an
     );
     // The newer release migrates: the schema's migrations, then a compatible expand step.
     let out = cli::fixture_with_config(&config, "expand", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let conn = db.connect().await;
     let compatible: Vec<String> = tests::sql::column(
         &conn,
@@ -46,12 +46,8 @@ async fn a_previous_release_starts_on_compatible_migrations_and_refuses_after_an
 
     // The previous release's `ampd migrate` still refuses the newer database.
     let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stderr.contains("database is newer than this ampd"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stderr_contains("database is newer than this ampd");
 
     // Its services start on it (with or without auto_migrate), warning with both names.
     for env in [
@@ -72,12 +68,12 @@ async fn a_previous_release_starts_on_compatible_migrations_and_refuses_after_an
     }
     // And its validate agrees with the database.
     let out = cli::fixture_with_config(&config, "previous", &["migrate", "validate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
 
     // The newer release applies a step that is not compatible: the previous release refuses,
     // naming it (and only it).
     let out = cli::fixture_with_config(&config, "expand-breaking", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     for env in [
         vec![],
         vec![("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")],
@@ -98,12 +94,8 @@ async fn a_previous_release_starts_on_compatible_migrations_and_refuses_after_an
         );
     }
     let out = cli::fixture_with_config(&config, "previous", &["migrate", "validate"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stdout.contains(&format!("PROBLEM  {}", BREAKING.name)),
-        "{}",
-        out.stdout
-    );
+    out.assert_code(1)
+        .assert_stdout_contains(format!("PROBLEM  {}", BREAKING.name));
 }
 
 #[tokio::test]
@@ -113,7 +105,7 @@ async fn a_history_table_from_before_the_compatibility_flag_is_upgraded_and_read
     let dir = cli::TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let conn = db.connect().await;
     // `ampd_migrations` as an ampd without the flag left it.
     sea_orm::ConnectionTrait::execute_unprepared(
@@ -123,15 +115,11 @@ async fn a_history_table_from_before_the_compatibility_flag_is_upgraded_and_read
     .await
     .expect("old layout");
     let out = cli::ampd_with_config(&config, &["migrate", "validate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
 
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("applied 1 migration "),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("applied 1 migration ");
     let compatible: Vec<String> = tests::sql::column(
         &conn,
         "SELECT version::text FROM ampd_migrations WHERE compatible ORDER BY version",

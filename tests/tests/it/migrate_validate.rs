@@ -19,35 +19,25 @@ async fn validate_passes_on_an_agreeing_database_and_on_pending_migrations_unles
     let config = dir.config(db.url(), "");
     // Nothing applied yet: pending migrations are what `ampd migrate` is for.
     let out = validate(&config, &[]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stdout.contains("pending migration(s)"),
-        "{}",
-        out.stdout
-    );
+    out.assert_success()
+        .assert_stdout_contains("pending migration(s)");
     let out = validate(&config, &["--require-current"]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
+    out.assert_code(1);
     let conn = db.connect().await;
     assert!(
         catalog::tables(&conn).await.is_empty(),
         "validate created nothing"
     );
 
-    assert_eq!(
-        cli::ampd_with_config(&config, &["migrate"]).await.code,
-        Some(0)
-    );
+    cli::ampd_with_config(&config, &["migrate"])
+        .await
+        .assert_success();
     let out = validate(&config, &["--require-current", "--json"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(report["problems"], 0, "{report}");
     let out = validate(&config, &[]).await;
-    assert!(
-        out.stdout
-            .contains("valid: the database agrees with this ampd"),
-        "{}",
-        out.stdout
-    );
+    out.assert_stdout_contains("valid: the database agrees with this ampd");
 }
 
 #[tokio::test]
@@ -63,20 +53,10 @@ async fn validate_fails_on_a_changed_checksum_and_names_the_migration() {
     .expect("tamper");
     let before = catalog::snapshot(&conn).await;
     let out = validate(&config, &[]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stdout
-            .contains("PROBLEM  m20261101_000003_create_datasets: checksum mismatch"),
-        "{}",
-        out.stdout
-    );
-    assert!(
-        out.stderr
-            .contains("error: the database does not agree with this ampd")
-            && out.stderr.contains("1 problem(s)"),
-        "{}",
-        out.stderr
-    );
+    out.assert_code(1)
+        .assert_stdout_contains("PROBLEM  m20261101_000003_create_datasets: checksum mismatch")
+        .assert_stderr_contains("error: the database does not agree with this ampd")
+        .assert_stderr_contains("1 problem(s)");
     assert_eq!(catalog::snapshot(&conn).await, before);
 }
 
@@ -86,16 +66,11 @@ async fn validate_fails_on_an_unknown_migration_not_recorded_as_compatible() {
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
     let out = cli::fixture_with_config(&config, "alter-jobs", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let out = validate(&config, &[]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stdout.contains(
-            "PROBLEM  m20991231_000003_fixture_alter_jobs: applied, unknown to this ampd and not \
-             recorded as compatible"
-        ),
-        "{}",
-        out.stdout
+    out.assert_code(1).assert_stdout_contains(
+        "PROBLEM  m20991231_000003_fixture_alter_jobs: applied, unknown to this ampd and not \
+         recorded as compatible",
     );
 }
 
@@ -107,7 +82,7 @@ async fn validate_fails_on_an_index_a_concurrent_build_left_half_built() {
     // A previous release migrated; this one's last migration (a concurrent index build) failed
     // half-way and left its index INVALID.
     let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
     let conn = db.connect().await;
     conn.execute_unprepared(&format!(
         "INSERT INTO manifest_files (hash, kind, path) VALUES ('{0}', 'static', 'm'); \
@@ -127,17 +102,14 @@ async fn validate_fails_on_an_index_a_concurrent_build_left_half_built() {
     let before = catalog::snapshot(&conn).await;
 
     let out = validate(&config, &[]).await;
-    assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(
-        out.stdout.contains(
+    out.assert_code(1)
+        .assert_stdout_contains(
             "PROBLEM  index \"public\".\"idx_physical_tables_active_revision_id\" is INVALID: a run \
-             of pending migration m20261201_000001_index_physical_tables_active_revision failed"
-        ) && out.stdout.contains(
-            "DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"idx_physical_tables_active_revision_id\";"
-        ),
-        "{}",
-        out.stdout
-    );
+             of pending migration m20261201_000001_index_physical_tables_active_revision failed",
+        )
+        .assert_stdout_contains(
+            "DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"idx_physical_tables_active_revision_id\";",
+        );
     assert_eq!(
         catalog::snapshot(&conn).await,
         before,
@@ -150,5 +122,5 @@ async fn validate_fails_on_an_index_a_concurrent_build_left_half_built() {
     .await
     .expect("drop");
     let out = validate(&config, &[]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    out.assert_success();
 }
