@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod failpoint;
 mod logging;
 pub mod manifest;
 pub mod metadata;
