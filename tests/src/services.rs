@@ -112,7 +112,10 @@ impl Service {
             .write_all(format!("{line}\n").as_bytes())
             .await
             .expect("write to the service's standard input");
-        stdin.flush().await.expect("flush the service's standard input");
+        stdin
+            .flush()
+            .await
+            .expect("flush the service's standard input");
         let name = self.name.clone();
         eventually(&format!("{name} sets failpoint {line}"), || {
             let set = self.log().matches("failpoint set").count() > before;
@@ -139,8 +142,8 @@ impl Service {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
         let stdin = child.stdin.take();
         let log = Arc::new(Mutex::new(String::new()));

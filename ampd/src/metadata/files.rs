@@ -108,9 +108,8 @@ pub async fn hold_writable<C>(tx: &C, revision_id: i64) -> Result<revisions::Mod
 where
     C: ConnectionTrait,
 {
-    let sql = format!(
-        "SELECT * FROM physical_table_revisions r WHERE id = $1 AND {WRITABLE} FOR SHARE"
-    );
+    let sql =
+        format!("SELECT * FROM physical_table_revisions r WHERE id = $1 AND {WRITABLE} FOR SHARE");
     let row = revisions::Model::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
         sql,

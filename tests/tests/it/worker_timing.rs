@@ -68,14 +68,18 @@ async fn a_second_process_with_the_node_id_fences_the_first_in_both_orders() {
         assert_ne!(claim_a, claim_b, "the epoch is part of the fencing token");
 
         if first_b {
-            jobs::mark_running(&conn, &claim_b).await.expect("B starts it");
+            jobs::mark_running(&conn, &claim_b)
+                .await
+                .expect("B starts it");
         }
         let err = jobs::mark_running(&conn, &claim_a)
             .await
             .expect_err("A's start is fenced");
         assert!(matches!(err, Error::Fenced { .. }), "{err:?}");
         if !first_b {
-            jobs::mark_running(&conn, &claim_b).await.expect("B starts it");
+            jobs::mark_running(&conn, &claim_b)
+                .await
+                .expect("B starts it");
         }
         // A's runner, refused, looks at the job again: it is not A's any more, so A drops it
         // (and its other writes are fenced too) instead of failing B's attempt.
@@ -137,7 +141,9 @@ async fn a_retried_start_through_another_claim_epoch_is_refused() {
     workers::register(&conn, &node, json!({})).await.unwrap();
     let scheduled = rows::scheduled(&conn, "blocks", Some(&node)).await;
     let claim_a = JobClaim::by(&scheduled, a.epoch()).unwrap();
-    jobs::mark_running(&conn, &claim_a).await.expect("A starts it");
+    jobs::mark_running(&conn, &claim_a)
+        .await
+        .expect("A starts it");
     kill_claim_sessions(&conn).await;
     let b = claim_once_free(&db.config(), &node).await;
     // A's retry (its answer was lost) and B's start: neither passes any more.
@@ -207,7 +213,9 @@ async fn paused_worker(ws: &Workspace, url: &str, node: &str, worker_toml: &str)
     )
     .await;
     worker
-        .wait_for_log(Duration::from_secs(60), |log| log.contains("worker started"))
+        .wait_for_log(Duration::from_secs(60), |log| {
+            log.contains("worker started")
+        })
         .await;
     worker
 }
@@ -322,12 +330,7 @@ fn revision_dirs(data_dir: &std::path::Path) -> Vec<String> {
         level = next;
     }
     for dir in level {
-        found.push(
-            dir.strip_prefix(data_dir)
-                .unwrap()
-                .display()
-                .to_string(),
-        );
+        found.push(dir.strip_prefix(data_dir).unwrap().display().to_string());
     }
     found
 }

@@ -154,7 +154,11 @@ where
 /// `change` takes it, through the same claim instance: the same node and attempt, the job last moved
 /// with the claim's epoch, and that epoch still the node's. Such a change is a retry whose first
 /// commit succeeded (its answer lost): it succeeds again, changing nothing.
-pub(super) fn already_made(job: &jobs::Model, node_epoch: Option<i64>, change: &Change<'_>) -> bool {
+pub(super) fn already_made(
+    job: &jobs::Model,
+    node_epoch: Option<i64>,
+    change: &Change<'_>,
+) -> bool {
     let Some(guard) = &change.guard else {
         return false;
     };

@@ -70,9 +70,7 @@ where
     let node_epoch = workers::get(&tx, &claim.node_id)
         .await?
         .map(|w| w.claim_epoch);
-    if already_made(&job, node_epoch, &change)
-        && revisions::are_active(&tx, revisions).await?
-    {
+    if already_made(&job, node_epoch, &change) && revisions::are_active(&tx, revisions).await? {
         // Completed by this claim already, with these revisions (a retry whose answer was
         // lost): they were activated then.
         tx.commit().await?;

@@ -113,9 +113,8 @@ pub async fn run(
     };
     let epoch = claim.epoch();
     let every_beat = Duration::from_millis(config.worker.heartbeat_interval_ms);
-    let heartbeat = Background::spawn(|stop| {
-        heartbeat_loop(db.clone(), node_id.clone(), every_beat, stop)
-    });
+    let heartbeat =
+        Background::spawn(|stop| heartbeat_loop(db.clone(), node_id.clone(), every_beat, stop));
     let mut claim_check = Background::spawn(|stop| {
         claim_loop(
             config.metadata_db.clone(),
@@ -146,7 +145,14 @@ pub async fn run(
     );
     let mut slots = Slots::new(db.clone(), settings, max_jobs, epoch);
     let every = Duration::from_millis(config.worker.reconcile_interval_ms);
-    let lost = follow(&mut slots, &mut listener, &mut claim_check, every, &shutdown).await;
+    let lost = follow(
+        &mut slots,
+        &mut listener,
+        &mut claim_check,
+        every,
+        &shutdown,
+    )
+    .await;
     let loops = Loops {
         gc,
         heartbeat,

@@ -288,7 +288,10 @@ async fn new_revision(
         None => return Err(JobError::Cancelled),
         Some(Ok(dir)) => dir,
         Some(Err(StorageError::Metadata(e))) => {
-            return Err(JobError::from_metadata("create the revision's directory", e));
+            return Err(JobError::from_metadata(
+                "create the revision's directory",
+                e,
+            ));
         }
         Some(Err(e)) => return Err(io_failure(table, e.to_string())),
     };
