@@ -68,6 +68,11 @@ pub fn main(migrations: fn() -> MigrationSet) -> ExitCode {
         }
     };
     logging::init();
+    #[cfg(feature = "failpoints")]
+    if let Err(e) = crate::failpoint::setup() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod keepalive;
+pub mod failpoint;
 mod logging;
 pub mod manifest;
 pub mod metadata;

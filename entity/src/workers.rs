@@ -15,6 +15,7 @@ pub struct Model {
     pub heartbeat_at: DateTimeWithTimeZone,
     pub created_at: DateTimeWithTimeZone,
     pub registered_at: DateTimeWithTimeZone,
+    pub claim_epoch: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -26,6 +26,7 @@ mod m20261101_000006_add_jobs_idempotency_key;
 mod m20261101_000007_backfill_jobs_idempotency_key;
 mod m20261201_000001_index_physical_tables_active_revision;
 mod m20261206_000001_index_gc_manifest_expiration;
+mod m20261206_000002_add_claim_epochs;
 
 /// The Rust examples of the workspace's README, compiled as doc tests (`cargo test -p migration
 /// --doc`) so that they keep compiling as written.
@@ -48,6 +49,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261101_000007_backfill_jobs_idempotency_key::Migration),
             Box::new(m20261201_000001_index_physical_tables_active_revision::Migration),
             Box::new(m20261206_000001_index_gc_manifest_expiration::Migration),
+            Box::new(m20261206_000002_add_claim_epochs::Migration),
         ]
     }
 }

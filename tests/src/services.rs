@@ -7,8 +7,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
 
 /// A port on `127.0.0.1` nothing listens on right now.
 pub fn free_port() -> u16 {
@@ -44,6 +44,8 @@ pub struct Service {
     name: String,
     child: Child,
     log: Arc<Mutex<String>>,
+    /// Where [`Service::failpoint`] writes (a service started with failpoints only).
+    stdin: Option<ChildStdin>,
 }
 
 /// How a service process ended.
@@ -66,6 +68,62 @@ impl Service {
         Service::spawn(name, cmd, env)
     }
 
+    /// [`Service::start`] with the failpoints `failpoints` set (`FAILPOINTS`, `name=actions;...`;
+    /// see `ampd::failpoint`), and its standard input kept for [`Service::failpoint`]. Waits until
+    /// the process says it has them: a binary built without them (`cargo build -p ampd` alone) is
+    /// refused, saying how to build one that has.
+    pub async fn start_with_failpoints(
+        name: &str,
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        failpoints: &str,
+    ) -> Service {
+        let mut cmd = Command::new(crate::cli::ampd());
+        cmd.arg("--config").arg(config).args(args);
+        let mut env = env.to_vec();
+        env.push(("FAILPOINTS", failpoints));
+        let mut service = Service::spawn(name, cmd, &env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !service.log().contains("failpoints set") {
+            let exited = !service.is_running();
+            let started = service.log().contains(" started");
+            assert!(
+                !exited && !started && Instant::now() < deadline,
+                "{name} has no failpoints: build ampd with them (`cargo build -p ampd --features \
+                 failpoints`, or `cargo test --workspace`, which builds it for the tests):\n{}",
+                service.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        service
+    }
+
+    /// Sets failpoint `name` of a service started [with failpoints](Self::start_with_failpoints)
+    /// to `actions` (`off` releases a paused one), and waits until the process has taken it.
+    pub async fn failpoint(&mut self, name: &str, actions: &str) {
+        let line = format!("{name}={actions}");
+        let before = self.log().matches("failpoint set").count();
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("{} was not started with failpoints", self.name));
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write to the service's standard input");
+        stdin
+            .flush()
+            .await
+            .expect("flush the service's standard input");
+        let name = self.name.clone();
+        eventually(&format!("{name} sets failpoint {line}"), || {
+            let set = self.log().matches("failpoint set").count() > before;
+            async move { set }
+        })
+        .await;
+    }
+
     /// Starts `cmd` (an `ampd` command line) as service `name`.
     pub fn spawn(name: &str, mut cmd: Command, env: &[(&str, &str)]) -> Service {
         for (key, _) in std::env::vars() {
@@ -77,11 +135,17 @@ impl Service {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let failpoints = env.iter().any(|(k, _)| *k == "FAILPOINTS");
+        cmd.stdin(if failpoints {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stdin = child.stdin.take();
         let log = Arc::new(Mutex::new(String::new()));
         for stream in [
             child
@@ -114,6 +178,7 @@ impl Service {
             name: name.to_owned(),
             child,
             log,
+            stdin,
         }
     }
 

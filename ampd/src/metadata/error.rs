@@ -44,14 +44,11 @@ pub enum Error {
 
     /// A worker acted on a job through a claim that is no longer current: the job has moved to
     /// another node or another attempt since the claim was taken (the worker was declared lost, the
-    /// job was retried or reassigned). Nothing was changed; the worker must drop the job.
+    /// job was retried or reassigned), or another process has claimed the node id since (its claim
+    /// epoch moved on). Nothing was changed; the worker must drop the job.
     #[error(
-        "job {job_id} is no longer this worker's: the claim is for attempt {} on {}, but the job \
-         is on attempt {} on {}",
-        expected.attempt,
-        expected.node(),
-        actual.attempt,
-        actual.node()
+        "job {job_id} is no longer this worker's: the claim is for {expected}, but the job is on \
+         {actual}"
     )]
     Fenced {
         /// The job.
@@ -91,19 +88,29 @@ pub enum Error {
     Db(#[source] DbErr),
 }
 
-/// Which node a job is assigned to and which attempt it is on: what a worker's claim names
-/// ([`crate::metadata::jobs::JobClaim`]) and what a fenced transition finds.
+/// Which node a job is assigned to and which attempt it is on, and the claim epoch of that node:
+/// what a worker's claim names ([`crate::metadata::jobs::JobClaim`]) and what a fenced transition
+/// finds.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Assignment {
     /// The node, `None` when the job is assigned to none.
     pub node_id: Option<String>,
     /// The attempt.
     pub attempt: i32,
+    /// The node's claim epoch (`workers.claim_epoch`): the one the claim holds, or the node's now.
+    /// `None` when it was not checked (a controller's operation) or the node is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
 }
 
-impl Assignment {
-    fn node(&self) -> &str {
-        self.node_id.as_deref().unwrap_or("no node")
+impl std::fmt::Display for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let node = self.node_id.as_deref().unwrap_or("no node");
+        write!(f, "attempt {} on {node}", self.attempt)?;
+        if let Some(epoch) = self.epoch {
+            write!(f, " (claim epoch {epoch})")?;
+        }
+        Ok(())
     }
 }
 

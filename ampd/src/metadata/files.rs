@@ -30,7 +30,8 @@ use super::{Error, Result, micros, validate_path_segment};
 /// Registers file `file_name` of revision `revision_id`, or returns the row already registered
 /// under that name (unchanged, whatever the other arguments say). The revision must be writable:
 /// never active, not scheduled for garbage collection, and, when a job attempt writes it, that
-/// attempt still RUNNING (`Conflict` otherwise, saying which). `NotFound` for an unknown revision.
+/// attempt still RUNNING, started by the process that still holds its node id (the node's claim
+/// epoch is the job's) (`Conflict` otherwise, saying which). `NotFound` for an unknown revision.
 ///
 /// One statement: the revision row is locked `FOR SHARE` and its state re-checked under the lock,
 /// so a concurrent activation or garbage-collection schedule either sees this file or refuses it.
@@ -55,14 +56,9 @@ where
     }
     // Raw SQL: a locking CTE feeding an INSERT ... ON CONFLICT, with the existing row as fallback,
     // is one round trip here and has no sea-query form.
-    let sql = "WITH writable AS ( \
-            SELECT id FROM physical_table_revisions r \
-            WHERE id = $1 AND NOT (metadata ? 'activated_at') \
-              AND NOT (metadata ? 'gc_expires_at') \
-              AND (NOT (metadata ? 'attempt') OR EXISTS (SELECT 1 FROM jobs j \
-                  WHERE j.id = r.writer AND j.attempt = (r.metadata ->> 'attempt')::int \
-                    AND j.status = 'RUNNING')) \
-            FOR SHARE), \
+    let sql = format!(
+        "WITH writable AS ( \
+            SELECT id FROM physical_table_revisions r WHERE id = $1 AND {WRITABLE} FOR SHARE), \
         inserted AS ( \
             INSERT INTO file_metadata \
                 (revision_id, file_name, object_size, object_e_tag, object_version, metadata) \
@@ -72,7 +68,8 @@ where
         SELECT * FROM inserted \
         UNION ALL \
         SELECT * FROM file_metadata WHERE revision_id = $1 AND file_name = $2 \
-            AND NOT EXISTS (SELECT 1 FROM inserted)";
+            AND NOT EXISTS (SELECT 1 FROM inserted)"
+    );
     let row = file_metadata::Model::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
         sql,
@@ -89,12 +86,45 @@ where
     .await?;
     match row {
         Some(file) => Ok(file),
-        None => Err(not_writable(db, revision_id, file_name).await),
+        None => Err(not_writable(db, revision_id, &format!("file {file_name:?}")).await),
     }
 }
 
-/// Why nothing was registered into `revision_id`.
-async fn not_writable<C: ConnectionTrait>(db: &C, revision_id: i64, file_name: &str) -> Error {
+/// Whether revision `r` accepts files: never active, not scheduled for garbage collection, and,
+/// when a job attempt writes it, that attempt still RUNNING, started by the process that still
+/// holds its node id.
+const WRITABLE: &str = "NOT (r.metadata ? 'activated_at') AND NOT (r.metadata ? 'gc_expires_at') \
+    AND (NOT (r.metadata ? 'attempt') OR EXISTS (SELECT 1 FROM jobs j \
+        WHERE j.id = r.writer AND j.attempt = (r.metadata ->> 'attempt')::int \
+          AND j.status = 'RUNNING' AND (j.claim_epoch IS NULL OR j.claim_epoch = \
+            (SELECT w.claim_epoch FROM workers w WHERE w.node_id = j.node_id))))";
+
+/// Locks revision `revision_id` `FOR SHARE` in the caller's transaction if it accepts files (as
+/// [`register`] requires), and returns it: storage for it may be written until the transaction
+/// ends, and no garbage-collection schedule (which locks the row `FOR UPDATE`) or activation can
+/// come in between. `NotFound` when it no longer exists (it was collected), `Conflict` when it no
+/// longer accepts files.
+pub async fn hold_writable<C>(tx: &C, revision_id: i64) -> Result<revisions::Model>
+where
+    C: ConnectionTrait,
+{
+    let sql =
+        format!("SELECT * FROM physical_table_revisions r WHERE id = $1 AND {WRITABLE} FOR SHARE");
+    let row = revisions::Model::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        [Value::from(revision_id)],
+    ))
+    .one(tx)
+    .await?;
+    match row {
+        Some(revision) => Ok(revision),
+        None => Err(not_writable(tx, revision_id, "storage").await),
+    }
+}
+
+/// Why `what` cannot be written into `revision_id`.
+async fn not_writable<C: ConnectionTrait>(db: &C, revision_id: i64, what: &str) -> Error {
     let revision = match revisions::Entity::find_by_id(revision_id).one(db).await {
         Ok(Some(revision)) => revision,
         Ok(None) => return Error::not_found("revision", revision_id),
@@ -109,7 +139,7 @@ async fn not_writable<C: ConnectionTrait>(db: &C, revision_id: i64, file_name: &
         "the job attempt that writes it is no longer running"
     };
     Error::Conflict(format!(
-        "file {file_name:?} cannot be registered into revision {revision_id}: {why}"
+        "{what} cannot be written into revision {revision_id}: {why}"
     ))
 }
 

@@ -165,6 +165,7 @@ pub fn claim_key(node_id: &str) -> (i32, i32) {
 pub struct NodeClaim {
     node_id: String,
     key: (i32, i32),
+    epoch: i64,
     conn: PgConnection,
 }
 
@@ -176,10 +177,27 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Claims `node_id` for this process: a session-level `pg_try_advisory_lock(k1, k2)` (key:
 /// [`claim_key`]) on a dedicated connection to the metadata database of `cfg` (opened with the
-/// pool's connect options and retries), which the claim keeps open. `Conflict` when another
-/// session holds the claim; `Connect` when the database cannot be reached.
+/// pool's connect options and retries), which the claim keeps open, and a new claim epoch: the
+/// node's `workers.claim_epoch` raised by one (the row is created when the node never registered),
+/// which every job transition of this process is fenced with ([`NodeClaim::epoch`]). `Conflict`
+/// when another session holds the claim; `Connect` when the database cannot be reached.
 #[tracing::instrument(skip(cfg), err)]
 pub async fn claim(cfg: &MetadataDbConfig, node_id: &str) -> Result<NodeClaim> {
+    claim_with(cfg, node_id, None).await
+}
+
+/// Claims `node_id` again for a process that held it with claim epoch `epoch` and lost the claim's
+/// connection, as [`claim`] does, but keeping `epoch` when no other process has claimed the node id
+/// meanwhile (the node's epoch is still `epoch`). When one has, the claim gets a new epoch, which
+/// [`NodeClaim::epoch`] tells: the jobs this process ran under `epoch` are then no longer its own.
+/// While the lock is still held by a session and the epoch is still `epoch` (this process's own
+/// lost session, which the server has not ended yet), `Unavailable`: try again later.
+#[tracing::instrument(skip(cfg), err)]
+pub async fn claim_again(cfg: &MetadataDbConfig, node_id: &str, epoch: i64) -> Result<NodeClaim> {
+    claim_with(cfg, node_id, Some(epoch)).await
+}
+
+async fn claim_with(cfg: &MetadataDbConfig, node_id: &str, keep: Option<i64>) -> Result<NodeClaim> {
     validate_node_id(node_id)?;
     let key = claim_key(node_id);
     let mut conn = db::connect_session(db::session_url(cfg)?, cfg, CLAIM_APPLICATION_NAME).await?;
@@ -189,6 +207,26 @@ pub async fn claim(cfg: &MetadataDbConfig, node_id: &str) -> Result<NodeClaim> {
         .fetch_one(&mut conn)
         .await?;
     if !acquired {
+        if let Some(epoch) = keep {
+            // Still this process's epoch: nobody else has claimed the node id (a claim raises the
+            // epoch under the lock), so what holds the lock is this process's own lost session,
+            // not yet ended by the server. Try again later.
+            let now: Option<i64> =
+                sqlx::query_scalar("SELECT claim_epoch FROM workers WHERE node_id = $1")
+                    .bind(node_id)
+                    .fetch_optional(&mut conn)
+                    .await?;
+            if now == Some(epoch) {
+                let _ = conn.close().await;
+                return Err(Error::Unavailable {
+                    sqlstate: None,
+                    source: sea_orm::DbErr::Custom(format!(
+                        "the claim of node id {node_id:?} is still held by this process's lost \
+                         session (claim epoch {epoch})"
+                    )),
+                });
+            }
+        }
         let _ = conn.close().await;
         return Err(Error::Conflict(format!(
             "node id {node_id:?} is claimed by another process (advisory lock ({}, {})); stop \
@@ -196,9 +234,22 @@ pub async fn claim(cfg: &MetadataDbConfig, node_id: &str) -> Result<NodeClaim> {
             key.0, key.1
         )));
     }
+    // Under the lock, so no other claim of the node id runs meanwhile.
+    let epoch: i64 = sqlx::query_scalar(
+        "INSERT INTO workers (node_id, claim_epoch) VALUES ($1, COALESCE($2::bigint, 0) + 1) \
+         ON CONFLICT (node_id) DO UPDATE SET claim_epoch = CASE \
+             WHEN workers.claim_epoch = $2::bigint THEN workers.claim_epoch \
+             ELSE workers.claim_epoch + 1 END \
+         RETURNING claim_epoch",
+    )
+    .bind(node_id)
+    .bind(keep)
+    .fetch_one(&mut conn)
+    .await?;
     Ok(NodeClaim {
         node_id: node_id.to_owned(),
         key,
+        epoch,
         conn,
     })
 }
@@ -207,6 +258,12 @@ impl NodeClaim {
     /// The node id claimed.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The claim epoch: the node's `workers.claim_epoch` this claim set, which fences every job
+    /// transition of its holder ([`crate::metadata::jobs::JobClaim`]).
+    pub fn epoch(&self) -> i64 {
+        self.epoch
     }
 
     /// Checks that the claim is still held: the connection is alive and the session still holds

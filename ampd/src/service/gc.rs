@@ -12,13 +12,16 @@
 //!    locks the revision and checks it again (a roll back may have cancelled its schedule since it
 //!    was listed): the revision's directory (with any file a writer never registered), then its row.
 //!
-//! Paths come from the database; each is checked to be a plain relative path (no `..`, no root)
-//! before anything under the data directory is touched.
+//! Every file and directory is deleted through [`Storage`], the interface the workers create
+//! revisions' directories through (see there why none is left without a row naming it); paths come
+//! from the database and each is checked to be a plain relative path (no `..`, no root) before
+//! anything under the data directory is touched.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use sea_orm::{DatabaseConnection, TransactionTrait};
 
+use super::storage::{Storage, StorageError};
 use crate::metadata::{self, files, revisions};
 
 /// Entries and revisions handled per batch.
@@ -41,45 +44,15 @@ pub enum GcError {
     /// A data-access call failed.
     #[error(transparent)]
     Metadata(#[from] metadata::Error),
-    /// A file or directory could not be deleted (other than for being gone already).
-    #[error("cannot delete {}: {source}", .path.display())]
-    Io {
-        /// What could not be deleted.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A path from the database is not a plain relative path: it is never touched.
-    #[error("refusing to delete {path:?}: not a plain relative path under the data directory")]
-    UnsafePath {
-        /// The path as stored.
-        path: String,
-    },
-}
-
-/// `relative` under `root`, if it is a plain relative path (only normal components).
-fn under(root: &Path, relative: &str) -> Result<PathBuf, GcError> {
-    let path = Path::new(relative);
-    let plain =
-        !relative.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
-    if plain {
-        Ok(root.join(path))
-    } else {
-        Err(GcError::UnsafePath {
-            path: relative.to_owned(),
-        })
-    }
-}
-
-fn gone_is_fine(path: PathBuf, result: std::io::Result<()>) -> Result<(), GcError> {
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(GcError::Io { path, source: e }),
-        _ => Ok(()),
-    }
+    /// A file or directory could not be deleted (other than for being gone already), or its path
+    /// from the database is not a plain relative path (then it is never touched).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// One garbage collection pass over `data_dir` (see the module docs).
 pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collected, GcError> {
+    let storage = Storage::new(data_dir);
     let mut done = Collected::default();
     for revision in revisions::list_abandoned(db, BATCH).await? {
         files::schedule_gc(db, revision.id, std::time::Duration::ZERO).await?;
@@ -90,9 +63,7 @@ pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collect
         let tx = db.begin().await.map_err(metadata::Error::from)?;
         let expired = files::list_expired(&tx, BATCH).await?;
         for entry in &expired {
-            let path = under(data_dir, &entry.file_path)?;
-            let removed = tokio::fs::remove_file(&path).await;
-            gone_is_fine(path, removed)?;
+            storage.remove_file(&entry.file_path).await?;
         }
         let ids: Vec<i64> = expired.iter().map(|e| e.file_id).collect();
         done.files += files::forget(&tx, &ids).await?;
@@ -109,9 +80,7 @@ pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collect
             tx.rollback().await.map_err(metadata::Error::from)?;
             continue;
         };
-        let dir = under(data_dir, &revision.path)?;
-        let removed = tokio::fs::remove_dir_all(&dir).await;
-        gone_is_fine(dir, removed)?;
+        storage.remove_dir(&revision.path).await?;
         revisions::delete(&tx, revision.id).await?;
         tx.commit().await.map_err(metadata::Error::from)?;
         done.revisions += 1;

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod gc;
 pub mod http;
 pub mod server;
+pub mod storage;
 pub mod worker;
 
 use std::future::Future;

@@ -842,6 +842,7 @@ async fn pgbench_scripts() -> Res<(String, String)> {
         job_id: JOB_MARK,
         node_id: NODE_MARK.to_owned(),
         attempt: 1,
+        epoch: 0,
     };
     let schedule = first_statement(|db| async move {
         jobs::schedule(&db, "bench", descriptor(HASH_MARK), Some(NODE_MARK)).await

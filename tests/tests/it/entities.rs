@@ -33,6 +33,7 @@ async fn every_entity_round_trips_a_row() {
         heartbeat_at: instant(1),
         created_at: instant(0),
         registered_at: instant(0),
+        claim_epoch: 3,
     };
     let inserted = worker
         .clone()
@@ -63,6 +64,7 @@ async fn every_entity_round_trips_a_row() {
         created_at: instant(2),
         updated_at: instant(3),
         idempotency_key: "ab".repeat(32),
+        claim_epoch: Some(3),
     };
     assert_eq!(
         job.clone()

@@ -43,3 +43,4 @@ mod solo;
 mod tcp_nodelay;
 mod upgrade_with_data;
 mod worker_jobs;
+mod worker_timing;

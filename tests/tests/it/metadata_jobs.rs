@@ -56,6 +56,7 @@ fn phantom(job_id: i64) -> job_rows::Model {
         created_at: now,
         updated_at: now,
         idempotency_key: "0".repeat(64),
+        claim_epoch: None,
     }
 }
 
@@ -79,6 +80,7 @@ async fn move_to(
         job_id,
         node_id: "w1".into(),
         attempt: seen.attempt,
+        epoch: 0,
     };
     match to {
         JobStatus::Scheduled => jobs::reschedule(db, &seen, Some("w1")).await,
@@ -267,6 +269,7 @@ async fn mark_running_with_a_claim_of_another_node_or_attempt_is_fenced_and_chan
             job_id: job.id,
             node_id: node.into(),
             attempt,
+            epoch: 0,
         };
         let err = jobs::mark_running(&conn, &claim)
             .await
@@ -854,13 +857,14 @@ async fn a_transition_waiting_on_a_concurrent_one_reports_the_status_that_won() 
     let tx = conn.begin().await.unwrap();
     jobs::mark_running(&tx, &claim(&job)).await.unwrap();
 
-    // The waiting statement's snapshot shows SCHEDULED, from which RUNNING is legal; when it gets
-    // the row, the row is RUNNING and the guard fails. The error must report RUNNING, not the
-    // snapshot's SCHEDULED.
+    // The waiting statement's snapshot shows SCHEDULED, from which a reassignment is legal; when it
+    // gets the row, the row is RUNNING and the guard fails. The error must report RUNNING, not the
+    // snapshot's SCHEDULED. (A second `mark_running` through the same claim would succeed: it is
+    // that claim's retry.)
     let waiting = {
         let conn = conn.clone();
-        let claim = claim(&job);
-        tokio::spawn(async move { jobs::mark_running(&conn, &claim).await })
+        let seen = job.clone();
+        tokio::spawn(async move { jobs::reassign(&conn, &seen, Some("w1")).await })
     };
     blocked_on_a_lock(&conn).await;
     assert!(

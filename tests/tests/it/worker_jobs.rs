@@ -715,10 +715,17 @@ async fn a_lost_claim_is_claimed_again_and_a_node_id_taken_meanwhile_stops_the_w
         "{}",
         exit.log
     );
-    // Its job was handed back before it stopped.
+    // It could not hand its job back: the node id's new holder (a higher claim epoch) fences
+    // every write of the old process. The job is left RUNNING for the new holder, which fails it
+    // as left running by an earlier process of the node (the controller then retries it).
     let job = jobs::get(&s.conn, id).await.unwrap().unwrap();
-    assert_eq!(job.status, "ERROR", "{}", exit.log);
-    assert_eq!(job.detail.as_ref().unwrap()["reason"], "worker_shutdown");
+    assert_eq!(job.status, "RUNNING", "{}", exit.log);
+    assert!(job.claim_epoch < Some(taken.epoch()), "{job:?}");
+    let claim = jobs::JobClaim::by(&job, taken.epoch()).unwrap();
+    let failed = jobs::mark_error(&s.conn, &claim, jobs::worker_lost(Some("w-claim")))
+        .await
+        .expect("the new holder fails it");
+    assert_eq!(failed.status, "ERROR");
     taken.release().await.unwrap();
 }
 

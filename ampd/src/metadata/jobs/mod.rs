@@ -8,10 +8,16 @@
 //! number of the run the job is on. ([`give_up`] passes through SCHEDULED without a new attempt.)
 //!
 //! # Fencing
-//! A worker acts on a job only through a [`JobClaim`]: the job, its node and its attempt. Every
-//! worker-side transition ([`mark_running`], [`mark_completed`], [`mark_error`], [`mark_fatal`],
-//! [`mark_stopping`], [`mark_stopped`]) is guarded on all three and otherwise refused with
-//! [`Error::Fenced`], changing nothing. The controller's operations ([`reschedule`], [`reassign`],
+//! A worker acts on a job only through a [`JobClaim`]: the job, its node, its attempt and the
+//! claim epoch of the process holding the node id (`workers.claim_epoch`, raised by every claim of
+//! the node id by a new process). Every worker-side transition ([`mark_running`],
+//! [`mark_completed`], [`mark_error`], [`mark_fatal`], [`mark_stopping`], [`mark_stopped`]) is
+//! guarded on all four (the node's epoch read in the same statement) and otherwise refused with
+//! [`Error::Fenced`], changing nothing: two processes with one node id never both pass. The
+//! transition records the epoch on the job (`jobs.claim_epoch`), so a worker tells its own
+//! transition from another process's: a worker-side transition the job has already made through
+//! the same claim (node, attempt *and* epoch; a retry whose first commit's answer was lost) returns
+//! the job as it is, with no second event, and any other claim is refused. The controller's operations ([`reschedule`], [`reassign`],
 //! [`fail_lost`], [`stop_lost`], [`give_up`]) are guarded the same way on the row the controller
 //! saw, so two controllers acting on one job never both apply.
 //!
@@ -146,10 +152,14 @@ fn status_of(job: &jobs::Model) -> Result<JobStatus> {
         .map_err(|e| Error::Db(DbErr::Type(format!("job {}: {e}", job.id))))
 }
 
-/// A worker's hold on one attempt of a job: the job, the node it is assigned to and the attempt it
-/// is on. Every worker-side transition goes through one and applies only while the job is still
-/// assigned to that node on that attempt ([`Error::Fenced`] otherwise), so a worker that stalled
-/// while its job moved on can never change it again.
+/// A worker's hold on one attempt of a job: the job, the node it is assigned to, the attempt it
+/// is on, and the claim epoch of the process that holds the node id ([`workers::claim`]). Every
+/// worker-side transition goes through one and applies only while the job is still assigned to that
+/// node on that attempt and the node's claim epoch is still this one ([`Error::Fenced`] otherwise),
+/// so neither a worker that stalled while its job moved on nor a second process with the same node
+/// id can change it.
+///
+/// [`workers::claim`]: crate::metadata::workers::claim
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct JobClaim {
     /// The job.
@@ -158,23 +168,44 @@ pub struct JobClaim {
     pub node_id: String,
     /// The attempt the job is on.
     pub attempt: i32,
+    /// The claim epoch of the node id's holder (`workers.claim_epoch`; 0 for a worker that
+    /// registered without claiming its node id).
+    pub epoch: i64,
 }
 
 impl JobClaim {
-    /// The claim on `job`'s current attempt by the node it is assigned to (`None` when it is
-    /// assigned to no node).
-    pub fn of(job: &jobs::Model) -> Option<JobClaim> {
+    /// The claim on `job`'s current attempt by the process holding claim `epoch` of the node the
+    /// job is assigned to (`None` when it is assigned to no node).
+    pub fn by(job: &jobs::Model, epoch: i64) -> Option<JobClaim> {
         Some(JobClaim {
             job_id: job.id,
             node_id: job.node_id.clone()?,
             attempt: job.attempt,
+            epoch,
         })
+    }
+
+    /// The claim on `job`'s current attempt by the node it is assigned to, with the claim epoch
+    /// that last moved the job (0, that of a worker that never claimed its node id, for a job no
+    /// worker has moved yet) (`None` when it is assigned to no node).
+    pub fn of(job: &jobs::Model) -> Option<JobClaim> {
+        JobClaim::by(job, job.claim_epoch.unwrap_or(0))
+    }
+
+    /// Whether `job` is still this claim's: the same node and attempt, and moved by no other
+    /// claim epoch than this one.
+    pub fn holds(&self, job: &jobs::Model) -> bool {
+        job.id == self.job_id
+            && job.node_id.as_deref() == Some(self.node_id.as_str())
+            && job.attempt == self.attempt
+            && job.claim_epoch.is_none_or(|epoch| epoch == self.epoch)
     }
 
     fn assignment(&self) -> Assignment {
         Assignment {
             node_id: Some(self.node_id.clone()),
             attempt: self.attempt,
+            epoch: Some(self.epoch),
         }
     }
 }
@@ -183,5 +214,6 @@ fn assignment_of(job: &jobs::Model) -> Assignment {
     Assignment {
         node_id: job.node_id.clone(),
         attempt: job.attempt,
+        epoch: None,
     }
 }

@@ -116,7 +116,7 @@ fn statement(
         rescheduled AS ( \
             UPDATE jobs SET status = 'SCHEDULED', attempt = attempt + 1, \
                 descriptor = {descriptor}::jsonb, detail = NULL, node_id = {node}, \
-                updated_at = now() \
+                claim_epoch = NULL, updated_at = now() \
             WHERE idempotency_key = {key} AND status IN ({retry_from}) \
                 AND NOT EXISTS (SELECT 1 FROM created) \
             RETURNING *), \

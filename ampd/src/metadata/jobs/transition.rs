@@ -130,7 +130,11 @@ where
         if row.try_get::<bool>("", "applied")? {
             return Ok(job);
         }
-        refused(&job, &change)?;
+        let node_epoch: Option<i64> = row.try_get("", "node_epoch")?;
+        if already_made(&job, node_epoch, &change) {
+            return Ok(job);
+        }
+        refused(&job, node_epoch, &change)?;
         if !row.try_get::<bool>("", "node_dead")? {
             return Err(Error::Conflict(format!(
                 "job {job_id}'s node {} has sent a heartbeat within the liveness window: it is \
@@ -146,19 +150,49 @@ where
     )))
 }
 
-/// Why a guarded change of `job` (its current row) does not apply: `Fenced` when the job's
-/// assignment is not the guarded one, `StateConflict` when its status is not one the change may
-/// start from; `Ok` when both hold.
-pub(super) fn refused(job: &jobs::Model, change: &Change<'_>) -> Result<()> {
-    let actual = assignment_of(job);
-    if let Some(expected) = &change.guard
-        && *expected != actual
-    {
-        return Err(Error::Fenced {
-            job_id: job.id,
-            expected: expected.clone(),
-            actual,
-        });
+/// Whether `job` (its current row, its node's claim epoch `node_epoch`) is already where a claimed
+/// `change` takes it, through the same claim instance: the same node and attempt, the job last moved
+/// with the claim's epoch, and that epoch still the node's. Such a change is a retry whose first
+/// commit succeeded (its answer lost): it succeeds again, changing nothing.
+pub(super) fn already_made(
+    job: &jobs::Model,
+    node_epoch: Option<i64>,
+    change: &Change<'_>,
+) -> bool {
+    let Some(guard) = &change.guard else {
+        return false;
+    };
+    let Some(epoch) = guard.epoch else {
+        return false;
+    };
+    job.status == change.to.as_str()
+        && job.node_id == guard.node_id
+        && job.attempt == guard.attempt
+        && job.claim_epoch == Some(epoch)
+        && node_epoch == Some(epoch)
+}
+
+/// Why a guarded change of `job` (its current row; `node_epoch` its node's claim epoch) does not
+/// apply: `Fenced` when the job's assignment is not the guarded one or its node's claim epoch is
+/// not the claim's, `StateConflict` when its status is not one the change may start from; `Ok` when
+/// all hold.
+pub(super) fn refused(
+    job: &jobs::Model,
+    node_epoch: Option<i64>,
+    change: &Change<'_>,
+) -> Result<()> {
+    let mut actual = assignment_of(job);
+    if let Some(expected) = &change.guard {
+        if expected.epoch.is_some() {
+            actual.epoch = node_epoch;
+        }
+        if *expected != actual {
+            return Err(Error::Fenced {
+                job_id: job.id,
+                expected: expected.clone(),
+                actual,
+            });
+        }
     }
     let status = status_of(job)?;
     if !change.from.contains(&status) {
@@ -186,6 +220,14 @@ fn statement(job_id: i64, change: &Change<'_>) -> Statement {
     if change.next_attempt {
         set.push_str(", attempt = attempt + 1");
     }
+    let epoch = change.guard.as_ref().and_then(|a| a.epoch);
+    if let Some(epoch) = epoch {
+        // The claim that moves the job, recorded so its holder knows its own transitions.
+        set.push_str(&format!(", claim_epoch = {}", p.push(epoch)));
+    } else if change.next_attempt || change.node.is_some() {
+        // A new attempt, or another node: no worker has moved it yet.
+        set.push_str(", claim_epoch = NULL");
+    }
     let mut guard = format!("status IN ({})", p.list(&change.from));
     if let Some(a) = &change.guard {
         guard.push_str(&format!(
@@ -193,6 +235,14 @@ fn statement(job_id: i64, change: &Change<'_>) -> Statement {
             p.push(a.node_id.clone()),
             p.push(a.attempt)
         ));
+    }
+    // The node's claim epoch, read in this statement: a process whose node id has since been
+    // claimed by another (a higher epoch) is refused. (The claim's `UPDATE` of the epoch and this
+    // read need no lock between them: once the new epoch is committed, every later statement of
+    // the old process sees it.)
+    let node_epoch = "(SELECT w.claim_epoch FROM workers w WHERE w.node_id = jobs.node_id)";
+    if let Some(epoch) = epoch {
+        guard.push_str(&format!(" AND {node_epoch} = {}", p.push(epoch)));
     }
     // A job on no node (never placed, or its worker removed) has no worker that could act on it:
     // it counts as lost, whatever the window.
@@ -224,10 +274,11 @@ fn statement(job_id: i64, change: &Change<'_>) -> Statement {
             SELECT id, node_id, status, COALESCE({event_detail}::jsonb, \
                 CASE WHEN status = 'SCHEDULED' THEN descriptor ELSE detail END) \
             FROM updated){notify_cte} \
-        SELECT updated.*, TRUE AS applied, TRUE AS node_dead, {notified} AS notified \
+        SELECT updated.*, TRUE AS applied, TRUE AS node_dead, {notified} AS notified, \
+            NULL::bigint AS node_epoch \
         FROM updated \
         UNION ALL \
-        SELECT jobs.*, FALSE, {node_dead}, 0::bigint FROM jobs \
+        SELECT jobs.*, FALSE, {node_dead}, 0::bigint, {node_epoch} FROM jobs \
         WHERE id = {id} AND NOT EXISTS (SELECT 1 FROM updated)"
     );
     stmt(sql, p.0)

@@ -6,12 +6,15 @@ use entity::{JobStatus, jobs};
 use sea_orm::{ConnectionTrait, EntityTrait, QuerySelect, TransactionSession, TransactionTrait};
 
 use super::JobClaim;
-use super::transition::{Change, refused, transition};
+use super::transition::{Change, already_made, refused, transition};
 use crate::metadata::revisions::{self, Activated};
+use crate::metadata::workers;
 use crate::metadata::{Error, Result};
 
 /// SCHEDULED → RUNNING, by the worker holding `claim` (the job must be assigned to its node, on its
-/// attempt).
+/// attempt, and the node's claim epoch be the claim's), recording the claim's epoch on the job. A
+/// job already RUNNING through this same claim (a retry whose first commit's answer was lost) is
+/// returned as it is; through another claim epoch it is refused.
 #[tracing::instrument(skip(db), err)]
 pub async fn mark_running<C>(db: &C, claim: &JobClaim) -> Result<jobs::Model>
 where
@@ -36,7 +39,8 @@ pub struct Completed {
 /// delivered on commit). `Fenced` when the job has moved to another node or attempt, and then
 /// nothing is activated: an output revision of a fenced-off attempt is never made visible.
 /// `Conflict` when a revision was not written by this attempt or is already scheduled for
-/// garbage collection.
+/// garbage collection. A job already COMPLETED through this same claim with these revisions active
+/// (a retry whose first commit's answer was lost) is returned as it is, with nothing activated.
 #[tracing::instrument(skip(db), err)]
 pub async fn mark_completed<C>(
     db: &C,
@@ -63,7 +67,19 @@ where
         .one(&tx)
         .await?
         .ok_or_else(|| Error::not_found("job", claim.job_id))?;
-    refused(&job, &change)?;
+    let node_epoch = workers::get(&tx, &claim.node_id)
+        .await?
+        .map(|w| w.claim_epoch);
+    if already_made(&job, node_epoch, &change) && revisions::are_active(&tx, revisions).await? {
+        // Completed by this claim already, with these revisions (a retry whose answer was
+        // lost): they were activated then.
+        tx.commit().await?;
+        return Ok(Completed {
+            job,
+            activated: Vec::new(),
+        });
+    }
+    refused(&job, node_epoch, &change)?;
     let mut activated = Vec::with_capacity(revisions.len());
     for &revision_id in revisions {
         activated.push(revisions::activate_output(&tx, claim, revision_id, gc_grace).await?);

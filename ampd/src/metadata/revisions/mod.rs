@@ -36,13 +36,13 @@ pub use physical_tables::{
 use entity::{JobStatus, jobs, physical_table_revisions as revisions, physical_tables as tables};
 use sea_orm::sea_query::{Expr, ExprTrait, IntoColumnRef, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionSession, TransactionTrait,
 };
 
 use super::error::Assignment;
 use super::jobs::JobClaim;
-use super::{Error, Result};
+use super::{Error, Result, workers};
 
 /// A column of `physical_table_revisions`, named with its table (for correlated subqueries).
 fn revision(column: revisions::Column) -> (revisions::Entity, revisions::Column) {
@@ -149,18 +149,25 @@ async fn hold_writer<C: ConnectionTrait>(tx: &C, claim: &JobClaim) -> Result<()>
         .one(tx)
         .await?
         .ok_or_else(|| Error::not_found("job", claim.job_id))?;
-    check_running(&job, claim)
+    let node_epoch = workers::get(tx, &claim.node_id)
+        .await?
+        .map(|w| w.claim_epoch);
+    check_running(&job, node_epoch, claim)
 }
 
-/// `Fenced` unless `job` is on `claim`'s node and attempt, `StateConflict` unless it is RUNNING.
-fn check_running(job: &jobs::Model, claim: &JobClaim) -> Result<()> {
+/// `Fenced` unless `job` is on `claim`'s node and attempt, was started through `claim`'s epoch,
+/// and that epoch is still its node's (`node_epoch`); `StateConflict` unless it is RUNNING.
+fn check_running(job: &jobs::Model, node_epoch: Option<i64>, claim: &JobClaim) -> Result<()> {
+    let current = job.claim_epoch.is_none_or(|e| e == claim.epoch);
     let actual = Assignment {
         node_id: job.node_id.clone(),
         attempt: job.attempt,
+        epoch: if current { node_epoch } else { job.claim_epoch },
     };
     let expected = Assignment {
         node_id: Some(claim.node_id.clone()),
         attempt: claim.attempt,
+        epoch: Some(claim.epoch),
     };
     if actual != expected {
         return Err(Error::Fenced {
@@ -187,6 +194,18 @@ where
     C: ConnectionTrait,
 {
     Ok(revisions::Entity::find_by_id(revision_id).one(db).await?)
+}
+
+/// Whether every one of `revision_ids` is the active revision of its table.
+pub async fn are_active<C>(db: &C, revision_ids: &[i64]) -> Result<bool>
+where
+    C: ConnectionTrait,
+{
+    let active = tables::Entity::find()
+        .filter(tables::Column::ActiveRevisionId.is_in(revision_ids.iter().copied()))
+        .count(db)
+        .await?;
+    Ok(active == revision_ids.len() as u64)
 }
 
 /// The active revision of table `table_id`, if it has one.

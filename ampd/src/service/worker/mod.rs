@@ -3,9 +3,11 @@
 //!
 //! [`run`]:
 //! 1. claims the node id for as long as it runs (a second process with the same `--node-id` is
-//!    refused), registers, and starts two loops: the heartbeat (every `heartbeat_interval_ms`,
-//!    checking the claim each time) and the garbage collector ([`gc::collect`] every
-//!    `gc_interval_ms`);
+//!    refused; the claim's epoch fences every job transition of this process), registers, and
+//!    starts three loops: the heartbeat (every `heartbeat_interval_ms`, through the pool), the
+//!    claim check (as often, on the claim's own connection) and the garbage collector
+//!    ([`gc::collect`] every `gc_interval_ms`). The heartbeat never waits on the claim check: a
+//!    stalled claim connection does not make a healthy worker look lost;
 //! 2. follows the jobs assigned to it: on every `job_actions` START or STOP for its node, every
 //!    `reconcile_interval_ms`, after the listener reconnects and whenever a job ends, it reads
 //!    [`jobs::list_active_for_node`] and
@@ -19,8 +21,10 @@
 //!    once), hands its running jobs back (ERROR `worker_shutdown`, retried at once elsewhere),
 //!    releases the claim, and returns within [`STOP_WITHIN`] and a little.
 //!
-//! A lost claim connection (a database restart, say) is claimed again at the next heartbeat; if
-//! another process holds the node id by then, the worker hands its jobs back and fails.
+//! A lost claim connection (a database restart, say) is claimed again at the next check, keeping
+//! its epoch; if another process holds the node id by then, or has held it meanwhile (the epoch
+//! moved on, and with it the fencing of this process's jobs), the worker hands its jobs back and
+//! fails.
 
 mod kinds;
 mod runner;
@@ -107,14 +111,16 @@ pub async fn run(
     let Some((claim, mut listener)) = started.transpose()? else {
         return Ok(());
     };
-
-    let mut heartbeat = Background::spawn(|stop| {
-        heartbeat_loop(
-            db.clone(),
+    let epoch = claim.epoch();
+    let every_beat = Duration::from_millis(config.worker.heartbeat_interval_ms);
+    let heartbeat =
+        Background::spawn(|stop| heartbeat_loop(db.clone(), node_id.clone(), every_beat, stop));
+    let mut claim_check = Background::spawn(|stop| {
+        claim_loop(
             config.metadata_db.clone(),
             node_id.clone(),
             claim,
-            Duration::from_millis(config.worker.heartbeat_interval_ms),
+            every_beat,
             stop,
         )
     });
@@ -131,15 +137,28 @@ pub async fn run(
         .max(1);
     tracing::info!(
         node_id,
+        claim_epoch = epoch,
         max_concurrent_jobs = max_jobs,
         data_dir = %settings.data_dir.display(),
         sources_dir = %settings.sources_dir.display(),
         "worker started"
     );
-    let mut slots = Slots::new(db.clone(), settings, max_jobs);
+    let mut slots = Slots::new(db.clone(), settings, max_jobs, epoch);
     let every = Duration::from_millis(config.worker.reconcile_interval_ms);
-    let lost = follow(&mut slots, &mut listener, &mut heartbeat, every, &shutdown).await;
-    wind_down(&db, &node_id, gc, heartbeat, slots, lost.is_some()).await;
+    let lost = follow(
+        &mut slots,
+        &mut listener,
+        &mut claim_check,
+        every,
+        &shutdown,
+    )
+    .await;
+    let loops = Loops {
+        gc,
+        heartbeat,
+        claim_check,
+    };
+    wind_down(&db, &node_id, loops, slots, lost.is_some()).await;
     match lost {
         Some(e) => {
             tracing::error!(node_id, error = %e, "worker stopped: its node id is no longer its own");
@@ -152,24 +171,32 @@ pub async fn run(
     }
 }
 
-/// Stops the worker within [`STOP_WITHIN`]: the collector, then the heartbeat and the sign-off
-/// (unless the node id was `lost`), then every job is handed back and the node claim released.
+/// The background loops of a worker.
+struct Loops {
+    gc: Background<()>,
+    heartbeat: Background<()>,
+    claim_check: Background<Result<Option<NodeClaim>, metadata::Error>>,
+}
+
+/// Stops the worker within [`STOP_WITHIN`]: the collector, then the heartbeat, the claim check
+/// and the sign-off (unless the node id was `lost`), then every job is handed back and the node
+/// claim released.
 async fn wind_down(
     db: &DatabaseConnection,
     node_id: &str,
-    gc: Background<()>,
-    heartbeat: Background<Result<Option<NodeClaim>, metadata::Error>>,
+    loops: Loops,
     mut slots: Slots,
     lost: bool,
 ) {
     let deadline = Instant::now() + STOP_WITHIN;
-    gc.stop(Duration::from_millis(500)).await;
-    // The heartbeat ended by itself when the node id was lost: there is no claim to release, and
-    // the worker must not sign off a node id another process now runs.
+    loops.gc.stop(Duration::from_millis(500)).await;
+    loops.heartbeat.stop(Duration::from_millis(500)).await;
+    // The claim check ended by itself when the node id was lost: there is no claim to release,
+    // and the worker must not sign off a node id another process now runs.
     let claim = if lost {
         None
     } else {
-        let claim = heartbeat.stop(Duration::from_secs(1)).await;
+        let claim = loops.claim_check.stop(Duration::from_secs(1)).await;
         sign_off(db, node_id).await;
         claim.and_then(Result::ok).flatten()
     };
@@ -180,11 +207,11 @@ async fn wind_down(
 }
 
 /// Follows the jobs assigned to this node until `shutdown` is cancelled (`None`) or the
-/// heartbeat loop ends because the node id is no longer this process's (the error).
+/// claim check ends because the node id is no longer this process's (the error).
 async fn follow(
     slots: &mut Slots,
     listener: &mut Listener,
-    heartbeat: &mut Background<Result<Option<NodeClaim>, metadata::Error>>,
+    claim_check: &mut Background<Result<Option<NodeClaim>, metadata::Error>>,
     every: Duration,
     shutdown: &CancellationToken,
 ) -> Option<ServiceError> {
@@ -194,7 +221,7 @@ async fn follow(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return None,
-            ended = &mut heartbeat.handle => return Some(claim_lost(ended)),
+            ended = &mut claim_check.handle => return Some(claim_lost(ended)),
             Some(joined) = slots.tasks.join_next_with_id(), if !slots.tasks.is_empty() => {
                 slots.finished(joined);
                 slots.reconcile_until(shutdown).await;
@@ -280,55 +307,45 @@ async fn start(
     Ok((claim, listener))
 }
 
-/// The error a heartbeat loop that ended before it was asked to stop ends the worker with.
+/// The error a claim check that ended before it was asked to stop ends the worker with.
 fn claim_lost(
     ended: Result<Result<Option<NodeClaim>, metadata::Error>, JoinError>,
 ) -> ServiceError {
     match ended {
         Ok(Err(e)) => ServiceError::Metadata(e),
-        Ok(Ok(_)) => ServiceError::Stopped("the heartbeat"),
+        Ok(Ok(_)) => ServiceError::Stopped("the node claim check"),
         Err(e) => ServiceError::Io {
-            what: "the heartbeat task failed".into(),
+            what: "the node claim check failed".into(),
             source: std::io::Error::other(e.to_string()),
         },
     }
 }
 
-/// Sends a heartbeat every `every` and checks the node claim each time, until `stop` is cancelled
-/// (then it returns the claim, if it holds it). A claim whose connection was lost is claimed again
-/// (a database restart loses every session); when another process holds the node id by then, the
-/// loop ends with that `Conflict`.
+/// Sends a heartbeat every `every` through the pool until `stop` is cancelled. It waits on nothing
+/// else (not on the node claim, which [`claim_loop`] checks on its own connection), so a stalled
+/// claim connection never makes a live worker look lost. A failed heartbeat is logged and the next
+/// tick tries again; a worker row that is gone is registered again.
 async fn heartbeat_loop(
     db: DatabaseConnection,
-    cfg: MetadataDbConfig,
     node_id: String,
-    claim: NodeClaim,
     every: Duration,
     stop: CancellationToken,
-) -> Result<Option<NodeClaim>, metadata::Error> {
-    let mut claim = Some(claim);
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = stop.cancelled() => return Ok(claim),
+            () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match until_stopped(&stop, beat(&db, &cfg, &node_id, &mut claim)).await {
-            None => return Ok(claim),
-            Some(Err(e)) => return Err(e),
-            Some(Ok(())) => {}
+        if until_stopped(&stop, beat(&db, &node_id)).await.is_none() {
+            return;
         }
     }
 }
 
-/// One heartbeat and claim check.
-async fn beat(
-    db: &DatabaseConnection,
-    cfg: &MetadataDbConfig,
-    node_id: &str,
-    claim: &mut Option<NodeClaim>,
-) -> Result<(), metadata::Error> {
+/// One heartbeat.
+async fn beat(db: &DatabaseConnection, node_id: &str) {
     match workers::heartbeat(db, node_id).await {
         Ok(()) => {}
         Err(metadata::Error::NotFound { .. }) => match workers::register(db, node_id, info()).await
@@ -340,6 +357,43 @@ async fn beat(
             tracing::warn!(node_id, error = %e, "heartbeat failed; retrying at the next tick")
         }
     }
+}
+
+/// Checks the node claim every `every` until `stop` is cancelled (then it returns the claim, if it
+/// holds it). A claim whose connection was lost is claimed again, keeping its epoch (a database
+/// restart loses every session); the loop ends with `Conflict` when another process holds the
+/// node id by then, or held it meanwhile (the epoch moved on: this process's jobs are fenced off).
+async fn claim_loop(
+    cfg: MetadataDbConfig,
+    node_id: String,
+    claim: NodeClaim,
+    every: Duration,
+    stop: CancellationToken,
+) -> Result<Option<NodeClaim>, metadata::Error> {
+    let epoch = claim.epoch();
+    let mut claim = Some(claim);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(claim),
+            _ = tick.tick() => {}
+        }
+        match until_stopped(&stop, check_claim(&cfg, &node_id, epoch, &mut claim)).await {
+            None => return Ok(claim),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(())) => {}
+        }
+    }
+}
+
+/// One check of the node claim, claiming the node id again (with `epoch`) when it was lost.
+async fn check_claim(
+    cfg: &MetadataDbConfig,
+    node_id: &str,
+    epoch: i64,
+    claim: &mut Option<NodeClaim>,
+) -> Result<(), metadata::Error> {
     // The claim lives on a connection of its own: when that connection is lost, so is the claim,
     // and another process may take the node id.
     if let Some(held) = claim.as_mut() {
@@ -353,15 +407,23 @@ async fn beat(
             }
         }
     }
-    match workers::claim(cfg, node_id).await {
-        Ok(held) => {
-            tracing::info!(node_id, "node id claimed again");
+    match workers::claim_again(cfg, node_id, epoch).await {
+        Ok(held) if held.epoch() == epoch => {
+            tracing::info!(node_id, claim_epoch = epoch, "node id claimed again");
             *claim = Some(held);
             Ok(())
         }
+        Ok(held) => {
+            let now = held.epoch();
+            let _ = tokio::time::timeout(Duration::from_secs(1), held.release()).await;
+            Err(metadata::Error::Conflict(format!(
+                "node id {node_id:?} was claimed by another process while this one had lost its \
+                 claim (claim epoch {epoch}, now {now}): its jobs are no longer this process's"
+            )))
+        }
         Err(e @ metadata::Error::Conflict(_)) => Err(e),
         Err(e) => {
-            tracing::warn!(node_id, error = %e, "cannot claim the node id yet; retrying at the next heartbeat");
+            tracing::warn!(node_id, error = %e, "cannot claim the node id yet; retrying at the next check");
             Ok(())
         }
     }
@@ -404,16 +466,19 @@ struct Slots {
     db: DatabaseConnection,
     settings: Arc<Settings>,
     max: usize,
+    /// The node claim's epoch: every job claim of this process carries it.
+    epoch: i64,
     running: HashMap<i64, Slot>,
     tasks: JoinSet<()>,
 }
 
 impl Slots {
-    fn new(db: DatabaseConnection, settings: Arc<Settings>, max: usize) -> Slots {
+    fn new(db: DatabaseConnection, settings: Arc<Settings>, max: usize, epoch: i64) -> Slots {
         Slots {
             db,
             settings,
             max,
+            epoch,
             running: HashMap::new(),
             tasks: JoinSet::new(),
         }
@@ -482,9 +547,13 @@ impl Slots {
         }
         let mut waiting = 0;
         for job in active {
-            let Some(claim) = JobClaim::of(&job) else {
+            let Some(claim) = JobClaim::by(&job, self.epoch) else {
                 continue;
             };
+            // RUNNING through this process's own claim, but not running here: its start was
+            // recorded and the answer lost. It is this process's to run (`mark_running` through
+            // the same claim succeeds again).
+            let started_here = job.claim_epoch == Some(self.epoch);
             let here = self
                 .running
                 .get(&job.id)
@@ -498,6 +567,10 @@ impl Slots {
                     self.start(job, claim)
                 }
                 (Ok(JobStatus::Scheduled), None) => waiting += 1,
+                (Ok(JobStatus::Running), None) if started_here && self.running.len() < self.max => {
+                    self.start(job, claim)
+                }
+                (Ok(JobStatus::Running), None) if started_here => waiting += 1,
                 (Ok(JobStatus::Running), here) => {
                     if let Some((_, old)) = here {
                         old.cancel(Cancel::Drop);

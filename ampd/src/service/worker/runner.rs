@@ -245,11 +245,12 @@ async fn reconsider(db: &DatabaseConnection, claim: &JobClaim, err: Error) {
             return;
         }
     };
-    if JobClaim::of(&job).as_ref() != Some(claim) {
+    if !claim.holds(&job) {
         tracing::info!(
             error = %err,
             node_id = ?job.node_id,
             attempt = job.attempt,
+            claim_epoch = ?job.claim_epoch,
             "the job has moved on: this attempt is dropped, its partial output left to the \
              garbage collector"
         );

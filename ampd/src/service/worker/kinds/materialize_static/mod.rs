@@ -32,6 +32,10 @@ use crate::manifest::{
 };
 use crate::metadata::jobs::{self, Target};
 use crate::metadata::{datasets, files, revisions};
+use crate::service::{
+    self,
+    storage::{Storage, StorageError},
+};
 use rows::{Rows, TableRows, count_rows, open_csv, write_part};
 
 /// Rows between two looks at the job's cancellation token.
@@ -271,18 +275,26 @@ async fn new_revision(
             revisions::create_revision(&job.db, table_id, Some(&job.claim), meta.clone())
         })
         .await?;
-    let dir = under(&job.settings.data_dir, &revision.path).ok_or_else(|| {
-        JobError::failed(Failure::new(
-            "internal",
-            format!(
-                "revision {} has path {:?}, not a plain relative path",
-                revision.id, revision.path
-            ),
-        ))
-    })?;
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| io_failure(table, format!("cannot create {}: {e}", dir.display())))?;
+    crate::failpoint::failpoint!("worker::before_revision_dir");
+    // Only while the revision's row names it and accepts files: one collected meanwhile (the
+    // attempt was failed as lost, say) gets no directory.
+    let storage = Storage::new(&job.settings.data_dir);
+    let created = service::until_stopped(
+        &job.cancel,
+        storage.create_revision_dir(&job.db, revision.id, &revision.path),
+    )
+    .await;
+    let dir = match created {
+        None => return Err(JobError::Cancelled),
+        Some(Ok(dir)) => dir,
+        Some(Err(StorageError::Metadata(e))) => {
+            return Err(JobError::from_metadata(
+                "create the revision's directory",
+                e,
+            ));
+        }
+        Some(Err(e)) => return Err(io_failure(table, e.to_string())),
+    };
     Ok((revision, dir))
 }
 
