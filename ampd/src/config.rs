@@ -67,6 +67,12 @@ pub struct MetadataDbConfig {
     /// Client-side bound, in seconds, on each statement of a migration (beyond it the run
     /// concludes that the network or the server is frozen); 1 ..= 86400.
     pub migration_statement_timeout_secs: u64,
+    /// A database `ampd migrate impact` may empty and fill to measure the pending migrations on
+    /// (never the target itself); without it, only `--create-shadow` gives `impact` one.
+    pub shadow_url: Option<DatabaseUrl>,
+    /// `ampd migrate impact` flags a statement that rewrites or scans, under a lock that blocks
+    /// writes, a table at least this large (MiB, from `pg_class.relpages`); 0 flags every size.
+    pub impact_risky_size_mb: u64,
 }
 
 /// `[controller]`: the admin API and the scheduling loop.
@@ -147,6 +153,8 @@ impl Default for MetadataDbConfig {
             ddl_lock_timeout_ms: 5000,
             concurrent_index_timeout_secs: 600,
             migration_statement_timeout_secs: 3600,
+            shadow_url: None,
+            impact_risky_size_mb: 100,
         }
     }
 }
@@ -446,7 +454,7 @@ impl Config {
     /// for [`redact::register`].
     pub fn secrets(&self) -> Vec<String> {
         let db = &self.metadata_db;
-        let urls = db.url.iter().chain(&db.direct_url).map(DatabaseUrl::expose);
+        let urls = (db.url.iter().chain(&db.direct_url).chain(&db.shadow_url)).map(DatabaseUrl::expose);
         let token = self.controller.admin_token.iter().map(Secret::expose);
         let mut secrets: Vec<String> = urls.flat_map(redact::url_secrets).collect();
         secrets.extend(token.map(str::to_owned));
