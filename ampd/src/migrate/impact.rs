@@ -301,7 +301,11 @@ impl Impact {
                                 "{} {}{}",
                                 l.relation,
                                 l.mode,
-                                if l.taken_here { "" } else { " (held from earlier)" }
+                                if l.taken_here {
+                                    ""
+                                } else {
+                                    " (held from earlier)"
+                                }
                             )
                         })
                         .collect();
@@ -464,7 +468,9 @@ async fn on_target(
                 StepKind::Alone => Some(shadow.connect(cfg).await?),
                 StepKind::Transaction => None,
             };
-            recorder.start(sampler, step.kind == StepKind::Transaction).await?;
+            recorder
+                .start(sampler, step.kind == StepKind::Transaction)
+                .await?;
             for &migration in &step.migrations {
                 recorder.run_measured(migration).await?;
                 migrations.push((migration.name().to_owned(), recorder.take().await));
@@ -608,7 +614,10 @@ impl Shadow {
         };
         match db::connect_session(admin, cfg, "ampd migrate impact (shadow)").await {
             Ok(mut conn) => {
-                let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name));
+                let sql = format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(&name)
+                );
                 if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&mut conn)
                     .await
@@ -821,10 +830,12 @@ impl Recorder {
         transaction: bool,
     ) -> Result<(), ImpactError> {
         if transaction {
-            self.begin().await.map_err(|e| ImpactError::ShadowMigration {
-                name: "the step's BEGIN".to_owned(),
-                message: describe(&e),
-            })?;
+            self.begin()
+                .await
+                .map_err(|e| ImpactError::ShadowMigration {
+                    name: "the step's BEGIN".to_owned(),
+                    message: describe(&e),
+                })?;
         }
         self.wire.lock().await.step = Some(Step {
             transaction,
@@ -947,7 +958,10 @@ async fn within<T>(
     }
 }
 
-async fn execute(conn: &mut PgConnection, statement: Statement) -> Result<(Vec<ProxyRow>, u64), DbErr> {
+async fn execute(
+    conn: &mut PgConnection,
+    statement: Statement,
+) -> Result<(Vec<ProxyRow>, u64), DbErr> {
     let rows = match statement.values {
         Some(values) => {
             sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
@@ -1161,10 +1175,7 @@ impl TargetNow {
             let name: String = row.try_get_by_index(0).map_err(target_err)?;
             let bytes: i64 = row.try_get_by_index(1).map_err(target_err)?;
             let rows: f64 = row.try_get_by_index(2).map_err(target_err)?;
-            sizes.insert(
-                name,
-                (bytes.max(0) as u64, (rows >= 0.0).then_some(rows)),
-            );
+            sizes.insert(name, (bytes.max(0) as u64, (rows >= 0.0).then_some(rows)));
         }
         let mut locks = Vec::new();
         for row in target.read(&locks_sql()).await.map_err(target_err)? {
@@ -1237,7 +1248,11 @@ impl TargetNow {
                 ));
             }
             // Who would block the locks this statement takes.
-            for lock in m.locks.iter().filter(|l| l.relation == *name && l.taken_here) {
+            for lock in m
+                .locks
+                .iter()
+                .filter(|l| l.relation == *name && l.taken_here)
+            {
                 for (relation, mode, session) in &self.locks {
                     let conflict = conflicts(&lock.mode, mode)
                         // A concurrent index build also waits for the table's writers.
@@ -1359,7 +1374,10 @@ mod tests {
         assert!(conflicts("AccessExclusiveLock", "AccessShareLock"));
         assert!(!conflicts("ShareUpdateExclusiveLock", "AccessShareLock"));
         assert!(!conflicts("ShareUpdateExclusiveLock", "RowExclusiveLock"));
-        assert!(conflicts("ShareUpdateExclusiveLock", "ShareUpdateExclusiveLock"));
+        assert!(conflicts(
+            "ShareUpdateExclusiveLock",
+            "ShareUpdateExclusiveLock"
+        ));
         assert!(conflicts("ShareLock", "RowExclusiveLock"));
         assert!(!conflicts("ShareLock", "ShareLock"));
         // Symmetric.

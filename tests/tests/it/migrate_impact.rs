@@ -91,7 +91,12 @@ async fn setup(dir: &TempDir) -> (TestDb, TestDb, std::path::PathBuf) {
 }
 
 async fn impact(config: &std::path::Path, args: &[&str]) -> cli::Output {
-    let mut all = vec!["--config", config.to_str().expect("utf-8 path"), "migrate", "impact"];
+    let mut all = vec![
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "migrate",
+        "impact",
+    ];
     all.extend(args);
     cli::run(
         cli::ampd_fixture(),
@@ -179,12 +184,19 @@ async fn impact_reports_the_locks_rewrites_scans_and_flags_postgresql_measured()
     );
     let size = &add["tables"][0];
     assert_eq!(size["relation"], "public.impact_big", "{add:#}");
-    assert!(size["bytes"].as_u64().expect("bytes") > 1024 * 1024, "{add:#}");
+    assert!(
+        size["bytes"].as_u64().expect("bytes") > 1024 * 1024,
+        "{add:#}"
+    );
     let rows = size["rows"].as_f64().expect("rows");
     assert!((rows - ROWS as f64).abs() < ROWS as f64 * 0.1, "{add:#}");
 
     let change = statement(&report, IMPACT_CHANGE_TYPE);
-    assert_eq!(strings(&change["rewrites"]), ["public.impact_big"], "{change:#}");
+    assert_eq!(
+        strings(&change["rewrites"]),
+        ["public.impact_big"],
+        "{change:#}"
+    );
     // Held since the added column; PostgreSQL also takes SHARE to rebuild the primary key.
     assert!(
         modes(change).contains(&"AccessExclusiveLock".to_owned()),
@@ -198,7 +210,11 @@ async fn impact_reports_the_locks_rewrites_scans_and_flags_postgresql_measured()
 
     let not_null = statement(&report, IMPACT_SET_NOT_NULL);
     assert!(strings(&not_null["rewrites"]).is_empty(), "{not_null:#}");
-    assert_eq!(strings(&not_null["scans"]), ["public.impact_big"], "{not_null:#}");
+    assert_eq!(
+        strings(&not_null["scans"]),
+        ["public.impact_big"],
+        "{not_null:#}"
+    );
     let risky = strings(&not_null["risky"]);
     assert!(
         risky.len() == 1 && risky[0].starts_with("scans public.impact_big"),
@@ -280,7 +296,11 @@ async fn impact_names_an_idle_in_transaction_reader_and_only_reads_the_target() 
     let out = child.wait_with_output().await.expect("output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "--check flags: {stdout}\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "--check flags: {stdout}\n{stderr}"
+    );
     assert!(seen_session, "the watch saw impact's session on the target");
     let bookkeeping = [
         "public.seaql_migrations",
@@ -377,7 +397,8 @@ async fn impact_without_a_shadow_says_how_to_get_one_and_refuses_the_target_as_s
     let out = impact(&config, &[]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(
-        out.stderr.contains("error: no shadow database: set metadata_db.shadow_url")
+        out.stderr
+            .contains("error: no shadow database: set metadata_db.shadow_url")
             && out.stderr.contains("--create-shadow"),
         "{}",
         out.all()
