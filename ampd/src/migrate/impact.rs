@@ -255,6 +255,23 @@ impl Blocker {
     }
 }
 
+impl Blocker {
+    /// "pid 4242 (psql), idle in transaction for 2 h 3 min".
+    pub fn short(&self) -> String {
+        let app = if self.application.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.application)
+        };
+        format!(
+            "pid {}{app}, {} for {}",
+            self.pid,
+            self.state,
+            human_secs(self.state_secs)
+        )
+    }
+}
+
 impl Impact {
     /// The report for people.
     pub fn text(&self) -> String {
@@ -1292,7 +1309,7 @@ impl TargetNow {
                     cfg.concurrent_index_timeout_secs
                 ),
             };
-            risky.push(format!("would wait behind {}; {bound}", b.describe()));
+            risky.push(format!("would wait behind {}; {bound}", b.short()));
         }
         StatementImpact {
             sql: m.sql,

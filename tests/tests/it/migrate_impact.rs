@@ -56,7 +56,7 @@ async fn template() -> String {
                 ))
                 .await
                 .expect("fill impact_big");
-                db.execute_unprepared("VACUUM ANALYZE impact_big")
+                db.execute_unprepared("ANALYZE impact_big")
                     .await
                     .expect("analyze impact_big");
                 db.close().await.expect("close");
@@ -260,7 +260,11 @@ async fn impact_names_an_idle_in_transaction_reader_and_only_reads_the_target() 
     let history = sql::count(&db, "SELECT count(*) FROM seaql_migrations").await;
 
     // A session that read the table and stayed in its transaction.
-    let idle = connect(target.url(), 1).await;
+    let mut reader_url = url::Url::parse(target.url()).expect("a URL");
+    reader_url
+        .query_pairs_mut()
+        .append_pair("application_name", "reporting");
+    let idle = connect(reader_url.as_str(), 1).await;
     let pid: i32 = sql::value(&idle, "SELECT pg_backend_pid()").await;
     idle.execute_unprepared("BEGIN; SELECT id FROM impact_big LIMIT 1")
         .await
@@ -327,10 +331,9 @@ async fn impact_names_an_idle_in_transaction_reader_and_only_reads_the_target() 
         "the reader {pid} blocks the ACCESS EXCLUSIVE lock: {add:#}"
     );
     assert!(
-        strings(&add["risky"])
-            .iter()
-            .any(|r| r.starts_with(&format!("would wait behind pid {pid},"))
-                && r.contains("idle in transaction for")),
+        strings(&add["risky"]).iter().any(|r| r
+            .starts_with(&format!("would wait behind pid {pid} (reporting),"))
+            && r.contains("idle in transaction for")),
         "{add:#}"
     );
     // SHARE UPDATE EXCLUSIVE does not conflict with its ACCESS SHARE, and a READ COMMITTED
@@ -344,6 +347,18 @@ async fn impact_names_an_idle_in_transaction_reader_and_only_reads_the_target() 
             .any(|b| b["pid"] == pid),
         "{index:#}"
     );
+
+    // The text report says the same.
+    let text = impact(&config, &[]).await;
+    assert_eq!(text.code, Some(0), "{}", text.all());
+    assert!(
+        text.stdout.contains(&format!(
+            "would wait behind pid {pid} (reporting), idle in transaction for "
+        )),
+        "{}",
+        text.all()
+    );
+    eprintln!("{}", text.stdout);
 
     // Nothing changed on the target, and the reader is still there, in its transaction.
     assert_eq!(table_state(&db).await, before);
