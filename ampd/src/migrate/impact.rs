@@ -762,11 +762,15 @@ impl Recorder {
             url: "(shadow)".to_owned(),
             message: db_message(&e),
         };
-        // Statistics read when asked, not from a snapshot taken at the first read.
-        sqlx::raw_sql("SET stats_fetch_consistency = none; SET statement_timeout = 0")
+        sqlx::raw_sql("SET statement_timeout = 0")
             .execute(&mut conn)
             .await
             .map_err(shadow_err)?;
+        // Statistics read when asked, not from a snapshot taken at the first read (PostgreSQL 15
+        // or later; before it, every read is fresh outside a transaction).
+        let _ = sqlx::raw_sql("SET stats_fetch_consistency = none")
+            .execute(&mut conn)
+            .await;
         let pid: i32 = sqlx::raw_sql(db::BACKEND_PID_SQL)
             .fetch_one(&mut conn)
             .await
@@ -998,11 +1002,12 @@ async fn execute(
 }
 
 async fn force_flush(conn: &mut PgConnection) -> Result<(), DbErr> {
-    // The session's pending statistics reach the shared counters when it next goes idle.
-    sqlx::raw_sql("SELECT pg_stat_force_next_flush()")
+    // The session's pending statistics reach the shared counters when it next goes idle
+    // (PostgreSQL 15 or later; before it they are sent at the end of each transaction, at most
+    // every half second, so a scan outside a transaction may then go unseen).
+    let _ = sqlx::raw_sql("SELECT pg_stat_force_next_flush()")
         .execute(&mut *conn)
-        .await
-        .map_err(exec_err)?;
+        .await;
     sqlx::raw_sql("SELECT 1")
         .execute(conn)
         .await
