@@ -70,6 +70,12 @@ pub struct MetadataDbConfig {
     /// Apply a pending migration older than the newest applied one (a branch merged late) instead
     /// of refusing the run; `ampd migrate --allow-out-of-order` sets it for one run.
     pub allow_out_of_order: bool,
+    /// A database `ampd migrate impact` may empty and fill to measure the pending migrations on
+    /// (never the target itself); without it, only `--create-shadow` gives `impact` one.
+    pub shadow_url: Option<DatabaseUrl>,
+    /// `ampd migrate impact` flags a statement that rewrites or scans, under a lock that blocks
+    /// writes, a table at least this large (MiB, from `pg_class.relpages`); 0 flags every size.
+    pub impact_risky_size_mb: u64,
 }
 
 /// `[controller]`: the admin API and the scheduling loop.
@@ -151,6 +157,8 @@ impl Default for MetadataDbConfig {
             concurrent_index_timeout_secs: 600,
             migration_statement_timeout_secs: 3600,
             allow_out_of_order: false,
+            shadow_url: None,
+            impact_risky_size_mb: 100,
         }
     }
 }
@@ -450,7 +458,8 @@ impl Config {
     /// for [`redact::register`].
     pub fn secrets(&self) -> Vec<String> {
         let db = &self.metadata_db;
-        let urls = db.url.iter().chain(&db.direct_url).map(DatabaseUrl::expose);
+        let urls =
+            (db.url.iter().chain(&db.direct_url).chain(&db.shadow_url)).map(DatabaseUrl::expose);
         let token = self.controller.admin_token.iter().map(Secret::expose);
         let mut secrets: Vec<String> = urls.flat_map(redact::url_secrets).collect();
         secrets.extend(token.map(str::to_owned));
@@ -527,6 +536,33 @@ mod tests {
 
     fn with_url(rest: &str) -> String {
         format!("[metadata_db]\nurl = \"{URL}\"\n{rest}")
+    }
+
+    #[test]
+    fn impact_keys_are_validated_and_the_shadow_password_is_a_secret() {
+        let c = load(&with_url(""), &[]).unwrap();
+        assert_eq!(c.metadata_db.impact_risky_size_mb, 100);
+        assert_eq!(c.metadata_db.shadow_url, None);
+        let msg = load_err(&with_url(&format!("shadow_url = \"{URL}\"\n")), &[]);
+        assert!(
+            msg.contains("`metadata_db.shadow_url` must not be the metadata database itself"),
+            "{msg}"
+        );
+        let msg = load_err(&with_url("impact_risky_size_mb = 1073741825\n"), &[]);
+        assert!(
+            msg.contains("impact_risky_size_mb") && msg.contains("at most 1073741824"),
+            "{msg}"
+        );
+        let c = load(
+            &with_url(
+                "shadow_url = \"postgresql://u:Sh4dowPw@h/shadow\"\nimpact_risky_size_mb = 0\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.metadata_db.impact_risky_size_mb, 0);
+        assert!(c.secrets().iter().any(|s| s == "Sh4dowPw"));
+        assert!(!format!("{:?}", c.metadata_db).contains("Sh4dowPw"));
     }
 
     #[test]
@@ -1191,10 +1227,12 @@ mod tests {
         // Every value shown is the default, apart from the keys that have none.
         let mut c = load(&text, &[]).unwrap();
         assert!(c.metadata_db.url.is_some() && c.metadata_db.direct_url.is_some());
+        assert!(c.metadata_db.shadow_url.is_some());
         assert!(c.controller.admin_token.is_some());
         assert_eq!(c.storage.data_dir(), Path::new(DEFAULT_DATA_DIR));
         assert_eq!(c.worker.sources_dir(), Path::new(DEFAULT_SOURCES_DIR));
         (c.metadata_db.url, c.metadata_db.direct_url) = (None, None);
+        c.metadata_db.shadow_url = None;
         c.metadata_db.auto_migrate = None;
         c.controller.admin_token = None;
         c.storage.data_dir = None;

@@ -277,6 +277,8 @@ pub async fn connect(
 pub fn key_of(cfg: &MetadataDbConfig, url: &DatabaseUrl) -> &'static str {
     if cfg.direct_url.as_ref() == Some(url) {
         "metadata_db.direct_url"
+    } else if cfg.shadow_url.as_ref() == Some(url) {
+        "metadata_db.shadow_url"
     } else {
         "metadata_db.url"
     }

@@ -1,5 +1,6 @@
 //! `ampd migrate`: apply pending migrations and exit; `ampd migrate status`; `--dry-run`;
-//! `ampd migrate accept-checksum`; `ampd migrate validate`; `ampd migrate baseline`.
+//! `ampd migrate accept-checksum`; `ampd migrate validate`; `ampd migrate baseline`;
+//! `ampd migrate impact`.
 
 use std::io::Write as _;
 
@@ -38,6 +39,24 @@ enum MigrateAction {
         /// One JSON document on stdout, for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Measure what each pending statement would lock, rewrite or scan on this database, and which
+    /// sessions would block it now: the pending steps run on a shadow database
+    /// (metadata_db.shadow_url, or --create-shadow), the target is only read (catalogs and
+    /// statistics). A statement is flagged when it rewrites or scans, under a lock that blocks
+    /// writes, a table of at least metadata_db.impact_risky_size_mb, or when a current session
+    /// would block it.
+    Impact {
+        /// One JSON document on stdout, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when a statement is flagged (for CI and deploy scripts), after the report.
+        #[arg(long)]
+        check: bool,
+        /// Without metadata_db.shadow_url: create a temporary shadow database on the target's
+        /// server and drop it after (needs CREATEDB; like any database, its WAL is replicated).
+        #[arg(long)]
+        create_shadow: bool,
     },
     /// Accept this binary's checksum for an applied migration whose source was changed on purpose
     /// (reviewed: what it does is unchanged), keeping the old checksum, the reason and the time in
@@ -129,7 +148,7 @@ pub async fn run(
     if args.action.is_some() && (args.dry_run || args.only.is_some()) {
         return Err(
             "--dry-run and --only apply to `ampd migrate` itself, not to its subcommands \
-             (`status`, `validate`, `baseline`, `accept-checksum`)"
+             (`status`, `validate`, `baseline`, `accept-checksum`, `impact`)"
                 .into(),
         );
     }
@@ -146,6 +165,33 @@ pub async fn run(
                 )?;
             } else {
                 print(&status_table(&states), READ_ONLY)?;
+            }
+        }
+        (
+            Some(MigrateAction::Impact {
+                json,
+                check,
+                create_shadow,
+            }),
+            _,
+            _,
+        ) => {
+            let options = migrate::ImpactOptions { create_shadow };
+            let impact = migrate::impact(db, set, options).await?;
+            if json {
+                print(
+                    &format!("{}\n", serde_json::to_string_pretty(&impact)?),
+                    READ_ONLY,
+                )?;
+            } else {
+                print(&impact.text(), READ_ONLY)?;
+            }
+            if check && impact.flagged > 0 {
+                return Err(format!(
+                    "impact --check: {} statement(s) flagged as risky (see the report on stdout)",
+                    impact.flagged
+                )
+                .into());
             }
         }
         (Some(MigrateAction::AcceptChecksum { name, reason }), _, _) => {

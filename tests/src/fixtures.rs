@@ -13,6 +13,8 @@
 //! | `expand-breaking` | `expand`'s, then [`BREAKING`] (a required column, not marked compatible) |
 //! | `newer` | the schema's, then [`NEWER`] |
 //! | `late` | the schema's, then [`LATE`] (merged late: it sorts before `NEWER`), then [`NEWER`] |
+//! | `impact-base` | the schema's, then one that creates the table `impact_big` |
+//! | `impact` | `impact-base`'s, then four on `impact_big`: add a nullable column, change a column's type, set NOT NULL, build an index concurrently |
 
 use ampd::migrate::MigrationSet;
 use migration::{DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
@@ -44,6 +46,11 @@ pub fn named(which: &str) -> Option<MigrationSet> {
         "failing" => Box::new(Failing),
         "slow" => Box::new(Slow),
         "alter-jobs" => Box::new(AlterJobs),
+        "impact-base" | "impact" => {
+            let mut migrations = migration::Migrator::migrations();
+            migrations.extend(impact_migrations(which == "impact"));
+            return Some(MigrationSet::new(migrations, checksum));
+        }
         other => {
             let n: usize = other.strip_prefix("synthetic:")?.parse().ok()?;
             return Some(synthetic(n));
@@ -222,6 +229,81 @@ impl MigrationTrait for Sql {
         manager
             .get_connection()
             .execute_unprepared(self.1)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A migration of the `impact` sets: one statement, in a transaction or (`alone`) outside one.
+pub struct ImpactStep {
+    name: &'static str,
+    sql: &'static str,
+    alone: bool,
+}
+
+/// The table `impact_big` (`impact-base`), then (with `pending`) the four migrations whose impact
+/// the tests measure.
+pub fn impact_migrations(pending: bool) -> Vec<Box<dyn MigrationTrait>> {
+    let mut steps = vec![ImpactStep {
+        name: "m20991231_000101_fixture_impact_table",
+        sql: "CREATE TABLE impact_big (id bigint PRIMARY KEY, n integer NOT NULL, t text)",
+        alone: false,
+    }];
+    if pending {
+        steps.extend([
+            ImpactStep {
+                name: IMPACT_ADD_COLUMN,
+                sql: "ALTER TABLE impact_big ADD COLUMN note text",
+                alone: false,
+            },
+            ImpactStep {
+                name: IMPACT_CHANGE_TYPE,
+                sql: "ALTER TABLE impact_big ALTER COLUMN n TYPE bigint",
+                alone: false,
+            },
+            ImpactStep {
+                name: IMPACT_SET_NOT_NULL,
+                sql: "ALTER TABLE impact_big ALTER COLUMN t SET NOT NULL",
+                alone: false,
+            },
+            ImpactStep {
+                name: IMPACT_INDEX,
+                sql: "CREATE INDEX CONCURRENTLY impact_big_n ON impact_big (n)",
+                alone: true,
+            },
+        ]);
+    }
+    steps
+        .into_iter()
+        .map(|s| Box::new(s) as Box<dyn MigrationTrait>)
+        .collect()
+}
+
+/// `impact`: adds a nullable column to `impact_big`.
+pub const IMPACT_ADD_COLUMN: &str = "m20991231_000102_fixture_impact_add_column";
+/// `impact`: changes the type of `impact_big.n` (int to bigint).
+pub const IMPACT_CHANGE_TYPE: &str = "m20991231_000103_fixture_impact_change_type";
+/// `impact`: sets `impact_big.t` NOT NULL.
+pub const IMPACT_SET_NOT_NULL: &str = "m20991231_000104_fixture_impact_set_not_null";
+/// `impact`: builds an index on `impact_big.n` concurrently (outside a transaction).
+pub const IMPACT_INDEX: &str = "m20991231_000105_fixture_impact_index";
+
+impl MigrationName for ImpactStep {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ImpactStep {
+    fn use_transaction(&self) -> Option<bool> {
+        self.alone.then_some(false)
+    }
+
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(self.sql)
             .await
             .map(|_| ())
     }

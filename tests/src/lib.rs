@@ -94,6 +94,21 @@ impl TestDb {
         }
     }
 
+    /// A new database cloned from database `template` (which no one may be connected to).
+    pub async fn from_template(template: &str) -> TestDb {
+        let name = unique_name("t");
+        admin_exec(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+        ))
+        .await;
+        let url = database_url(&name);
+        TestDb {
+            name,
+            url,
+            role: None,
+        }
+    }
+
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name

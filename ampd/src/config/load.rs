@@ -16,6 +16,8 @@ const MAX_MESSAGE_CHARS: usize = 500;
 const MAX_PG_LOCK_TIMEOUT_MS: u64 = i32::MAX as u64;
 /// Upper bound of `metadata_db.migration_lock_timeout_secs`: one day.
 const MAX_MIGRATION_LOCK_TIMEOUT_SECS: u64 = 86_400;
+/// The largest `metadata_db.impact_risky_size_mb`: 1 PiB.
+const MAX_IMPACT_RISKY_SIZE_MB: u64 = 1 << 30;
 
 /// The variable that sets `section.key`.
 pub(super) fn env_var(section: &str, key: &str) -> String {
@@ -319,6 +321,20 @@ impl Problems<'_> {
         );
         self.at_least_1(statement.0, statement.1);
         self.at_most(statement, MAX_MIGRATION_LOCK_TIMEOUT_SECS, "one day");
+        self.at_most(
+            ("metadata_db.impact_risky_size_mb", db.impact_risky_size_mb),
+            MAX_IMPACT_RISKY_SIZE_MB,
+            "1 PiB",
+        );
+        if let Some(shadow) = &db.shadow_url
+            && (db.url.as_ref() == Some(shadow) || db.direct_url.as_ref() == Some(shadow))
+        {
+            self.found.push(
+                "`metadata_db.shadow_url` must not be the metadata database itself: `ampd migrate \
+                 impact` empties the shadow database"
+                    .to_owned(),
+            );
+        }
         self.not_empty(
             "controller.admin_token",
             c.admin_token.as_ref().map(|t| t.expose()),

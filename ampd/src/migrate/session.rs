@@ -662,7 +662,7 @@ const ROW_TYPES: [&str; 19] = [
     "TIME",
 ];
 
-fn proxy_row(row: PgRow) -> Result<ProxyRow, DbErr> {
+pub(super) fn proxy_row(row: PgRow) -> Result<ProxyRow, DbErr> {
     use sea_orm::sqlx::Row as _;
     if let Some(column) = row
         .columns()

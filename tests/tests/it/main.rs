@@ -26,6 +26,7 @@ mod migrate_dryrun;
 mod migrate_edges;
 mod migrate_faults;
 mod migrate_frozen;
+mod migrate_impact;
 mod migrate_nontx;
 mod migrate_order;
 mod migrate_pooler;
