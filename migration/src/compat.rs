@@ -30,6 +30,10 @@
 pub static COMPATIBLE: &[&str] = &[
     // A new index built concurrently: older binaries' queries are unchanged (and get faster).
     "m20261201_000001_index_physical_tables_active_revision",
+    // The same: the garbage collector's batches read through it.
+    "m20261206_000001_index_gc_manifest_expiration",
+    // Not m20261206_000002_add_claim_epochs: the claim epoch is part of the fencing token, and a
+    // binary that does not know it would act on jobs without it.
 ];
 
 /// Whether the migration called `name` was reviewed as compatible with binaries that do not know

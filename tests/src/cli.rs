@@ -384,8 +384,9 @@ pub fn command(bin: &Path, config: &Path, args: &[&str]) -> tokio::process::Comm
 pub async fn database_at_head(dir: &TempDir, extra: &str) -> (crate::TestDb, PathBuf) {
     let db = crate::TestDb::empty().await;
     let config = dir.config(db.url(), extra);
-    let out = ampd_with_config(&config, &["migrate"]).await;
-    assert_eq!(out.code, Some(0), "{}", out.all());
+    ampd_with_config(&config, &["migrate"])
+        .await
+        .assert_success();
     (db, config)
 }
 

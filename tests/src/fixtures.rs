@@ -8,7 +8,8 @@
 //! | `slow` | the schema's, then one that sleeps `AMPD_FIXTURE_SLEEP_SECS` (default 30) inside the run |
 //! | `alter-jobs` | the schema's, then one that adds a column to `jobs` (needs its lock) |
 //! | `synthetic:N` | N trivial migrations (each creates and drops nothing but a comment) |
-//! | `previous` | the schema's without its last one: a previous release |
+//! | `previous` | the schema's (a previous release, next to `expand` and `expand-breaking`, which add to it) |
+//! | `before-index` | the schema's up to (not including) its first that runs alone: the released ones |
 //! | `expand` | the schema's, then [`EXPAND`] (a nullable column, marked compatible) |
 //! | `expand-breaking` | `expand`'s, then [`BREAKING`] (a required column, not marked compatible) |
 //! | `newer` | the schema's, then [`NEWER`] |
@@ -34,9 +35,14 @@ pub fn from_env() -> MigrationSet {
 pub fn named(which: &str) -> Option<MigrationSet> {
     let extra: Box<dyn MigrationTrait> = match which {
         "" | "schema" => return Some(MigrationSet::ampd()),
-        "previous" => {
+        "previous" => return Some(MigrationSet::ampd()),
+        "before-index" => {
             let mut migrations = migration::Migrator::migrations();
-            migrations.pop();
+            let first_alone = migrations
+                .iter()
+                .position(|m| m.use_transaction() == Some(false))
+                .unwrap_or(migrations.len());
+            migrations.truncate(first_alone);
             return Some(MigrationSet::new(migrations, checksum));
         }
         "expand" => return Some(with_sql(&[EXPAND])),

@@ -86,8 +86,13 @@ async fn a_database_migrated_by_ampd_0_1_migrates_on_with_its_algorithm_1_checks
     }
 
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    out.assert_success()
-        .assert_stdout_contains("applied 1 migration in");
+    // ampd 0.1 knew the first seven: the rest are applied now.
+    let rest = tests::schema_migration_count() - 7;
+    out.assert_success().assert_stdout_contains(&if rest == 1 {
+        "applied 1 migration in".to_owned()
+    } else {
+        format!("applied {rest} migrations in")
+    });
 
     let after = status(&config).await;
     for s in &after {

@@ -284,12 +284,12 @@ async fn status_json_shows_which_pending_migrations_run_together_and_which_alone
             )
         })
         .collect();
-    let (together, indexes) = plan.split_at(7);
+    let (together, rest) = plan.split_at(7);
     for (name, step, runs) in together {
         assert_eq!((*step, runs.as_str()), (1, "transaction"), "{name}");
     }
     assert_eq!(
-        indexes,
+        rest,
         [
             (
                 "m20261201_000001_index_physical_tables_active_revision".to_owned(),
@@ -300,6 +300,11 @@ async fn status_json_shows_which_pending_migrations_run_together_and_which_alone
                 "m20261206_000001_index_gc_manifest_expiration".to_owned(),
                 3,
                 "alone".to_owned()
+            ),
+            (
+                "m20261206_000002_add_claim_epochs".to_owned(),
+                4,
+                "transaction".to_owned()
             )
         ]
     );

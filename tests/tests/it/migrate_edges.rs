@@ -361,10 +361,14 @@ async fn read_path_and_connect_permission_errors_give_the_grant_that_fixes_them(
     reconnected.assert_success();
 }
 
+/// What the configurations of the tests that make an earlier migration pending again need: newer
+/// ones stay applied, so it is out of order.
+const OUT_OF_ORDER: &str = "allow_out_of_order = true";
+
 /// A database at head whose migrations `unapply` are made pending again (their records deleted,
-/// what they built kept).
+/// what they built kept); its configuration allows them to run out of order.
 async fn last_pending(dir: &TempDir, unapply: &[&str]) -> (TestDb, std::path::PathBuf) {
-    let (db, config) = cli::database_at_head(dir, "").await;
+    let (db, config) = cli::database_at_head(dir, OUT_OF_ORDER).await;
     let conn = db.connect().await;
     for name in unapply {
         conn.execute_unprepared(&format!(
@@ -413,7 +417,7 @@ async fn bookkeeping_privileges_are_checked_before_the_index_is_built() {
     ))
     .await
     .expect("grants");
-    let config = dir.file("role.toml", &config_toml(&as_user(db.url(), &role), ""));
+    let config = dir.file("role.toml", &config_toml(&as_user(db.url(), &role), OUT_OF_ORDER));
     let denied = cli::ampd_with_config(&config, &["migrate"]).await;
     let built: i64 = tests::sql::count(
         &conn,
@@ -453,7 +457,7 @@ async fn a_concurrent_index_build_waits_for_older_transactions_under_its_own_bou
         "bounds.toml",
         &config_toml(
             db.url(),
-            "ddl_lock_timeout_ms = 200\nconcurrent_index_timeout_secs = 60",
+            "ddl_lock_timeout_ms = 200\nconcurrent_index_timeout_secs = 60\nallow_out_of_order = true",
         ),
     );
     let admin = db.connect().await;
@@ -509,7 +513,7 @@ async fn a_concurrent_index_build_waits_for_older_transactions_under_its_own_bou
         "short.toml",
         &config_toml(
             db.url(),
-            "ddl_lock_timeout_ms = 200\nconcurrent_index_timeout_secs = 1",
+            "ddl_lock_timeout_ms = 200\nconcurrent_index_timeout_secs = 1\nallow_out_of_order = true",
         ),
     );
     old.execute_unprepared("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")

@@ -79,9 +79,9 @@ async fn validate_fails_on_an_index_a_concurrent_build_left_half_built() {
     let db = TestDb::empty().await;
     let dir = TempDir::new();
     let config = dir.config(db.url(), "");
-    // A previous release migrated; this one's last migration (a concurrent index build) failed
-    // half-way and left its index INVALID.
-    let out = cli::fixture_with_config(&config, "previous", &["migrate"]).await;
+    // A previous release migrated; this one's first new migration (a concurrent index build)
+    // failed half-way and left its index INVALID.
+    let out = cli::fixture_with_config(&config, "before-index", &["migrate"]).await;
     out.assert_success();
     let conn = db.connect().await;
     conn.execute_unprepared(&format!(

@@ -89,13 +89,15 @@ async fn job(
 
 /// Realistic rows in every table, written through the entities.
 async fn fill(db: &DatabaseConnection) -> Vec<i64> {
+    // Inserted without reading the row back: the schema is older than the entity (its later
+    // columns do not exist yet).
     for node in ["worker-a", "worker-b"] {
-        workers::ActiveModel {
+        workers::Entity::insert(workers::ActiveModel {
             node_id: Set(node.into()),
             info: Set(json!({"version": "0.9.0", "commit": "abc123"})),
             ..Default::default()
-        }
-        .insert(db)
+        })
+        .exec(db)
         .await
         .expect("worker");
     }
@@ -211,24 +213,29 @@ async fn backfill_of_idempotency_keys_keeps_every_row_and_keys_every_job() {
     let report = migrate::migrate(&config, &MigrationSet::ampd())
         .await
         .expect("migrate to head");
-    let applied: Vec<&str> = report.applied.iter().map(|a| a.name.as_str()).collect();
+    let applied: Vec<String> = report.applied.iter().map(|a| a.name.clone()).collect();
+    let schema = tests::schema_migrations();
+    let from_backfill = schema
+        .iter()
+        .position(|name| name == "m20261101_000007_backfill_jobs_idempotency_key")
+        .expect("the backfill is a migration of the schema");
     assert_eq!(
         applied,
-        [
-            "m20261101_000007_backfill_jobs_idempotency_key",
-            "m20261201_000001_index_physical_tables_active_revision",
-            "m20261206_000001_index_gc_manifest_expiration"
-        ],
-        "the backfill and the migration after it were pending"
+        schema[from_backfill..],
+        "the backfill and the migrations after it were pending"
     );
     let after = all_rows(&conn).await;
 
-    // Every row survived unchanged, except for the key the backfill adds to jobs.
+    // Every row survived unchanged, except for the key the backfill adds to jobs (columns added by
+    // later migrations are not compared: they did not exist before).
     for ((table, rows_before), (_, rows_after)) in before.iter().zip(&after) {
         assert_eq!(rows_before.len(), rows_after.len(), "{table}: row count");
         for (b, a) in rows_before.iter().zip(rows_after) {
             let mut a = a.clone();
             let mut b = b.clone();
+            if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object()) {
+                a.retain(|column, _| b.contains_key(column) || column == "idempotency_key");
+            }
             if table == "jobs" {
                 assert!(b["idempotency_key"].is_null());
                 a.as_object_mut().unwrap().remove("idempotency_key");
