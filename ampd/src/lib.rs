@@ -4,8 +4,8 @@
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod keepalive;
 pub mod failpoint;
+pub mod keepalive;
 mod logging;
 pub mod manifest;
 pub mod metadata;

@@ -28,6 +28,16 @@ impl Output {
         format!("{}\n{}", self.stdout, self.stderr)
     }
 
+    /// How many migrations `ampd migrate` says it applied (`applied N migration(s) in ...`); 0 when
+    /// it applied none.
+    pub fn applied(&self) -> usize {
+        self.stdout
+            .split_once("applied ")
+            .and_then(|(_, rest)| rest.split_once(' '))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Fails the test unless `holds`, saying `what` failed and showing the whole run.
     #[track_caller]
     fn check(&self, holds: bool, what: impl FnOnce() -> String) -> &Self {

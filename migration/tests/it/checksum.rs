@@ -1,21 +1,12 @@
 //! Migration checksums: what changes them and what must not.
 
-use std::path::Path;
+use super::source;
 use std::process::Command;
 
 use migration::{
     Algorithm, CHECKSUMS, MigratorTrait, checksum_of, checksum_with, source_checksum,
     source_checksum_v1,
 };
-
-fn source(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src")
-            .join(format!("{name}.rs")),
-    )
-    .expect("migration source")
-}
 
 const SAMPLE: &str = "m20261101_000002_create_jobs";
 

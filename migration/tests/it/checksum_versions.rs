@@ -1,22 +1,13 @@
 //! Versions of the checksum algorithm: token spacing never counts in the current one, and the
 //! values databases recorded with algorithm 1 stay what this build gives them.
 
-use std::path::Path;
+use super::source;
 use std::process::Command;
 
 use migration::{
     Algorithm, CHECKSUMS_V1, FROZEN_V1, checksum_with, effective_v1, parse_frozen_v1,
     source_checksum, source_checksum_v1,
 };
-
-fn source(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src")
-            .join(format!("{name}.rs")),
-    )
-    .expect("migration source")
-}
 
 /// Runs the real rustfmt on `text` and returns what it wrote.
 fn rustfmt(text: &str, tag: &str) -> String {

@@ -381,7 +381,11 @@ async fn a_roll_back_committed_during_a_collector_batch_keeps_its_files() {
     gate.commit().await.unwrap();
     let done = pass.await.unwrap().expect("collector pass");
 
-    assert_eq!(rows::active_revision_id(&db, t).await, Some(old.id), "rolled back");
+    assert_eq!(
+        rows::active_revision_id(&db, t).await,
+        Some(old.id),
+        "rolled back"
+    );
     assert_eq!(
         done.files, 0,
         "nothing of the active revision was collected: {done:?}"
@@ -460,7 +464,11 @@ async fn a_roll_back_committed_after_a_revision_was_listed_as_emptied_keeps_its_
     gate.commit().await.unwrap();
     let done = pass.await.unwrap();
 
-    assert_eq!(rows::active_revision_id(&db, t).await, Some(empty.id), "rolled back");
+    assert_eq!(
+        rows::active_revision_id(&db, t).await,
+        Some(empty.id),
+        "rolled back"
+    );
     assert!(
         data.path().join(&empty.path).join("unregistered").exists(),
         "the active revision's directory was removed (pass: {done:?})"

@@ -417,7 +417,10 @@ async fn bookkeeping_privileges_are_checked_before_the_index_is_built() {
     ))
     .await
     .expect("grants");
-    let config = dir.file("role.toml", &config_toml(&as_user(db.url(), &role), OUT_OF_ORDER));
+    let config = dir.file(
+        "role.toml",
+        &config_toml(&as_user(db.url(), &role), OUT_OF_ORDER),
+    );
     let denied = cli::ampd_with_config(&config, &["migrate"]).await;
     let built: i64 = tests::sql::count(
         &conn,

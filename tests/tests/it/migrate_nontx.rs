@@ -481,12 +481,7 @@ async fn eight_runs_at_once_over_a_concurrent_index_build_all_succeed() {
     let mut applied = 0;
     for out in outputs {
         out.assert_success().assert_not_in_output("deadlock");
-        applied += out
-            .stdout
-            .split_once("applied ")
-            .and_then(|(_, rest)| rest.split_once(' '))
-            .and_then(|(n, _)| n.parse::<usize>().ok())
-            .unwrap_or(0);
+        applied += out.applied();
     }
     println!(
         "8 concurrent `ampd migrate` over CREATE INDEX CONCURRENTLY on 200000 rows: all exited 0 \

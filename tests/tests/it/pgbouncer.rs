@@ -41,12 +41,7 @@ async fn eight_at_once(label: &str, config: &std::path::Path, db: &TestDb) {
     let mut applied = 0;
     for out in outputs {
         out.assert_success().assert_not_in_output("deadlock");
-        applied += out
-            .stdout
-            .split_once("applied ")
-            .and_then(|(_, rest)| rest.split_once(' '))
-            .and_then(|(n, _)| n.parse::<i64>().ok())
-            .unwrap_or(0);
+        applied += out.applied() as i64;
     }
     println!(
         "--- {label}: 8 concurrent `ampd migrate`: all exited 0 in {:?}; together they applied \
