@@ -92,7 +92,7 @@ async fn an_ipv6_literal_host_connects_and_an_unreachable_one_is_named_as_such()
         ),
     );
     let out = cli::ampd_with_config(&config, &["migrate"]).await;
-    out.assert_success().assert_stdout_contains(&format!(
+    out.assert_success().assert_stdout_contains(format!(
         "applied {} migrations",
         tests::schema_migration_count()
     ));
@@ -165,7 +165,7 @@ async fn a_grant_hint_with_quoted_names_works_as_given() {
         "{}",
         refused.stderr
     );
-    after.assert_success().assert_stdout_contains(&format!(
+    after.assert_success().assert_stdout_contains(format!(
         "applied {} migrations",
         tests::schema_migration_count()
     ));

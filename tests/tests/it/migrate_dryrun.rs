@@ -122,7 +122,7 @@ async fn dry_run_prints_the_statements_a_real_run_sends_in_order() {
     let wire = StatementCounter::start(real_db.url()).await;
     let real_config = dir.file("real.toml", &config_toml(wire.url(), ""));
     let real = cli::ampd_with_config(&real_config, &["migrate"]).await;
-    real.assert_success().assert_stdout_contains(&format!(
+    real.assert_success().assert_stdout_contains(format!(
         "applied {} migrations",
         tests::schema_migration_count()
     ));

@@ -114,10 +114,10 @@ async fn session_mode_migrate_and_services_work_through_pgbouncer() {
 
     let out = ampd("session mode", &config, &["migrate"]).await;
     out.assert_success()
-        .assert_stdout_contains(&format!("applied {} migrations", schema_migrations()));
+        .assert_stdout_contains(format!("applied {} migrations", schema_migrations()));
     let out = ampd("session mode", &config, &["migrate", "status"]).await;
     out.assert_success()
-        .assert_stdout_contains(&format!("{} applied, 0 pending", schema_migrations()));
+        .assert_stdout_contains(format!("{} applied, 0 pending", schema_migrations()));
 
     // A worker (node-id claim and LISTEN on session connections, its pool too) through PgBouncer.
     let node = format!("pgbs{}", std::process::id());
@@ -170,7 +170,7 @@ async fn transaction_mode_as_the_only_url_is_refused_before_any_change_with_the_
     )
     .await;
     out.assert_success()
-        .assert_stdout_contains(&format!("0 applied, {} pending", schema_migrations()));
+        .assert_stdout_contains(format!("0 applied, {} pending", schema_migrations()));
 }
 
 #[tokio::test]
