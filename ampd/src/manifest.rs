@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -343,31 +343,86 @@ pub enum SourceError {
     },
 }
 
-/// The file `relative` names inside `sources_dir`, resolved (symlinks followed) and checked to be
-/// inside it; a path that is absolute, uses `..`, or leads outside through a symlink is refused, so
-/// a manifest can make a worker read nothing but the sources directory.
-pub fn resolve_source(sources_dir: &Path, relative: &str) -> Result<PathBuf, SourceError> {
+/// Opens the file `relative` names inside `sources_dir`, for reading, once: the path is resolved
+/// by the kernel beneath the directory (`openat2` with `RESOLVE_BENEATH`), so neither `..` nor a
+/// symbolic link (of the file or of a directory on the way) can lead outside it, and a file
+/// swapped for a link after an earlier check is refused rather than followed. The open does not
+/// block (a FIFO is not waited on) and the handle is checked to be a regular file. Read only from
+/// the handle returned: the path may name something else a moment later.
+pub fn open_source(sources_dir: &Path, relative: &str) -> Result<std::fs::File, SourceError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     check_relative(relative).map_err(SourceError::Outside)?;
     let unreadable = |source| SourceError::Unreadable {
         path: relative.to_owned(),
         source,
     };
-    let root = sources_dir
-        .canonicalize()
-        .map_err(|e| SourceError::Unreadable {
-            path: sources_dir.display().to_string(),
-            source: e,
-        })?;
-    let resolved = root.join(relative).canonicalize().map_err(unreadable)?;
-    if !resolved.starts_with(&root) {
-        return Err(SourceError::Outside(format!(
+    let dir = rustix::fs::open(
+        sources_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SourceError::Unreadable {
+        path: sources_dir.display().to_string(),
+        source: e.into(),
+    })?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        relative,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => SourceError::Outside(format!(
             "{relative:?} leads outside the sources directory (through a symbolic link)"
+        )),
+        other => unreadable(other.into()),
+    })?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| unreadable(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(unreadable(std::io::Error::other(
+            "not a regular file (a FIFO, device, socket or directory is refused)",
         )));
     }
-    if !resolved.is_file() {
-        return Err(unreadable(std::io::Error::other("not a regular file")));
+    Ok(std::fs::File::from(fd))
+}
+
+/// What is wrong with a header row, said without quoting it (a file's contents stay out of
+/// errors): the first position that does not name the expected column, or the count.
+pub fn header_mismatch<'a>(
+    header: impl IntoIterator<Item = &'a str>,
+    columns: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let names: Vec<&str> = columns.into_iter().collect();
+    let mut got = 0;
+    for field in header {
+        match names.get(got) {
+            Some(name) if field == *name => got += 1,
+            Some(name) => {
+                return Some(format!(
+                    "the header row must name the table's columns in order: field {} is not \
+                     {name:?}",
+                    got + 1
+                ));
+            }
+            None => {
+                got += 1;
+                break;
+            }
+        }
     }
-    Ok(resolved)
+    (got != names.len()).then(|| {
+        format!(
+            "the header row has {} {got} fields; it must name the table's {} columns in order: {}",
+            if got > names.len() {
+                "more than"
+            } else {
+                "only"
+            },
+            names.len(),
+            names.join(",")
+        )
+    })
 }
 
 /// A value that does not fit its column.
@@ -460,27 +515,27 @@ fn expected(ty: ColumnType, got: impl fmt::Display) -> String {
     format!("expected {}, got {got}", ty.as_str())
 }
 
+/// Writes a CSV field. The messages never quote the field: a file's contents stay out of errors
+/// (which a job's detail shows to whoever can read the admin API).
 fn write_text(ty: ColumnType, field: &str, out: &mut Vec<u8>) -> Result<(), String> {
+    let not_a = || format!("not a valid {} value", ty.as_str());
     match ty {
         ColumnType::Int64 => {
-            let v: i64 = field
-                .parse()
-                .map_err(|_| expected(ty, format!("{field:?}")))?;
+            let v: i64 = field.parse().map_err(|_| not_a())?;
             out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         }
         ColumnType::Float64 => {
-            let v: f64 = field
-                .parse()
-                .map_err(|_| expected(ty, format!("{field:?}")))?;
-            write_float(v, field, out)?;
+            let v: f64 = field.parse().map_err(|_| not_a())?;
+            write_float(v, "a value that is not finite", out)?;
         }
         ColumnType::String => write_string(field, out),
         ColumnType::Bool => out.extend_from_slice(match field {
             "true" => b"true",
             "false" => b"false",
-            _ => return Err(expected(ty, format!("{field:?} (use true or false)"))),
+            _ => return Err(format!("{} (use true or false)", not_a())),
         }),
-        ColumnType::Timestamp => write_timestamp(field, out)?,
+        ColumnType::Timestamp => write_timestamp(field, out)
+            .map_err(|_| format!("{} (use RFC 3339, e.g. 2024-05-01T12:00:00Z)", not_a()))?,
     }
     Ok(())
 }
@@ -658,30 +713,62 @@ mod tests {
     }
 
     #[test]
-    fn sources_resolve_inside_the_sources_directory_only() {
+    fn sources_open_inside_the_sources_directory_only() {
         let dir = std::env::temp_dir().join(format!("ampd-sources-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let sources = dir.join("sources");
         std::fs::create_dir_all(sources.join("sub")).unwrap();
         std::fs::write(sources.join("sub/a.csv"), "a\n1\n").unwrap();
         std::fs::write(dir.join("secret.csv"), "a\n1\n").unwrap();
         std::os::unix::fs::symlink(dir.join("secret.csv"), sources.join("link.csv")).unwrap();
-        assert!(resolve_source(&sources, "sub/a.csv").is_ok());
+        std::os::unix::fs::symlink("sub/a.csv", sources.join("inside.csv")).unwrap();
+        std::os::unix::fs::symlink(&dir, sources.join("up")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", sources.join("zero.csv")).unwrap();
+        assert!(open_source(&sources, "sub/a.csv").is_ok());
+        assert!(open_source(&sources, "inside.csv").is_ok());
+        // `up/missing.csv` and `up/secret.csv` get the same answer: no oracle for outside paths.
         for bad in [
             "/etc/passwd",
             "../secret.csv",
             "sub/../../secret.csv",
             "link.csv",
             "./sub/a.csv",
+            "up/secret.csv",
+            "up/missing.csv",
+            "zero.csv",
         ] {
+            let opened = open_source(&sources, bad);
             assert!(
-                matches!(resolve_source(&sources, bad), Err(SourceError::Outside(_))),
-                "{bad}"
+                matches!(opened, Err(SourceError::Outside(_))),
+                "{bad}: {opened:?}"
             );
         }
         assert!(matches!(
-            resolve_source(&sources, "missing.csv"),
+            open_source(&sources, "missing.csv"),
             Err(SourceError::Unreadable { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_in_the_sources_directory_is_refused_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("ampd-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("d.csv")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("f.csv").into_os_string().into_encoded_bytes())
+            .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        for name in ["f.csv", "d.csv"] {
+            let opened = open_source(&dir, name);
+            let Err(SourceError::Unreadable { source, .. }) = &opened else {
+                panic!("{name}: {opened:?}");
+            };
+            assert!(
+                source.to_string().contains("not a regular file"),
+                "{source}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

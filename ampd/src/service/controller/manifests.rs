@@ -52,8 +52,8 @@ pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Val
 
 /// Checks every CSV source of `manifest` in `sources_dir`, when that directory exists here (the
 /// controller may run where the workers' sources are not visible; the worker checks again): the
-/// file must resolve inside the directory ([`manifest::resolve_source`]: no absolute path, `..`
-/// or symbolic link leading out) and its header row must name the table's columns, in order. Rows
+/// file must open beneath the directory as a regular file ([`manifest::open_source`]: no
+/// absolute path, `..` or symbolic link leading out) and its header row must name the table's columns, in order. Rows
 /// are checked by the worker as it reads them.
 pub async fn check_sources(
     sources_dir: PathBuf,
@@ -108,20 +108,17 @@ fn check_csv(
         at: at.clone(),
         message,
     };
-    let file = manifest::resolve_source(sources_dir, path).map_err(|e| fail(e.to_string()))?;
+    let file = manifest::open_source(sources_dir, path).map_err(|e| fail(e.to_string()))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
-        .from_path(&file)
-        .map_err(|e| fail(format!("cannot read {path:?}: {e}")))?;
+        .from_reader(file);
     let header = reader
         .headers()
         .map_err(|e| fail(format!("cannot read the header row of {path:?}: {e}")))?;
-    if !header.iter().eq(columns.iter().map(String::as_str)) {
-        return Err(fail(format!(
-            "the header row of {path:?} is {:?}; it must name the table's columns {columns:?}, in \
-             this order",
-            header.iter().collect::<Vec<_>>()
-        )));
+    if let Some(problem) =
+        manifest::header_mismatch(header.iter(), columns.iter().map(String::as_str))
+    {
+        return Err(fail(format!("{path:?} line 1: {problem}")));
     }
     Ok(())
 }

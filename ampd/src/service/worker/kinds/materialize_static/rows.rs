@@ -1,14 +1,14 @@
 //! Reading a table's rows (the manifest's, or a CSV file's) and writing them into part files.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{CHECK_EVERY, IO_BUFFER, io_failure};
-use crate::manifest::{self, Column, RowEncoder};
+use crate::manifest::{self, Column, RowEncoder, SourceError};
 use crate::service::worker::kinds::{Failure, JobError};
 
 /// A bad row: `row` is the 1-based line of the file (or the row's index in the manifest, `at`
@@ -27,22 +27,49 @@ fn bad_row(
     })
 }
 
-/// Opens `path` as CSV and checks that its header names `columns` in order.
+/// Why a table's CSV source is refused: the job can never succeed.
+pub(super) fn refused_source(err: SourceError, table: &str) -> JobError {
+    let reason = match err {
+        SourceError::Outside(_) => "source_outside",
+        SourceError::Unreadable { .. } => "source_unreadable",
+    };
+    JobError::fatal(Failure::new(reason, err.to_string()).table(table))
+}
+
+/// Opens `relative` beneath `sources_dir` ([`manifest::open_source`]: the one open of the file,
+/// refused when it leads outside or is not a regular file) as CSV and checks that its header
+/// names `columns` in order.
 pub(super) fn open_csv(
-    path: &Path,
+    sources_dir: &Path,
     relative: &str,
     table: &str,
     columns: &[Column],
 ) -> Result<csv::Reader<File>, JobError> {
-    let file = File::open(path).map_err(|e| {
-        JobError::fatal(
-            Failure::new(
-                "source_unreadable",
-                format!("cannot open {relative:?} in the sources directory: {e}"),
-            )
-            .table(table),
-        )
-    })?;
+    let file =
+        manifest::open_source(sources_dir, relative).map_err(|e| refused_source(e, table))?;
+    csv_reader(file, relative, table, columns)
+}
+
+/// The file of `reader` read again from its start, through the same handle, its header checked
+/// again.
+pub(super) fn rewind(
+    reader: csv::Reader<File>,
+    relative: &str,
+    table: &str,
+    columns: &[Column],
+) -> Result<csv::Reader<File>, JobError> {
+    let mut file = reader.into_inner();
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| io_failure(table, format!("cannot read {relative:?} again: {e}")))?;
+    csv_reader(file, relative, table, columns)
+}
+
+fn csv_reader(
+    file: File,
+    relative: &str,
+    table: &str,
+    columns: &[Column],
+) -> Result<csv::Reader<File>, JobError> {
     // The csv reader buffers by itself (`buffer_capacity`); a BufReader under it would copy twice.
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
@@ -51,23 +78,12 @@ pub(super) fn open_csv(
     let header = reader
         .headers()
         .map_err(|e| csv_failure(e, relative, table, columns))?;
-    if !header.iter().eq(columns.iter().map(|c| c.name.as_str())) {
+    if let Some(problem) =
+        manifest::header_mismatch(header.iter(), columns.iter().map(|c| c.name.as_str()))
+    {
         return Err(JobError::fatal(Failure {
             row: Some(1),
-            ..Failure::new(
-                "bad_csv_header",
-                format!(
-                    "{relative:?}: the header row is {:?}; it must name the table's columns in \
-                     order: {:?}",
-                    header.iter().collect::<Vec<_>>().join(","),
-                    columns
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
-            )
-            .table(table)
+            ..Failure::new("bad_csv_header", format!("{relative:?} line 1: {problem}")).table(table)
         }));
     }
     Ok(reader)
@@ -355,10 +371,9 @@ mod tests {
     #[test]
     fn a_csv_field_that_is_not_utf8_names_its_line_and_column() {
         let dir = scratch("not-utf8");
-        let path = dir.join("t.csv");
-        std::fs::write(&path, b"a,b\n1,x\n2,\xff\n").unwrap();
+        std::fs::write(dir.join("t.csv"), b"a,b\n1,x\n2,\xff\n").unwrap();
         let columns = columns(&[("a", "int64"), ("b", "string")]);
-        let reader = open_csv(&path, "t.csv", "t", &columns).unwrap();
+        let reader = open_csv(&dir, "t.csv", "t", &columns).unwrap();
         let mut rows = TableRows {
             table: "t".into(),
             encoder: RowEncoder::new(&columns),
@@ -381,6 +396,70 @@ mod tests {
             "{failure:?}"
         );
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_source_swapped_for_a_symlink_out_between_check_and_open_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ampd-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sources = dir.join("sources");
+        std::fs::create_dir_all(&sources).unwrap();
+        std::fs::write(sources.join("b.csv"), "a\n1\n").unwrap();
+        std::fs::write(dir.join("secret.csv"), "a\n424242\n").unwrap();
+        let columns: Vec<Column> =
+            vec![serde_json::from_value(json!({"name": "a", "type": "int64"})).unwrap()];
+        // The check before the job (the plan) passes, then the file is swapped for a link out.
+        drop(manifest::open_source(&sources, "b.csv").unwrap());
+        std::fs::remove_file(sources.join("b.csv")).unwrap();
+        std::os::unix::fs::symlink(dir.join("secret.csv"), sources.join("b.csv")).unwrap();
+        let opened = open_csv(&sources, "b.csv", "b", &columns);
+        let Err(JobError::Fatal(failure)) = &opened else {
+            panic!("the file outside was opened");
+        };
+        assert_eq!(failure.reason, "source_outside", "{failure:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_column_never_its_contents() {
+        let dir = std::env::temp_dir().join(format!("ampd-echo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("h.csv"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+        std::fs::write(dir.join("c.csv"), "a\nsecret-value\n").unwrap();
+        let columns: Vec<Column> =
+            vec![serde_json::from_value(json!({"name": "a", "type": "int64"})).unwrap()];
+        let Err(JobError::Fatal(header)) = open_csv(&dir, "h.csv", "h", &columns) else {
+            panic!("a header that names no column was accepted");
+        };
+        assert!(!header.message.contains("root"), "{header:?}");
+        assert!(header.message.contains("\"h.csv\" line 1"), "{header:?}");
+        let reader = open_csv(&dir, "c.csv", "c", &columns).unwrap();
+        let mut rows = TableRows {
+            table: "c".into(),
+            encoder: RowEncoder::new(&columns),
+            columns,
+            rows: Rows::Csv {
+                reader,
+                record: csv::StringRecord::new(),
+                relative: "c.csv".into(),
+            },
+        };
+        let Err(JobError::Fatal(cell)) = rows.next_into(&mut Vec::new()) else {
+            panic!("a value that is not an int64 was accepted");
+        };
+        assert!(!cell.message.contains("secret"), "{cell:?}");
+        assert!(
+            cell.message.contains("\"c.csv\" line 2, column a"),
+            "{cell:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
