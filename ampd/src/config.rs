@@ -88,6 +88,27 @@ pub struct ControllerConfig {
     pub max_attempts: u32,
     /// Largest request body the admin API accepts, in bytes (a larger one gets 413); at least 1.
     pub max_body_bytes: u64,
+    /// Tables a registered manifest may have (more gets 422); at least 1.
+    pub max_manifest_tables: u64,
+    /// Columns a table of a registered manifest may have (more gets 422); at least 1.
+    pub max_table_columns: u64,
+    /// Inline rows a registered manifest may hold, all tables together (more gets 422); at least 1.
+    pub max_inline_rows: u64,
+    /// Longest namespace, name and version (in bytes) a manifest is registered under (longer
+    /// gets 400); from 1 to 200 (names become directory names).
+    pub max_name_len: u64,
+}
+
+impl ControllerConfig {
+    /// The limits a manifest is registered (and deployed) within.
+    pub fn manifest_limits(&self) -> crate::manifest::Limits {
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        crate::manifest::Limits {
+            max_tables: size(self.max_manifest_tables),
+            max_columns: size(self.max_table_columns),
+            max_inline_rows: size(self.max_inline_rows),
+        }
+    }
 }
 
 /// `[server]`: the service that serves tables' rows.
@@ -161,6 +182,10 @@ impl Default for ControllerConfig {
             retry_max_delay_ms: 300_000,
             max_attempts: 5,
             max_body_bytes: 4 * 1024 * 1024,
+            max_manifest_tables: 1000,
+            max_table_columns: 1000,
+            max_inline_rows: 100_000,
+            max_name_len: 63,
         }
     }
 }

@@ -176,10 +176,48 @@ pub fn kind_of(manifest: &serde_json::Value) -> Result<&str, ManifestError> {
         .ok_or_else(|| err("kind", "a manifest needs a non-empty string field \"kind\""))
 }
 
+/// Bounds on what one manifest may hold, each checked before the work it bounds (the controller's
+/// `[controller]` keys of the same names; a manifest stored before a limit was lowered is still
+/// read with [`Limits::NONE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Tables per manifest (`max_manifest_tables`).
+    pub max_tables: usize,
+    /// Columns per table (`max_table_columns`).
+    pub max_columns: usize,
+    /// Inline rows per manifest, all tables together (`max_inline_rows`).
+    pub max_inline_rows: usize,
+}
+
+impl Limits {
+    /// No bound: for a manifest already stored.
+    pub const NONE: Limits = Limits {
+        max_tables: usize::MAX,
+        max_columns: usize::MAX,
+        max_inline_rows: usize::MAX,
+    };
+}
+
+fn over_limit(at: &str, what: &str, count: usize, max: usize, key: &str) -> ManifestError {
+    err(
+        at,
+        format!("{count} {what}, more than the limit of {max} (`[controller] {key}`)"),
+    )
+}
+
 impl StaticManifest {
     /// Parses and validates a static manifest: its structure, names and types, and every inline
     /// row. CSV files are checked when they are read.
     pub fn parse(manifest: &serde_json::Value) -> Result<StaticManifest, ManifestError> {
+        StaticManifest::parse_within(manifest, Limits::NONE)
+    }
+
+    /// [`StaticManifest::parse`], refusing a manifest over `limits` (the message names the
+    /// limit). Linear in the manifest's size; run it off the async runtime.
+    pub fn parse_within(
+        manifest: &serde_json::Value,
+        limits: Limits,
+    ) -> Result<StaticManifest, ManifestError> {
         let raw: RawManifest = serde_json::from_value(manifest.clone())
             .map_err(|e| err("manifest", format!("not a manifest object: {e}")))?;
         if raw.kind.as_str() != Some(STATIC) {
@@ -197,6 +235,16 @@ impl StaticManifest {
         if tables.is_empty() {
             return Err(err("tables", "a manifest needs at least one table"));
         }
+        if tables.len() > limits.max_tables {
+            return Err(over_limit(
+                "tables",
+                "tables",
+                tables.len(),
+                limits.max_tables,
+                "max_manifest_tables",
+            ));
+        }
+        let mut rows_left = limits.max_inline_rows;
         let tables: BTreeMap<String, serde_json::Value> = tables.into_iter().collect();
         let mut parsed = Vec::with_capacity(tables.len());
         for (name, value) in tables {
@@ -208,18 +256,39 @@ impl StaticManifest {
                      letter, at most 63 characters",
                 ));
             }
-            parsed.push(parse_table(&at, name, value)?);
+            parsed.push(parse_table(&at, name, value, &limits, &mut rows_left)?);
         }
         Ok(StaticManifest { tables: parsed })
     }
 }
 
-fn parse_table(at: &str, name: String, value: serde_json::Value) -> Result<Table, ManifestError> {
+fn parse_table(
+    at: &str,
+    name: String,
+    value: serde_json::Value,
+    limits: &Limits,
+    rows_left: &mut usize,
+) -> Result<Table, ManifestError> {
     let raw: RawTable = serde_json::from_value(value)
         .map_err(|e| err(at, format!("expected a table object: {e}")))?;
-    let columns = parse_columns(&format!("{at}.columns"), raw.columns)?;
+    let columns = parse_columns(&format!("{at}.columns"), raw.columns, limits.max_columns)?;
     let source = match (raw.rows, raw.csv) {
-        (Some(rows), None) => Source::Rows(parse_rows(&format!("{at}.rows"), &columns, rows)?),
+        (Some(rows), None) => {
+            let at = format!("{at}.rows");
+            if let serde_json::Value::Array(rows) = &rows {
+                if rows.len() > *rows_left {
+                    return Err(over_limit(
+                        &at,
+                        "inline rows (with the tables before it)",
+                        limits.max_inline_rows - *rows_left + rows.len(),
+                        limits.max_inline_rows,
+                        "max_inline_rows",
+                    ));
+                }
+                *rows_left -= rows.len();
+            }
+            Source::Rows(parse_rows(&at, &columns, rows)?)
+        }
         (None, Some(serde_json::Value::String(path))) => {
             check_relative(&path).map_err(|m| err(format!("{at}.csv"), m))?;
             Source::Csv(path)
@@ -235,14 +304,28 @@ fn parse_table(at: &str, name: String, value: serde_json::Value) -> Result<Table
     })
 }
 
-fn parse_columns(at: &str, value: Option<serde_json::Value>) -> Result<Vec<Column>, ManifestError> {
+fn parse_columns(
+    at: &str,
+    value: Option<serde_json::Value>,
+    max_columns: usize,
+) -> Result<Vec<Column>, ManifestError> {
     let Some(serde_json::Value::Array(items)) = value else {
         return Err(err(at, "expected an array of {\"name\", \"type\"} objects"));
     };
     if items.is_empty() {
         return Err(err(at, "a table needs at least one column"));
     }
+    if items.len() > max_columns {
+        return Err(over_limit(
+            at,
+            "columns",
+            items.len(),
+            max_columns,
+            "max_table_columns",
+        ));
+    }
     let mut columns: Vec<Column> = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("{at}[{i}]");
         let column: Column = serde_json::from_value(item).map_err(|e| {
@@ -264,7 +347,7 @@ fn parse_columns(at: &str, value: Option<serde_json::Value>) -> Result<Vec<Colum
                 ),
             ));
         }
-        if columns.iter().any(|c| c.name == column.name) {
+        if !seen.insert(column.name.clone()) {
             return Err(err(&at, format!("duplicate column {:?}", column.name)));
         }
         columns.push(column);

@@ -47,6 +47,10 @@ pub struct AppState {
     pub gc_grace: Duration,
     /// The OpenAPI document, served by `GET /openapi.json`.
     pub openapi: serde_json::Value,
+    /// `[controller] max_manifest_tables`, `max_table_columns`, `max_inline_rows`.
+    pub limits: crate::manifest::Limits,
+    /// `[controller] max_name_len`.
+    pub max_name_len: usize,
 }
 
 impl AppState {
@@ -64,6 +68,8 @@ impl AppState {
             liveness_window: Duration::from_millis(config.worker.liveness_window_ms),
             gc_grace: Duration::from_secs(config.worker.gc_grace_secs),
             openapi: serde_json::Value::Null,
+            limits: config.controller.manifest_limits(),
+            max_name_len: usize::try_from(config.controller.max_name_len).unwrap_or(usize::MAX),
         }
     }
 }
