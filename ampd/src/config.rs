@@ -151,6 +151,9 @@ pub struct WorkerConfig {
     pub reconcile_interval_ms: u64,
     /// Rows per file a job writes; at least 1.
     pub rows_per_file: u64,
+    /// The longest CSV record (a header row too) read from `sources_dir`, in bytes; a longer one
+    /// ends the job FATAL (`record_too_long`) and is refused at registration; at least 1.
+    pub max_csv_record_bytes: u64,
 }
 
 impl Default for MetadataDbConfig {
@@ -210,6 +213,7 @@ impl Default for WorkerConfig {
             gc_interval_ms: 5000,
             reconcile_interval_ms: 5000,
             rows_per_file: 100_000,
+            max_csv_record_bytes: 1024 * 1024,
         }
     }
 }

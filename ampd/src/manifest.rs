@@ -508,6 +508,118 @@ pub fn header_mismatch<'a>(
     })
 }
 
+/// The marker of the I/O error [`RecordBound`] ends a read with: a CSV record longer than the
+/// limit.
+#[derive(Debug, thiserror::Error)]
+#[error("a CSV record longer than {limit} bytes")]
+pub struct RecordTooLong {
+    /// The limit, in bytes.
+    pub limit: u64,
+}
+
+/// A reader under a CSV parser that hands it at most `limit` bytes (plus the parser's buffer)
+/// past the end of the last whole record, so a record without an end (a file without a newline, a
+/// quote never closed) costs memory up to the limit, not the file's size. The reader of the
+/// records calls [`RecordBound::record_ended`] after each one with the parser's position.
+#[derive(Debug)]
+pub struct RecordBound<R> {
+    inner: R,
+    delivered: u64,
+    record_end: std::cell::Cell<u64>,
+    allowed: u64,
+    limit: u64,
+}
+
+impl<R> RecordBound<R> {
+    /// `inner`, read by a parser whose buffer holds `buffer` bytes, records at most `limit` bytes.
+    pub fn new(inner: R, limit: u64, buffer: usize) -> RecordBound<R> {
+        RecordBound {
+            inner,
+            delivered: 0,
+            record_end: std::cell::Cell::new(0),
+            allowed: limit.saturating_add(buffer as u64),
+            limit,
+        }
+    }
+
+    /// A record ended at byte `offset` of the stream.
+    pub fn record_ended(&self, offset: u64) {
+        self.record_end.set(offset);
+    }
+
+    /// The limit, in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The reader underneath.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for RecordBound<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let used = self.delivered - self.record_end.get().min(self.delivered);
+        let room = self.allowed.saturating_sub(used);
+        if room == 0 {
+            return Err(std::io::Error::other(RecordTooLong { limit: self.limit }));
+        }
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.delivered += n as u64;
+        Ok(n)
+    }
+}
+
+/// The [`RecordTooLong`] inside a CSV error, if that is what it is.
+pub fn record_too_long(err: &csv::Error) -> Option<u64> {
+    match err.kind() {
+        csv::ErrorKind::Io(e) => e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<RecordTooLong>())
+            .map(|r| r.limit),
+        _ => None,
+    }
+}
+
+/// The header row of `reader` (its first record), refusing one longer than the bound's limit.
+pub fn headers_bounded<R: std::io::Read>(
+    reader: &mut csv::Reader<RecordBound<R>>,
+) -> Result<csv::StringRecord, csv::Error> {
+    let header = reader.headers()?.clone();
+    let end = reader.position().byte();
+    let limit = reader.get_ref().limit();
+    if end > limit {
+        return Err(csv::Error::from(std::io::Error::other(RecordTooLong {
+            limit,
+        })));
+    }
+    reader.get_ref().record_ended(end);
+    Ok(header)
+}
+
+/// Reads the next record of `reader` into `record`, refusing one longer than the bound's limit:
+/// that is `Err(Ok(line))`, `line` the 1-based line it starts on; any other error is
+/// `Err(Err(_))`.
+pub fn read_bounded<R: std::io::Read>(
+    reader: &mut csv::Reader<RecordBound<R>>,
+    record: &mut csv::StringRecord,
+) -> Result<bool, Result<u64, csv::Error>> {
+    let start = reader.position().clone();
+    let more = match reader.read_record(record) {
+        Ok(more) => more,
+        Err(e) if record_too_long(&e).is_some() => return Err(Ok(start.line())),
+        Err(e) => return Err(Err(e)),
+    };
+    let end = reader.position().byte();
+    if end - start.byte() > reader.get_ref().limit() {
+        return Err(Ok(start.line()));
+    }
+    reader.get_ref().record_ended(end);
+    Ok(more)
+}
+
 /// A value that does not fit its column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CellError {

@@ -291,6 +291,7 @@ impl Problems<'_> {
         self.at_least_1("worker.gc_interval_ms", w.gc_interval_ms);
         self.at_least_1("worker.reconcile_interval_ms", w.reconcile_interval_ms);
         self.at_least_1("worker.rows_per_file", w.rows_per_file);
+        self.at_least_1("worker.max_csv_record_bytes", w.max_csv_record_bytes);
         self.at_least_1("controller.reconcile_interval_ms", c.reconcile_interval_ms);
         self.at_least_1("controller.retry_base_delay_ms", c.retry_base_delay_ms);
         self.at_least_1("controller.max_attempts", c.max_attempts);

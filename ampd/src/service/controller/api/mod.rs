@@ -51,6 +51,8 @@ pub struct AppState {
     pub limits: crate::manifest::Limits,
     /// `[controller] max_name_len`.
     pub max_name_len: usize,
+    /// `[worker] max_csv_record_bytes`: the header row of a CSV source is checked within it.
+    pub max_csv_record_bytes: u64,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             openapi: serde_json::Value::Null,
             limits: config.controller.manifest_limits(),
             max_name_len: usize::try_from(config.controller.max_name_len).unwrap_or(usize::MAX),
+            max_csv_record_bytes: config.worker.max_csv_record_bytes,
         }
     }
 }

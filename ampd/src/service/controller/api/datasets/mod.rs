@@ -253,7 +253,7 @@ pub async fn register(
         tokio::task::spawn_blocking(move || validate(&body, limits))
             .await
             .map_err(|e| internal("validating a manifest", e))??;
-    manifests::check_sources(app.sources_dir.clone(), &parsed)
+    manifests::check_sources(app.sources_dir.clone(), app.max_csv_record_bytes, &parsed)
         .await
         .map_err(invalid_manifest)?;
     let (namespace, name) = (req.namespace.as_str(), req.name.as_str());

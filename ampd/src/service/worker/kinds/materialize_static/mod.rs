@@ -33,7 +33,7 @@ use crate::manifest::{
 };
 use crate::metadata::jobs::{self, Target};
 use crate::metadata::{datasets, files, revisions};
-use rows::{Rows, TableRows, count_rows, open_csv, refused_source, rewind, write_part};
+use rows::{Rows, Sources, TableRows, count_rows, open_csv, refused_source, rewind, write_part};
 
 /// Rows between two looks at the job's cancellation token.
 const CHECK_EVERY: u64 = 1024;
@@ -224,9 +224,12 @@ async fn open_rows(
         }
         Input::Csv { relative } => {
             let (table, columns) = (table.to_owned(), columns.to_vec());
-            let sources_dir = job.settings.sources_dir.clone();
+            let sources = Sources {
+                dir: job.settings.sources_dir.clone(),
+                max_record_bytes: job.settings.max_csv_record_bytes,
+            };
             let reader = blocking(job, move |cancel| {
-                let mut counting = open_csv(&sources_dir, &relative, &table, &columns)?;
+                let mut counting = open_csv(&sources, &relative, &table, &columns)?;
                 let count = count_rows(&mut counting, &relative, &table, &columns, &cancel)?;
                 let reader = rewind(counting, &relative, &table, &columns)?;
                 Ok((reader, count, relative))
