@@ -220,9 +220,12 @@ impl BearerToken {
     }
 
     fn admits(&self, headers: &HeaderMap) -> bool {
+        // The scheme is case-insensitive (RFC 7235); the token is not.
         let Some(given) = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(|v| v.as_bytes())
+            .and_then(|v| v.split_at_checked(7))
+            .and_then(|(scheme, rest)| scheme.eq_ignore_ascii_case(b"Bearer ").then_some(rest))
         else {
             return false;
         };
@@ -323,4 +326,37 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::*;
+
+    fn with(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_case_insensitively_and_the_token_exactly() {
+        let token = BearerToken::new("s3cret");
+        for admitted in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "bEaReR s3cret",
+        ] {
+            assert!(token.admits(&with(admitted)), "{admitted}");
+        }
+        for refused in [
+            "Bearer S3CRET",
+            "Bearer s3cre",
+            "Basic s3cret",
+            "Bearers3cret",
+            "s3cret",
+        ] {
+            assert!(!token.admits(&with(refused)), "{refused}");
+        }
+    }
 }
