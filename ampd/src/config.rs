@@ -119,6 +119,9 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// Milliseconds between re-reads of every table's active revision; at least 1.
     pub reconcile_interval_ms: u64,
+    /// The longest row (a line of a revision's files) served as CSV, in bytes; a longer one cuts
+    /// the response off; at least 1.
+    pub max_row_bytes: u64,
 }
 
 /// `[storage]`: where manifests and tables' files live, shared by the services (the controller
@@ -198,6 +201,7 @@ impl Default for ServerConfig {
         ServerConfig {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1603)),
             reconcile_interval_ms: 30_000,
+            max_row_bytes: 8 * 1024 * 1024,
         }
     }
 }

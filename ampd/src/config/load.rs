@@ -306,6 +306,7 @@ impl Problems<'_> {
             "names become directory names, at most 255 bytes",
         );
         self.at_least_1("server.reconcile_interval_ms", s.reconcile_interval_ms);
+        self.at_least_1("server.max_row_bytes", s.max_row_bytes);
         let ddl_lock = ("metadata_db.ddl_lock_timeout_ms", db.ddl_lock_timeout_ms);
         self.at_most(
             ddl_lock,
