@@ -126,11 +126,31 @@ pub struct ServerConfig {
 
 /// `[storage]`: where manifests and tables' files live, shared by the services (the controller
 /// stores manifests there, workers write tables' files, the server reads them).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// The data directory; see [`StorageConfig::data_dir`].
     pub data_dir: Option<PathBuf>,
+    /// The umask a service creates files and directories with (`0o077`: files 0600, directories
+    /// 0700); at most `0o777`.
+    pub umask: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: None,
+            umask: DEFAULT_UMASK,
+        }
+    }
+}
+
+/// The default `[storage] umask`: what ampd creates is readable by its own user only.
+pub const DEFAULT_UMASK: u32 = 0o077;
+
+/// Sets the process's umask (`[storage] umask`).
+pub fn apply_umask(mask: u32) {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask & 0o777));
 }
 
 /// `[worker]`: liveness, job execution and the files jobs write.

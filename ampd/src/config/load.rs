@@ -307,6 +307,11 @@ impl Problems<'_> {
         );
         self.at_least_1("server.reconcile_interval_ms", s.reconcile_interval_ms);
         self.at_least_1("server.max_row_bytes", s.max_row_bytes);
+        self.at_most(
+            ("storage.umask", u64::from(config.storage.umask)),
+            0o777,
+            "a umask has nine permission bits",
+        );
         let ddl_lock = ("metadata_db.ddl_lock_timeout_ms", db.ddl_lock_timeout_ms);
         self.at_most(
             ddl_lock,

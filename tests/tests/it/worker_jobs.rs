@@ -854,3 +854,30 @@ async fn a_csv_record_over_the_limit_ends_fatal_and_a_nul_filled_file_costs_boun
         "the worker's peak RSS grew by {grown} bytes reading records over a {LIMIT}-byte limit"
     );
 }
+
+#[tokio::test]
+async fn files_and_directories_a_job_writes_are_private_to_the_service_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new().await;
+    let worker = s.worker("w-private", "").await;
+    let manifest = single_table("t", &["a:int64"], "rows", json!([[1], [2]]));
+    let id = s.deploy("private", "t", &manifest, "w-private").await;
+    s.wait_job(&worker, id, JobStatus::Completed).await;
+    // Everything under the dataset's directory was created by the worker.
+    let mut pending = vec![s.ws.data_dir().join("private")];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} is {mode:o}", path.display());
+        seen += 1;
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(
+        seen >= 5,
+        "only {seen} entries under the dataset's directory"
+    );
+}
