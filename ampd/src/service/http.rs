@@ -251,6 +251,33 @@ pub async fn require_token(
     .into_response()
 }
 
+/// The header a client that is not a browser page sends on a body-less POST.
+pub const CLIENT_HEADER: &str = "x-ampd-client";
+
+/// Middleware: a POST must carry `Content-Type: application/json` or an `X-Ampd-Client` header,
+/// else 415. A page of another site can send neither without a CORS preflight, which the API
+/// never grants, so it cannot deploy or roll back through the operator's browser.
+pub async fn require_api_client(request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::POST {
+        let headers = request.headers();
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json && !headers.contains_key(CLIENT_HEADER) {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a POST needs Content-Type: application/json (with its JSON body) or, without a \
+                 body, an X-Ampd-Client header (any value)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// `router` with a log line per request (method, path, status, latency) through `tracing`;
 /// headers, and so the token, are never logged.
 pub fn with_request_logs(router: axum::Router) -> axum::Router {

@@ -1441,3 +1441,46 @@ async fn names_at_the_length_limit_register_and_past_it_get_400_with_no_file_lef
     assert_eq!(stored_manifests(&c), 1, "a refused manifest left its file");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_cross_site_post_without_a_token_is_refused_and_changes_nothing() {
+    let c = Controller::start(QUIET, "").await;
+    let manifest = json!({"kind": "static", "tables": {"t": {
+        "columns": [{"name": "a", "type": "int64"}], "rows": [[1]]}}});
+    c.post(
+        "/datasets",
+        json!({"namespace": "x", "name": "y", "version": "1.0.0", "manifest": manifest}),
+    )
+    .await;
+    let before = snapshot(&c.conn, &c.ws.data_dir()).await;
+    // What a page of another site can send without a preflight: no Content-Type, or text/plain,
+    // and none of ampd's headers.
+    let plain = reqwest::Client::new();
+    let url = c.api.url("/datasets/x/y/versions/1.0.0/deploy");
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut request = plain.post(&url).header("Origin", "http://evil.example");
+        if let Some(t) = content_type {
+            request = request.header("Content-Type", t).body("{}");
+        }
+        let reply = request.send().await.unwrap();
+        assert_eq!(reply.status().as_u16(), 415, "{content_type:?}");
+    }
+    assert_eq!(
+        snapshot(&c.conn, &c.ws.data_dir()).await,
+        before,
+        "a refused POST changed something"
+    );
+    // ampd's own clients say who they are.
+    let reply = plain
+        .post(&url)
+        .header("X-Ampd-Client", "curl")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(reply.status().as_u16(), 415);
+    c.stop().await;
+}

@@ -124,7 +124,8 @@ pub fn router(
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(http::require_api_client));
     if let Some(token) = token {
         router = router.layer(axum::middleware::from_fn_with_state(
             token,
