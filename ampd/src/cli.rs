@@ -114,6 +114,7 @@ async fn run(cli: Cli, migrations: fn() -> MigrationSet) -> Result<(), Box<dyn s
             None => return Err(NO_CONFIG.into()),
         };
         config.require_url()?;
+        crate::config::apply_umask(config.storage.umask);
         config
             .secrets()
             .iter()

@@ -97,6 +97,27 @@ pub struct ControllerConfig {
     pub max_attempts: u32,
     /// Largest request body the admin API accepts, in bytes (a larger one gets 413); at least 1.
     pub max_body_bytes: u64,
+    /// Tables a registered manifest may have (more gets 422); at least 1.
+    pub max_manifest_tables: u64,
+    /// Columns a table of a registered manifest may have (more gets 422); at least 1.
+    pub max_table_columns: u64,
+    /// Inline rows a registered manifest may hold, all tables together (more gets 422); at least 1.
+    pub max_inline_rows: u64,
+    /// Longest namespace, name and version (in bytes) a manifest is registered under (longer
+    /// gets 400); from 1 to 200 (names become directory names).
+    pub max_name_len: u64,
+}
+
+impl ControllerConfig {
+    /// The limits a manifest is registered (and deployed) within.
+    pub fn manifest_limits(&self) -> crate::manifest::Limits {
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        crate::manifest::Limits {
+            max_tables: size(self.max_manifest_tables),
+            max_columns: size(self.max_table_columns),
+            max_inline_rows: size(self.max_inline_rows),
+        }
+    }
 }
 
 /// `[server]`: the service that serves tables' rows.
@@ -107,15 +128,38 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// Milliseconds between re-reads of every table's active revision; at least 1.
     pub reconcile_interval_ms: u64,
+    /// The longest row (a line of a revision's files) served as CSV, in bytes; a longer one cuts
+    /// the response off; at least 1.
+    pub max_row_bytes: u64,
 }
 
 /// `[storage]`: where manifests and tables' files live, shared by the services (the controller
 /// stores manifests there, workers write tables' files, the server reads them).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// The data directory; see [`StorageConfig::data_dir`].
     pub data_dir: Option<PathBuf>,
+    /// The umask a service creates files and directories with (`0o077`: files 0600, directories
+    /// 0700); at most `0o777`.
+    pub umask: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: None,
+            umask: DEFAULT_UMASK,
+        }
+    }
+}
+
+/// The default `[storage] umask`: what ampd creates is readable by its own user only.
+pub const DEFAULT_UMASK: u32 = 0o077;
+
+/// Sets the process's umask (`[storage] umask`).
+pub fn apply_umask(mask: u32) {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask & 0o777));
 }
 
 /// `[worker]`: liveness, job execution and the files jobs write.
@@ -139,6 +183,9 @@ pub struct WorkerConfig {
     pub reconcile_interval_ms: u64,
     /// Rows per file a job writes; at least 1.
     pub rows_per_file: u64,
+    /// The longest CSV record (a header row too) read from `sources_dir`, in bytes; a longer one
+    /// ends the job FATAL (`record_too_long`) and is refused at registration; at least 1.
+    pub max_csv_record_bytes: u64,
 }
 
 impl Default for MetadataDbConfig {
@@ -173,6 +220,10 @@ impl Default for ControllerConfig {
             retry_max_delay_ms: 300_000,
             max_attempts: 5,
             max_body_bytes: 4 * 1024 * 1024,
+            max_manifest_tables: 1000,
+            max_table_columns: 1000,
+            max_inline_rows: 100_000,
+            max_name_len: 63,
         }
     }
 }
@@ -182,6 +233,7 @@ impl Default for ServerConfig {
         ServerConfig {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1603)),
             reconcile_interval_ms: 30_000,
+            max_row_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -197,6 +249,7 @@ impl Default for WorkerConfig {
             gc_interval_ms: 5000,
             reconcile_interval_ms: 5000,
             rows_per_file: 100_000,
+            max_csv_record_bytes: 1024 * 1024,
         }
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -176,10 +176,48 @@ pub fn kind_of(manifest: &serde_json::Value) -> Result<&str, ManifestError> {
         .ok_or_else(|| err("kind", "a manifest needs a non-empty string field \"kind\""))
 }
 
+/// Bounds on what one manifest may hold, each checked before the work it bounds (the controller's
+/// `[controller]` keys of the same names; a manifest stored before a limit was lowered is still
+/// read with [`Limits::NONE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Tables per manifest (`max_manifest_tables`).
+    pub max_tables: usize,
+    /// Columns per table (`max_table_columns`).
+    pub max_columns: usize,
+    /// Inline rows per manifest, all tables together (`max_inline_rows`).
+    pub max_inline_rows: usize,
+}
+
+impl Limits {
+    /// No bound: for a manifest already stored.
+    pub const NONE: Limits = Limits {
+        max_tables: usize::MAX,
+        max_columns: usize::MAX,
+        max_inline_rows: usize::MAX,
+    };
+}
+
+fn over_limit(at: &str, what: &str, count: usize, max: usize, key: &str) -> ManifestError {
+    err(
+        at,
+        format!("{count} {what}, more than the limit of {max} (`[controller] {key}`)"),
+    )
+}
+
 impl StaticManifest {
     /// Parses and validates a static manifest: its structure, names and types, and every inline
     /// row. CSV files are checked when they are read.
     pub fn parse(manifest: &serde_json::Value) -> Result<StaticManifest, ManifestError> {
+        StaticManifest::parse_within(manifest, Limits::NONE)
+    }
+
+    /// [`StaticManifest::parse`], refusing a manifest over `limits` (the message names the
+    /// limit). Linear in the manifest's size; run it off the async runtime.
+    pub fn parse_within(
+        manifest: &serde_json::Value,
+        limits: Limits,
+    ) -> Result<StaticManifest, ManifestError> {
         let raw: RawManifest = serde_json::from_value(manifest.clone())
             .map_err(|e| err("manifest", format!("not a manifest object: {e}")))?;
         if raw.kind.as_str() != Some(STATIC) {
@@ -197,6 +235,16 @@ impl StaticManifest {
         if tables.is_empty() {
             return Err(err("tables", "a manifest needs at least one table"));
         }
+        if tables.len() > limits.max_tables {
+            return Err(over_limit(
+                "tables",
+                "tables",
+                tables.len(),
+                limits.max_tables,
+                "max_manifest_tables",
+            ));
+        }
+        let mut rows_left = limits.max_inline_rows;
         let tables: BTreeMap<String, serde_json::Value> = tables.into_iter().collect();
         let mut parsed = Vec::with_capacity(tables.len());
         for (name, value) in tables {
@@ -208,18 +256,39 @@ impl StaticManifest {
                      letter, at most 63 characters",
                 ));
             }
-            parsed.push(parse_table(&at, name, value)?);
+            parsed.push(parse_table(&at, name, value, &limits, &mut rows_left)?);
         }
         Ok(StaticManifest { tables: parsed })
     }
 }
 
-fn parse_table(at: &str, name: String, value: serde_json::Value) -> Result<Table, ManifestError> {
+fn parse_table(
+    at: &str,
+    name: String,
+    value: serde_json::Value,
+    limits: &Limits,
+    rows_left: &mut usize,
+) -> Result<Table, ManifestError> {
     let raw: RawTable = serde_json::from_value(value)
         .map_err(|e| err(at, format!("expected a table object: {e}")))?;
-    let columns = parse_columns(&format!("{at}.columns"), raw.columns)?;
+    let columns = parse_columns(&format!("{at}.columns"), raw.columns, limits.max_columns)?;
     let source = match (raw.rows, raw.csv) {
-        (Some(rows), None) => Source::Rows(parse_rows(&format!("{at}.rows"), &columns, rows)?),
+        (Some(rows), None) => {
+            let at = format!("{at}.rows");
+            if let serde_json::Value::Array(rows) = &rows {
+                if rows.len() > *rows_left {
+                    return Err(over_limit(
+                        &at,
+                        "inline rows (with the tables before it)",
+                        limits.max_inline_rows - *rows_left + rows.len(),
+                        limits.max_inline_rows,
+                        "max_inline_rows",
+                    ));
+                }
+                *rows_left -= rows.len();
+            }
+            Source::Rows(parse_rows(&at, &columns, rows)?)
+        }
         (None, Some(serde_json::Value::String(path))) => {
             check_relative(&path).map_err(|m| err(format!("{at}.csv"), m))?;
             Source::Csv(path)
@@ -235,14 +304,28 @@ fn parse_table(at: &str, name: String, value: serde_json::Value) -> Result<Table
     })
 }
 
-fn parse_columns(at: &str, value: Option<serde_json::Value>) -> Result<Vec<Column>, ManifestError> {
+fn parse_columns(
+    at: &str,
+    value: Option<serde_json::Value>,
+    max_columns: usize,
+) -> Result<Vec<Column>, ManifestError> {
     let Some(serde_json::Value::Array(items)) = value else {
         return Err(err(at, "expected an array of {\"name\", \"type\"} objects"));
     };
     if items.is_empty() {
         return Err(err(at, "a table needs at least one column"));
     }
+    if items.len() > max_columns {
+        return Err(over_limit(
+            at,
+            "columns",
+            items.len(),
+            max_columns,
+            "max_table_columns",
+        ));
+    }
     let mut columns: Vec<Column> = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("{at}[{i}]");
         let column: Column = serde_json::from_value(item).map_err(|e| {
@@ -264,7 +347,7 @@ fn parse_columns(at: &str, value: Option<serde_json::Value>) -> Result<Vec<Colum
                 ),
             ));
         }
-        if columns.iter().any(|c| c.name == column.name) {
+        if !seen.insert(column.name.clone()) {
             return Err(err(&at, format!("duplicate column {:?}", column.name)));
         }
         columns.push(column);
@@ -343,31 +426,198 @@ pub enum SourceError {
     },
 }
 
-/// The file `relative` names inside `sources_dir`, resolved (symlinks followed) and checked to be
-/// inside it; a path that is absolute, uses `..`, or leads outside through a symlink is refused, so
-/// a manifest can make a worker read nothing but the sources directory.
-pub fn resolve_source(sources_dir: &Path, relative: &str) -> Result<PathBuf, SourceError> {
+/// Opens the file `relative` names inside `sources_dir`, for reading, once: the path is resolved
+/// by the kernel beneath the directory (`openat2` with `RESOLVE_BENEATH`), so neither `..` nor a
+/// symbolic link (of the file or of a directory on the way) can lead outside it, and a file
+/// swapped for a link after an earlier check is refused rather than followed. The open does not
+/// block (a FIFO is not waited on) and the handle is checked to be a regular file. Read only from
+/// the handle returned: the path may name something else a moment later.
+pub fn open_source(sources_dir: &Path, relative: &str) -> Result<std::fs::File, SourceError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     check_relative(relative).map_err(SourceError::Outside)?;
     let unreadable = |source| SourceError::Unreadable {
         path: relative.to_owned(),
         source,
     };
-    let root = sources_dir
-        .canonicalize()
-        .map_err(|e| SourceError::Unreadable {
-            path: sources_dir.display().to_string(),
-            source: e,
-        })?;
-    let resolved = root.join(relative).canonicalize().map_err(unreadable)?;
-    if !resolved.starts_with(&root) {
-        return Err(SourceError::Outside(format!(
+    let dir = rustix::fs::open(
+        sources_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SourceError::Unreadable {
+        path: sources_dir.display().to_string(),
+        source: e.into(),
+    })?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        relative,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => SourceError::Outside(format!(
             "{relative:?} leads outside the sources directory (through a symbolic link)"
+        )),
+        other => unreadable(other.into()),
+    })?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| unreadable(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(unreadable(std::io::Error::other(
+            "not a regular file (a FIFO, device, socket or directory is refused)",
         )));
     }
-    if !resolved.is_file() {
-        return Err(unreadable(std::io::Error::other("not a regular file")));
+    Ok(std::fs::File::from(fd))
+}
+
+/// What is wrong with a header row, said without quoting it (a file's contents stay out of
+/// errors): the first position that does not name the expected column, or the count.
+pub fn header_mismatch<'a>(
+    header: impl IntoIterator<Item = &'a str>,
+    columns: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let names: Vec<&str> = columns.into_iter().collect();
+    let mut got = 0;
+    for field in header {
+        match names.get(got) {
+            Some(name) if field == *name => got += 1,
+            Some(name) => {
+                return Some(format!(
+                    "the header row must name the table's columns in order: field {} is not \
+                     {name:?}",
+                    got + 1
+                ));
+            }
+            None => {
+                got += 1;
+                break;
+            }
+        }
     }
-    Ok(resolved)
+    (got != names.len()).then(|| {
+        format!(
+            "the header row has {} {got} fields; it must name the table's {} columns in order: {}",
+            if got > names.len() {
+                "more than"
+            } else {
+                "only"
+            },
+            names.len(),
+            names.join(",")
+        )
+    })
+}
+
+/// The marker of the I/O error [`RecordBound`] ends a read with: a CSV record longer than the
+/// limit.
+#[derive(Debug, thiserror::Error)]
+#[error("a CSV record longer than {limit} bytes")]
+pub struct RecordTooLong {
+    /// The limit, in bytes.
+    pub limit: u64,
+}
+
+/// A reader under a CSV parser that hands it at most `limit` bytes (plus the parser's buffer)
+/// past the end of the last whole record, so a record without an end (a file without a newline, a
+/// quote never closed) costs memory up to the limit, not the file's size. The reader of the
+/// records calls [`RecordBound::record_ended`] after each one with the parser's position.
+#[derive(Debug)]
+pub struct RecordBound<R> {
+    inner: R,
+    delivered: u64,
+    record_end: std::cell::Cell<u64>,
+    allowed: u64,
+    limit: u64,
+}
+
+impl<R> RecordBound<R> {
+    /// `inner`, read by a parser whose buffer holds `buffer` bytes, records at most `limit` bytes.
+    pub fn new(inner: R, limit: u64, buffer: usize) -> RecordBound<R> {
+        RecordBound {
+            inner,
+            delivered: 0,
+            record_end: std::cell::Cell::new(0),
+            allowed: limit.saturating_add(buffer as u64),
+            limit,
+        }
+    }
+
+    /// A record ended at byte `offset` of the stream.
+    pub fn record_ended(&self, offset: u64) {
+        self.record_end.set(offset);
+    }
+
+    /// The limit, in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The reader underneath.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for RecordBound<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let used = self.delivered - self.record_end.get().min(self.delivered);
+        let room = self.allowed.saturating_sub(used);
+        if room == 0 {
+            return Err(std::io::Error::other(RecordTooLong { limit: self.limit }));
+        }
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.delivered += n as u64;
+        Ok(n)
+    }
+}
+
+/// The [`RecordTooLong`] inside a CSV error, if that is what it is.
+pub fn record_too_long(err: &csv::Error) -> Option<u64> {
+    match err.kind() {
+        csv::ErrorKind::Io(e) => e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<RecordTooLong>())
+            .map(|r| r.limit),
+        _ => None,
+    }
+}
+
+/// The header row of `reader` (its first record), refusing one longer than the bound's limit.
+pub fn headers_bounded<R: std::io::Read>(
+    reader: &mut csv::Reader<RecordBound<R>>,
+) -> Result<csv::StringRecord, csv::Error> {
+    let header = reader.headers()?.clone();
+    let end = reader.position().byte();
+    let limit = reader.get_ref().limit();
+    if end > limit {
+        return Err(csv::Error::from(std::io::Error::other(RecordTooLong {
+            limit,
+        })));
+    }
+    reader.get_ref().record_ended(end);
+    Ok(header)
+}
+
+/// Reads the next record of `reader` into `record`, refusing one longer than the bound's limit:
+/// that is `Err(Ok(line))`, `line` the 1-based line it starts on; any other error is
+/// `Err(Err(_))`.
+pub fn read_bounded<R: std::io::Read>(
+    reader: &mut csv::Reader<RecordBound<R>>,
+    record: &mut csv::StringRecord,
+) -> Result<bool, Result<u64, csv::Error>> {
+    let start = reader.position().clone();
+    let more = match reader.read_record(record) {
+        Ok(more) => more,
+        Err(e) if record_too_long(&e).is_some() => return Err(Ok(start.line())),
+        Err(e) => return Err(Err(e)),
+    };
+    let end = reader.position().byte();
+    if end - start.byte() > reader.get_ref().limit() {
+        return Err(Ok(start.line()));
+    }
+    reader.get_ref().record_ended(end);
+    Ok(more)
 }
 
 /// A value that does not fit its column.
@@ -460,27 +710,27 @@ fn expected(ty: ColumnType, got: impl fmt::Display) -> String {
     format!("expected {}, got {got}", ty.as_str())
 }
 
+/// Writes a CSV field. The messages never quote the field: a file's contents stay out of errors
+/// (which a job's detail shows to whoever can read the admin API).
 fn write_text(ty: ColumnType, field: &str, out: &mut Vec<u8>) -> Result<(), String> {
+    let not_a = || format!("not a valid {} value", ty.as_str());
     match ty {
         ColumnType::Int64 => {
-            let v: i64 = field
-                .parse()
-                .map_err(|_| expected(ty, format!("{field:?}")))?;
+            let v: i64 = field.parse().map_err(|_| not_a())?;
             out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         }
         ColumnType::Float64 => {
-            let v: f64 = field
-                .parse()
-                .map_err(|_| expected(ty, format!("{field:?}")))?;
-            write_float(v, field, out)?;
+            let v: f64 = field.parse().map_err(|_| not_a())?;
+            write_float(v, "a value that is not finite", out)?;
         }
         ColumnType::String => write_string(field, out),
         ColumnType::Bool => out.extend_from_slice(match field {
             "true" => b"true",
             "false" => b"false",
-            _ => return Err(expected(ty, format!("{field:?} (use true or false)"))),
+            _ => return Err(format!("{} (use true or false)", not_a())),
         }),
-        ColumnType::Timestamp => write_timestamp(field, out)?,
+        ColumnType::Timestamp => write_timestamp(field, out)
+            .map_err(|_| format!("{} (use RFC 3339, e.g. 2024-05-01T12:00:00Z)", not_a()))?,
     }
     Ok(())
 }
@@ -658,30 +908,62 @@ mod tests {
     }
 
     #[test]
-    fn sources_resolve_inside_the_sources_directory_only() {
+    fn sources_open_inside_the_sources_directory_only() {
         let dir = std::env::temp_dir().join(format!("ampd-sources-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let sources = dir.join("sources");
         std::fs::create_dir_all(sources.join("sub")).unwrap();
         std::fs::write(sources.join("sub/a.csv"), "a\n1\n").unwrap();
         std::fs::write(dir.join("secret.csv"), "a\n1\n").unwrap();
         std::os::unix::fs::symlink(dir.join("secret.csv"), sources.join("link.csv")).unwrap();
-        assert!(resolve_source(&sources, "sub/a.csv").is_ok());
+        std::os::unix::fs::symlink("sub/a.csv", sources.join("inside.csv")).unwrap();
+        std::os::unix::fs::symlink(&dir, sources.join("up")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", sources.join("zero.csv")).unwrap();
+        assert!(open_source(&sources, "sub/a.csv").is_ok());
+        assert!(open_source(&sources, "inside.csv").is_ok());
+        // `up/missing.csv` and `up/secret.csv` get the same answer: no oracle for outside paths.
         for bad in [
             "/etc/passwd",
             "../secret.csv",
             "sub/../../secret.csv",
             "link.csv",
             "./sub/a.csv",
+            "up/secret.csv",
+            "up/missing.csv",
+            "zero.csv",
         ] {
+            let opened = open_source(&sources, bad);
             assert!(
-                matches!(resolve_source(&sources, bad), Err(SourceError::Outside(_))),
-                "{bad}"
+                matches!(opened, Err(SourceError::Outside(_))),
+                "{bad}: {opened:?}"
             );
         }
         assert!(matches!(
-            resolve_source(&sources, "missing.csv"),
+            open_source(&sources, "missing.csv"),
             Err(SourceError::Unreadable { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_in_the_sources_directory_is_refused_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("ampd-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("d.csv")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("f.csv").into_os_string().into_encoded_bytes())
+            .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        for name in ["f.csv", "d.csv"] {
+            let opened = open_source(&dir, name);
+            let Err(SourceError::Unreadable { source, .. }) = &opened else {
+                panic!("{name}: {opened:?}");
+            };
+            assert!(
+                source.to_string().contains("not a regular file"),
+                "{source}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

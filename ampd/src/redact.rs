@@ -39,6 +39,17 @@ fn is_secret_param(name: &str) -> bool {
     is_secret_name(&decode(&name.replace('+', " ")))
 }
 
+/// Whether the query parameter `name=value` (as written) holds a secret: a secret name, or
+/// libpq's `options` setting one (`-c password=…`).
+fn is_secret_pair(name: &str, value: &str) -> bool {
+    let decoded = |s: &str| decode(&s.replace('+', " ")).to_ascii_lowercase();
+    is_secret_param(name)
+        || (decoded(name) == "options" && {
+            let value = decoded(value);
+            value.contains("password") || value.contains("token")
+        })
+}
+
 /// `s` percent-decoded (invalid escapes kept, invalid UTF-8 replaced).
 pub fn decode(s: &str) -> String {
     percent_decode_str(s).decode_utf8_lossy().into_owned()
@@ -51,7 +62,7 @@ pub fn url_secrets(url: &str) -> Vec<String> {
     };
     let params = url.query().unwrap_or_default().split('&');
     let params = params.filter_map(|part| part.split_once('='));
-    let secret_params = params.filter(|(name, _)| is_secret_param(name));
+    let secret_params = params.filter(|(name, value)| is_secret_pair(name, value));
     let password = url.password().into_iter();
     password
         .chain(secret_params.map(|(_, value)| value))
@@ -90,7 +101,7 @@ fn redact_parsed(url: &url::Url) -> Option<String> {
         let parts: Vec<String> = query
             .split('&')
             .map(|part| match part.split_once('=') {
-                Some((name, _)) if is_secret_param(name) => {
+                Some((name, value)) if is_secret_pair(name, value) => {
                     changed = true;
                     format!("{name}={MASK}")
                 }
@@ -442,5 +453,26 @@ mod tests {
             // password slot right after `u:` never does.
             prop_assert!(!red.contains("u:S3cr3tPw@"), "{}", red);
         }
+    }
+
+    #[test]
+    fn a_password_set_through_the_options_parameter_is_redacted() {
+        for url in [
+            "postgresql://h/db?options=-c%20password%3DX",
+            "postgresql://h/db?options=-c+password%3DX",
+            "postgresql://h/db?application_name=a&options=-csslpassword%3DX",
+        ] {
+            let shown = redact_url(url);
+            assert!(
+                !shown.contains("%3DX") && !shown.contains("=X"),
+                "{url}: {shown}"
+            );
+            assert!(shown.contains("options=***"), "{url}: {shown}");
+            assert!(!url_secrets(url).is_empty(), "{url}");
+        }
+        assert_eq!(
+            redact_url("postgresql://h/db?options=-c%20search_path%3Dx"),
+            "postgresql://h/db?options=-c%20search_path%3Dx"
+        );
     }
 }

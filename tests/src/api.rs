@@ -79,7 +79,7 @@ impl Api {
     pub fn new(addr: SocketAddr, token: Option<String>) -> Api {
         Api {
             addr,
-            http: reqwest::Client::new(),
+            http: client(),
             token,
         }
     }
@@ -233,4 +233,18 @@ pub async fn eventually<F, Fut>(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An HTTP client as ampd's own tools are: it sends `X-Ampd-Client` on every request, so a
+/// body-less POST is accepted (a browser page cannot send that header cross-site).
+pub fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-ampd-client",
+        reqwest::header::HeaderValue::from_static("tests"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
 }

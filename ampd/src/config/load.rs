@@ -293,11 +293,27 @@ impl Problems<'_> {
         self.at_least_1("worker.gc_interval_ms", w.gc_interval_ms);
         self.at_least_1("worker.reconcile_interval_ms", w.reconcile_interval_ms);
         self.at_least_1("worker.rows_per_file", w.rows_per_file);
+        self.at_least_1("worker.max_csv_record_bytes", w.max_csv_record_bytes);
         self.at_least_1("controller.reconcile_interval_ms", c.reconcile_interval_ms);
         self.at_least_1("controller.retry_base_delay_ms", c.retry_base_delay_ms);
         self.at_least_1("controller.max_attempts", c.max_attempts);
         self.at_least_1("controller.max_body_bytes", c.max_body_bytes);
+        self.at_least_1("controller.max_manifest_tables", c.max_manifest_tables);
+        self.at_least_1("controller.max_table_columns", c.max_table_columns);
+        self.at_least_1("controller.max_inline_rows", c.max_inline_rows);
+        self.at_least_1("controller.max_name_len", c.max_name_len);
+        self.at_most(
+            ("controller.max_name_len", c.max_name_len),
+            200,
+            "names become directory names, at most 255 bytes",
+        );
         self.at_least_1("server.reconcile_interval_ms", s.reconcile_interval_ms);
+        self.at_least_1("server.max_row_bytes", s.max_row_bytes);
+        self.at_most(
+            ("storage.umask", u64::from(config.storage.umask)),
+            0o777,
+            "a umask has nine permission bits",
+        );
         let ddl_lock = ("metadata_db.ddl_lock_timeout_ms", db.ddl_lock_timeout_ms);
         self.at_most(
             ddl_lock,

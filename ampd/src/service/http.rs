@@ -220,9 +220,12 @@ impl BearerToken {
     }
 
     fn admits(&self, headers: &HeaderMap) -> bool {
+        // The scheme is case-insensitive (RFC 7235); the token is not.
         let Some(given) = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(|v| v.as_bytes())
+            .and_then(|v| v.split_at_checked(7))
+            .and_then(|(scheme, rest)| scheme.eq_ignore_ascii_case(b"Bearer ").then_some(rest))
         else {
             return false;
         };
@@ -246,6 +249,33 @@ pub async fn require_token(
         "missing or wrong token: send Authorization: Bearer <[controller] admin_token>",
     )
     .into_response()
+}
+
+/// The header a client that is not a browser page sends on a body-less POST.
+pub const CLIENT_HEADER: &str = "x-ampd-client";
+
+/// Middleware: a POST must carry `Content-Type: application/json` or an `X-Ampd-Client` header,
+/// else 415. A page of another site can send neither without a CORS preflight, which the API
+/// never grants, so it cannot deploy or roll back through the operator's browser.
+pub async fn require_api_client(request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::POST {
+        let headers = request.headers();
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json && !headers.contains_key(CLIENT_HEADER) {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a POST needs Content-Type: application/json (with its JSON body) or, without a \
+                 body, an X-Ampd-Client header (any value)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// `router` with a log line per request (method, path, status, latency) through `tracing`;
@@ -323,4 +353,37 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::*;
+
+    fn with(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_case_insensitively_and_the_token_exactly() {
+        let token = BearerToken::new("s3cret");
+        for admitted in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "bEaReR s3cret",
+        ] {
+            assert!(token.admits(&with(admitted)), "{admitted}");
+        }
+        for refused in [
+            "Bearer S3CRET",
+            "Bearer s3cre",
+            "Basic s3cret",
+            "Bearers3cret",
+            "s3cret",
+        ] {
+            assert!(!token.admits(&with(refused)), "{refused}");
+        }
+    }
 }

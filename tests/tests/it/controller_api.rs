@@ -1359,3 +1359,128 @@ async fn readiness_and_requests_follow_the_database() {
     .await;
     c.stop().await;
 }
+
+/// The files in the data directory's `manifests/`, none when it does not exist.
+fn stored_manifests(c: &Controller) -> usize {
+    std::fs::read_dir(c.ws.data_dir().join("manifests")).map_or(0, |d| d.count())
+}
+
+#[tokio::test]
+async fn a_120_000_column_manifest_is_refused_by_the_column_limit_while_healthz_answers() {
+    let c = Controller::start(QUIET, "").await;
+    let columns: Vec<Value> = (0..120_000)
+        .map(|i| json!({"name": format!("c{i}"), "type": "int64"}))
+        .collect();
+    let manifest = json!({"kind": "static", "tables": {"t": {"columns": columns, "rows": []}}});
+    let post = |name: &'static str| {
+        let body = json!({"namespace": "big", "name": name, "version": "1.0.0",
+                          "manifest": manifest.clone()});
+        c.post("/datasets", body)
+    };
+    let health = async {
+        for _ in 0..5 {
+            let answered = tokio::time::timeout(Duration::from_secs(10), c.get("/healthz")).await;
+            assert_eq!(
+                answered.map(|r| r.status).ok(),
+                Some(200),
+                "/healthz waited"
+            );
+        }
+    };
+    let (a, b, ()) = tokio::join!(post("a"), post("b"), health);
+    for reply in [a, b] {
+        reply.error(422, "invalid_manifest");
+        let message = reply.body["error_message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("tables.t.columns") && message.contains("max_table_columns"),
+            "{message}"
+        );
+    }
+    assert_eq!(stored_manifests(&c), 0);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn names_at_the_length_limit_register_and_past_it_get_400_with_no_file_left() {
+    let c = Controller::start(QUIET, "").await;
+    let manifest = json!({"kind": "static", "tables": {"t": {
+        "columns": [{"name": "a", "type": "int64"}], "rows": [[1]]}}});
+    let at_limit = format!("n{}", "x".repeat(62));
+    let reply = c
+        .post(
+            "/datasets",
+            json!({"namespace": at_limit, "name": at_limit, "version": "1.0.0",
+                   "manifest": manifest}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    let long = format!("n{}", "x".repeat(63));
+    let huge = format!("n{}", "x".repeat(8999));
+    let version = format!("1.0.0-{}", "x".repeat(60));
+    for (namespace, name, version, what) in [
+        (long.as_str(), "ok", "1.0.0", "namespace"),
+        (huge.as_str(), "ok", "1.0.0", "namespace"),
+        ("ok", long.as_str(), "1.0.0", "name"),
+        ("ok", "ok", version.as_str(), "version"),
+    ] {
+        let reply = c
+            .post(
+                "/datasets",
+                json!({"namespace": namespace, "name": name, "version": version,
+                       "manifest": {"kind": "static", "tables": {"u": {
+                           "columns": [{"name": "a", "type": "int64"}], "rows": [[2]]}}}}),
+            )
+            .await;
+        reply.error(400, "invalid_request");
+        let message = reply.body["error_message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(what) && message.contains("max_name_len"),
+            "{message}"
+        );
+    }
+    assert_eq!(stored_manifests(&c), 1, "a refused manifest left its file");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_cross_site_post_without_a_token_is_refused_and_changes_nothing() {
+    let c = Controller::start(QUIET, "").await;
+    let manifest = json!({"kind": "static", "tables": {"t": {
+        "columns": [{"name": "a", "type": "int64"}], "rows": [[1]]}}});
+    c.post(
+        "/datasets",
+        json!({"namespace": "x", "name": "y", "version": "1.0.0", "manifest": manifest}),
+    )
+    .await;
+    let before = snapshot(&c.conn, &c.ws.data_dir()).await;
+    // What a page of another site can send without a preflight: no Content-Type, or text/plain,
+    // and none of ampd's headers.
+    let plain = reqwest::Client::new();
+    let url = c.api.url("/datasets/x/y/versions/1.0.0/deploy");
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut request = plain.post(&url).header("Origin", "http://evil.example");
+        if let Some(t) = content_type {
+            request = request.header("Content-Type", t).body("{}");
+        }
+        let reply = request.send().await.unwrap();
+        assert_eq!(reply.status().as_u16(), 415, "{content_type:?}");
+    }
+    assert_eq!(
+        snapshot(&c.conn, &c.ws.data_dir()).await,
+        before,
+        "a refused POST changed something"
+    );
+    // ampd's own clients say who they are.
+    let reply = plain
+        .post(&url)
+        .header("X-Ampd-Client", "curl")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(reply.status().as_u16(), 415);
+    c.stop().await;
+}

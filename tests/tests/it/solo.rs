@@ -90,7 +90,7 @@ impl Solo {
             service: Service::spawn("ampd solo", cmd, &all),
             admin,
             server,
-            http: reqwest::Client::new(),
+            http: tests::api::client(),
         }
     }
 

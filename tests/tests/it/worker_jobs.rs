@@ -403,8 +403,10 @@ async fn a_bad_csv_row_ends_fatal_naming_its_line_and_column_and_activates_nothi
     assert_eq!(detail["table"], "prices", "{detail}");
     assert_eq!(detail["row"], 5, "{detail}");
     assert_eq!(detail["column"], "price", "{detail}");
+    // The file, line and column are named; the file's contents are not echoed.
+    let message = detail["message"].as_str().unwrap();
     assert!(
-        detail["message"].as_str().unwrap().contains("oops"),
+        message.contains("line 5, column price") && !message.contains("oops"),
         "{detail}"
     );
     assert_eq!(s.events(id).await, ["SCHEDULED", "RUNNING", "FATAL"]);
@@ -815,4 +817,72 @@ async fn a_million_row_csv_is_materialized_in_flat_memory() {
         "peak memory grew with the file: {report}"
     );
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_csv_record_over_the_limit_ends_fatal_and_a_nul_filled_file_costs_bounded_memory() {
+    const LIMIT: usize = 64 * 1024;
+    let s = Setup::new().await;
+    let worker = s
+        .worker("w-long", &format!("max_csv_record_bytes = {LIMIT}"))
+        .await;
+    // A record twice the limit, and a header followed by 64 MiB of NUL bytes (no newline): read
+    // whole, the NULs alone would cost the worker 64 MiB and their JSON line six times that.
+    let mut long = b"a\n".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 2 * LIMIT));
+    std::fs::write(s.ws.sources_dir().join("long.csv"), &long).unwrap();
+    {
+        let mut out = std::fs::File::create(s.ws.sources_dir().join("nul.csv")).unwrap();
+        out.write_all(b"a\n").unwrap();
+        let block = vec![0u8; 1024 * 1024];
+        for _ in 0..64 {
+            out.write_all(&block).unwrap();
+        }
+    }
+    let before = peak_rss(worker.pid());
+    for name in ["long", "nul"] {
+        let manifest = single_table("t", &["a:string"], "csv", json!(format!("{name}.csv")));
+        let id = s.deploy("records", name, &manifest, "w-long").await;
+        let job = s.wait_job(&worker, id, JobStatus::Fatal).await;
+        let detail = job.detail.unwrap();
+        assert_eq!(detail["reason"], "record_too_long", "{name}: {detail}");
+        assert_eq!(detail["row"], 2, "{name}: {detail}");
+        let message = detail["message"].as_str().unwrap();
+        assert!(
+            message.contains(&LIMIT.to_string()) && message.contains("max_csv_record_bytes"),
+            "{name}: {detail}"
+        );
+    }
+    let grown = peak_rss(worker.pid()).saturating_sub(before);
+    assert!(
+        grown < 16 * 1024 * 1024,
+        "the worker's peak RSS grew by {grown} bytes reading records over a {LIMIT}-byte limit"
+    );
+}
+
+#[tokio::test]
+async fn files_and_directories_a_job_writes_are_private_to_the_service_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new().await;
+    let worker = s.worker("w-private", "").await;
+    let manifest = single_table("t", &["a:int64"], "rows", json!([[1], [2]]));
+    let id = s.deploy("private", "t", &manifest, "w-private").await;
+    s.wait_job(&worker, id, JobStatus::Completed).await;
+    // Everything under the dataset's directory was created by the worker.
+    let mut pending = vec![s.ws.data_dir().join("private")];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} is {mode:o}", path.display());
+        seen += 1;
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(
+        seen >= 5,
+        "only {seen} entries under the dataset's directory"
+    );
 }

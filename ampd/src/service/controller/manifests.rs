@@ -52,11 +52,12 @@ pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Val
 
 /// Checks every CSV source of `manifest` in `sources_dir`, when that directory exists here (the
 /// controller may run where the workers' sources are not visible; the worker checks again): the
-/// file must resolve inside the directory ([`manifest::resolve_source`]: no absolute path, `..`
-/// or symbolic link leading out) and its header row must name the table's columns, in order. Rows
+/// file must open beneath the directory as a regular file ([`manifest::open_source`]: no
+/// absolute path, `..` or symbolic link leading out) and its header row must name the table's columns, in order. Rows
 /// are checked by the worker as it reads them.
 pub async fn check_sources(
     sources_dir: PathBuf,
+    max_record_bytes: u64,
     manifest: &StaticManifest,
 ) -> Result<(), ManifestError> {
     let csv: Vec<(String, String, Vec<String>)> = manifest
@@ -83,7 +84,7 @@ pub async fn check_sources(
             return Ok(());
         }
         for (table, path, columns) in &csv {
-            check_csv(&sources_dir, table, path, columns)?;
+            check_csv(&sources_dir, max_record_bytes, table, path, columns)?;
         }
         Ok(())
     };
@@ -99,6 +100,7 @@ pub async fn check_sources(
 
 fn check_csv(
     sources_dir: &Path,
+    max_record_bytes: u64,
     table: &str,
     path: &str,
     columns: &[String],
@@ -108,20 +110,25 @@ fn check_csv(
         at: at.clone(),
         message,
     };
-    let file = manifest::resolve_source(sources_dir, path).map_err(|e| fail(e.to_string()))?;
+    let file = manifest::open_source(sources_dir, path).map_err(|e| fail(e.to_string()))?;
+    // Only the header row is read, and no more of it than the record limit.
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
-        .from_path(&file)
-        .map_err(|e| fail(format!("cannot read {path:?}: {e}")))?;
-    let header = reader
-        .headers()
-        .map_err(|e| fail(format!("cannot read the header row of {path:?}: {e}")))?;
-    if !header.iter().eq(columns.iter().map(String::as_str)) {
-        return Err(fail(format!(
-            "the header row of {path:?} is {:?}; it must name the table's columns {columns:?}, in \
-             this order",
-            header.iter().collect::<Vec<_>>()
-        )));
+        .from_reader(manifest::RecordBound::new(file, max_record_bytes, 8 * 1024));
+    let header =
+        manifest::headers_bounded(&mut reader).map_err(|e| {
+            match manifest::record_too_long(&e) {
+                Some(limit) => fail(format!(
+                    "{path:?} line 1: a record longer than {limit} bytes (`[worker] \
+                 max_csv_record_bytes`)"
+                )),
+                None => fail(format!("cannot read the header row of {path:?}: {e}")),
+            }
+        })?;
+    if let Some(problem) =
+        manifest::header_mismatch(header.iter(), columns.iter().map(String::as_str))
+    {
+        return Err(fail(format!("{path:?} line 1: {problem}")));
     }
     Ok(())
 }

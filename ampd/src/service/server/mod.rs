@@ -58,6 +58,7 @@ pub async fn run(
         view: view.clone(),
         data_dir,
         abort: abort.clone(),
+        max_row_bytes: usize::try_from(config.server.max_row_bytes).unwrap_or(usize::MAX),
     });
     tracing::info!(addr = %config.server.addr, "server started");
     let every = Duration::from_millis(config.server.reconcile_interval_ms);

@@ -38,6 +38,8 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// Cancelled when responses still streaming must be cut off (the server is stopping).
     pub abort: CancellationToken,
+    /// `[server] max_row_bytes`: the longest row served as CSV.
+    pub max_row_bytes: usize,
 }
 
 /// The server's router, with request logs.
@@ -278,7 +280,8 @@ impl AppState {
             }
             Format::Csv => {
                 let columns = meta.columns.clone();
-                let mut response = rows::csv(opened, &columns, abort).into_response();
+                let mut response =
+                    rows::csv(opened, &columns, self.max_row_bytes, abort).into_response();
                 response
                     .headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static(CSV_TYPE));

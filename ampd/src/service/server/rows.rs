@@ -169,13 +169,20 @@ pub fn jsonl(opened: Opened, abort: CancellationToken) -> Body {
 
 /// The rows as CSV: a header row of `columns`' names, then each JSON line's values in column
 /// order ([`CsvEncoder`]).
-pub fn csv(opened: Opened, columns: &[Column], abort: CancellationToken) -> Body {
+/// A line longer than `max_row_bytes` ends the body with an error (the connection is cut).
+pub fn csv(
+    opened: Opened,
+    columns: &[Column],
+    max_row_bytes: usize,
+    abort: CancellationToken,
+) -> Body {
     let revision_id = opened.revision.revision_id;
     let state = CsvState {
         files: opened.files.into(),
         current: None,
         encoder: CsvEncoder::new(columns),
         line: Vec::new(),
+        max_row_bytes,
         finished: false,
     };
     let stream = futures_util::stream::try_unfold(state, |mut state| async move {
@@ -197,6 +204,7 @@ struct CsvState {
     current: Option<Reading>,
     encoder: CsvEncoder,
     line: Vec<u8>,
+    max_row_bytes: usize,
     finished: bool,
 }
 
@@ -226,7 +234,14 @@ impl CsvState {
                 }
             };
             self.line.clear();
-            if reading.reader.read_until(b'\n', &mut self.line).await? == 0 {
+            let read = read_row(&mut reading.reader, &mut self.line, self.max_row_bytes).await;
+            if read.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{} line {}: {e}", reading.name, reading.line + 1),
+                )
+            })? == 0
+            {
                 self.current = None;
                 continue;
             }
@@ -237,6 +252,38 @@ impl CsvState {
                     format!("{} line {}: {e}", reading.name, reading.line),
                 )
             })?;
+        }
+    }
+}
+
+/// Reads one line (with its `\n`) into `line`, as `read_until` does, but fails once the line is
+/// longer than `max` bytes instead of growing `line` without bound; 0 at the end.
+async fn read_row<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
+    let mut read = 0;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(read);
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a row longer than {max} bytes (`[server] max_row_bytes`)"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        read += take;
+        if done {
+            return Ok(read);
         }
     }
 }
@@ -353,5 +400,23 @@ mod tests {
         let mut e = CsvEncoder::new(&columns(&["a"]));
         assert!(e.row(b"[1, 2]").is_err());
         assert!(e.row(b"{\"a\": ").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_row_is_read_whole_up_to_the_limit_and_refused_past_it() {
+        let mut input: &[u8] = b"{\"a\":1}\n{\"a\":22}\nend";
+        let mut line = Vec::new();
+        assert_eq!(read_row(&mut input, &mut line, 8).await.unwrap(), 8);
+        line.clear();
+        let err = read_row(&mut input, &mut line, 8).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("max_row_bytes"), "{err}");
+
+        // 3 MiB without a newline, a 64 KiB limit: refused, having held at most the limit.
+        let big = vec![b'x'; 3 << 20];
+        let mut reader = BufReader::with_capacity(CHUNK, &big[..]);
+        let mut line = Vec::new();
+        assert!(read_row(&mut reader, &mut line, 64 << 10).await.is_err());
+        assert!(line.len() <= 64 << 10, "{}", line.len());
     }
 }

@@ -72,6 +72,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// `[worker] sources_dir`: where CSV sources are resolved.
     pub sources_dir: PathBuf,
+    /// `[worker] max_csv_record_bytes`: the longest CSV record read.
+    pub max_csv_record_bytes: u64,
     /// `[worker] rows_per_file`.
     pub rows_per_file: u64,
     /// `[worker] gc_grace_secs`: how long a replaced revision's files are kept.
@@ -85,6 +87,7 @@ impl Settings {
             node_id,
             data_dir: config.storage.data_dir().to_path_buf(),
             sources_dir: config.worker.sources_dir().to_path_buf(),
+            max_csv_record_bytes: config.worker.max_csv_record_bytes,
             rows_per_file: config.worker.rows_per_file.max(1),
             gc_grace: Duration::from_secs(config.worker.gc_grace_secs),
         }

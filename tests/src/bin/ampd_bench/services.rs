@@ -153,7 +153,7 @@ impl Stack {
             controller: spawn("controller", &controller, &["controller"])?,
             server: spawn("server", &server, &["server"])?,
             worker: spawn("worker", &worker, &["worker", "--node-id", NODE])?,
-            http: reqwest::Client::new(),
+            http: tests::api::client(),
         };
         for addr in [admin, served] {
             stack.wait_healthy(addr).await?;

@@ -47,6 +47,12 @@ pub struct AppState {
     pub gc_grace: Duration,
     /// The OpenAPI document, served by `GET /openapi.json`.
     pub openapi: serde_json::Value,
+    /// `[controller] max_manifest_tables`, `max_table_columns`, `max_inline_rows`.
+    pub limits: crate::manifest::Limits,
+    /// `[controller] max_name_len`.
+    pub max_name_len: usize,
+    /// `[worker] max_csv_record_bytes`: the header row of a CSV source is checked within it.
+    pub max_csv_record_bytes: u64,
 }
 
 impl AppState {
@@ -64,6 +70,9 @@ impl AppState {
             liveness_window: Duration::from_millis(config.worker.liveness_window_ms),
             gc_grace: Duration::from_secs(config.worker.gc_grace_secs),
             openapi: serde_json::Value::Null,
+            limits: config.controller.manifest_limits(),
+            max_name_len: usize::try_from(config.controller.max_name_len).unwrap_or(usize::MAX),
+            max_csv_record_bytes: config.worker.max_csv_record_bytes,
         }
     }
 }
@@ -115,7 +124,8 @@ pub fn router(
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(http::require_api_client));
     if let Some(token) = token {
         router = router.layer(axum::middleware::from_fn_with_state(
             token,

@@ -5,11 +5,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::{VersionPath, resolve};
-use crate::manifest;
+use super::{VersionPath, invalid_manifest, load, resolve};
+use crate::manifest::{self, StaticManifest};
 use crate::metadata::{jobs, workers};
 use crate::service::controller::Placement;
-use crate::service::controller::api::{OptionalJson, Shared, db};
+use crate::service::controller::api::{OptionalJson, Shared, db, internal};
 use crate::service::http::{ApiError, ErrorBody, Json, Path};
 
 /// `POST .../deploy`: where to run the job; without a body (or without `node_id`) the least
@@ -101,6 +101,13 @@ pub async fn deploy(
             ),
         ));
     }
+    // A manifest stored before a limit was lowered stays readable, but is not deployed.
+    let stored = load(&app, &found).await?;
+    let limits = app.limits;
+    tokio::task::spawn_blocking(move || StaticManifest::parse_within(&stored, limits).map(drop))
+        .await
+        .map_err(|e| internal("validating a manifest", e))?
+        .map_err(invalid_manifest)?;
     let node = choose_node(&app, body.unwrap_or_default().node_id).await?;
     let descriptor = serde_json::json!({
         "namespace": namespace,

@@ -179,6 +179,20 @@ fn invalid_manifest(e: manifest::ManifestError) -> ApiError {
     )
 }
 
+/// A manifest's kind, its parse within `limits`, its bytes as stored and their hash.
+fn validate(
+    manifest: &serde_json::Value,
+    limits: manifest::Limits,
+) -> Result<(String, StaticManifest, Vec<u8>, String), ApiError> {
+    let kind = manifest::kind_of(manifest)
+        .map_err(invalid_manifest)?
+        .to_owned();
+    let parsed = StaticManifest::parse_within(manifest, limits).map_err(invalid_manifest)?;
+    let content = serde_json::to_vec(manifest).map_err(|e| internal("encoding a manifest", e))?;
+    let hash = datasets::manifest_hash(&content);
+    Ok((kind, parsed, content, hash))
+}
+
 /// Register a manifest as a version of a dataset.
 ///
 /// The manifest is validated (CSV sources too, when the sources directory is visible here), stored
@@ -207,6 +221,20 @@ pub async fn register(
     State(app): State<Shared>,
     Json(req): Json<RegisterDataset>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    for (what, value) in [
+        ("namespace", &req.namespace),
+        ("name", &req.name),
+        ("version", &req.version),
+    ] {
+        if value.len() > app.max_name_len {
+            return Err(ApiError::bad_request(format!(
+                "the {what} is {} bytes long, more than the limit of {} (`[controller] \
+                 max_name_len`)",
+                value.len(),
+                app.max_name_len
+            )));
+        }
+    }
     check_dataset(&req.namespace, &req.name)?;
     let version = semver::Version::parse(&req.version)
         .map_err(|e| {
@@ -217,16 +245,17 @@ pub async fn register(
             ))
         })?
         .to_string();
-    let kind = manifest::kind_of(&req.manifest)
-        .map_err(invalid_manifest)?
-        .to_owned();
-    let parsed = StaticManifest::parse(&req.manifest).map_err(invalid_manifest)?;
-    manifests::check_sources(app.sources_dir.clone(), &parsed)
+    // Validation and encoding are linear in the manifest but can take a while on a large one:
+    // off the async runtime, so health checks and the scheduler never wait behind them.
+    let limits = app.limits;
+    let body = req.manifest;
+    let (kind, parsed, content, hash) =
+        tokio::task::spawn_blocking(move || validate(&body, limits))
+            .await
+            .map_err(|e| internal("validating a manifest", e))??;
+    manifests::check_sources(app.sources_dir.clone(), app.max_csv_record_bytes, &parsed)
         .await
         .map_err(invalid_manifest)?;
-    let content =
-        serde_json::to_vec(&req.manifest).map_err(|e| internal("encoding a manifest", e))?;
-    let hash = datasets::manifest_hash(&content);
     let (namespace, name) = (req.namespace.as_str(), req.name.as_str());
 
     // A version names one manifest for good: refuse before storing anything.

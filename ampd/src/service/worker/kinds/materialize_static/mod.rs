@@ -3,9 +3,9 @@
 //!
 //! 1. The descriptor names the dataset and the manifest's hash; the manifest is read from
 //!    `<data_dir>/<manifest_files.path>`, checked against its hash, and parsed.
-//! 2. Every CSV source is resolved inside the sources directory before anything is read or written
-//!    ([`manifest::resolve_source`]): a path that is absolute, uses `..` or leads outside through a
-//!    symbolic link ends the job FATAL with nothing read.
+//! 2. Every CSV source is opened beneath the sources directory before anything is written
+//!    ([`manifest::open_source`]): a path that is absolute, uses `..`, leads outside through a
+//!    symbolic link or is not a regular file ends the job FATAL with nothing read.
 //! 3. Then per table, in name order: register the table, create a revision through the job's claim
 //!    whose metadata is a [`RevisionMeta`], and write the rows into `part-00000.jsonl`,
 //!    `part-00001.jsonl`, ... of at most `rows_per_file` rows each under `<data_dir>/<revision
@@ -13,9 +13,11 @@
 //!    size, its rows and its sha256 ([`FileMeta`]). A table without rows has no files.
 //! 4. The revisions go back to the runner, which activates them with the job's completion.
 //!
-//! A CSV is read twice, streaming, so memory does not grow with its size: once to check its header
-//! and count its rows (the revision's `rows`, recorded when it is created), once to write them. A
-//! file whose row count changed in between fails the attempt. The job's token is looked at every
+//! A CSV is opened once when its table is written (beneath the sources directory again, so a file
+//! swapped for a link out since step 2 is refused) and read twice through that handle, streaming,
+//! so memory does not grow with its size: once to check its header and count its rows (the
+//! revision's `rows`, recorded when it is created), once to write them. A file whose row count
+//! changed in between fails the attempt. The job's token is looked at every
 //! [`CHECK_EVERY`] rows, so a stop or a shutdown ends the work within a fraction of a second.
 
 mod rows;
@@ -27,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Failure, Job, JobError, JobKind};
 use crate::manifest::{
-    self, Column, FORMAT_JSONL, FileMeta, RevisionMeta, RowEncoder, Source, SourceError,
-    StaticManifest,
+    self, Column, FORMAT_JSONL, FileMeta, RevisionMeta, RowEncoder, Source, StaticManifest,
 };
 use crate::metadata::jobs::{self, Target};
 use crate::metadata::{datasets, files, revisions};
@@ -36,7 +37,7 @@ use crate::service::{
     self,
     storage::{Storage, StorageError},
 };
-use rows::{Rows, TableRows, count_rows, open_csv, write_part};
+use rows::{Rows, Sources, TableRows, count_rows, open_csv, refused_source, rewind, write_part};
 
 /// Rows between two looks at the job's cancellation token.
 const CHECK_EVERY: u64 = 1024;
@@ -61,9 +62,10 @@ impl JobKind for MaterializeStatic {
             let input = match table.source {
                 Source::Rows(rows) => Input::Rows(rows),
                 Source::Csv(relative) => {
-                    let path = manifest::resolve_source(&job.settings.sources_dir, &relative)
+                    // Refused before anything is written; opened again (once) when read.
+                    manifest::open_source(&job.settings.sources_dir, &relative)
                         .map_err(|e| refused_source(e, &table.name))?;
-                    Input::Csv { path, relative }
+                    Input::Csv { relative }
                 }
             };
             plans.push(Plan {
@@ -138,24 +140,13 @@ async fn read_manifest(job: &Job, target: &Target<'_>) -> Result<StaticManifest,
     StaticManifest::parse(&value).map_err(|e| invalid(e.at.clone(), e.to_string()))
 }
 
-/// Why a table's CSV source is refused: the job can never succeed.
-fn refused_source(err: SourceError, table: &str) -> JobError {
-    let reason = match err {
-        SourceError::Outside(_) => "source_outside",
-        SourceError::Unreadable { .. } => "source_unreadable",
-    };
-    JobError::fatal(Failure::new(reason, err.to_string()).table(table))
-}
-
 /// Where a table's rows come from.
 enum Input {
     /// Given in the manifest.
     Rows(Vec<Vec<serde_json::Value>>),
-    /// A CSV file, resolved inside the sources directory.
+    /// A CSV file in the sources directory.
     Csv {
-        /// The resolved file.
-        path: PathBuf,
-        /// The path as the manifest gives it, for messages.
+        /// The path as the manifest gives it.
         relative: String,
     },
 }
@@ -235,12 +226,16 @@ async fn open_rows(
             };
             (rows, count)
         }
-        Input::Csv { path, relative } => {
+        Input::Csv { relative } => {
             let (table, columns) = (table.to_owned(), columns.to_vec());
+            let sources = Sources {
+                dir: job.settings.sources_dir.clone(),
+                max_record_bytes: job.settings.max_csv_record_bytes,
+            };
             let reader = blocking(job, move |cancel| {
-                let mut counting = open_csv(&path, &relative, &table, &columns)?;
+                let mut counting = open_csv(&sources, &relative, &table, &columns)?;
                 let count = count_rows(&mut counting, &relative, &table, &columns, &cancel)?;
-                let reader = open_csv(&path, &relative, &table, &columns)?;
+                let reader = rewind(counting, &relative, &table, &columns)?;
                 Ok((reader, count, relative))
             })
             .await??;

@@ -1,14 +1,14 @@
 //! Reading a table's rows (the manifest's, or a CSV file's) and writing them into part files.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{CHECK_EVERY, IO_BUFFER, io_failure};
-use crate::manifest::{self, Column, RowEncoder};
+use crate::manifest::{self, Column, RowEncoder, SourceError};
 use crate::service::worker::kinds::{Failure, JobError};
 
 /// A bad row: `row` is the 1-based line of the file (or the row's index in the manifest, `at`
@@ -27,47 +27,76 @@ fn bad_row(
     })
 }
 
-/// Opens `path` as CSV and checks that its header names `columns` in order.
+/// Why a table's CSV source is refused: the job can never succeed.
+pub(super) fn refused_source(err: SourceError, table: &str) -> JobError {
+    let reason = match err {
+        SourceError::Outside(_) => "source_outside",
+        SourceError::Unreadable { .. } => "source_unreadable",
+    };
+    JobError::fatal(Failure::new(reason, err.to_string()).table(table))
+}
+
+/// Opens `relative` beneath `sources_dir` ([`manifest::open_source`]: the one open of the file,
+/// refused when it leads outside or is not a regular file) as CSV and checks that its header
+/// names `columns` in order.
 pub(super) fn open_csv(
-    path: &Path,
+    sources: &Sources,
     relative: &str,
     table: &str,
     columns: &[Column],
-) -> Result<csv::Reader<File>, JobError> {
-    let file = File::open(path).map_err(|e| {
-        JobError::fatal(
-            Failure::new(
-                "source_unreadable",
-                format!("cannot open {relative:?} in the sources directory: {e}"),
-            )
-            .table(table),
-        )
-    })?;
+) -> Result<CsvReader, JobError> {
+    let file =
+        manifest::open_source(&sources.dir, relative).map_err(|e| refused_source(e, table))?;
+    csv_reader(file, sources.max_record_bytes, relative, table, columns)
+}
+
+/// Where CSV sources are read from, and the longest record read.
+#[derive(Clone, Debug)]
+pub(super) struct Sources {
+    /// `[worker] sources_dir`.
+    pub(super) dir: PathBuf,
+    /// `[worker] max_csv_record_bytes`.
+    pub(super) max_record_bytes: u64,
+}
+
+/// A CSV source being read, its records bounded ([`manifest::RecordBound`]).
+pub(super) type CsvReader = csv::Reader<manifest::RecordBound<File>>;
+
+/// The file of `reader` read again from its start, through the same handle, its header checked
+/// again.
+pub(super) fn rewind(
+    reader: CsvReader,
+    relative: &str,
+    table: &str,
+    columns: &[Column],
+) -> Result<CsvReader, JobError> {
+    let limit = reader.get_ref().limit();
+    let mut file = reader.into_inner().into_inner();
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| io_failure(table, format!("cannot read {relative:?} again: {e}")))?;
+    csv_reader(file, limit, relative, table, columns)
+}
+
+fn csv_reader(
+    file: File,
+    limit: u64,
+    relative: &str,
+    table: &str,
+    columns: &[Column],
+) -> Result<CsvReader, JobError> {
     // The csv reader buffers by itself (`buffer_capacity`); a BufReader under it would copy twice.
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .buffer_capacity(IO_BUFFER)
-        .from_reader(file);
-    let header = reader
-        .headers()
+        .from_reader(manifest::RecordBound::new(file, limit, IO_BUFFER));
+    let header = manifest::headers_bounded(&mut reader)
         .map_err(|e| csv_failure(e, relative, table, columns))?;
-    if !header.iter().eq(columns.iter().map(|c| c.name.as_str())) {
+    if let Some(problem) =
+        manifest::header_mismatch(header.iter(), columns.iter().map(|c| c.name.as_str()))
+    {
         return Err(JobError::fatal(Failure {
             row: Some(1),
-            ..Failure::new(
-                "bad_csv_header",
-                format!(
-                    "{relative:?}: the header row is {:?}; it must name the table's columns in \
-                     order: {:?}",
-                    header.iter().collect::<Vec<_>>().join(","),
-                    columns
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
-            )
-            .table(table)
+            ..Failure::new("bad_csv_header", format!("{relative:?} line 1: {problem}")).table(table)
         }));
     }
     Ok(reader)
@@ -75,17 +104,17 @@ pub(super) fn open_csv(
 
 /// The rows after the header of `reader`.
 pub(super) fn count_rows(
-    reader: &mut csv::Reader<File>,
+    reader: &mut CsvReader,
     relative: &str,
     table: &str,
     columns: &[Column],
     cancel: &CancellationToken,
 ) -> Result<u64, JobError> {
-    let mut record = csv::ByteRecord::new();
+    let mut record = csv::StringRecord::new();
     let mut count = 0u64;
-    while reader
-        .read_byte_record(&mut record)
-        .map_err(|e| csv_failure(e, relative, table, columns))?
+    let limit = reader.get_ref().limit();
+    while manifest::read_bounded(reader, &mut record)
+        .map_err(|e| csv_failure_at(e, limit, relative, table, columns))?
     {
         count += 1;
         if count.is_multiple_of(CHECK_EVERY) && cancel.is_cancelled() {
@@ -95,9 +124,43 @@ pub(super) fn count_rows(
     Ok(count)
 }
 
+/// The error of [`manifest::read_bounded`]: a record over the limit starting on a line, or a
+/// CSV error.
+fn csv_failure_at(
+    err: Result<u64, csv::Error>,
+    limit: u64,
+    relative: &str,
+    table: &str,
+    columns: &[Column],
+) -> JobError {
+    match err {
+        Ok(line) => record_too_long(limit, Some(line), relative, table),
+        Err(e) => csv_failure(e, relative, table, columns),
+    }
+}
+
+fn record_too_long(limit: u64, line: Option<u64>, relative: &str, table: &str) -> JobError {
+    JobError::fatal(Failure {
+        row: line,
+        ..Failure::new(
+            "record_too_long",
+            format!(
+                "{relative:?} line {}: a record longer than {limit} bytes (`[worker] \
+                 max_csv_record_bytes`)",
+                line.unwrap_or(1)
+            ),
+        )
+        .table(table)
+    })
+}
+
 /// A CSV reading error: I/O may pass, anything else is a bad file.
 fn csv_failure(err: csv::Error, relative: &str, table: &str, columns: &[Column]) -> JobError {
     let line = err.position().map(|p| p.line());
+    if let Some(limit) = manifest::record_too_long(&err) {
+        // Only the header row is read without `read_bounded`.
+        return record_too_long(limit, Some(line.unwrap_or(1)), relative, table);
+    }
     match err.kind() {
         csv::ErrorKind::Io(e) => io_failure(table, format!("cannot read {relative:?}: {e}")),
         csv::ErrorKind::Utf8 { err: utf8, .. } => bad_row(
@@ -123,7 +186,7 @@ pub(super) enum Rows {
     },
     /// A CSV file past its header.
     Csv {
-        reader: csv::Reader<File>,
+        reader: CsvReader,
         record: csv::StringRecord,
         relative: String,
     },
@@ -161,9 +224,9 @@ impl TableRows {
                 record,
                 relative,
             } => {
-                let more = reader
-                    .read_record(record)
-                    .map_err(|e| csv_failure(e, relative, &self.table, &self.columns))?;
+                let limit = reader.get_ref().limit();
+                let more = manifest::read_bounded(reader, record)
+                    .map_err(|e| csv_failure_at(e, limit, relative, &self.table, &self.columns))?;
                 if !more {
                     return Ok(false);
                 }
@@ -355,10 +418,9 @@ mod tests {
     #[test]
     fn a_csv_field_that_is_not_utf8_names_its_line_and_column() {
         let dir = scratch("not-utf8");
-        let path = dir.join("t.csv");
-        std::fs::write(&path, b"a,b\n1,x\n2,\xff\n").unwrap();
+        std::fs::write(dir.join("t.csv"), b"a,b\n1,x\n2,\xff\n").unwrap();
         let columns = columns(&[("a", "int64"), ("b", "string")]);
-        let reader = open_csv(&path, "t.csv", "t", &columns).unwrap();
+        let reader = open_csv(&at(&dir), "t.csv", "t", &columns).unwrap();
         let mut rows = TableRows {
             table: "t".into(),
             encoder: RowEncoder::new(&columns),
@@ -381,6 +443,111 @@ mod tests {
             "{failure:?}"
         );
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+fn at(dir: &Path) -> Sources {
+    Sources {
+        dir: dir.to_owned(),
+        max_record_bytes: 1024 * 1024,
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_record_over_the_limit_ends_fatal_naming_the_limit_with_bounded_reading() {
+        let dir = std::env::temp_dir().join(format!("ampd-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let limit = 4096u64;
+        let mut nul = b"a\n".to_vec();
+        nul.resize(2 + 2 * limit as usize, 0);
+        std::fs::write(dir.join("nul.csv"), &nul).unwrap();
+        let mut quoted = b"a\n1\n\"".to_vec();
+        quoted.extend(std::iter::repeat_n(b'\n', 2 * limit as usize));
+        std::fs::write(dir.join("quoted.csv"), &quoted).unwrap();
+        std::fs::write(dir.join("header.csv"), "a".repeat(2 * limit as usize)).unwrap();
+        let columns: Vec<Column> =
+            vec![serde_json::from_value(json!({"name": "a", "type": "string"})).unwrap()];
+        let sources = Sources {
+            dir: dir.clone(),
+            max_record_bytes: limit,
+        };
+        for (name, row) in [("nul.csv", 2), ("quoted.csv", 3), ("header.csv", 1)] {
+            let failed = open_csv(&sources, name, "t", &columns).and_then(|mut reader| {
+                count_rows(&mut reader, name, "t", &columns, &CancellationToken::new())
+            });
+            let Err(JobError::Fatal(failure)) = &failed else {
+                panic!("{name}: {failed:?}");
+            };
+            assert_eq!(failure.reason, "record_too_long", "{name}: {failure:?}");
+            assert_eq!(failure.row, Some(row), "{name}: {failure:?}");
+            assert!(failure.message.contains("4096"), "{failure:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_source_swapped_for_a_symlink_out_between_check_and_open_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ampd-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sources = dir.join("sources");
+        std::fs::create_dir_all(&sources).unwrap();
+        std::fs::write(sources.join("b.csv"), "a\n1\n").unwrap();
+        std::fs::write(dir.join("secret.csv"), "a\n424242\n").unwrap();
+        let columns: Vec<Column> =
+            vec![serde_json::from_value(json!({"name": "a", "type": "int64"})).unwrap()];
+        // The check before the job (the plan) passes, then the file is swapped for a link out.
+        drop(manifest::open_source(&sources, "b.csv").unwrap());
+        std::fs::remove_file(sources.join("b.csv")).unwrap();
+        std::os::unix::fs::symlink(dir.join("secret.csv"), sources.join("b.csv")).unwrap();
+        let opened = open_csv(&at(&sources), "b.csv", "b", &columns);
+        let Err(JobError::Fatal(failure)) = &opened else {
+            panic!("the file outside was opened");
+        };
+        assert_eq!(failure.reason, "source_outside", "{failure:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_column_never_its_contents() {
+        let dir = std::env::temp_dir().join(format!("ampd-echo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("h.csv"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+        std::fs::write(dir.join("c.csv"), "a\nsecret-value\n").unwrap();
+        let columns: Vec<Column> =
+            vec![serde_json::from_value(json!({"name": "a", "type": "int64"})).unwrap()];
+        let Err(JobError::Fatal(header)) = open_csv(&at(&dir), "h.csv", "h", &columns) else {
+            panic!("a header that names no column was accepted");
+        };
+        assert!(!header.message.contains("root"), "{header:?}");
+        assert!(header.message.contains("\"h.csv\" line 1"), "{header:?}");
+        let reader = open_csv(&at(&dir), "c.csv", "c", &columns).unwrap();
+        let mut rows = TableRows {
+            table: "c".into(),
+            encoder: RowEncoder::new(&columns),
+            columns,
+            rows: Rows::Csv {
+                reader,
+                record: csv::StringRecord::new(),
+                relative: "c.csv".into(),
+            },
+        };
+        let Err(JobError::Fatal(cell)) = rows.next_into(&mut Vec::new()) else {
+            panic!("a value that is not an int64 was accepted");
+        };
+        assert!(!cell.message.contains("secret"), "{cell:?}");
+        assert!(
+            cell.message.contains("\"c.csv\" line 2, column a"),
+            "{cell:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
