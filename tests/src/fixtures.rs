@@ -240,39 +240,43 @@ impl MigrationTrait for Sql {
     }
 }
 
-/// A migration of the `impact` sets: one statement, in a transaction or (`alone`) outside one.
-pub struct ImpactStep {
-    name: &'static str,
-    sql: &'static str,
-    alone: bool,
+/// A migration that runs one statement, in a transaction or (`alone`) outside one (the `impact`
+/// sets, and tests that build migration sets of their own).
+pub struct SqlStep {
+    /// The migration's name.
+    pub name: &'static str,
+    /// What it runs.
+    pub sql: &'static str,
+    /// Outside a transaction (`use_transaction() == Some(false)`).
+    pub alone: bool,
 }
 
 /// The table `impact_big` (`impact-base`), then (with `pending`) the four migrations whose impact
 /// the tests measure.
 pub fn impact_migrations(pending: bool) -> Vec<Box<dyn MigrationTrait>> {
-    let mut steps = vec![ImpactStep {
+    let mut steps = vec![SqlStep {
         name: "m20991231_000101_fixture_impact_table",
         sql: "CREATE TABLE impact_big (id bigint PRIMARY KEY, n integer NOT NULL, t text)",
         alone: false,
     }];
     if pending {
         steps.extend([
-            ImpactStep {
+            SqlStep {
                 name: IMPACT_ADD_COLUMN,
                 sql: "ALTER TABLE impact_big ADD COLUMN note text",
                 alone: false,
             },
-            ImpactStep {
+            SqlStep {
                 name: IMPACT_CHANGE_TYPE,
                 sql: "ALTER TABLE impact_big ALTER COLUMN n TYPE bigint",
                 alone: false,
             },
-            ImpactStep {
+            SqlStep {
                 name: IMPACT_SET_NOT_NULL,
                 sql: "ALTER TABLE impact_big ALTER COLUMN t SET NOT NULL",
                 alone: false,
             },
-            ImpactStep {
+            SqlStep {
                 name: IMPACT_INDEX,
                 sql: "CREATE INDEX CONCURRENTLY impact_big_n ON impact_big (n)",
                 alone: true,
@@ -294,14 +298,14 @@ pub const IMPACT_SET_NOT_NULL: &str = "m20991231_000104_fixture_impact_set_not_n
 /// `impact`: builds an index on `impact_big.n` concurrently (outside a transaction).
 pub const IMPACT_INDEX: &str = "m20991231_000105_fixture_impact_index";
 
-impl MigrationName for ImpactStep {
+impl MigrationName for SqlStep {
     fn name(&self) -> &str {
         self.name
     }
 }
 
 #[async_trait::async_trait]
-impl MigrationTrait for ImpactStep {
+impl MigrationTrait for SqlStep {
     fn use_transaction(&self) -> Option<bool> {
         self.alone.then_some(false)
     }

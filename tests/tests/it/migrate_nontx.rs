@@ -13,39 +13,12 @@ use std::time::{Duration, Instant};
 
 use ampd::config::MetadataDbConfig;
 use ampd::migrate::{self, MigrateError, MigrationSet};
-use migration::{DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
+use migration::{MigrationTrait, MigratorTrait};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use sha2::{Digest, Sha256};
 use tests::cli::{self, TempDir};
+use tests::fixtures::SqlStep as Sql;
 use tests::{TestDb, catalog, metadata_config, metadata_config_with, sql};
-
-/// A migration that runs `sql`, in a transaction or (`alone`) outside one.
-struct Sql {
-    name: &'static str,
-    sql: &'static str,
-    alone: bool,
-}
-
-impl MigrationName for Sql {
-    fn name(&self) -> &str {
-        self.name
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for Sql {
-    fn use_transaction(&self) -> Option<bool> {
-        self.alone.then_some(false)
-    }
-
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(self.sql)
-            .await
-            .map(|_| ())
-    }
-}
 
 fn tx(name: &'static str, sql: &'static str) -> Sql {
     Sql {
