@@ -34,12 +34,11 @@ use sea_orm::{
     DatabaseBackend, DatabaseConnection, DbErr, ProxyDatabaseTrait, ProxyExecResult, ProxyRow,
     RuntimeErr, Statement,
 };
-use sea_query_sqlx::SqlxValues;
 use serde::Serialize;
 
 use super::error::{MigrateError, describe, quote_ident};
 use super::plan::{self, StepKind};
-use super::session::{Session, display, proxy_row};
+use super::session::{Session, display, exec_err, fetch_all, proxy_row};
 use super::set::{MigrationSet, uses_transaction};
 use super::{state, verify};
 use crate::config::{DatabaseUrl, MetadataDbConfig};
@@ -752,10 +751,6 @@ impl std::fmt::Debug for Wire {
     }
 }
 
-fn exec_err(e: sqlx::Error) -> DbErr {
-    DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
-}
-
 impl Recorder {
     async fn new(mut conn: PgConnection, cfg: &MetadataDbConfig) -> Result<Recorder, ImpactError> {
         let shadow_err = |e: sqlx::Error| ImpactError::Shadow {
@@ -983,19 +978,7 @@ async fn execute(
     conn: &mut PgConnection,
     statement: Statement,
 ) -> Result<(Vec<ProxyRow>, u64), DbErr> {
-    let rows = match statement.values {
-        Some(values) => {
-            sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
-                .fetch_all(conn)
-                .await
-        }
-        None => {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
-                .fetch_all(conn)
-                .await
-        }
-    }
-    .map_err(exec_err)?;
+    let rows = fetch_all(conn, statement).await.map_err(exec_err)?;
     let n = rows.len() as u64;
     let rows = rows.into_iter().map(proxy_row).collect::<Result<_, _>>()?;
     Ok((rows, n))

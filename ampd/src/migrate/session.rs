@@ -75,7 +75,7 @@ pub(super) struct Session {
     inner: Arc<Inner>,
 }
 
-fn exec_err(e: sqlx::Error) -> DbErr {
+pub(super) fn exec_err(e: sqlx::Error) -> DbErr {
     DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
 }
 
@@ -662,6 +662,26 @@ const ROW_TYPES: [&str; 19] = [
     "TIME",
 ];
 
+/// Runs `statement` on `conn` and returns its rows: with its values bound (the extended protocol),
+/// or, with none, as sent (the simple protocol, which takes several statements at once).
+pub(super) async fn fetch_all(
+    conn: &mut PgConnection,
+    statement: Statement,
+) -> Result<Vec<PgRow>, sqlx::Error> {
+    match statement.values {
+        Some(values) => {
+            sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
+                .fetch_all(conn)
+                .await
+        }
+        None => {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
+                .fetch_all(conn)
+                .await
+        }
+    }
+}
+
 pub(super) fn proxy_row(row: PgRow) -> Result<ProxyRow, DbErr> {
     use sea_orm::sqlx::Row as _;
     if let Some(column) = row
@@ -734,19 +754,7 @@ impl ProxyDatabaseTrait for Proxy {
         };
         let limit = self.0.migration_deadline();
         let rows = within!(&mut wire, limit, |conn| async move {
-            match statement.values {
-                Some(values) => {
-                    sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
-                        .fetch_all(conn)
-                        .await
-                }
-                None => {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
-                        .fetch_all(conn)
-                        .await
-                }
-            }
-            .map_err(query_err)
+            fetch_all(conn, statement).await.map_err(query_err)
         })?;
         rows.into_iter().map(proxy_row).collect()
     }
