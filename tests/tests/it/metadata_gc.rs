@@ -306,6 +306,29 @@ async fn install_gate(db: &DatabaseConnection, table: &str, marker: &str) {
     .unwrap();
 }
 
+/// A collector pass over `root` whose batch statement takes its snapshot now and then waits at the
+/// gate (closed by the returned transaction) before it locks anything; returned once it waits there.
+async fn pass_held_at_the_gate(
+    db: &DatabaseConnection,
+    test_db: &TestDb,
+    root: &std::path::Path,
+) -> (
+    sea_orm::DatabaseTransaction,
+    tokio::task::JoinHandle<Result<gc::Collected, gc::GcError>>,
+) {
+    let gate = close_gate(db).await;
+    let collector = gated_collector(test_db).await;
+    let root = root.to_owned();
+    let pass = tokio::spawn(async move { gc::collect(&collector, &root).await });
+    tests::sql::lock_waiter(
+        db,
+        "the collector never reached the gate",
+        Duration::from_secs(20),
+    )
+    .await;
+    (gate, pass)
+}
+
 /// A connection of its own for a collector, reading through the gate's views.
 async fn gated_collector(test_db: &TestDb) -> DatabaseConnection {
     let collector = tests::connect(test_db.url(), 1).await;
@@ -365,18 +388,7 @@ async fn a_roll_back_committed_during_a_collector_batch_keeps_its_files() {
 
     // A collector pass whose batch statement takes its snapshot now (the roll back not yet
     // committed) and is held at the gate before it locks anything.
-    let gate = close_gate(&db).await;
-    let collector = gated_collector(&test_db).await;
-    let pass = {
-        let root = data.path().to_owned();
-        tokio::spawn(async move { gc::collect(&collector, &root).await })
-    };
-    tests::sql::lock_waiter(
-        &db,
-        "the collector never reached the gate",
-        Duration::from_secs(20),
-    )
-    .await;
+    let (gate, pass) = pass_held_at_the_gate(&db, &test_db, data.path()).await;
     activation.commit().await.expect("roll back commits");
     gate.commit().await.unwrap();
     let done = pass.await.unwrap().expect("collector pass");
@@ -448,18 +460,7 @@ async fn a_roll_back_committed_after_a_revision_was_listed_as_emptied_keeps_its_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let gate = close_gate(&db).await;
-    let collector = gated_collector(&test_db).await;
-    let pass = {
-        let root = data.path().to_owned();
-        tokio::spawn(async move { gc::collect(&collector, &root).await })
-    };
-    tests::sql::lock_waiter(
-        &db,
-        "the collector never reached the gate",
-        Duration::from_secs(20),
-    )
-    .await;
+    let (gate, pass) = pass_held_at_the_gate(&db, &test_db, data.path()).await;
     activation.commit().await.expect("roll back commits");
     gate.commit().await.unwrap();
     let done = pass.await.unwrap();
