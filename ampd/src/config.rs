@@ -31,6 +31,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// `[storage]`: the data directory every service shares.
     pub storage: StorageConfig,
+    /// `[http]`: how the admin API and the server treat connections and requests.
+    pub http: HttpConfig,
     /// Where the configuration came from, for messages.
     #[serde(skip)]
     origin: Origin,
@@ -131,6 +133,69 @@ pub struct ServerConfig {
     /// The longest row (a line of a revision's files) served as CSV, in bytes; a longer one cuts
     /// the response off; at least 1.
     pub max_row_bytes: u64,
+}
+
+/// `[http]`: how the HTTP services (the controller's admin API and the server) treat their
+/// connections and requests, so slow, idle or hostile clients cannot hold them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Seconds a client may take to send a request's headers, from the moment it connects (a
+    /// slower one is disconnected); at least 1.
+    pub header_timeout_secs: u64,
+    /// Seconds a client may take to send a request's body (slower: 408); at least 1.
+    pub body_timeout_secs: u64,
+    /// Seconds from a request's last byte to its response's first (longer, say because the
+    /// metadata database does not answer: 503); at least 1.
+    pub request_timeout_secs: u64,
+    /// Seconds a connection may stay open with nothing sent either way; then it is closed (a
+    /// response in flight gets as long again); at least 1.
+    pub idle_timeout_secs: u64,
+    /// Connections a service keeps open at once; a new one past it is closed at once; at least 1
+    /// (lowered, with a warning, to a quarter of the process's open-file limit).
+    pub max_connections: u32,
+    /// The host names and addresses requests may name in `Host` (DNS rebinding defence); empty:
+    /// the address the service is bound to, `localhost`, `127.0.0.1` and `[::1]`; `["*"]`: any.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            request_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            max_connections: 512,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// What is wrong with `allowed_hosts`, if anything: an empty or over-long entry, one that is
+    /// not a host name or address (a port, a path or a space in it), or `*` beside other entries.
+    pub fn allowed_hosts_problem(&self) -> Option<String> {
+        let hosts = &self.allowed_hosts;
+        if hosts.iter().any(|h| h == "*") && hosts.len() > 1 {
+            return Some("may hold `*` (any host) only alone".to_owned());
+        }
+        for (i, host) in hosts.iter().enumerate() {
+            if host == "*" {
+                continue;
+            }
+            let valid = !host.is_empty()
+                && host.len() <= 253
+                && crate::service::listen::normalize_host(host).is_some_and(|h| h.port.is_none());
+            if !valid {
+                return Some(format!(
+                    "entry {} is not a host name or an IP address without a port",
+                    i + 1
+                ));
+            }
+        }
+        None
+    }
 }
 
 /// `[storage]`: where manifests and tables' files live, shared by the services (the controller

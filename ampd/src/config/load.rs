@@ -309,6 +309,24 @@ impl Problems<'_> {
         );
         self.at_least_1("server.reconcile_interval_ms", s.reconcile_interval_ms);
         self.at_least_1("server.max_row_bytes", s.max_row_bytes);
+        let h = &config.http;
+        self.at_least_1("http.header_timeout_secs", h.header_timeout_secs);
+        self.at_least_1("http.body_timeout_secs", h.body_timeout_secs);
+        self.at_least_1("http.request_timeout_secs", h.request_timeout_secs);
+        self.at_least_1("http.idle_timeout_secs", h.idle_timeout_secs);
+        self.at_least_1("http.max_connections", h.max_connections);
+        for (key, secs) in [
+            ("http.header_timeout_secs", h.header_timeout_secs),
+            ("http.body_timeout_secs", h.body_timeout_secs),
+            ("http.request_timeout_secs", h.request_timeout_secs),
+            ("http.idle_timeout_secs", h.idle_timeout_secs),
+        ] {
+            self.at_most((key, secs), MAX_MIGRATION_LOCK_TIMEOUT_SECS, "one day");
+        }
+        if let Some(problem) = h.allowed_hosts_problem() {
+            let key = self.named("http.allowed_hosts", None);
+            self.found.push(format!("{key} {problem}"));
+        }
         self.at_most(
             ("storage.umask", u64::from(config.storage.umask)),
             0o777,

@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
-use tokio_util::sync::CancellationToken;
 
 use crate::metadata;
 
@@ -334,25 +333,6 @@ pub async fn bind(
             hint,
         }
     })
-}
-
-/// Serves `router` on `listener` until `shutdown` is cancelled, then lets requests in flight
-/// finish. Accepted connections get `TCP_NODELAY`: a response's last small write is not held back
-/// until the client's delayed ACK.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod gc;
 pub mod http;
+pub mod listen;
 pub mod server;
 pub mod storage;
 pub mod worker;

@@ -9,6 +9,7 @@ mod e2e;
 mod entities;
 mod fault_proxy;
 mod foreign_keys;
+mod http_limits;
 mod job_fencing;
 mod job_stops;
 mod metadata_datasets;

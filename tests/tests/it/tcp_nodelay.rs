@@ -257,11 +257,17 @@ async fn http_connections_set_tcp_nodelay() {
         .expect("bind");
     let port = listener.local_addr().expect("local address").port();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let served = tokio::spawn(ampd::service::http::serve(
-        listener,
-        axum::Router::new(),
-        shutdown.clone(),
-    ));
+    let limits = ampd::service::listen::Limits::new(
+        &ampd::config::HttpConfig::default(),
+        listener.local_addr().expect("local address"),
+        1024,
+    );
+    let served = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            ampd::service::listen::serve(listener, axum::Router::new(), &limits, shutdown).await
+        }
+    });
 
     let client = tokio::task::spawn_blocking(move || {
         let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");

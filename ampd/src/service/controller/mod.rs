@@ -15,6 +15,7 @@ use crate::migrate::MigrationSet;
 
 use super::ServiceError;
 use super::http::{self, BearerToken};
+use super::listen;
 pub use scheduler::{Placement, Policy, reconcile};
 
 /// How long requests in flight may take to finish once a stop is asked for; then they are cut.
@@ -34,6 +35,7 @@ pub async fn run(
     let max_body = usize::try_from(config.controller.max_body_bytes).unwrap_or(usize::MAX);
     let token = (config.controller.admin_token.as_ref()).map(|t| BearerToken::new(t.expose()));
     let router = api::router(state, max_body, token);
+    let limits = listen::Limits::new(&config.http, config.controller.admin_addr, max_body);
     tracing::info!(addr = %config.controller.admin_addr, "admin API listening");
 
     // The API and the scheduler stop together: on the shutdown token, or when the API fails.
@@ -42,7 +44,7 @@ pub async fn run(
         let stop = stop.clone();
         async move {
             let served = tokio::select! {
-                served = http::serve(listener, router, stop.clone()) => served,
+                served = listen::serve(listener, router, &limits, stop.clone()) => served,
                 () = async { stop.cancelled().await; tokio::time::sleep(DRAIN).await } => {
                     tracing::warn!("requests still running after {DRAIN:?}; cut off");
                     Ok(())

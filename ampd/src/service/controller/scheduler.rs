@@ -57,8 +57,14 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                if let Err(e) = reconcile(&db, &policy).await {
-                    tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
+                // A stop is not held up by a pass waiting on a database that does not answer:
+                // the pass is dropped, its transaction, if any, never commits.
+                match crate::service::until_stopped(&shutdown, reconcile(&db, &policy)).await {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
+                    }
+                    Some(Ok(_)) => {}
                 }
             }
         }

@@ -19,9 +19,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::metadata::notifications::{Listener, Notification, RevisionChange};
 
-use super::{ServiceError, http, retrying, until_stopped};
+use super::{ServiceError, http, listen, retrying, until_stopped};
 use routes::AppState;
 use view::View;
+
+/// The largest request body the server reads: it answers `GET`s, whose bodies it ignores.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// How long responses still streaming when a stop is asked for may go on before they are cut off.
 pub const DRAIN: Duration = Duration::from_secs(5);
@@ -65,7 +68,8 @@ pub async fn run(
     // The view is followed until the server stops serving, for whatever reason.
     let following = shutdown.child_token();
     let serving = async {
-        let served = serve(listener, routes::router(state), &shutdown, &abort).await;
+        let limits = listen::Limits::new(&config.http, config.server.addr, MAX_BODY_BYTES);
+        let served = serve(listener, routes::router(state), &limits, &shutdown, &abort).await;
         following.cancel();
         served
     };
@@ -82,10 +86,11 @@ pub async fn run(
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    limits: &listen::Limits,
     shutdown: &CancellationToken,
     abort: &CancellationToken,
 ) -> Result<(), ServiceError> {
-    let serving = http::serve(listener, router, shutdown.clone());
+    let serving = listen::serve(listener, router, limits, shutdown.clone());
     let cut_off = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN).await;

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use sea_orm::DatabaseConnection;
@@ -178,8 +178,10 @@ pub(crate) fn internal(what: &str, err: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// An optional JSON body: none when the request has no `Content-Type` (and no body); otherwise it
-/// must be a JSON object of `T`, with the same errors as [`http::Json`].
+/// An optional JSON body: none when the request has an empty body (with or without
+/// `Content-Type: application/json`, so a client that always sends the header may send nothing);
+/// otherwise it must be `Content-Type: application/json` and a JSON object of `T`, with the same
+/// errors as [`http::Json`].
 pub struct OptionalJson<T>(pub Option<T>);
 
 impl<T, S> FromRequest<S> for OptionalJson<T>
@@ -190,12 +192,30 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let body =
-            <axum::Json<serde_json::Value> as OptionalFromRequest<S>>::from_request(req, state)
-                .await?;
-        body.map(|axum::Json(v)| http::from_object(v))
-            .transpose()
-            .map(OptionalJson)
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            });
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), "invalid_request", r.body_text()))?;
+        if bytes.is_empty() {
+            return Ok(OptionalJson(None));
+        }
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a request body must be JSON, sent with Content-Type: application/json",
+            ));
+        }
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_bytes(&bytes)?;
+        http::from_object(value).map(|v| OptionalJson(Some(v)))
     }
 }
 
