@@ -57,6 +57,32 @@ pub enum SoloError {
         /// The lock file.
         lock: PathBuf,
     },
+    /// Another `ampd solo` runs the managed cluster (reached through another amp directory).
+    #[error(
+        "another ampd solo runs the cluster in {}; stop it first, or give this one another \
+         --amp-dir",
+        .0.display()
+    )]
+    ClusterBusy(PathBuf),
+    /// Someone but the amp directory's owner may write to it.
+    #[error(
+        "refusing the amp directory {}: {why}; ampd solo runs PostgreSQL from it and writes into \
+         it, so only its owner may write to it (chmod go-w {}, or give it another --amp-dir)",
+        .dir.display(),
+        .dir.display()
+    )]
+    Unsafe {
+        /// The amp directory.
+        dir: PathBuf,
+        /// Who else may write to it.
+        why: String,
+    },
+    /// A file of the amp directory is a symbolic link, which solo never follows.
+    #[error(
+        "{} is a symbolic link: ampd solo never follows one in its amp directory; remove it",
+        .0.display()
+    )]
+    Symlink(PathBuf),
     /// A file or directory of the amp directory could not be used.
     #[error("{what}: {source}")]
     Io {
@@ -83,14 +109,72 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> SoloError {
 /// The amp directory's lock, held while solo runs.
 struct AmpDirLock(#[allow(dead_code)] std::fs::File);
 
+/// Opens `path` of the amp directory with `options`, never through a symbolic link.
+fn open_in_amp_dir(
+    path: &Path,
+    options: &mut std::fs::OpenOptions,
+) -> std::result::Result<std::fs::File, SoloError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    options
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => SoloError::Symlink(path.to_owned()),
+            _ => io(format!("open {}", path.display()))(e),
+        })
+}
+
+/// Refuses an amp directory that another user may write to (or that is another user's): they
+/// could plant symbolic links or files where solo, maybe as root, writes.
+fn check_private(dir: &Path) -> std::result::Result<(), SoloError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(io(format!("inspect {}", dir.display())))?;
+    let me = rustix::process::geteuid().as_raw();
+    let why = if meta.uid() != me {
+        Some(format!(
+            "it belongs to another user (uid {}, this process runs as uid {me})",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "its group or other users may write to it (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(SoloError::Unsafe {
+            dir: dir.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The managed cluster's lock: its data directory itself, locked while solo runs it, so a solo
+/// that reaches the same cluster another way (a bind mount, say) never stops the one running it.
+struct ClusterLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_cluster(data: &Path) -> std::result::Result<ClusterLock, SoloError> {
+    let dir = std::fs::File::open(data).map_err(io(format!("open {}", data.display())))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(ClusterLock(dir)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SoloError::ClusterBusy(data.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(format!("lock {}", data.display()))(e)),
+    }
+}
+
 fn lock(dir: &Path) -> std::result::Result<AmpDirLock, SoloError> {
     let path = dir.join("solo.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io(format!("open {}", path.display())))?;
+    let file = open_in_amp_dir(
+        &path,
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+    )?;
     match file.try_lock() {
         Ok(()) => Ok(AmpDirLock(file)),
         Err(std::fs::TryLockError::WouldBlock) => Err(SoloError::Busy {
@@ -122,8 +206,17 @@ fn load_config(explicit: Option<&Path>, amp_dir: &Path) -> Result<Config> {
     Ok(config)
 }
 
+/// `dir`, created when missing, as an absolute path without symbolic links. Created as root, it
+/// lets other users through (mode 0711, whatever the umask): PostgreSQL, run as `postgres`, must
+/// reach `metadb/` in it.
 fn absolute(dir: &Path) -> std::result::Result<PathBuf, SoloError> {
+    let existed = dir.exists();
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    if !existed && postgres::is_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io(format!("chmod {}", dir.display())))?;
+    }
     dir.canonicalize()
         .map_err(io(format!("resolve {}", dir.display())))
 }
@@ -131,13 +224,16 @@ fn absolute(dir: &Path) -> std::result::Result<PathBuf, SoloError> {
 /// Starts (creating it the first time) the managed cluster in `<amp_dir>/metadb`. A server left
 /// running on it by an earlier solo that died with its watchdog (no solo holds the directory, so
 /// nothing else owns it) is stopped first.
-fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
+fn start_managed(amp_dir: &Path) -> std::result::Result<(Server, ClusterLock), SoloError> {
     let bindir = postgres::find_bindir(None)?;
     let user = postgres::server_user()?;
     postgres::check_reachable(user.as_deref(), amp_dir)?;
     let data = amp_dir.join("metadb");
+    postgres::refuse_symlink(&data)?;
     postgres::check_socket_path(&data, DB_PORT)?;
+    let cluster_lock;
     if postgres::is_initialized(&data) {
+        cluster_lock = lock_cluster(&data)?;
         match postgres::prepare_data_dir(&data) {
             Err(PostgresError::AlreadyRunning { pid, .. }) => {
                 tracing::warn!(
@@ -164,9 +260,10 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
                 no_sync: false,
             },
         )?;
+        cluster_lock = lock_cluster(&data)?;
     }
     tracing::info!(dir = %data.display(), bindir = %bindir.display(), "starting PostgreSQL");
-    Server::start(
+    let server = Server::start(
         &bindir,
         &data,
         user.as_deref(),
@@ -180,7 +277,8 @@ fn start_managed(amp_dir: &Path) -> std::result::Result<Server, PostgresError> {
             stop_timeout: STOP_TIMEOUT,
             ready_timeout: READY_TIMEOUT,
         },
-    )
+    )?;
+    Ok((server, cluster_lock))
 }
 
 /// Creates the managed database on the first start (idempotent).
@@ -213,7 +311,20 @@ fn write_metadb_config(amp_dir: &Path, url: &str) -> std::result::Result<PathBuf
         toml::Value::String(url.to_owned())
     );
     let partial = amp_dir.join("metadb.toml.partial");
-    std::fs::write(&partial, text).map_err(io(format!("write {}", partial.display())))?;
+    // Made anew, never written through a link left in its place (removing one removes the link).
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io(format!("remove {}", partial.display()))(e));
+        }
+        _ => {}
+    }
+    let mut file = open_in_amp_dir(
+        &partial,
+        std::fs::OpenOptions::new().write(true).create_new(true),
+    )?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .map_err(io(format!("write {}", partial.display())))?;
+    drop(file);
     std::fs::rename(&partial, &path).map_err(io(format!("write {}", path.display())))?;
     Ok(path)
 }
@@ -234,7 +345,9 @@ pub async fn run(
         .secrets()
         .iter()
         .for_each(|secret| crate::redact::register(secret));
+    crate::config::apply_umask(config.storage.umask);
     let amp_dir = absolute(&wanted)?;
+    check_private(&amp_dir)?;
     let _lock = lock(&amp_dir)?;
     for dir in [config.storage.data_dir(), config.worker.sources_dir()] {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
@@ -248,25 +361,25 @@ pub async fn run(
                 tokio::task::spawn_blocking(move || start_managed(&amp_dir)).await
             };
             // From here on, dropping the server (on any error) stops it.
-            let server = started.map_err(SoloError::from)?.map_err(SoloError::from)?;
+            let (server, cluster_lock) = started.map_err(SoloError::from)??;
             ensure_database(&server.url(DB_USER, "postgres"))
                 .await
                 .map_err(SoloError::CreateDatabase)?;
             let url = server.url(DB_USER, DB_NAME);
             let metadb_config = write_metadb_config(&amp_dir, &url)?;
             config.metadata_db.url = Some(DatabaseUrl::parse(&url)?);
-            Some((server, metadb_config))
+            Some((server, metadb_config, cluster_lock))
         }
     };
     print_banner(
         &config,
         &amp_dir,
         &node_id,
-        managed.as_ref().map(|(_, path)| path.as_path()),
+        managed.as_ref().map(|(_, path, _)| path.as_path()),
     );
 
     let result = run_services(config, node_id, migrations, shutdown).await;
-    let Some((server, _)) = managed else {
+    let Some((server, _, _cluster_lock)) = managed else {
         return result;
     };
     let stopped = match tokio::task::spawn_blocking(move || server.stop()).await {

@@ -80,6 +80,14 @@ pub enum PostgresError {
         .0.display()
     )]
     NotACluster(PathBuf),
+    /// A path where a cluster is made or kept is a symbolic link, which is never followed (it
+    /// could lead the cluster, its removal or its owner change anywhere).
+    #[error(
+        "{} is a symbolic link: ampd never follows one where it makes or keeps a cluster; remove \
+         it",
+        .0.display()
+    )]
+    Symlink(PathBuf),
     /// A server is already running on the data directory.
     #[error(
         "a PostgreSQL server (pid {pid}) is running on {} and would not stop: stop it, or use \
@@ -265,6 +273,14 @@ pub fn is_initialized(data: &Path) -> bool {
     data.join("PG_VERSION").is_file()
 }
 
+/// [`PostgresError::Symlink`] when `path` is a symbolic link.
+pub fn refuse_symlink(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(PostgresError::Symlink(path.to_owned())),
+        _ => Ok(()),
+    }
+}
+
 /// Creates a cluster in `data`, which must be absent or empty, owned by `user` when given: UTF-8,
 /// the C locale, `trust` for local connections (only the server's user, and root, may use the
 /// socket of a server started by [`Server::start`], so `trust` admits no one else; see
@@ -272,6 +288,7 @@ pub fn is_initialized(data: &Path) -> bool {
 /// complete, so a creation cut off half-way never leaves a cluster behind (its remains are removed
 /// by the next call).
 pub fn initdb(bindir: &Path, data: &Path, user: Option<&str>, options: &InitOptions) -> Result<()> {
+    refuse_symlink(data)?;
     if let Ok(mut entries) = std::fs::read_dir(data) {
         if entries.next().is_some() {
             return Err(PostgresError::NotACluster(data.to_owned()));
@@ -281,6 +298,7 @@ pub fn initdb(bindir: &Path, data: &Path, user: Option<&str>, options: &InitOpti
     let mut partial = data.as_os_str().to_owned();
     partial.push(".initdb");
     let partial = PathBuf::from(partial);
+    refuse_symlink(&partial)?;
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(format!(
             "remove the incomplete cluster {}",

@@ -15,6 +15,7 @@
 
 use std::ffi::OsString;
 use std::io::BufRead as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -24,11 +25,11 @@ const KILL_AFTER_QUIT: Duration = Duration::from_secs(5);
 /// How often the watchdog looks whether the program has exited while it stops.
 const TICK: Duration = Duration::from_millis(50);
 
-/// The watchdog's script. Arguments: the log file, the directory to remove afterwards (empty:
-/// none), the stop signal, the ticks until SIGQUIT and until SIGKILL, then the program and its
-/// arguments.
-const SCRIPT: &str = r#"log=$1; cleanup=$2; sig=$3; quit=$4; kill=$5; shift 5
-"$@" >>"$log" 2>&1 </dev/null &
+/// The watchdog's script. Its standard error is the log file (opened by ampd). Arguments: the
+/// directory to remove afterwards (empty: none), the stop signal, the ticks until SIGQUIT and
+/// until SIGKILL, then the program and its arguments.
+const SCRIPT: &str = r#"cleanup=$1; sig=$2; quit=$3; kill=$4; shift 4
+"$@" 1>&2 </dev/null &
 pid=$!
 echo "$pid"
 cat >/dev/null
@@ -79,11 +80,30 @@ impl Watchdog {
         let ticks = |d: Duration| d.as_millis().div_ceil(TICK.as_millis()).max(1);
         let quit = ticks(watch.stop_timeout);
         let kill = quit + ticks(KILL_AFTER_QUIT);
+        // Opened here, not by the shell: appended to, created private, and never through a
+        // symbolic link (one planted in its place would send the log, as root, anywhere).
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&watch.log_file)
+            .map_err(|e| {
+                let symlink = std::fs::symlink_metadata(&watch.log_file)
+                    .is_ok_and(|m| m.file_type().is_symlink());
+                if symlink {
+                    std::io::Error::other(format!(
+                        "{} is a symbolic link, which ampd does not follow: remove it",
+                        watch.log_file.display()
+                    ))
+                } else {
+                    std::io::Error::new(e.kind(), format!("open {}: {e}", watch.log_file.display()))
+                }
+            })?;
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(SCRIPT)
             .arg("ampd-watchdog")
-            .arg(&watch.log_file)
             .arg(watch.remove_after_stop.as_deref().unwrap_or(Path::new("")))
             .arg(watch.stop_signal)
             .arg(quit.to_string())
@@ -99,7 +119,7 @@ impl Watchdog {
             .args(&watch.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .process_group(0)
             .spawn()?;
         let pipe = shell.stdin.take();

@@ -665,3 +665,137 @@ async fn an_amp_dir_too_deep_for_a_unix_socket_is_refused_before_initdb() {
     );
     assert!(!amp.join("metadb").exists(), "no initdb");
 }
+
+/// `amp`'s directory, made by the test as solo would make it (mode 0711: private, but PostgreSQL
+/// run as `postgres` can pass through it to `metadb/`).
+fn make_amp_dir(amp: &AmpDir, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = amp.path();
+    std::fs::create_dir_all(&dir).expect("create the amp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    dir
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn symbolic_links_planted_in_the_amp_dir_are_never_followed_and_its_files_are_private() {
+    use std::os::unix::fs::symlink;
+    let amp = AmpDir::new();
+    let dir = make_amp_dir(&amp, 0o711);
+    let outside = amp.temp.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("create outside");
+    let (kept_dir, kept_file, kept_log) = (
+        outside.join("dir"),
+        outside.join("file"),
+        outside.join("log"),
+    );
+    std::fs::create_dir_all(&kept_dir).expect("create");
+    std::fs::write(kept_dir.join("precious"), "precious\n").expect("write");
+    std::fs::write(&kept_file, "precious\n").expect("write");
+    std::fs::write(&kept_log, "precious\n").expect("write");
+    symlink(&kept_dir, dir.join("metadb.initdb")).expect("plant");
+    symlink(&kept_file, dir.join("metadb.toml.partial")).expect("plant");
+    symlink(&kept_log, dir.join("postgres.log")).expect("plant");
+    let amp_dir = dir.display().to_string();
+    let run = || async {
+        cli::run(
+            cli::ampd(),
+            &["solo"],
+            &[("AMP_DIR", amp_dir.as_str())],
+            Duration::from_secs(60),
+        )
+        .await
+    };
+
+    // The unfinished cluster's place: nothing removed, nothing made through it.
+    let out = run().await;
+    out.assert_code(1).assert_stderr_contains(format!(
+        "{} is a symbolic link",
+        dir.join("metadb.initdb").display()
+    ));
+    assert!(
+        kept_dir.join("precious").is_file(),
+        "the linked directory was emptied"
+    );
+    assert_eq!(std::fs::read_dir(&kept_dir).unwrap().count(), 1);
+    std::fs::remove_file(dir.join("metadb.initdb")).expect("remove the link");
+
+    // The server's log: not appended through the link.
+    let out = run().await;
+    out.assert_code(1).assert_stderr_contains(format!(
+        "{} is a symbolic link",
+        dir.join("postgres.log").display()
+    ));
+    assert_eq!(std::fs::read_to_string(&kept_log).unwrap(), "precious\n");
+    std::fs::remove_file(dir.join("postgres.log")).expect("remove the link");
+
+    // `metadb.toml.partial`: replaced, not written through.
+    let solo = Solo::start(&amp, &[]).await;
+    assert_eq!(std::fs::read_to_string(&kept_file).unwrap(), "precious\n");
+    assert!(!dir.join("metadb.toml.partial").exists());
+    assert!(amp.url().starts_with("postgresql://"));
+    // What solo made is its user's alone ([storage] umask 0o077).
+    for (path, mode) in [
+        (dir.join("postgres.log"), 0o600),
+        (dir.join("metadb.toml"), 0o600),
+        (dir.join("solo.lock"), 0o600),
+        (dir.join("data"), 0o700),
+        (dir.join("sources"), 0o700),
+    ] {
+        assert_eq!(mode_of(&path), mode, "{}", path.display());
+    }
+    solo.stop_cleanly(&amp).await;
+}
+
+#[tokio::test]
+async fn an_amp_dir_other_users_may_write_to_is_refused_before_anything_is_made_in_it() {
+    let amp = AmpDir::new();
+    let dir = make_amp_dir(&amp, 0o777);
+    let amp_dir = dir.display().to_string();
+    let out = cli::run(
+        cli::ampd(),
+        &["solo"],
+        &[("AMP_DIR", amp_dir.as_str())],
+        Duration::from_secs(30),
+    )
+    .await;
+    out.assert_code(1).assert_stderr_contains(format!(
+        "refusing the amp directory {amp_dir}: its group or other users may write to it (mode 777)"
+    ));
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "solo made something in a directory it refused"
+    );
+}
+
+#[tokio::test]
+async fn a_solo_whose_metadb_links_to_another_solos_cluster_is_refused_and_the_first_runs_on() {
+    let first_amp = AmpDir::new();
+    let first = Solo::start(&first_amp, &[]).await;
+    let postmaster = first_amp.postmaster_pid().expect("the first's server");
+    let second_amp = AmpDir::new();
+    let dir = make_amp_dir(&second_amp, 0o711);
+    std::os::unix::fs::symlink(first_amp.metadb(), dir.join("metadb")).expect("plant");
+    let second = Solo::spawn(&second_amp, &[], &[]);
+    let exit = second.service.wait().await;
+    assert_eq!(exit.code, Some(1), "{}", exit.log);
+    assert!(
+        exit.log.contains(&format!(
+            "{} is a symbolic link",
+            dir.join("metadb").display()
+        )),
+        "{}",
+        exit.log
+    );
+    assert_eq!(first_amp.postmaster_pid(), Some(postmaster));
+    assert_eq!(first.get("/readyz").await, json!({"status": "ready"}));
+    first.stop_cleanly(&first_amp).await;
+}
