@@ -308,7 +308,18 @@ fn add_common_responses(doc: &mut OpenApi) {
                      admin_token` is set)",
                 );
             }
+            if !matches!(path.as_str(), "/healthz" | "/readyz") {
+                add(
+                    "421",
+                    "`host_not_allowed`: the `Host` header names none of the service's hosts \
+                     (`[http] allowed_hosts`)",
+                );
+            }
             if op.request_body.is_some() {
+                add(
+                    "408",
+                    "`request_timeout`: the body did not arrive within `[http] body_timeout_secs`",
+                );
                 add(
                     "413",
                     "`payload_too_large`: the body is larger than `[controller] max_body_bytes`",
@@ -325,7 +336,8 @@ fn add_common_responses(doc: &mut OpenApi) {
             if uses_db {
                 add(
                     "503",
-                    "`unavailable`: the metadata database did not answer; try again",
+                    "`unavailable`: the metadata database did not answer (within `[http] \
+                     request_timeout_secs`); try again",
                 );
                 add(
                     "500",
