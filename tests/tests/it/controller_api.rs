@@ -122,6 +122,25 @@ impl Controller {
         snapshot(&self.conn, &self.ws.data_dir()).await
     }
 
+    /// Stops the process and starts another on the same database and workspace, with the
+    /// `[controller]` keys in `controller`.
+    async fn restart_with(&mut self, controller: &str) {
+        let exit = self.service.take().expect("running").stop().await;
+        assert_eq!(exit.code, Some(0), "{}", exit.log);
+        let addr = free_addr();
+        let extra = format!(
+            "[controller]\nadmin_addr = \"{addr}\"\n{controller}\n\n[worker]\n\
+             liveness_window_ms = 3600000\n"
+        );
+        let config = self
+            .ws
+            .config("controller-restarted.toml", self.db.url(), &extra);
+        let mut service = Service::start("controller", &config, &["controller"], &[]);
+        service.wait_healthy(addr).await;
+        self.service = Some(service);
+        self.api = Api::new(addr, None);
+    }
+
     /// Stops the process with SIGTERM and checks that it exits 0.
     async fn stop(mut self) -> String {
         let exit = self.service.take().expect("running").stop().await;
@@ -1482,5 +1501,53 @@ async fn a_cross_site_post_without_a_token_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     assert_ne!(reply.status().as_u16(), 415);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_manifest_stored_before_a_limit_was_lowered_stays_readable_and_deletable_but_is_not_deployed()
+ {
+    let mut c = Controller::start(QUIET, "").await;
+    let column = |name: &str| json!({"name": name, "type": "int64"});
+    let wide = json!({"kind": "static", "tables": {"t": {
+        "columns": [column("a"), column("b"), column("c")], "rows": [[1, 2, 3]]}}});
+    let narrow = json!({"kind": "static", "tables": {"t": {
+        "columns": [column("a")], "rows": [[1]]}}});
+    c.register("wide", "cols", "1.0.0", wide).await;
+    c.register("a_long_namespace", "n", "1.0.0", narrow).await;
+    c.restart_with(&format!(
+        "{QUIET}max_table_columns = 2\nmax_name_len = 10\n"
+    ))
+    .await;
+
+    c.get("/datasets/wide/cols/versions/1.0.0").await.ok(200);
+    c.get("/datasets/a_long_namespace/n/versions/1.0.0")
+        .await
+        .ok(200);
+    let before = c.snapshot().await;
+    c.deploy("wide/cols", "1.0.0", Body::None)
+        .await
+        .error(422, "invalid_manifest")
+        .says("max_table_columns");
+    c.deploy("a_long_namespace/n", "1.0.0", Body::None)
+        .await
+        .error(400, "invalid_request")
+        .says("max_name_len");
+    assert_eq!(
+        c.snapshot().await,
+        before,
+        "a refused deploy changed something"
+    );
+
+    assert_eq!(
+        c.delete("/datasets/wide/cols/versions/1.0.0").await.status,
+        204
+    );
+    assert_eq!(
+        c.delete("/datasets/a_long_namespace/n/versions/1.0.0")
+            .await
+            .status,
+        204
+    );
     c.stop().await;
 }

@@ -88,6 +88,13 @@ pub async fn deploy(
     OptionalJson(body): OptionalJson<Deploy>,
 ) -> Result<(StatusCode, Json<Deployed>), ApiError> {
     let found = resolve(&app, &path).await?;
+    super::within_name_limit(
+        app.max_name_len,
+        &[
+            ("namespace", path.namespace.as_str()),
+            ("name", path.name.as_str()),
+        ],
+    )?;
     let VersionPath {
         namespace, name, ..
     } = path;

@@ -161,6 +161,22 @@ async fn resolve(
     .await
 }
 
+/// 400 naming `[controller] max_name_len` when one of `names` (what it is, its value) is longer.
+/// Registration checks every name; deploying checks the namespace and the name, so one stored
+/// before the limit was lowered stays readable and deletable but is not deployed.
+pub(crate) fn within_name_limit(max: usize, names: &[(&str, &str)]) -> Result<(), ApiError> {
+    for (what, value) in names {
+        if value.len() > max {
+            return Err(ApiError::bad_request(format!(
+                "the {what} is {} bytes long, more than the limit of {max} (`[controller] \
+                 max_name_len`)",
+                value.len(),
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A manifest as stored, or a 500 when its file cannot be read.
 async fn load(
     app: &Shared,
@@ -221,20 +237,14 @@ pub async fn register(
     State(app): State<Shared>,
     Json(req): Json<RegisterDataset>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
-    for (what, value) in [
-        ("namespace", &req.namespace),
-        ("name", &req.name),
-        ("version", &req.version),
-    ] {
-        if value.len() > app.max_name_len {
-            return Err(ApiError::bad_request(format!(
-                "the {what} is {} bytes long, more than the limit of {} (`[controller] \
-                 max_name_len`)",
-                value.len(),
-                app.max_name_len
-            )));
-        }
-    }
+    within_name_limit(
+        app.max_name_len,
+        &[
+            ("namespace", req.namespace.as_str()),
+            ("name", req.name.as_str()),
+            ("version", req.version.as_str()),
+        ],
+    )?;
     check_dataset(&req.namespace, &req.name)?;
     let version = semver::Version::parse(&req.version)
         .map_err(|e| {
