@@ -26,6 +26,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::cluster::{ClusterOptions, PrivateCluster};
 use tests::wire::StatementCounter;
 
+#[path = "ampd_bench/memory.rs"]
+mod memory;
 #[path = "ampd_bench/services.rs"]
 mod services;
 
@@ -40,7 +42,7 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
-     [--only fresh|noop|scaling|throughput|services (repeatable; implies --no-write)]";
+     [--only fresh|noop|scaling|throughput|services|memory (repeatable; implies --no-write)]";
 
 #[derive(Debug)]
 struct Args {
@@ -83,8 +85,15 @@ impl Args {
                 "--no-write" => args.write = false,
                 "--only" => {
                     let part = value("--only")?;
-                    if !["fresh", "noop", "scaling", "throughput", "services"]
-                        .contains(&part.as_str())
+                    if ![
+                        "fresh",
+                        "noop",
+                        "scaling",
+                        "throughput",
+                        "services",
+                        "memory",
+                    ]
+                    .contains(&part.as_str())
                     {
                         return Err(format!("--only {part:?}: unknown part; {USAGE}"));
                     }
@@ -1207,6 +1216,7 @@ struct Report {
     throughput: Vec<Throughput>,
     throughput_note: String,
     services: Option<services::Services>,
+    memory: Option<memory::Memory>,
     elapsed: Duration,
 }
 
@@ -1424,6 +1434,9 @@ impl Report {
         if let Some(s) = &self.services {
             md.push_str(&services::markdown(s));
         }
+        if let Some(m) = &self.memory {
+            md.push_str(&memory::markdown(m));
+        }
         md
     }
 }
@@ -1503,6 +1516,13 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         eprintln!("the services' work ...");
         services = Some(services::measure(&ctx, first, &tools, args.secs).await?);
     }
+    let mut memory = None;
+    if args.wants("memory") {
+        eprintln!("the controller's memory per request ...");
+        let measured = memory::measure(&ctx, first).await?;
+        eprint!("{}", memory::markdown(&measured));
+        memory = Some(measured);
+    }
     let throughput_note = format!(
         "{CONCURRENCY} tokio tasks sharing one ampd pool of {CONCURRENCY} connections (`ampd::db::connect`, \
          a runtime of 2 worker threads like ampd's), each calling the data-access functions in a loop, \
@@ -1525,6 +1545,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         throughput,
         throughput_note,
         services,
+        memory,
         elapsed: started.elapsed(),
     })
 }

@@ -220,7 +220,11 @@ impl Stack {
     }
 
     async fn post(&self, path: &str, body: Option<&serde_json::Value>) -> Res<serde_json::Value> {
-        let mut request = self.http.post(self.admin_url(path));
+        // A body-less POST names its client (the admin API refuses what a browser could send).
+        let mut request = self
+            .http
+            .post(self.admin_url(path))
+            .header("X-Ampd-Client", "ampd-bench");
         if let Some(body) = body {
             request = request.json(body);
         }
