@@ -310,41 +310,56 @@ where
     F: FnMut(PgConnectOptions) -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
+    /// How one try ended.
+    enum Failed {
+        /// With this error.
+        Error(sqlx::Error),
+        /// With no answer to the startup within the time left.
+        Silent,
+    }
     let key = key_of(cfg, url);
     let opts = connect_options(url, key)?;
     let timeout = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let started = Instant::now();
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let left = timeout.saturating_sub(started.elapsed());
-        let err =
-            match tokio::time::timeout(left.max(Duration::from_millis(200)), attempt(opts.clone()))
-                .await
-            {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(e)) => e,
-                // A listener that accepts but never answers: no second try within the timeout.
-                Err(_) => {
-                    return Err(ConnectError::Unreachable {
-                        key,
-                        url: url.redacted(),
-                        cause: format!(
-                            "no answer to the connection's startup within {} s (a listener that \
-                             accepts but never answers: a frozen network, server or pooler)",
-                            timeout.as_secs()
-                        ),
-                        elapsed: started.elapsed(),
-                    });
+    let backoff = crate::retry::Backoff {
+        first: Duration::from_millis(50),
+        max: Duration::from_secs(1),
+        within: timeout,
+        jitter: false,
+    };
+    let tried = backoff
+        .run(
+            |left| {
+                let one = attempt(opts.clone());
+                async move {
+                    match tokio::time::timeout(left.max(Duration::from_millis(200)), one).await {
+                        Ok(result) => result.map_err(Failed::Error),
+                        Err(_) => Err(Failed::Silent),
+                    }
                 }
-            };
-        let left = timeout.saturating_sub(started.elapsed());
-        if !is_transient(&err) || left.is_zero() {
-            return Err(classify(url, key, &opts, err, started, timeout).await);
-        }
-        tracing::debug!(error = %crate::redact::redact_url(&err.to_string()), "connect failed; retrying");
-        // The last try is made when the timeout is reached, not a backoff step before it.
-        tokio::time::sleep(delay.min(left)).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+            },
+            // A listener that accepts but never answers gets no second try within the timeout.
+            |failed| matches!(failed, Failed::Error(e) if is_transient(e)),
+            |failed, _| {
+                if let Failed::Error(e) = failed {
+                    tracing::debug!(error = %crate::redact::redact_url(&e.to_string()), "connect failed; retrying");
+                }
+            },
+        )
+        .await;
+    match tried {
+        Ok(value) => Ok(value),
+        Err(Failed::Error(err)) => Err(classify(url, key, &opts, err, started, timeout).await),
+        Err(Failed::Silent) => Err(ConnectError::Unreachable {
+            key,
+            url: url.redacted(),
+            cause: format!(
+                "no answer to the connection's startup within {} s (a listener that accepts but \
+                 never answers: a frozen network, server or pooler)",
+                timeout.as_secs()
+            ),
+            elapsed: started.elapsed(),
+        }),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod migrate;
 mod migrate_cmd;
 pub mod postgres;
 pub mod redact;
+pub mod retry;
 pub mod service;
 mod service_cmd;
 pub mod solo;

@@ -147,6 +147,15 @@ impl Error {
         }
     }
 
+    /// [`Error::Unavailable`] for an operation given up because it did not finish in time (a
+    /// pool with no free connection, a connection that does not answer).
+    pub fn timed_out() -> Error {
+        Error::Unavailable {
+            sqlstate: None,
+            source: DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout),
+        }
+    }
+
     /// Whether trying the operation again may succeed ([`Error::Unavailable`]).
     pub fn is_retryable(&self) -> bool {
         matches!(

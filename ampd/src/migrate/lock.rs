@@ -68,7 +68,6 @@ pub(super) async fn acquire(
     settings: &str,
 ) -> Result<(), MigrateError> {
     let started = Instant::now();
-    let mut backoff = FIRST_BACKOFF;
     let mut attempts = 0_u32;
     let deadline = || limit.saturating_sub(started.elapsed()) + LOCK_MARGIN;
     loop {
@@ -109,32 +108,74 @@ pub(super) async fn acquire(
             tracing::info!("another ampd holds the migration lock; waiting for it");
         }
         // Ask, holding nothing, until it is free (or the time is up); then take it again.
-        loop {
-            let waited = started.elapsed();
-            if waited >= limit {
-                return Err(MigrateError::LockTimeout {
-                    waited_secs: waited.as_secs(),
+        wait_until_free(session, limit, started, attempts == 1).await?;
+    }
+}
+
+/// How one look at a lock held by another run ended.
+enum Probe {
+    /// Still held.
+    Held,
+    /// The question failed.
+    Failed(MigrateError),
+}
+
+/// Asks, outside any transaction and holding nothing, whether the lock is free: after
+/// [`FIRST_BACKOFF`], doubling up to [`MAX_BACKOFF`] (the project's one retry mechanism,
+/// [`crate::retry::Backoff`]), until it is or `limit` has passed since `started`
+/// ([`MigrateError::LockTimeout`]). `first_wait`: the dry-run notes the question.
+async fn wait_until_free(
+    session: &Session,
+    limit: Duration,
+    started: Instant,
+    first_wait: bool,
+) -> Result<(), MigrateError> {
+    let timed_out = || MigrateError::LockTimeout {
+        waited_secs: started.elapsed().as_secs(),
+    };
+    let left = limit.saturating_sub(started.elapsed());
+    if left.is_zero() {
+        return Err(timed_out());
+    }
+    tokio::time::sleep(FIRST_BACKOFF.min(left)).await;
+    let sql = probe_sql();
+    let backoff = crate::retry::Backoff {
+        first: (FIRST_BACKOFF * 2).min(MAX_BACKOFF),
+        max: MAX_BACKOFF,
+        within: limit.saturating_sub(started.elapsed()),
+        jitter: false,
+    };
+    let probed = backoff
+        .run(
+            |_| {
+                let note = first_wait.then(|| {
+                    format!(
+                        "while another run holds it: asked outside any transaction (answers \
+                         whether it is free, holds nothing), after {} ms doubling up to {} ms, \
+                         for at most {} s",
+                        FIRST_BACKOFF.as_millis(),
+                        MAX_BACKOFF.as_millis(),
+                        limit.as_secs()
+                    )
                 });
-            }
-            tokio::time::sleep(backoff.min(limit - waited)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            let note = (attempts == 1).then(|| {
-                format!(
-                    "while another run holds it: asked outside any transaction (answers whether it \
-                     is free, holds nothing), after {} ms doubling up to {} ms, for at most {} s",
-                    FIRST_BACKOFF.as_millis(),
-                    MAX_BACKOFF.as_millis(),
-                    limit.as_secs()
-                )
-            });
-            let free = session
-                .ask_within(&probe_sql(), note, true, deadline())
-                .await
-                .map_err(|e| lock_error(e, started))?;
-            if free || session.is_dry() {
-                break;
-            }
-        }
+                let deadline = limit.saturating_sub(started.elapsed()) + LOCK_MARGIN;
+                let ask = session.ask_within(&sql, note, true, deadline);
+                async move {
+                    match ask.await {
+                        Ok(free) if free || session.is_dry() => Ok(()),
+                        Ok(_) => Err(Probe::Held),
+                        Err(e) => Err(Probe::Failed(lock_error(e, started))),
+                    }
+                }
+            },
+            |probe| matches!(probe, Probe::Held),
+            |_, _| {},
+        )
+        .await;
+    match probed {
+        Ok(()) => Ok(()),
+        Err(Probe::Held) => Err(timed_out()),
+        Err(Probe::Failed(e)) => Err(e),
     }
 }
 

@@ -18,7 +18,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
@@ -142,24 +141,45 @@ pub async fn supervise(
     first.map_or(Ok(()), Err)
 }
 
+/// How long [`retrying`] keeps trying, attempts included.
+pub const RETRY_WITHIN: Duration = Duration::from_secs(60);
+
 /// Runs `op` until it succeeds or fails with an error that is not retryable
 /// ([`metadata::Error::is_retryable`]): a briefly unavailable database, a lost connection, a
 /// deadlock, a lock or statement timeout are retried with exponential backoff (100 ms doubling to
-/// 5 s, jittered) for up to a minute, each retry logged with `what`.
-pub async fn retrying<T, F, Fut>(what: &str, op: F) -> Result<T, metadata::Error>
+/// 5 s, jittered) until [`RETRY_WITHIN`] has passed since the first attempt — an attempt still
+/// waiting then (on the pool, on a frozen connection) is given up as unavailable — each retry
+/// logged with `what`. (An HTTP request is bounded sooner, by `[http] request_timeout_secs`.)
+pub async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, metadata::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, metadata::Error>>,
 {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_total_delay(Some(Duration::from_secs(60)))
-        .without_max_times()
-        .with_jitter();
-    op.retry(backoff)
-        .when(metadata::Error::is_retryable)
-        .notify(|e, delay| tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying"))
+    let backoff = crate::retry::Backoff {
+        first: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+        within: RETRY_WITHIN,
+        jitter: true,
+    };
+    backoff
+        .run(
+            |left| {
+                let attempt = op();
+                async move {
+                    tokio::time::timeout(left.max(Duration::from_millis(100)), attempt)
+                        .await
+                        .unwrap_or_else(|_| Err(metadata::Error::timed_out()))
+                }
+            },
+            metadata::Error::is_retryable,
+            |e, delay| {
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "{what} failed; retrying"
+                );
+            },
+        )
         .await
 }
 

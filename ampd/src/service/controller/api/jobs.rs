@@ -1,5 +1,7 @@
 //! `/jobs`: list (filtered, keyset pages), one job, its events, stop it, delete it.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use entity::JobStatus;
@@ -250,35 +252,61 @@ pub async fn stop(
     Path(id): Path<i64>,
     _: OptionalJson<NoFields>,
 ) -> Result<Json<Job>, ApiError> {
-    // The job may move between the read and the request (its worker starts or fails it): look
-    // again then.
-    let mut attempts = 0;
-    loop {
-        let job = find(&app, id).await?;
-        let status = job
-            .job_status()
-            .map_err(|e| super::internal("reading a job", e))?;
-        match status {
-            JobStatus::Scheduled | JobStatus::Running => {}
-            JobStatus::StopRequested | JobStatus::Stopping | JobStatus::Stopped => {
-                return Ok(Json(job.into()));
-            }
-            JobStatus::Completed | JobStatus::Error | JobStatus::Fatal => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "state_conflict",
-                    format!("job {id} is {status}: only a SCHEDULED or RUNNING job can be stopped"),
-                ));
-            }
-        }
-        match db("request a stop", || jobs::request_stop(&app.db, id)).await {
-            Ok(job) => {
-                tracing::info!(job_id = id, node = ?job.node_id, "stop requested");
-                return Ok(Json(job.into()));
-            }
-            Err(e) if e.status == StatusCode::CONFLICT && attempts < 3 => attempts += 1,
-            Err(e) => return Err(e),
-        }
+    /// How one try ended without an answer.
+    enum Failed {
+        /// The job moved between the read and the request (its worker started or failed it).
+        Moved(ApiError),
+        /// The answer is this error.
+        Final(ApiError),
+    }
+    let app = &app;
+    // A job that moved is looked at again, a few times at most (the project's one retry
+    // mechanism, `crate::retry::Backoff`).
+    let backoff = crate::retry::Backoff {
+        first: Duration::from_millis(10),
+        max: Duration::from_millis(40),
+        within: Duration::from_millis(100),
+        jitter: false,
+    };
+    let stopped = backoff
+        .run(
+            |_| async move {
+                let job = find(app, id).await.map_err(Failed::Final)?;
+                let status = job
+                    .job_status()
+                    .map_err(|e| Failed::Final(super::internal("reading a job", e)))?;
+                match status {
+                    JobStatus::Scheduled | JobStatus::Running => {}
+                    JobStatus::StopRequested | JobStatus::Stopping | JobStatus::Stopped => {
+                        return Ok(job);
+                    }
+                    JobStatus::Completed | JobStatus::Error | JobStatus::Fatal => {
+                        return Err(Failed::Final(ApiError::new(
+                            StatusCode::CONFLICT,
+                            "state_conflict",
+                            format!(
+                                "job {id} is {status}: only a SCHEDULED or RUNNING job can be \
+                                 stopped"
+                            ),
+                        )));
+                    }
+                }
+                match db("request a stop", || jobs::request_stop(&app.db, id)).await {
+                    Ok(job) => {
+                        tracing::info!(job_id = id, node = ?job.node_id, "stop requested");
+                        Ok(job)
+                    }
+                    Err(e) if e.status == StatusCode::CONFLICT => Err(Failed::Moved(e)),
+                    Err(e) => Err(Failed::Final(e)),
+                }
+            },
+            |failed| matches!(failed, Failed::Moved(_)),
+            |_, _| {},
+        )
+        .await;
+    match stopped {
+        Ok(job) => Ok(Json(job.into())),
+        Err(Failed::Moved(e) | Failed::Final(e)) => Err(e),
     }
 }
 
