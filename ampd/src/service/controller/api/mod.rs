@@ -118,7 +118,9 @@ pub fn router(
 ) -> axum::Router {
     let (router, mut doc) = routes().split_for_parts();
     add_common_responses(&mut doc);
-    state.openapi = serde_json::to_value(&doc).unwrap_or_default();
+    let mut served = serde_json::to_value(&doc).unwrap_or_default();
+    exact(&mut served, token.is_some(), state.max_name_len);
+    state.openapi = served;
     let mut router = router
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -133,6 +135,114 @@ pub fn router(
         ));
     }
     http::with_request_logs(router)
+}
+
+/// A dataset's namespace or name, as `metadata::validate_dataset_part` accepts it.
+const NAME_PATTERN: &str = "^[a-z][a-z0-9_]*$";
+/// A semantic version (semver.org's expression).
+const VERSION_PATTERN: &str = r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-((0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(\.(0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(\+([0-9a-zA-Z-]+(\.[0-9a-zA-Z-]+)*))?";
+
+/// `word` matched in any case (JSON Schema patterns have no flags): `[Aa][Cc]…`.
+fn any_case(word: &str) -> String {
+    word.chars()
+        .map(|c| {
+            if c.is_ascii_alphabetic() {
+                format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase())
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Makes the served document say exactly what the handlers enforce: the bearer scheme (and 401)
+/// only when a token is configured; an optional body that is an object or nothing, never `null`;
+/// the patterns of namespaces, names, versions, references and statuses; the length limit of
+/// the names a registration may give.
+fn exact(doc: &mut serde_json::Value, secured: bool, max_name_len: usize) {
+    use serde_json::{Value, json};
+    let version = format!("^{VERSION_PATTERN}$");
+    let reference = format!("^(latest|dev|[0-9a-f]{{64}}|{VERSION_PATTERN})$");
+    let statuses: Vec<String> = [
+        "SCHEDULED",
+        "RUNNING",
+        "COMPLETED",
+        "STOP_REQUESTED",
+        "STOPPING",
+        "STOPPED",
+        "ERROR",
+        "FATAL",
+    ]
+    .iter()
+    .map(|s| any_case(s))
+    .chain(["active".to_owned(), "terminal".to_owned()])
+    .collect();
+    let one = format!("({})", statuses.join("|"));
+    let status = format!("^ *{one} *(, *{one} *)*$");
+    if !secured {
+        if let Some(root) = doc.as_object_mut() {
+            root.remove("security");
+        }
+        if let Some(components) = doc.get_mut("components").and_then(Value::as_object_mut) {
+            components.remove("securitySchemes");
+        }
+    }
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if !secured {
+                if let Some(op) = op.as_object_mut() {
+                    op.remove("security");
+                }
+                if let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) {
+                    responses.remove("401");
+                }
+            }
+            // `Option<T>` bodies: absent or an object, not `null` (which is refused).
+            if let Some(schema) = op.pointer_mut("/requestBody/content/application~1json/schema")
+                && let Some(alternatives) = schema.get("oneOf").and_then(Value::as_array)
+                && let Some(object) = alternatives
+                    .iter()
+                    .find(|s| s.get("type") != Some(&json!("null")))
+                    .cloned()
+            {
+                *schema = object;
+            }
+            let deletes_a_version = method == "delete" && path.contains("{ref}");
+            for param in op
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let pattern = match (param["in"].as_str(), param["name"].as_str()) {
+                    (Some("path"), Some("ns" | "name")) => NAME_PATTERN.to_owned(),
+                    (Some("path"), Some("ref")) if deletes_a_version => version.clone(),
+                    (Some("path"), Some("ref")) => reference.clone(),
+                    (Some("query"), Some("status")) => status.clone(),
+                    _ => continue,
+                };
+                param["schema"]["pattern"] = json!(pattern);
+            }
+        }
+    }
+    if let Some(register) = doc.pointer_mut("/components/schemas/RegisterDataset/properties") {
+        for (field, pattern) in [
+            ("namespace", NAME_PATTERN.to_owned()),
+            ("name", NAME_PATTERN.to_owned()),
+            ("version", version),
+        ] {
+            register[field]["pattern"] = json!(pattern);
+            register[field]["maxLength"] = json!(max_name_len);
+            register[field]["minLength"] = json!(1);
+        }
+        register["manifest"]["type"] = json!("object");
+    }
 }
 
 fn panicked(panic: Box<dyn std::any::Any + Send>) -> axum::response::Response {
