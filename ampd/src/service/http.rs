@@ -250,6 +250,15 @@ pub async fn require_token(
     .into_response()
 }
 
+/// Whether `headers` say the body is JSON (`Content-Type: application/json`, any parameters).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// The header a client that is not a browser page sends on a body-less POST.
 pub const CLIENT_HEADER: &str = "x-ampd-client";
 
@@ -259,12 +268,7 @@ pub const CLIENT_HEADER: &str = "x-ampd-client";
 pub async fn require_api_client(request: Request, next: Next) -> Response {
     if request.method() == axum::http::Method::POST {
         let headers = request.headers();
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        if !json && !headers.contains_key(CLIENT_HEADER) {
+        if !is_json(headers) && !headers.contains_key(CLIENT_HEADER) {
             return ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

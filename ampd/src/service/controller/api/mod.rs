@@ -302,15 +302,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| {
-                let m = m.trim().to_ascii_lowercase();
-                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-            });
+        let json = http::is_json(req.headers());
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|r| ApiError::new(r.status(), "invalid_request", r.body_text()))?;
