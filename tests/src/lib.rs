@@ -209,6 +209,24 @@ pub async fn login_succeeds(url: &str) -> bool {
     }
 }
 
+/// The command a pinned tool's installer script in `.ci/` (`openapi-validator`, `schemathesis`)
+/// installed, asked with `--installed` (which installs nothing): `None`, after saying so, when it
+/// is not installed outside CI; a failure in CI ([`not_run`]).
+pub fn pinned_tool(script: &str, test: &str) -> Option<std::path::PathBuf> {
+    let script = cli::workspace_root().join(".ci").join(script);
+    let out = std::process::Command::new(&script)
+        .arg("--installed")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    if out.status.success() {
+        return Some(std::path::PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ));
+    }
+    not_run(test, String::from_utf8_lossy(&out.stderr).trim());
+    None
+}
+
 /// Says that `test` cannot run because of `why` (a tool it needs is missing): in CI (`CI=true`) a
 /// panic, since CI installs what the tests need; elsewhere a line on the process's stderr, past the
 /// test harness's capture, after which the test returns without running.

@@ -290,6 +290,23 @@ impl Service {
     }
 }
 
+/// Starts `ampd controller` on database `url` with its config in `ws` (`[controller] admin_addr`
+/// a free address, then the TOML in `extra`, which may go on with `[controller]` keys and hold
+/// other sections), migrating on start, and waits for `/healthz`; the service and its address.
+pub async fn controller(ws: &Workspace, url: &str, extra: &str) -> (Service, SocketAddr) {
+    let addr = free_addr();
+    let text = format!("[controller]\nadmin_addr = \"{addr}\"\n{extra}\n");
+    let config = ws.config("controller.toml", url, &text);
+    let mut service = Service::start(
+        "controller",
+        &config,
+        &["controller"],
+        &[("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")],
+    );
+    service.wait_healthy(addr).await;
+    (service, addr)
+}
+
 /// A directory for a test's service config, data and sources, removed on drop.
 pub struct Workspace {
     dir: crate::cli::TempDir,

@@ -1388,23 +1388,6 @@ async fn without_auto_migrate_each_service_refuses_a_stale_database_with_the_hin
     );
 }
 
-/// The pinned `openapi-spec-validator` that `.ci/openapi-validator` installs, if it is installed
-/// (`None`, after saying so, outside CI; a failure in CI).
-fn openapi_validator(test: &str) -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/openapi-validator");
-    let out = std::process::Command::new(&script)
-        .arg("--installed")
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-    if out.status.success() {
-        return Some(PathBuf::from(
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        ));
-    }
-    tests::not_run(test, String::from_utf8_lossy(&out.stderr).trim());
-    None
-}
-
 /// Runs `validator` on `doc` written to `file`: whether it passes, and what it said.
 fn validate(validator: &Path, file: &Path, doc: &str) -> (bool, String) {
     std::fs::write(file, doc).expect("write the document");
@@ -1423,7 +1406,7 @@ fn validate(validator: &Path, file: &Path, doc: &str) -> (bool, String) {
 #[tokio::test]
 async fn the_served_openapi_document_passes_an_independent_validator() {
     let test = "e2e::the_served_openapi_document_passes_an_independent_validator";
-    let Some(validator) = openapi_validator(test) else {
+    let Some(validator) = tests::pinned_tool("openapi-validator", test) else {
         return;
     };
     let db = TestDb::migrated().await;

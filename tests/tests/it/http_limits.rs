@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tests::TestDb;
 use tests::api::Api;
 use tests::proxy::{Fault, FaultProxy};
-use tests::services::{Service, Workspace, free_addr};
+use tests::services::{Service, Workspace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -31,18 +31,8 @@ async fn controller(http: &str) -> Controller {
 /// A controller on `db`, connecting through `url` when given (the database itself otherwise).
 async fn controller_on(db: TestDb, url: Option<&str>, http: &str) -> Controller {
     let ws = Workspace::new();
-    let addr = free_addr();
-    let extra = format!(
-        "[controller]\nadmin_addr = \"{addr}\"\nreconcile_interval_ms = 200\n\n[http]\n{http}\n"
-    );
-    let config = ws.config("controller.toml", url.unwrap_or(db.url()), &extra);
-    let mut service = Service::start(
-        "controller",
-        &config,
-        &["controller"],
-        &[("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")],
-    );
-    service.wait_healthy(addr).await;
+    let extra = format!("reconcile_interval_ms = 200\n\n[http]\n{http}\n");
+    let (service, addr) = tests::services::controller(&ws, url.unwrap_or(db.url()), &extra).await;
     Controller {
         _db: db,
         _ws: ws,

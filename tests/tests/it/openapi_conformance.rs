@@ -8,42 +8,14 @@
 //! Not required: that every request the document allows is accepted — a manifest that is an
 //! object can still fail the manifest's own rules (422), which no schema can say in full.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::Value;
 use tests::TestDb;
 use tests::api::Api;
-use tests::services::{Service, Workspace, free_addr};
+use tests::services::{Service, Workspace};
 
-/// The pinned schemathesis's `st`, if `.ci/schemathesis` installed it (`None`, after saying so,
-/// outside CI; a failure in CI).
-fn schemathesis(test: &str) -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/schemathesis");
-    let out = std::process::Command::new(&script)
-        .arg("--installed")
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-    if out.status.success() {
-        return Some(PathBuf::from(
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        ));
-    }
-    tests::not_run(test, String::from_utf8_lossy(&out.stderr).trim());
-    None
-}
-
-async fn controller(ws: &Workspace, db: &TestDb, controller: &str) -> (Service, Api) {
-    let addr = free_addr();
-    let extra = format!("[controller]\nadmin_addr = \"{addr}\"\n{controller}\n");
-    let config = ws.config("controller.toml", db.url(), &extra);
-    let mut service = Service::start(
-        "controller",
-        &config,
-        &["controller"],
-        &[("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")],
-    );
-    service.wait_healthy(addr).await;
-    let token = controller
+async fn controller(ws: &Workspace, db: &TestDb, keys: &str) -> (Service, Api) {
+    let (service, addr) = tests::services::controller(ws, db.url(), keys).await;
+    let token = keys
         .lines()
         .find_map(|l| l.strip_prefix("admin_token = "))
         .map(|t| t.trim_matches('"').to_owned());
@@ -53,7 +25,7 @@ async fn controller(ws: &Workspace, db: &TestDb, controller: &str) -> (Service, 
 #[tokio::test]
 async fn generated_requests_get_no_5xx_and_only_answers_the_document_describes() {
     let test = "openapi_conformance::generated_requests_get_no_5xx_and_only_answers_the_document_describes";
-    let Some(st) = schemathesis(test) else {
+    let Some(st) = tests::pinned_tool("schemathesis", test) else {
         return;
     };
     let db = TestDb::empty().await;
