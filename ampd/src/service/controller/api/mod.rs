@@ -163,18 +163,10 @@ fn exact(doc: &mut serde_json::Value, secured: bool, max_name_len: usize) {
     use serde_json::{Value, json};
     let version = format!("^{VERSION_PATTERN}$");
     let reference = format!("^(latest|dev|[0-9a-f]{{64}}|{VERSION_PATTERN})$");
-    let statuses: Vec<String> = [
-        "SCHEDULED",
-        "RUNNING",
-        "COMPLETED",
-        "STOP_REQUESTED",
-        "STOPPING",
-        "STOPPED",
-        "ERROR",
-        "FATAL",
-    ]
-    .iter()
-    .map(|s| any_case(s))
+    let statuses: Vec<String> = metadata::jobs::ACTIVE
+        .iter()
+        .chain(metadata::jobs::TERMINAL.iter())
+        .map(|s| any_case(s.as_str()))
     .chain(["active".to_owned(), "terminal".to_owned()])
     .collect();
     let one = format!("({})", statuses.join("|"));
