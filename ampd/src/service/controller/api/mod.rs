@@ -167,8 +167,8 @@ fn exact(doc: &mut serde_json::Value, secured: bool, max_name_len: usize) {
         .iter()
         .chain(metadata::jobs::TERMINAL.iter())
         .map(|s| any_case(s.as_str()))
-    .chain(["active".to_owned(), "terminal".to_owned()])
-    .collect();
+        .chain(["active".to_owned(), "terminal".to_owned()])
+        .collect();
     let one = format!("({})", statuses.join("|"));
     let status = format!("^ *{one} *(, *{one} *)*$");
     if !secured {
