@@ -616,8 +616,8 @@ mod tests {
         }
     }
 
-    /// What the README promises of every message: one line that names the file or the variable,
-    /// and the key (in backticks) or, for a syntax error, the line and column.
+    /// What docs/configuration.md promises of every message: one line that names the file or the
+    /// variable, and the key (in backticks) or, for a syntax error, the line and column.
     fn assert_names_key_or_position(msg: &str) {
         assert!(
             !msg.contains('\n') && !msg.contains('\r'),
@@ -1294,13 +1294,15 @@ mod tests {
             .collect()
     }
 
-    /// The README's configuration block, with the optional keys it shows commented out enabled.
-    fn readme_config() -> String {
-        let readme = include_str!("../../README.md");
-        let block = readme
-            .split_once("### Configuration\n\n```toml\n")
+    /// The configuration reference's block (the ```toml block under `## Keys` in
+    /// docs/configuration.md), with the optional keys it shows commented out enabled.
+    fn documented_config() -> String {
+        let reference = include_str!("../../docs/configuration.md");
+        let block = reference
+            .split_once("\n## Keys\n")
+            .and_then(|(_, rest)| rest.split_once("```toml\n"))
             .and_then(|(_, rest)| rest.split_once("```"))
-            .expect("README has a ```toml block under ### Configuration")
+            .expect("docs/configuration.md has a ```toml block under ## Keys")
             .0;
         block
             .lines()
@@ -1313,8 +1315,8 @@ mod tests {
     }
 
     #[test]
-    fn readme_documents_every_key_with_its_default() {
-        let text = readme_config();
+    fn the_configuration_reference_documents_every_key_with_its_default() {
+        let text = documented_config();
         let mut documented: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut section = String::new();
         for line in text.lines() {

@@ -28,11 +28,19 @@ mod m20261201_000001_index_physical_tables_active_revision;
 mod m20261206_000001_index_gc_manifest_expiration;
 mod m20261206_000002_add_claim_epochs;
 
-/// The Rust examples of the workspace's README, compiled as doc tests (`cargo test -p migration
-/// --doc`) so that they keep compiling as written.
+/// The Rust snippets of the README and of `docs/`, compiled as doc tests of this crate (`cargo test
+/// -p migration --doc`, part of `cargo test --workspace`) so that they keep compiling as written. A
+/// snippet that is not meant to compile is marked `rust,ignore` with the reason beside it. A file of
+/// `docs/` that gets a Rust snippet gets a line here (`tests/tests/it/docs.rs` checks it).
 #[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeExamples;
+pub mod doc_snippets {
+    #[doc = include_str!("../../README.md")]
+    pub struct Readme;
+    #[doc = include_str!("../../docs/adding-a-migration.md")]
+    pub struct AddingAMigration;
+    #[doc = include_str!("../../docs/migrate.md")]
+    pub struct Migrate;
+}
 
 pub struct Migrator;
 

@@ -1,17 +1,6 @@
 //! The bookkeeping: `seaql_migrations` (SeaORM's own table, kept as SeaORM defines it so that its
-//! CLI keeps working) and ampd's companion `ampd_migrations`:
-//!
-//! | column | what |
-//! |---|---|
-//! | `version` | the migration (PK; FK to `seaql_migrations`, so SeaORM's `down` removes both rows) |
-//! | `checksum`, `checksum_algorithm` | the checksum and the algorithm version it was computed with (1 for rows of ampd 0.1, which had no such column) |
-//! | `execution_ms` | how long its `up` took (`NULL` when applied without ampd) |
-//! | `ampd_version` | the ampd that applied (or recorded) it |
-//! | `adopted` | applied without ampd (by SeaORM's CLI) and recorded later |
-//! | `checksum_history` | checksums replaced by `ampd migrate accept-checksum`, with reason and time |
-//! | `compatible` | binaries that do not know it may keep running on the schema it produces (`migration::compat`, as the binary that recorded it had it) |
-//! | `baseline` | set when `ampd migrate baseline` recorded it without running it: up to which migration, reason, role, time, ampd version |
-//! | `applied_at` | when ampd recorded it |
+//! CLI keeps working) and ampd's companion `ampd_migrations`, whose columns `docs/schema.md`
+//! ("Migration bookkeeping") describes.
 //!
 //! Rows are written in the transaction of the step that applied the migration, so a migration is
 //! recorded if and only if it was applied. Statements are plain text (values in place), so that a

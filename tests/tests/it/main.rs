@@ -5,6 +5,7 @@ mod ampd_migrate;
 mod cli_output;
 mod config_secrets;
 mod controller_api;
+mod docs;
 mod e2e;
 mod entities;
 mod fault_proxy;

@@ -30,6 +30,21 @@
 //! started moves directly ([`reassign`]); a STOP_REQUESTED or STOPPING job is stopped for it
 //! ([`stop_lost`]). A job's status is one column, so two attempts are never RUNNING at once.
 //!
+//! A worker is lost when its heartbeat is older than `liveness_window_ms` (a worker that shuts down
+//! calls `workers::sign_off` and is not live at once). For each active job of a lost worker the
+//! controller:
+//!
+//! | the job is | the controller | events |
+//! |---|---|---|
+//! | RUNNING | [`fail_lost`]: ERROR with `{"reason": "worker_lost", "node_id": ...}`; [`list_due_for_retry`] offers it at once (no backoff), and [`reschedule`] gives it a new attempt on a live worker | `ERROR` (worker_lost), `SCHEDULED` (attempt + 1, the new node) |
+//! | SCHEDULED (or unassigned) | [`reassign`] to a live worker (it never started, so the attempt stays) | `SCHEDULED` (the new node) |
+//! | STOP_REQUESTED / STOPPING (also on no node) | [`stop_lost`]: STOPPED through STOPPING | `STOPPING`, `STOPPED`, both with the worker_lost detail |
+//!
+//! An ERROR job that has failed on `[controller] max_attempts` attempts is given up ([`give_up`]):
+//! FATAL with `{"reason": "max_attempts", "attempts": n, "last_error": ...}`. SCHEMA.md has no
+//! ERROR → FATAL edge, so this passes through SCHEDULED in the same transaction, unassigned and
+//! without a notification (no worker ever sees it) and without a new attempt.
+//!
 //! # Events
 //! Every transition appends one `job_events` row in the same statement: `event_type` the new
 //! status, `node_id` the job's node after the transition, `detail` the descriptor for SCHEDULED,
