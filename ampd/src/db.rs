@@ -209,7 +209,7 @@ fn connect_options(url: &DatabaseUrl, key: &'static str) -> Result<PgConnectOpti
             .map_err(|e: sqlx::Error| ConnectError::InvalidUrl {
                 key,
                 url: url.redacted(),
-                cause: crate::redact::redact_url(&e.to_string()),
+                cause: e.to_string(),
             })?;
     // The URL keeps an IPv6 literal in brackets (`[::1]`); as a host name it cannot be resolved.
     let opts = match opts
@@ -342,7 +342,7 @@ where
             |failed| matches!(failed, Failed::Error(e) if is_transient(e)),
             |failed, _| {
                 if let Failed::Error(e) = failed {
-                    tracing::debug!(error = %crate::redact::redact_url(&e.to_string()), "connect failed; retrying");
+                    tracing::debug!(error = %e.to_string(), "connect failed; retrying");
                 }
             },
         )
@@ -433,7 +433,7 @@ async fn classify(
         return ConnectError::Refused {
             key,
             url: url.redacted(),
-            cause: crate::redact::redact_url(&err.to_string()),
+            cause: err.to_string(),
         };
     }
     // The pool only says it timed out: one more direct attempt tells why, within what is left of
@@ -442,11 +442,11 @@ async fn classify(
         sqlx::Error::PoolTimedOut => {
             let left = timeout.saturating_sub(started.elapsed());
             match tokio::time::timeout(left, opts.connect()).await {
-                Ok(Err(e)) => crate::redact::redact_url(&e.to_string()),
+                Ok(Err(e)) => e.to_string(),
                 _ => format!("no answer within {} s", timeout.as_secs()),
             }
         }
-        other => crate::redact::redact_url(&other.to_string()),
+        other => other.to_string(),
     };
     ConnectError::Unreachable {
         key,
@@ -538,7 +538,7 @@ pub async fn check_session(
     let pid = pid.map_err(|e| ConnectError::Refused {
         key: session_key(cfg),
         url: url.redacted(),
-        cause: crate::redact::redact_url(&e.to_string()),
+        cause: e.to_string(),
     })?;
     if pid == first_pid {
         return Err(ConnectError::NotASession {
@@ -565,7 +565,7 @@ pub async fn require_session(
         Err(e) => Err(ConnectError::Refused {
             key: session_key(cfg),
             url: url.redacted(),
-            cause: crate::redact::redact_url(&e.to_string()),
+            cause: e.to_string(),
         }),
     };
     let _ = first.close().await;
@@ -617,7 +617,7 @@ pub async fn check_prepared_statements(cfg: &MetadataDbConfig) -> Result<(), Con
                 _ => ConnectError::Refused {
                     key: "metadata_db.url",
                     url: url.redacted(),
-                    cause: crate::redact::redact_url(&e.to_string()),
+                    cause: e.to_string(),
                 },
             });
             break;

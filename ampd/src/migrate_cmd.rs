@@ -122,8 +122,9 @@ struct Unwritten {
 /// other failure (a full disk, `> /dev/full`) is an error that says what was done (`done`).
 fn print(text: &str, done: impl FnOnce() -> String) -> Result<(), Unwritten> {
     let mut stdout = std::io::stdout().lock();
+    // An edge: the result is scrubbed like the logs and errors.
     match stdout
-        .write_all(text.as_bytes())
+        .write_all(crate::redact::redact(text).as_bytes())
         .and_then(|()| stdout.flush())
     {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {

@@ -13,8 +13,14 @@
 //! catches them where a library prints a value without its URL (sqlx logs
 //! `ignoring unrecognized connect parameter key=sslpassword value=…`). The configuration loader
 //! uses a `Secrets` of its own, gathered from the input, for its error messages; everything else
-//! (log lines, printed errors) goes through [`redact`], whose secrets are [`register`]ed from the
-//! loaded configuration.
+//! goes through [`redact`], whose secrets are [`register`]ed from the loaded configuration.
+//!
+//! Redaction happens at the edges, where text leaves the process, not where it is made: every log
+//! line (`logging`), every printed error (`cli::print_error`), `ampd migrate`'s results on stdout
+//! (`migrate_cmd`), every HTTP error body (`service::http::ApiError`), a job's error detail before
+//! it is stored (readable through the admin API) and `/readyz`'s reason. Errors inside the
+//! process carry what happened as it happened. A URL shown on purpose is formatted through
+//! [`crate::config::DatabaseUrl`], whose `Display` redacts.
 
 use std::fmt;
 use std::sync::RwLock;

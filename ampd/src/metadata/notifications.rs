@@ -278,7 +278,7 @@ impl Listener {
 
     fn connection_lost(&mut self, why: &str) {
         tracing::warn!(
-            error = %crate::redact::redact_url(why),
+            error = %why,
             "notification listener lost its connection; notifications are lost until it connects \
              again"
         );

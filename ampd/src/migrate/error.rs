@@ -378,7 +378,7 @@ impl MigrateError {
 pub(super) fn describe(err: &DbErr) -> String {
     match pg_error(err) {
         Some(pg) => describe_pg(&pg),
-        None => crate::redact::redact_url(&err.to_string()),
+        None => err.to_string(),
     }
 }
 

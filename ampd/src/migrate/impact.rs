@@ -612,7 +612,7 @@ impl Shadow {
     fn failed(&self, e: impl std::fmt::Display) -> ImpactError {
         ImpactError::Shadow {
             url: self.url.redacted(),
-            message: crate::redact::redact_url(&e.to_string()),
+            message: e.to_string(),
         }
     }
 
@@ -652,7 +652,7 @@ impl Shadow {
 fn db_message(e: &sqlx::Error) -> String {
     match e.as_database_error() {
         Some(d) => d.message().to_owned(),
-        None => crate::redact::redact_url(&e.to_string()),
+        None => e.to_string(),
     }
 }
 

@@ -454,7 +454,7 @@ impl Session {
                     return Err(MigrateError::Connect(db::ConnectError::Refused {
                         key: db::session_key(cfg),
                         url: url.redacted(),
-                        cause: crate::redact::redact_url(&e.to_string()),
+                        cause: e.to_string(),
                     }));
                 }
             }

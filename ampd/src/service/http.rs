@@ -71,9 +71,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // An edge: what leaves the process as an answer is scrubbed like its logs and errors.
         let body = ErrorBody {
             error_code: self.code.to_owned(),
-            error_message: self.message,
+            error_message: crate::redact::redact(&self.message),
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
