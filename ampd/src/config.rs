@@ -106,6 +106,9 @@ pub struct ControllerConfig {
     /// Longest namespace, name and version (in bytes) a manifest is registered under (longer
     /// gets 400); from 1 to 200 (names become directory names).
     pub max_name_len: u64,
+    /// When true, `GET /metrics` is served without the admin token (for a Prometheus that holds no
+    /// secret); the other routes still want it.
+    pub metrics_open: bool,
 }
 
 impl ControllerConfig {
@@ -186,6 +189,10 @@ pub struct WorkerConfig {
     /// The longest CSV record (a header row too) read from `sources_dir`, in bytes; a longer one
     /// ends the job FATAL (`record_too_long`) and is refused at registration; at least 1.
     pub max_csv_record_bytes: u64,
+    /// Where the worker serves `GET /metrics` (an IP address and a port); unset: nowhere (several
+    /// workers may share a host). A port that cannot be bound is a warning, not an error. Unused by
+    /// `ampd solo`, which serves every service's metrics on `[controller] admin_addr`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for MetadataDbConfig {
@@ -224,6 +231,7 @@ impl Default for ControllerConfig {
             max_table_columns: 1000,
             max_inline_rows: 100_000,
             max_name_len: 63,
+            metrics_open: false,
         }
     }
 }
@@ -250,6 +258,7 @@ impl Default for WorkerConfig {
             reconcile_interval_ms: 5000,
             rows_per_file: 100_000,
             max_csv_record_bytes: 1024 * 1024,
+            metrics_addr: None,
         }
     }
 }
@@ -1290,6 +1299,7 @@ mod tests {
         c.controller.admin_token = None;
         c.storage.data_dir = None;
         c.worker.sources_dir = None;
+        c.worker.metrics_addr = None;
         assert_eq!(c.metadata_db, MetadataDbConfig::default());
         assert_eq!(c.controller, ControllerConfig::default());
         assert_eq!(c.server, ServerConfig::default());

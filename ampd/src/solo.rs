@@ -298,6 +298,10 @@ async fn run_services(
     else {
         return Ok(());
     };
+    let mut config = config;
+    if let Some(addr) = config.worker.metrics_addr.take() {
+        tracing::info!(%addr, "solo serves the worker's metrics on the admin API's /metrics, not on worker.metrics_addr");
+    }
     let config = Arc::new(config);
     let components: Vec<Component> = vec![
         (

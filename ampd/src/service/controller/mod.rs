@@ -15,6 +15,7 @@ use crate::migrate::MigrationSet;
 
 use super::ServiceError;
 use super::http::{self, BearerToken};
+use super::metrics::{DbGauges, Scrape};
 pub use scheduler::{Placement, Policy, reconcile};
 
 /// How long requests in flight may take to finish once a stop is asked for; then they are cut.
@@ -32,8 +33,15 @@ pub async fn run(
     let listener = http::bind(config.controller.admin_addr, "controller.admin_addr").await?;
     let state = api::AppState::new(db.clone(), &config, migrations);
     let max_body = usize::try_from(config.controller.max_body_bytes).unwrap_or(usize::MAX);
-    let token = (config.controller.admin_token.as_ref()).map(|t| BearerToken::new(t.expose()));
-    let router = api::router(state, max_body, token);
+    let token = (config.controller.admin_token.as_ref())
+        .map(|t| BearerToken::new(t.expose()).metrics_open(config.controller.metrics_open));
+    crate::metrics::install();
+    let gauges = DbGauges::new(
+        db.clone(),
+        Duration::from_millis(config.worker.liveness_window_ms),
+    );
+    let scrape = Scrape::new(db.clone(), Some(gauges)).routes();
+    let router = api::router(state, max_body, token, scrape);
     tracing::info!(addr = %config.controller.admin_addr, "admin API listening");
 
     // The API and the scheduler stop together: on the shutdown token, or when the API fails.

@@ -42,15 +42,16 @@ pub struct AppState {
     pub max_row_bytes: usize,
 }
 
-/// The server's router, with request logs.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The server's router, with `extra` routes (`/metrics`), HTTP metrics and request logs.
+pub fn router(state: Arc<AppState>, extra: Router) -> Router {
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route(ROWS_ROUTE, get(table_rows))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state);
-    http::with_request_logs(router)
+        .with_state(state)
+        .merge(extra);
+    http::with_request_logs(crate::service::metrics::track(router, "server"))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -59,7 +60,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn no_route(uri: Uri) -> ApiError {
     ApiError::not_found(format!(
-        "no route {}; the server answers GET /healthz and GET \
+        "no route {}; the server answers GET /healthz, GET /metrics and GET \
          /datasets/{{namespace}}/{{name}}/versions/{{ref}}/tables/{{table}}",
         uri.path()
     ))
