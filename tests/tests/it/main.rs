@@ -34,6 +34,7 @@ mod migrate_rollback;
 mod migrate_scaling;
 mod migrate_validate;
 mod notify_hostile;
+mod observability;
 mod pgbouncer;
 mod pool_stalls;
 mod schema;
