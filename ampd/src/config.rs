@@ -106,6 +106,9 @@ pub struct ControllerConfig {
     /// Longest namespace, name and version (in bytes) a manifest is registered under (longer
     /// gets 400); from 1 to 200 (names become directory names).
     pub max_name_len: u64,
+    /// Whether the controller records HTTP metrics and serves `GET /metrics` (in solo: every
+    /// service's metrics).
+    pub metrics: bool,
     /// When true, `GET /metrics` is served without the admin token (for a Prometheus that holds no
     /// secret); the other routes still want it.
     pub metrics_open: bool,
@@ -134,6 +137,8 @@ pub struct ServerConfig {
     /// The longest row (a line of a revision's files) served as CSV, in bytes; a longer one cuts
     /// the response off; at least 1.
     pub max_row_bytes: u64,
+    /// Whether the server records HTTP metrics and serves `GET /metrics`.
+    pub metrics: bool,
 }
 
 /// `[storage]`: where manifests and tables' files live, shared by the services (the controller
@@ -231,6 +236,7 @@ impl Default for ControllerConfig {
             max_table_columns: 1000,
             max_inline_rows: 100_000,
             max_name_len: 63,
+            metrics: true,
             metrics_open: false,
         }
     }
@@ -242,6 +248,7 @@ impl Default for ServerConfig {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1603)),
             reconcile_interval_ms: 30_000,
             max_row_bytes: 8 * 1024 * 1024,
+            metrics: true,
         }
     }
 }

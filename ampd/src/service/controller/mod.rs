@@ -35,12 +35,12 @@ pub async fn run(
     let max_body = usize::try_from(config.controller.max_body_bytes).unwrap_or(usize::MAX);
     let token = (config.controller.admin_token.as_ref())
         .map(|t| BearerToken::new(t.expose()).metrics_open(config.controller.metrics_open));
-    crate::metrics::install();
-    let gauges = DbGauges::new(
-        db.clone(),
-        Duration::from_millis(config.worker.liveness_window_ms),
-    );
-    let scrape = Scrape::new(db.clone(), Some(gauges)).routes();
+    let scrape = config.controller.metrics.then(|| {
+        crate::metrics::install();
+        let window = Duration::from_millis(config.worker.liveness_window_ms);
+        let gauges = DbGauges::new(db.clone(), window);
+        Scrape::new(db.clone(), Some(gauges)).routes()
+    });
     let router = api::router(state, max_body, token, scrape);
     tracing::info!(addr = %config.controller.admin_addr, "admin API listening");
 

@@ -34,7 +34,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
     let listener = http::bind(config.server.addr, "server.addr").await?;
-    crate::metrics::install();
     let data_dir = config.storage.data_dir().to_path_buf();
     if !data_dir.is_dir() {
         tracing::warn!(
@@ -66,7 +65,10 @@ pub async fn run(
     // The view is followed until the server stops serving, for whatever reason.
     let following = shutdown.child_token();
     let serving = async {
-        let scrape = super::metrics::Scrape::new(db.clone(), None).routes();
+        let scrape = (config.server.metrics).then(|| {
+            crate::metrics::install();
+            super::metrics::Scrape::new(db.clone(), None).routes()
+        });
         let served = serve(listener, routes::router(state, scrape), &shutdown, &abort).await;
         following.cancel();
         served

@@ -42,16 +42,18 @@ pub struct AppState {
     pub max_row_bytes: usize,
 }
 
-/// The server's router, with `extra` routes (`/metrics`), HTTP metrics and request logs.
-pub fn router(state: Arc<AppState>, extra: Router) -> Router {
-    let router = Router::new()
+/// The server's router, with request logs; with `metrics` (the `/metrics` route), HTTP metrics.
+pub fn router(state: Arc<AppState>, metrics: Option<Router>) -> Router {
+    let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route(ROWS_ROUTE, get(table_rows))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
-        .merge(extra);
-    http::with_request_logs(crate::service::metrics::track(router, "server"))
+        .with_state(state);
+    if let Some(scrape) = metrics {
+        router = crate::service::metrics::track(router.merge(scrape), "server");
+    }
+    http::with_request_logs(router)
 }
 
 async fn healthz() -> Json<serde_json::Value> {
