@@ -291,6 +291,10 @@ async fn run_services(
     migrations: fn() -> MigrationSet,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result {
+    // Before connecting: the migrations applied on startup are recorded too.
+    if config.controller.metrics {
+        crate::metrics::install();
+    }
     let connect = service::connect(&config, true, migrations);
     let Some(db) = service::until_stopped(&shutdown, connect)
         .await

@@ -365,7 +365,7 @@ async fn every_service_shows_in_its_metrics_what_happened() {
 
 #[tokio::test]
 async fn metrics_answer_from_the_last_values_while_the_database_stalls() {
-    let db = TestDb::migrated().await;
+    let db = TestDb::empty().await;
     let proxy = FaultProxy::start(db.url()).await;
     let ws = Workspace::new();
     let (admin_addr, taken) = (free_addr(), free_addr());
@@ -378,8 +378,17 @@ async fn metrics_answer_from_the_last_values_while_the_database_stalls() {
              metrics_open = true\n"
         ),
     );
-    let mut c = start("controller", &controller, &["controller"]);
+    let migrate = [("AMP_CONFIG_METADATA_DB__AUTO_MIGRATE", "true")];
+    let mut c = Service::start("controller", &controller, &["controller"], &migrate);
     c.wait_healthy(admin_addr).await;
+    // The migrations it applied on startup, each with its duration.
+    let text = scrape(admin_addr, None).await;
+    let applied = tests::schema_migration_count() as f64;
+    assert_eq!(must(&text, "ampd_migrations_applied_total", &[]), applied);
+    assert_eq!(
+        must(&text, "ampd_migration_duration_seconds_count", &[]),
+        applied
+    );
     let anonymous = reqwest::get(format!("http://{admin_addr}/workers"))
         .await
         .unwrap();
