@@ -26,6 +26,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::cluster::{ClusterOptions, PrivateCluster};
 use tests::wire::StatementCounter;
 
+#[path = "ampd_bench/metrics.rs"]
+mod metrics;
 #[path = "ampd_bench/services.rs"]
 mod services;
 
@@ -40,7 +42,7 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
-     [--only fresh|noop|scaling|throughput|services (repeatable; implies --no-write)]";
+     [--only fresh|noop|scaling|throughput|services|metrics (repeatable; implies --no-write)]";
 
 #[derive(Debug)]
 struct Args {
@@ -83,8 +85,15 @@ impl Args {
                 "--no-write" => args.write = false,
                 "--only" => {
                     let part = value("--only")?;
-                    if !["fresh", "noop", "scaling", "throughput", "services"]
-                        .contains(&part.as_str())
+                    if ![
+                        "fresh",
+                        "noop",
+                        "scaling",
+                        "throughput",
+                        "services",
+                        "metrics",
+                    ]
+                    .contains(&part.as_str())
                     {
                         return Err(format!("--only {part:?}: unknown part; {USAGE}"));
                     }
@@ -966,6 +975,8 @@ enum Workload {
     JobCycle,
     /// heartbeat of one of [`WORKERS`] workers.
     Heartbeat,
+    /// ... and its latency recorded as a worker with a metrics address records it.
+    HeartbeatMetered,
 }
 
 /// Operations per second of [`CONCURRENCY`] tasks sharing one ampd pool of as many connections.
@@ -1001,6 +1012,13 @@ async fn ampd_rate(url: &str, workload: Workload, secs: u64) -> Res<f64> {
                         workers::heartbeat(&db, &format!("w{w}"))
                             .await
                             .map_err(|e| format!("heartbeat: {e}"))?;
+                    }
+                    Workload::HeartbeatMetered => {
+                        let w = rng.next() % WORKERS as u64 + 1;
+                        let started = Instant::now();
+                        let beat = workers::heartbeat(&db, &format!("w{w}")).await;
+                        ampd::metrics::heartbeat(started.elapsed(), beat.is_ok());
+                        beat.map_err(|e| format!("heartbeat: {e}"))?;
                     }
                 }
                 n += 1;
@@ -1207,6 +1225,7 @@ struct Report {
     throughput: Vec<Throughput>,
     throughput_note: String,
     services: Option<services::Services>,
+    metrics: Option<metrics::Cost>,
     elapsed: Duration,
 }
 
@@ -1424,6 +1443,10 @@ impl Report {
         if let Some(s) = &self.services {
             md.push_str(&services::markdown(s));
         }
+        if let Some(c) = &self.metrics {
+            md.push('\n');
+            md.push_str(&metrics::markdown(c));
+        }
         md
     }
 }
@@ -1503,6 +1526,12 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         eprintln!("the services' work ...");
         services = Some(services::measure(&ctx, first, &tools, args.secs).await?);
     }
+    // Last: it installs the process's metrics registry, which the data-access functions the
+    // other parts call would then record into.
+    let mut metrics = None;
+    if args.wants("metrics") {
+        metrics = Some(metrics::measure(&ctx, first, args.secs).await?);
+    }
     let throughput_note = format!(
         "{CONCURRENCY} tokio tasks sharing one ampd pool of {CONCURRENCY} connections (`ampd::db::connect`, \
          a runtime of 2 worker threads like ampd's), each calling the data-access functions in a loop, \
@@ -1525,6 +1554,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         throughput,
         throughput_note,
         services,
+        metrics,
         elapsed: started.elapsed(),
     })
 }
