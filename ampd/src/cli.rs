@@ -23,6 +23,18 @@ struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
 
+    /// How log lines (stderr) are written: text for people, or json, one object per line, for
+    /// log aggregation. Secrets are redacted either way.
+    #[arg(
+        long,
+        global = true,
+        env = "AMP_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    log_format: logging::LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -67,7 +79,7 @@ pub fn main(migrations: fn() -> MigrationSet) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    logging::init();
+    logging::init(cli.log_format);
     #[cfg(feature = "failpoints")]
     if let Err(e) = crate::failpoint::setup() {
         eprintln!("error: {e}");

@@ -108,6 +108,12 @@ pub struct ControllerConfig {
     /// Longest namespace, name and version (in bytes) a manifest is registered under (longer
     /// gets 400); from 1 to 200 (names become directory names).
     pub max_name_len: u64,
+    /// Whether the controller records HTTP metrics and serves `GET /metrics` (in solo: every
+    /// service's metrics).
+    pub metrics: bool,
+    /// When true, `GET /metrics` is served without the admin token (for a Prometheus that holds no
+    /// secret); the other routes still want it.
+    pub metrics_open: bool,
 }
 
 impl ControllerConfig {
@@ -133,6 +139,8 @@ pub struct ServerConfig {
     /// The longest row (a line of a revision's files) served as CSV, in bytes; a longer one cuts
     /// the response off; at least 1.
     pub max_row_bytes: u64,
+    /// Whether the server records HTTP metrics and serves `GET /metrics`.
+    pub metrics: bool,
 }
 
 /// `[http]`: how the HTTP services (the controller's admin API and the server) treat their
@@ -251,6 +259,10 @@ pub struct WorkerConfig {
     /// The longest CSV record (a header row too) read from `sources_dir`, in bytes; a longer one
     /// ends the job FATAL (`record_too_long`) and is refused at registration; at least 1.
     pub max_csv_record_bytes: u64,
+    /// Where the worker serves `GET /metrics` (an IP address and a port); unset: nowhere (several
+    /// workers may share a host). A port that cannot be bound is a warning, not an error. Unused by
+    /// `ampd solo`, which serves every service's metrics on `[controller] admin_addr`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for MetadataDbConfig {
@@ -289,6 +301,8 @@ impl Default for ControllerConfig {
             max_table_columns: 1000,
             max_inline_rows: 100_000,
             max_name_len: 63,
+            metrics: true,
+            metrics_open: false,
         }
     }
 }
@@ -299,6 +313,7 @@ impl Default for ServerConfig {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1603)),
             reconcile_interval_ms: 30_000,
             max_row_bytes: 8 * 1024 * 1024,
+            metrics: true,
         }
     }
 }
@@ -315,6 +330,7 @@ impl Default for WorkerConfig {
             reconcile_interval_ms: 5000,
             rows_per_file: 100_000,
             max_csv_record_bytes: 1024 * 1024,
+            metrics_addr: None,
         }
     }
 }
@@ -1357,6 +1373,7 @@ mod tests {
         c.controller.admin_token = None;
         c.storage.data_dir = None;
         c.worker.sources_dir = None;
+        c.worker.metrics_addr = None;
         assert_eq!(c.metadata_db, MetadataDbConfig::default());
         assert_eq!(c.controller, ControllerConfig::default());
         assert_eq!(c.server, ServerConfig::default());

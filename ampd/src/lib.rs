@@ -9,6 +9,7 @@ pub mod keepalive;
 mod logging;
 pub mod manifest;
 pub mod metadata;
+pub mod metrics;
 pub mod migrate;
 mod migrate_cmd;
 pub mod postgres;

@@ -1,5 +1,7 @@
-//! Logging set-up: `tracing` to stderr, levels from `RUST_LOG`, and every line, ampd's and its
-//! libraries' alike, passed through [`redact::redact`], so no level ever prints a secret.
+//! Logging set-up: `tracing` to stderr, levels from `RUST_LOG`, as text or as JSON objects one a line
+//! (`--log-format json`, `AMP_LOG_FORMAT=json`), and every line, ampd's and its libraries' alike,
+//! passed through [`redact::redact`], so no level ever prints a secret (in JSON, a secret appears
+//! JSON-escaped: [`redact::Secrets::add`] knows that form too).
 
 use std::io::{self, IsTerminal, Write};
 
@@ -10,15 +12,30 @@ use crate::redact;
 /// Default levels: ampd's own progress at info, libraries' chatter only when asked for.
 const DEFAULT_FILTER: &str = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn";
 
-pub fn init() {
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: a timestamp, the level, the message and `key=value` fields.
+    #[default]
+    Text,
+    /// For log aggregation: one JSON object per line (`timestamp`, `level`, `fields` with the
+    /// message, `target`, `span` and `spans`).
+    Json,
+}
+
+pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(|| RedactingStderr)
-        .try_init();
+        .with_writer(|| RedactingStderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
 
 /// Stderr, through [`redact::redact`]. The formatter writes each event whole, so a secret is never

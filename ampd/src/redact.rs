@@ -132,7 +132,10 @@ fn with_authority(s: &str) -> std::borrow::Cow<'_, str> {
     for scheme in ["postgresql:", "postgres:"] {
         for (at, _) in lower.match_indices(scheme) {
             let end = at + scheme.len();
-            let starts_word = at == 0 || !lower.as_bytes()[at - 1].is_ascii_alphanumeric();
+            // `sqlx_postgres::options` (a module path, the target of a JSON log line) holds no
+            // scheme.
+            let before = at.checked_sub(1).map(|i| lower.as_bytes()[i]);
+            let starts_word = before.is_none_or(|b| !b.is_ascii_alphanumeric() && b != b'_');
             if starts_word && !lower[end..].starts_with("//") && !inserts.contains(&end) {
                 // `postgres:` inside `postgresql:` is not a scheme of its own.
                 if scheme == "postgres:" && lower[..end].ends_with("postgresql:") {
@@ -246,7 +249,8 @@ pub struct Secrets {
 
 impl Secrets {
     /// Adds `secret` in every form a message may show it in: as given, percent-decoded (also with
-    /// `+` as a space, as in a query), and escaped as `Debug` quotes it.
+    /// `+` as a space, as in a query), escaped as `Debug` quotes it, and escaped as a JSON string
+    /// holds it (a JSON log line).
     pub fn add(&mut self, secret: &str) {
         if secret.is_empty() || secret.len() > MAX_SECRET_LEN || self.forms.len() >= MAX_SECRETS {
             return;
@@ -254,7 +258,11 @@ impl Secrets {
         let decoded = decode(secret);
         let form_decoded = decode(&secret.replace('+', " "));
         for form in [secret, &decoded, &form_decoded] {
-            for form in [form.to_owned(), form.escape_debug().to_string()] {
+            for form in [
+                form.to_owned(),
+                form.escape_debug().to_string(),
+                json_escaped(form),
+            ] {
                 if !form.is_empty() && !self.forms.contains(&form) {
                     self.forms.push(form);
                 }
@@ -296,6 +304,16 @@ impl Secrets {
         }
         redact_url(&out)
     }
+}
+
+/// `s` as it appears inside a JSON string (without the quotes).
+fn json_escaped(s: &str) -> String {
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// The secrets of the running process's configuration.
@@ -359,6 +377,9 @@ mod tests {
             assert_eq!(redact_url(text), expected);
         }
         assert_eq!(redact_url("postgresql:///db"), "postgresql:///db");
+        for path in ["sqlx_postgres::options::parse", "x_postgresql:y"] {
+            assert_eq!(redact_url(path), path);
+        }
     }
 
     #[test]
@@ -432,6 +453,19 @@ mod tests {
         assert_eq!(
             redact("value=Reg1stered@Secret and Reg1stered%40Secret"),
             "value=*** and ***"
+        );
+    }
+
+    #[test]
+    fn a_secret_is_redacted_as_a_json_log_line_escapes_it() {
+        let secret = "Js\"on\\Pa\u{1}ss'x";
+        let mut secrets = Secrets::default();
+        secrets.add(secret);
+        let line =
+            serde_json::json!({"fields": {"key": "sslpassword", "value": secret}}).to_string();
+        assert_eq!(
+            secrets.redact(&line),
+            r#"{"fields":{"key":"sslpassword","value":"***"}}"#
         );
     }
 

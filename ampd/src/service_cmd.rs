@@ -30,6 +30,10 @@ async fn start(
 }
 
 pub async fn controller(config: Config, migrations: fn() -> MigrationSet) -> Result {
+    // Before connecting: the migrations applied on startup are recorded too.
+    if config.controller.metrics {
+        crate::metrics::install();
+    }
     let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };
@@ -38,6 +42,9 @@ pub async fn controller(config: Config, migrations: fn() -> MigrationSet) -> Res
 }
 
 pub async fn server(config: Config, migrations: fn() -> MigrationSet) -> Result {
+    if config.server.metrics {
+        crate::metrics::install();
+    }
     let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };
@@ -46,6 +53,9 @@ pub async fn server(config: Config, migrations: fn() -> MigrationSet) -> Result 
 }
 
 pub async fn worker(config: Config, node_id: String, migrations: fn() -> MigrationSet) -> Result {
+    if config.worker.metrics_addr.is_some() {
+        crate::metrics::install();
+    }
     let Some((db, shutdown)) = start(&config, false, migrations).await? else {
         return Ok(());
     };

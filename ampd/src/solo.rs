@@ -404,6 +404,10 @@ async fn run_services(
     migrations: fn() -> MigrationSet,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result {
+    // Before connecting: the migrations applied on startup are recorded too.
+    if config.controller.metrics {
+        crate::metrics::install();
+    }
     let connect = service::connect(&config, true, migrations);
     let Some(db) = service::until_stopped(&shutdown, connect)
         .await
@@ -411,6 +415,10 @@ async fn run_services(
     else {
         return Ok(());
     };
+    let mut config = config;
+    if let Some(addr) = config.worker.metrics_addr.take() {
+        tracing::info!(%addr, "solo serves the worker's metrics on the admin API's /metrics, not on worker.metrics_addr");
+    }
     let config = Arc::new(config);
     let components: Vec<Component> = vec![
         (

@@ -34,6 +34,7 @@ pub mod error;
 pub mod files;
 pub mod jobs;
 pub mod notifications;
+pub mod overview;
 pub mod revisions;
 pub mod workers;
 

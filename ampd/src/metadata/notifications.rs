@@ -241,6 +241,7 @@ impl Listener {
             };
             // Connected again since the loss, here or in `backend_pid`: said once, either way.
             if std::mem::take(&mut self.lost) {
+                crate::metrics::listener_reconnected();
                 tracing::info!("notification listener connected again");
                 return Ok(Notification::Reconnected);
             }
@@ -265,7 +266,13 @@ impl Listener {
                 }
             };
             match parse(received.channel(), received.payload()) {
-                Ok(notification) => return Ok(notification),
+                Ok(notification) => {
+                    crate::metrics::notification(match &notification {
+                        Notification::RevisionChange(_) => REVISION_CHANGES,
+                        _ => JOB_ACTIONS,
+                    });
+                    return Ok(notification);
+                }
                 Err(error) => tracing::warn!(
                     channel = received.channel(),
                     sender_pid = received.process_id(),

@@ -66,8 +66,10 @@ pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collect
             storage.remove_file(&entry.file_path).await?;
         }
         let ids: Vec<i64> = expired.iter().map(|e| e.file_id).collect();
-        done.files += files::forget(&tx, &ids).await?;
+        let forgotten = files::forget(&tx, &ids).await?;
         tx.commit().await.map_err(metadata::Error::from)?;
+        crate::metrics::collected(forgotten, 0);
+        done.files += forgotten;
         if (expired.len() as u64) < BATCH {
             break;
         }
@@ -83,6 +85,7 @@ pub async fn collect(db: &DatabaseConnection, data_dir: &Path) -> Result<Collect
         storage.remove_dir(&revision.path).await?;
         revisions::delete(&tx, revision.id).await?;
         tx.commit().await.map_err(metadata::Error::from)?;
+        crate::metrics::collected(0, 1);
         done.revisions += 1;
     }
     if done != Collected::default() {

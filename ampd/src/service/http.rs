@@ -211,12 +211,17 @@ pub struct Query<T>(pub T);
 
 /// The token every request must carry as `Authorization: Bearer <token>`.
 #[derive(Clone)]
-pub struct BearerToken(Arc<[u8]>);
+pub struct BearerToken(Arc<[u8]>, bool);
 
 impl BearerToken {
     /// A token.
     pub fn new(token: &str) -> BearerToken {
-        BearerToken(token.as_bytes().into())
+        BearerToken(token.as_bytes().into(), false)
+    }
+
+    /// The token, not asked for on `GET /metrics` (`[controller] metrics_open`).
+    pub fn metrics_open(self, open: bool) -> BearerToken {
+        BearerToken(self.0, open)
     }
 
     fn admits(&self, headers: &HeaderMap) -> bool {
@@ -234,13 +239,15 @@ impl BearerToken {
     }
 }
 
-/// Middleware: 401 unless the request carries the token; `/healthz` is always open.
+/// Middleware: 401 unless the request carries the token; `/healthz` is always open, `/metrics` when
+/// the token says so ([`BearerToken::metrics_open`]).
 pub async fn require_token(
     State(token): State<BearerToken>,
     request: Request,
     next: Next,
 ) -> Response {
-    if request.uri().path() == "/healthz" || token.admits(request.headers()) {
+    let path = request.uri().path();
+    if path == "/healthz" || (token.1 && path == "/metrics") || token.admits(request.headers()) {
         return next.run(request).await;
     }
     ApiError::new(

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod gc;
 pub mod http;
 pub mod listen;
+pub mod metrics;
 pub mod server;
 pub mod storage;
 pub mod worker;
@@ -203,7 +204,11 @@ pub async fn connect(
     let auto_migrate = db.auto_migrate.unwrap_or(auto_migrate_default);
     if auto_migrate {
         match migrate::migrate_for_service(db, &migrations()).await? {
-            migrate::ServiceStart::Migrated(report) => tracing::info!("{}", report.summary()),
+            migrate::ServiceStart::Migrated(report) => {
+                let durations: Vec<Duration> = report.applied.iter().map(|a| a.duration).collect();
+                crate::metrics::migrations_applied(&durations);
+                tracing::info!("{}", report.summary())
+            }
             migrate::ServiceStart::Newer(names) => migrate::warn_newer(&names),
         }
     }

@@ -28,6 +28,8 @@ use tests::wire::StatementCounter;
 
 #[path = "ampd_bench/memory.rs"]
 mod memory;
+#[path = "ampd_bench/metrics.rs"]
+mod metrics;
 #[path = "ampd_bench/services.rs"]
 mod services;
 
@@ -42,7 +44,7 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
-     [--only fresh|noop|scaling|throughput|services|memory (repeatable; implies --no-write)]";
+     [--only fresh|noop|scaling|throughput|services|memory|metrics (repeatable; implies --no-write)]";
 
 #[derive(Debug)]
 struct Args {
@@ -92,6 +94,7 @@ impl Args {
                         "throughput",
                         "services",
                         "memory",
+                        "metrics",
                     ]
                     .contains(&part.as_str())
                     {
@@ -975,6 +978,8 @@ enum Workload {
     JobCycle,
     /// heartbeat of one of [`WORKERS`] workers.
     Heartbeat,
+    /// ... and its latency recorded as a worker with a metrics address records it.
+    HeartbeatMetered,
 }
 
 /// Operations per second of [`CONCURRENCY`] tasks sharing one ampd pool of as many connections.
@@ -1010,6 +1015,13 @@ async fn ampd_rate(url: &str, workload: Workload, secs: u64) -> Res<f64> {
                         workers::heartbeat(&db, &format!("w{w}"))
                             .await
                             .map_err(|e| format!("heartbeat: {e}"))?;
+                    }
+                    Workload::HeartbeatMetered => {
+                        let w = rng.next() % WORKERS as u64 + 1;
+                        let started = Instant::now();
+                        let beat = workers::heartbeat(&db, &format!("w{w}")).await;
+                        ampd::metrics::heartbeat(started.elapsed(), beat.is_ok());
+                        beat.map_err(|e| format!("heartbeat: {e}"))?;
                     }
                 }
                 n += 1;
@@ -1217,6 +1229,7 @@ struct Report {
     throughput_note: String,
     services: Option<services::Services>,
     memory: Option<memory::Memory>,
+    metrics: Option<metrics::Cost>,
     elapsed: Duration,
 }
 
@@ -1437,6 +1450,10 @@ impl Report {
         if let Some(m) = &self.memory {
             md.push_str(&memory::markdown(m));
         }
+        if let Some(c) = &self.metrics {
+            md.push('\n');
+            md.push_str(&metrics::markdown(c));
+        }
         md
     }
 }
@@ -1523,6 +1540,12 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         eprint!("{}", memory::markdown(&measured));
         memory = Some(measured);
     }
+    // Last: it installs the process's metrics registry, which the data-access functions the
+    // other parts call would then record into.
+    let mut metrics = None;
+    if args.wants("metrics") {
+        metrics = Some(metrics::measure(&ctx, first, args.secs).await?);
+    }
     let throughput_note = format!(
         "{CONCURRENCY} tokio tasks sharing one ampd pool of {CONCURRENCY} connections (`ampd::db::connect`, \
          a runtime of 2 worker threads like ampd's), each calling the data-access functions in a loop, \
@@ -1546,6 +1569,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         throughput_note,
         services,
         memory,
+        metrics,
         elapsed: started.elapsed(),
     })
 }

@@ -36,6 +36,7 @@ mod migrate_rollback;
 mod migrate_scaling;
 mod migrate_validate;
 mod notify_hostile;
+mod observability;
 mod openapi_conformance;
 mod pgbouncer;
 mod pool_stalls;

@@ -322,6 +322,25 @@ async fn cold_start_serves_a_deployed_dataset_and_a_warm_start_keeps_everything(
     solo.register_example().await;
     let job = solo.deploy("1.0.0").await;
     assert_eq!(solo.rows("1.0.0").await, example_rows());
+    // One GET /metrics on the admin address shows every service of the process.
+    let scrape = format!("http://{}/metrics", solo.admin);
+    let metrics = solo
+        .http
+        .get(scrape)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "ampd_jobs{status=\"COMPLETED\"} 1",
+        "ampd_job_run_duration_seconds_count{kind=\"materialize-static\",outcome=\"completed\"} 1",
+        "ampd_http_requests_total{service=\"server\",method=\"GET\",route=\"/datasets/",
+        "ampd_worker_heartbeat_write_seconds_count{result=\"ok\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
     let written = amp.path().join("data/manifests");
     assert!(
         std::fs::read_dir(&written).is_ok_and(|mut d| d.next().is_some()),

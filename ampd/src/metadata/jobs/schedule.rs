@@ -62,8 +62,14 @@ where
         let job = model(&row)?;
         let outcome: String = row.try_get("", "outcome")?;
         match outcome.as_str() {
-            "created" => return Ok((job, Scheduled::Created)),
-            "rescheduled" => return Ok((job, Scheduled::Rescheduled)),
+            "created" => {
+                crate::metrics::job_transition(JobStatus::Scheduled.as_str());
+                return Ok((job, Scheduled::Created));
+            }
+            "rescheduled" => {
+                crate::metrics::job_transition(JobStatus::Scheduled.as_str());
+                return Ok((job, Scheduled::Rescheduled));
+            }
             _ => {}
         }
         let status = status_of(&job)?;

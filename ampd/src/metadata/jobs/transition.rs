@@ -128,6 +128,7 @@ where
         };
         let job = model(&row)?;
         if row.try_get::<bool>("", "applied")? {
+            crate::metrics::job_transition(change.to.as_str());
             return Ok(job);
         }
         let node_epoch: Option<i64> = row.try_get("", "node_epoch")?;

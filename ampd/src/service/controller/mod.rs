@@ -16,6 +16,7 @@ use crate::migrate::MigrationSet;
 use super::ServiceError;
 use super::http::{self, BearerToken};
 use super::listen;
+use super::metrics::{DbGauges, Scrape};
 pub use scheduler::{Placement, Policy, reconcile};
 
 /// How long requests in flight may take to finish once a stop is asked for; then they are cut.
@@ -33,8 +34,15 @@ pub async fn run(
     let listener = http::bind(config.controller.admin_addr, "controller.admin_addr").await?;
     let state = api::AppState::new(db.clone(), &config, migrations);
     let max_body = usize::try_from(config.controller.max_body_bytes).unwrap_or(usize::MAX);
-    let token = (config.controller.admin_token.as_ref()).map(|t| BearerToken::new(t.expose()));
-    let router = api::router(state, max_body, token);
+    let token = (config.controller.admin_token.as_ref())
+        .map(|t| BearerToken::new(t.expose()).metrics_open(config.controller.metrics_open));
+    let scrape = config.controller.metrics.then(|| {
+        crate::metrics::install();
+        let window = Duration::from_millis(config.worker.liveness_window_ms);
+        let gauges = DbGauges::new(db.clone(), window);
+        Scrape::new(db.clone(), Some(gauges)).routes()
+    });
+    let router = api::router(state, max_body, token, scrape);
     let limits = listen::Limits::new(&config.http, config.controller.admin_addr, max_body);
     tracing::info!(addr = %config.controller.admin_addr, "admin API listening");
 

@@ -59,12 +59,15 @@ pub async fn run(
             _ = tick.tick() => {
                 // A stop is not held up by a pass waiting on a database that does not answer:
                 // the pass is dropped, its transaction, if any, never commits.
-                match crate::service::until_stopped(&shutdown, reconcile(&db, &policy)).await {
-                    None => break,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
-                    }
-                    Some(Ok(_)) => {}
+                let started = std::time::Instant::now();
+                let Some(pass) =
+                    crate::service::until_stopped(&shutdown, reconcile(&db, &policy)).await
+                else {
+                    break;
+                };
+                crate::metrics::scheduling_pass(started.elapsed(), pass.is_ok());
+                if let Err(e) = pass {
+                    tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
                 }
             }
         }
@@ -152,13 +155,16 @@ async fn recover_orphans(
             _ => continue,
         };
         match done {
-            Ok(moved) => tracing::info!(
-                job_id = job.id,
-                lost_node = ?job.node_id,
-                status = %moved.status,
-                node = ?moved.node_id,
-                "recovered a job of a lost worker"
-            ),
+            Ok(moved) => {
+                crate::metrics::orphan_recovered();
+                tracing::info!(
+                    job_id = job.id,
+                    lost_node = ?job.node_id,
+                    status = %moved.status,
+                    node = ?moved.node_id,
+                    "recovered a job of a lost worker"
+                )
+            }
             Err(e) if lost_race(&e) => {}
             Err(e) => return Err(e),
         }
@@ -180,7 +186,8 @@ async fn retry_due(
     )
     .await?;
     for job in due {
-        let done = if job.attempt >= policy.max_attempts {
+        let give_up = job.attempt >= policy.max_attempts;
+        let done = if give_up {
             let detail = serde_json::json!({
                 "reason": "max_attempts",
                 "attempts": job.attempt,
@@ -196,13 +203,20 @@ async fn retry_due(
             jobs::reschedule(db, &job, Some(&node)).await
         };
         match done {
-            Ok(j) => tracing::info!(
+            Ok(j) => {
+                if give_up {
+                    crate::metrics::job_given_up();
+                } else {
+                    crate::metrics::job_retried();
+                }
+                tracing::info!(
                 job_id = j.id,
                 status = %j.status,
                 attempt = j.attempt,
                 node = ?j.node_id,
                 "retried a failed job"
-            ),
+                )
+            }
             Err(e) if lost_race(&e) => {}
             Err(e) => return Err(e),
         }

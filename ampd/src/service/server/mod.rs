@@ -69,7 +69,12 @@ pub async fn run(
     let following = shutdown.child_token();
     let serving = async {
         let limits = listen::Limits::new(&config.http, config.server.addr, MAX_BODY_BYTES);
-        let served = serve(listener, routes::router(state), &limits, &shutdown, &abort).await;
+        let scrape = (config.server.metrics).then(|| {
+            crate::metrics::install();
+            super::metrics::Scrape::new(db.clone(), None).routes()
+        });
+        let router = routes::router(state, scrape);
+        let served = serve(listener, router, &limits, &shutdown, &abort).await;
         following.cancel();
         served
     };

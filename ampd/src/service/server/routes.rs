@@ -42,14 +42,17 @@ pub struct AppState {
     pub max_row_bytes: usize,
 }
 
-/// The server's router, with request logs.
-pub fn router(state: Arc<AppState>) -> Router {
-    let router = Router::new()
+/// The server's router, with request logs; with `metrics` (the `/metrics` route), HTTP metrics.
+pub fn router(state: Arc<AppState>, metrics: Option<Router>) -> Router {
+    let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route(ROWS_ROUTE, get(table_rows))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
+    if let Some(scrape) = metrics {
+        router = crate::service::metrics::track(router.merge(scrape), "server");
+    }
     http::with_request_logs(router)
 }
 
@@ -59,7 +62,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn no_route(uri: Uri) -> ApiError {
     ApiError::not_found(format!(
-        "no route {}; the server answers GET /healthz and GET \
+        "no route {}; the server answers GET /healthz, GET /metrics and GET \
          /datasets/{{namespace}}/{{name}}/versions/{{ref}}/tables/{{table}}",
         uri.path()
     ))

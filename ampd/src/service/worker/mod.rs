@@ -115,6 +115,16 @@ pub async fn run(
         return Ok(());
     };
     let epoch = claim.epoch();
+    if let Some(addr) = config.worker.metrics_addr {
+        crate::metrics::install();
+        let limits = super::listen::Limits::new(&config.http, addr, 64 * 1024);
+        tokio::spawn(super::metrics::serve_worker(
+            addr,
+            limits,
+            db.clone(),
+            shutdown.clone(),
+        ));
+    }
     let every_beat = Duration::from_millis(config.worker.heartbeat_interval_ms);
     let heartbeat =
         Background::spawn(|stop| heartbeat_loop(db.clone(), node_id.clone(), every_beat, stop));
@@ -349,7 +359,10 @@ async fn heartbeat_loop(
 
 /// One heartbeat.
 async fn beat(db: &DatabaseConnection, node_id: &str) {
-    match workers::heartbeat(db, node_id).await {
+    let started = Instant::now();
+    let beat = workers::heartbeat(db, node_id).await;
+    crate::metrics::heartbeat(started.elapsed(), beat.is_ok());
+    match beat {
         Ok(()) => {}
         Err(metadata::Error::NotFound { .. }) => match workers::register(db, node_id, info()).await
         {

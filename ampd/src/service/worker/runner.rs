@@ -85,8 +85,27 @@ pub async fn run(
     claim: JobClaim,
     control: Control,
 ) {
+    let started = std::time::Instant::now();
+    let kind = kinds::find(&job.kind).map_or("unknown", |k| k.name());
     let end = attempt(&db, &settings, job, &claim, &control).await;
+    let outcome = end.outcome();
     settle(&db, &settings, &claim, end).await;
+    crate::metrics::job_ran(kind, outcome, started.elapsed());
+}
+
+impl End {
+    /// The `outcome` label of `ampd_job_run_duration_seconds`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            End::Completed(_) => "completed",
+            End::Fatal(_) => "fatal",
+            End::Error(_) => "error",
+            End::Stop => "stopped",
+            End::HandBack => "handed_back",
+            End::Leave => "left",
+            End::Refused(_) => "refused",
+        }
+    }
 }
 
 /// Marks the job RUNNING; `Some(end)` when it did not start, and how the attempt then ends.

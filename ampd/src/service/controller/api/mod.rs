@@ -109,12 +109,13 @@ pub fn openapi() -> OpenApi {
 
 /// The admin API of `state`: every route, JSON 404 and 405 for unknown routes and methods, bodies
 /// limited to `max_body_bytes` (413), a JSON 500 should a handler panic (the connection is kept),
-/// the bearer token required on every route but `/healthz` when `token` is set, and a log line per
-/// request.
+/// the bearer token required on every route but `/healthz` when `token` is set, and a log line
+/// per request; with `metrics` (the `/metrics` route, outside the OpenAPI document), HTTP metrics.
 pub fn router(
     mut state: AppState,
     max_body_bytes: usize,
     token: Option<BearerToken>,
+    metrics: Option<axum::Router>,
 ) -> axum::Router {
     let (router, mut doc) = routes().split_for_parts();
     add_common_responses(&mut doc);
@@ -125,6 +126,7 @@ pub fn router(
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))
+        .merge(metrics.clone().unwrap_or_default())
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(http::require_api_client));
@@ -133,6 +135,9 @@ pub fn router(
             token,
             http::require_token,
         ));
+    }
+    if metrics.is_some() {
+        router = crate::service::metrics::track(router, "controller");
     }
     http::with_request_logs(router)
 }

@@ -333,6 +333,7 @@ async fn write_files(
         .await?;
         files_written += 1;
         rows_written += part.rows;
+        crate::metrics::materialized(part.rows, part.size);
         tracing::debug!(
             job_id = job.claim.job_id,
             table,
