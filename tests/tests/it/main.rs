@@ -11,6 +11,7 @@ mod fault_proxy;
 mod foreign_keys;
 mod job_fencing;
 mod job_stops;
+mod list_bounds;
 mod metadata_datasets;
 mod metadata_errors;
 mod metadata_files;
