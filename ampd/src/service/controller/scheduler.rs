@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ControllerConfig, WorkerConfig};
 use crate::metadata::{self, jobs, workers};
 
-/// At most this many jobs are retried per tick.
+/// At most this many jobs are retried per pass.
 const RETRY_BATCH: u64 = 100;
+/// At most this many passes follow one another in one tick while each leaves work for the next.
+const MAX_PASSES_PER_TICK: usize = 50;
 
 /// What a reconcile pass goes by.
 #[derive(Clone, Debug)]
@@ -57,8 +59,19 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                if let Err(e) = reconcile(&db, &policy).await {
-                    tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
+                // A pass that left work for the next one (a full retry batch) is followed at once
+                // by another, so a backlog (every job of a lost worker) does not wait a tick
+                // per batch.
+                for _ in 0..MAX_PASSES_PER_TICK {
+                    match pass(&db, &policy).await {
+                        Ok(More::Yes) if !shutdown.is_cancelled() => continue,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "scheduling pass failed; retrying at the next tick"
+                        ),
+                    }
+                    break;
                 }
             }
         }
@@ -121,7 +134,24 @@ fn lost_race(err: &metadata::Error) -> bool {
 /// worker; stops the lost worker was asked for complete without it. Then ERROR jobs due for a retry
 /// get a new attempt on a live worker (their previous node when it is live, else the least-loaded
 /// one), or are given up once they have failed `max_attempts` times.
+///
+/// Its statements do not grow with the number of workers or of finished jobs: four reads (the
+/// live workers, their loads, the orphaned jobs, the jobs due for a retry) and one statement per
+/// job it changes.
 pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), metadata::Error> {
+    pass(db, policy).await.map(|_| ())
+}
+
+/// Whether a pass left work for the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum More {
+    Yes,
+    No,
+}
+
+/// [`reconcile`], telling whether it left jobs due for a retry for the next pass (its batch was
+/// full).
+async fn pass(db: &DatabaseConnection, policy: &Policy) -> Result<More, metadata::Error> {
     let mut placement = Placement::read(db, policy.liveness_window).await?;
     recover_orphans(db, policy.liveness_window, &mut placement).await?;
     retry_due(db, policy, &mut placement).await
@@ -165,7 +195,7 @@ async fn retry_due(
     db: &DatabaseConnection,
     policy: &Policy,
     placement: &mut Placement,
-) -> Result<(), metadata::Error> {
+) -> Result<More, metadata::Error> {
     let due = jobs::list_due_for_retry(
         db,
         policy.retry_base_delay,
@@ -173,6 +203,8 @@ async fn retry_due(
         RETRY_BATCH,
     )
     .await?;
+    let full = due.len() as u64 == RETRY_BATCH;
+    let mut changed = 0;
     for job in due {
         let done = if job.attempt >= policy.max_attempts {
             let detail = serde_json::json!({
@@ -190,16 +222,25 @@ async fn retry_due(
             jobs::reschedule(db, &job, Some(&node)).await
         };
         match done {
-            Ok(j) => tracing::info!(
-                job_id = j.id,
-                status = %j.status,
-                attempt = j.attempt,
-                node = ?j.node_id,
-                "retried a failed job"
-            ),
+            Ok(j) => {
+                changed += 1;
+                tracing::info!(
+                    job_id = j.id,
+                    status = %j.status,
+                    attempt = j.attempt,
+                    node = ?j.node_id,
+                    "retried a failed job"
+                )
+            }
             Err(e) if lost_race(&e) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    // Only when this pass made progress: jobs it could not place (no live worker) stay first in
+    // line and would otherwise fill every batch again.
+    Ok(if full && changed > 0 {
+        More::Yes
+    } else {
+        More::No
+    })
 }
