@@ -106,6 +106,17 @@ pub struct ControllerConfig {
     /// Longest namespace, name and version (in bytes) a manifest is registered under (longer
     /// gets 400); from 1 to 200 (names become directory names).
     pub max_name_len: u64,
+    /// The events of a job that finished this many days ago are deleted; 0 keeps them forever;
+    /// at most 36500.
+    pub events_retention_days: u64,
+    /// A finished job this many days old is deleted (never one whose revision is active, nor the
+    /// COMPLETED job of a version still registered); 0 keeps them forever; at most 36500.
+    pub jobs_retention_days: u64,
+    /// A worker not live, with no active job, last seen this many days ago is deleted; 0 keeps
+    /// them forever; at most 36500.
+    pub workers_retention_days: u64,
+    /// Seconds between retention passes; at least 1.
+    pub retention_interval_secs: u64,
 }
 
 impl ControllerConfig {
@@ -224,6 +235,10 @@ impl Default for ControllerConfig {
             max_table_columns: 1000,
             max_inline_rows: 100_000,
             max_name_len: 63,
+            events_retention_days: 30,
+            jobs_retention_days: 90,
+            workers_retention_days: 7,
+            retention_interval_secs: 60,
         }
     }
 }

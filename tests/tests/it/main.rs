@@ -37,6 +37,7 @@ mod migrate_validate;
 mod notify_hostile;
 mod pgbouncer;
 mod pool_stalls;
+mod retention;
 mod schema;
 mod sea_orm_cli;
 mod server_rows;
