@@ -151,26 +151,30 @@ where
 {
     let window = micros("liveness window", window)?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let filter = match liveness {
-        Liveness::Any => "",
-        Liveness::Live => "AND live",
-        Liveness::NotLive => "AND NOT live",
+    let live = "w.heartbeat_at > now() - $1 * interval '1 microsecond'";
+    let mut conditions = match liveness {
+        Liveness::Any => Vec::new(),
+        Liveness::Live => vec![live.to_owned()],
+        Liveness::NotLive => vec![format!("NOT ({live})")],
+    };
+    let mut values = vec![Value::from(window), Value::from(limit)];
+    if let Some(after) = after {
+        values.push(Value::from(after.to_owned()));
+        conditions.push("w.node_id > $3".to_owned());
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
     };
     // Custom SQL: the liveness of each row is a computed column read beside the model.
-    let sql = format!(
-        "SELECT * FROM (SELECT w.*, w.heartbeat_at > now() - $1 * interval '1 microsecond' AS live \
-         FROM workers w WHERE $2::text IS NULL OR w.node_id > $2::text) w \
-         WHERE true {filter} ORDER BY node_id LIMIT $3"
-    );
+    let sql =
+        format!("SELECT w.*, {live} AS live FROM workers w {filter} ORDER BY w.node_id LIMIT $2");
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             sql,
-            [
-                Value::from(window),
-                Value::from(after.map(str::to_owned)),
-                Value::from(limit),
-            ],
+            values,
         ))
         .await?;
     let mut out = Vec::with_capacity(rows.len());
