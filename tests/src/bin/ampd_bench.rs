@@ -26,6 +26,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tests::cluster::{ClusterOptions, PrivateCluster};
 use tests::wire::StatementCounter;
 
+#[path = "ampd_bench/scale.rs"]
+mod scale;
 #[path = "ampd_bench/services.rs"]
 mod services;
 
@@ -40,7 +42,8 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
-     [--only fresh|noop|scaling|throughput|services (repeatable; implies --no-write)]";
+     [--only fresh|noop|scaling|throughput|services|scale (repeatable; implies --no-write)] \
+     [--fleet WORKERS,ACTIVE,HISTORY,EVENTS,EVER (scale; default 256,2000,98000,10000000,10000)]";
 
 #[derive(Debug)]
 struct Args {
@@ -50,6 +53,8 @@ struct Args {
     write: bool,
     /// Measure only these parts (all when empty).
     only: Vec<String>,
+    /// The fleet of `scale`.
+    fleet: scale::Fleet,
 }
 
 impl Args {
@@ -64,6 +69,7 @@ impl Args {
             out: workspace_root().join("BENCHMARKS.md"),
             write: true,
             only: Vec::new(),
+            fleet: scale::Fleet::default(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -80,11 +86,19 @@ impl Args {
                         .map_err(|e| format!("--secs: {e}"))?;
                 }
                 "--out" => args.out = PathBuf::from(value("--out")?),
+                "--fleet" => args.fleet = scale::Fleet::parse(&value("--fleet")?)?,
                 "--no-write" => args.write = false,
                 "--only" => {
                     let part = value("--only")?;
-                    if !["fresh", "noop", "scaling", "throughput", "services"]
-                        .contains(&part.as_str())
+                    if ![
+                        "fresh",
+                        "noop",
+                        "scaling",
+                        "throughput",
+                        "services",
+                        "scale",
+                    ]
+                    .contains(&part.as_str())
                     {
                         return Err(format!("--only {part:?}: unknown part; {USAGE}"));
                     }
@@ -1207,6 +1221,7 @@ struct Report {
     throughput: Vec<Throughput>,
     throughput_note: String,
     services: Option<services::Services>,
+    scale: Option<scale::Scale>,
     elapsed: Duration,
 }
 
@@ -1424,6 +1439,9 @@ impl Report {
         if let Some(s) = &self.services {
             md.push_str(&services::markdown(s));
         }
+        if let Some(s) = &self.scale {
+            md.push_str(&scale::markdown(s));
+        }
         md
     }
 }
@@ -1503,6 +1521,11 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         eprintln!("the services' work ...");
         services = Some(services::measure(&ctx, first, &tools, args.secs).await?);
     }
+    let mut scale = None;
+    if args.wants("scale") {
+        eprintln!("a fleet and its history ...");
+        scale = Some(scale::measure(&ctx, first, &args.fleet, stat_statements).await?);
+    }
     let throughput_note = format!(
         "{CONCURRENCY} tokio tasks sharing one ampd pool of {CONCURRENCY} connections (`ampd::db::connect`, \
          a runtime of 2 worker threads like ampd's), each calling the data-access functions in a loop, \
@@ -1525,6 +1548,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         throughput,
         throughput_note,
         services,
+        scale,
         elapsed: started.elapsed(),
     })
 }
