@@ -114,6 +114,17 @@ pub struct ControllerConfig {
     /// When true, `GET /metrics` is served without the admin token (for a Prometheus that holds no
     /// secret); the other routes still want it.
     pub metrics_open: bool,
+    /// The events of a job that finished this many days ago are deleted; 0 keeps them forever;
+    /// at most 36500.
+    pub events_retention_days: u64,
+    /// A finished job this many days old is deleted (never one whose revision is active, nor the
+    /// COMPLETED job of a version still registered); 0 keeps them forever; at most 36500.
+    pub jobs_retention_days: u64,
+    /// A worker not live, with no active job, last seen this many days ago is deleted; 0 keeps
+    /// them forever; at most 36500.
+    pub workers_retention_days: u64,
+    /// Seconds between retention passes; at least 1.
+    pub retention_interval_secs: u64,
 }
 
 impl ControllerConfig {
@@ -303,6 +314,10 @@ impl Default for ControllerConfig {
             max_name_len: 63,
             metrics: true,
             metrics_open: false,
+            events_retention_days: 30,
+            jobs_retention_days: 90,
+            workers_retention_days: 7,
+            retention_interval_secs: 60,
         }
     }
 }

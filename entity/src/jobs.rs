@@ -37,7 +37,7 @@ pub enum Relation {
         from = "Column::NodeId",
         to = "super::workers::Column::NodeId",
         on_update = "NoAction",
-        on_delete = "NoAction"
+        on_delete = "SetNull"
     )]
     Workers,
 }

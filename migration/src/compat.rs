@@ -34,6 +34,18 @@ pub static COMPATIBLE: &[&str] = &[
     "m20261206_000001_index_gc_manifest_expiration",
     // Not m20261206_000002_add_claim_epochs: the claim epoch is part of the fencing token, and a
     // binary that does not know it would act on jobs without it.
+    // The worker link of a job loses its row when the worker is deleted: only retention (a
+    // newer controller) deletes workers, and `jobs.node_id` was nullable already, so a binary that
+    // does not know this reads a finished job with no node as it reads an unassigned one.
+    "m20261206_000003_jobs_node_fk_set_null",
+    // Validating that constraint changes no row and no behaviour.
+    "m20261206_000004_validate_jobs_node_fk",
+    // New indexes built concurrently, as above.
+    "m20261206_000005_index_physical_table_revisions_table",
+    "m20261206_000006_index_jobs_status_id",
+    "m20261206_000007_index_job_events_created_at",
+    "m20261206_000008_index_physical_table_revisions_writer",
+    "m20261206_000009_index_jobs_finished_updated_at",
 ];
 
 /// Whether the migration called `name` was reviewed as compatible with binaries that do not know

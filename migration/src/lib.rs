@@ -27,6 +27,13 @@ mod m20261101_000007_backfill_jobs_idempotency_key;
 mod m20261201_000001_index_physical_tables_active_revision;
 mod m20261206_000001_index_gc_manifest_expiration;
 mod m20261206_000002_add_claim_epochs;
+mod m20261206_000003_jobs_node_fk_set_null;
+mod m20261206_000004_validate_jobs_node_fk;
+mod m20261206_000005_index_physical_table_revisions_table;
+mod m20261206_000006_index_jobs_status_id;
+mod m20261206_000007_index_job_events_created_at;
+mod m20261206_000008_index_physical_table_revisions_writer;
+mod m20261206_000009_index_jobs_finished_updated_at;
 
 /// The Rust snippets of the README and of `docs/`, compiled as doc tests of this crate (`cargo test
 /// -p migration --doc`, part of `cargo test --workspace`) so that they keep compiling as written. A
@@ -58,6 +65,13 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000001_index_physical_tables_active_revision::Migration),
             Box::new(m20261206_000001_index_gc_manifest_expiration::Migration),
             Box::new(m20261206_000002_add_claim_epochs::Migration),
+            Box::new(m20261206_000003_jobs_node_fk_set_null::Migration),
+            Box::new(m20261206_000004_validate_jobs_node_fk::Migration),
+            Box::new(m20261206_000005_index_physical_table_revisions_table::Migration),
+            Box::new(m20261206_000006_index_jobs_status_id::Migration),
+            Box::new(m20261206_000007_index_job_events_created_at::Migration),
+            Box::new(m20261206_000008_index_physical_table_revisions_writer::Migration),
+            Box::new(m20261206_000009_index_jobs_finished_updated_at::Migration),
         ]
     }
 }

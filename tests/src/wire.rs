@@ -182,3 +182,75 @@ where
     let _ = downstream.await;
     result
 }
+
+/// The controller's admin API served in this process on `127.0.0.1:0`, its database connection
+/// (one pooled connection) going through a [`StatementCounter`], and nothing else on that
+/// connection: no scheduler, no retention. [`CountedApi::get`] tells how many statements a request
+/// sent, so a test can assert that a list route's count does not grow with the rows it lists.
+pub struct CountedApi {
+    counter: StatementCounter,
+    conn: sea_orm::DatabaseConnection,
+    api: crate::api::Api,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountedApi {
+    /// Serves the admin API of a controller configured with the `[controller]` and `[worker]`
+    /// defaults (and `extra`, more TOML of those sections) on the database of `url`.
+    pub async fn start(url: &str, extra: &str) -> CountedApi {
+        let counter = StatementCounter::start(url).await;
+        let conn = crate::connect(counter.url(), 1).await;
+        let text = crate::cli::config_toml(url, extra);
+        let config =
+            ampd::config::Config::from_parts(std::path::Path::new("test.toml"), &text, Vec::new())
+                .unwrap_or_else(|e| panic!("controller config: {e}"));
+        let state = ampd::service::controller::api::AppState::new(
+            conn.clone(),
+            &config,
+            ampd::migrate::MigrationSet::ampd,
+        );
+        let router = ampd::service::controller::api::router(state, 1 << 20, None, None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the admin API");
+        let addr = listener.local_addr().expect("its address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        CountedApi {
+            counter,
+            conn,
+            api: crate::api::Api::new(addr, None),
+            task,
+        }
+    }
+
+    /// `GET path`: its JSON answer (which must be 200) and the statements it sent.
+    pub async fn get(&self, path: &str) -> (serde_json::Value, u64) {
+        self.counter.reset();
+        let reply = self.api.get(path).await;
+        let statements = self.counter.statements();
+        (reply.ok(200).clone(), statements)
+    }
+
+    /// The API, to send other requests.
+    pub fn api(&self) -> &crate::api::Api {
+        &self.api
+    }
+
+    /// The counted connection.
+    pub fn conn(&self) -> &sea_orm::DatabaseConnection {
+        &self.conn
+    }
+
+    /// The counter.
+    pub fn counter(&self) -> &StatementCounter {
+        &self.counter
+    }
+}
+
+impl Drop for CountedApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

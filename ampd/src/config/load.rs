@@ -307,6 +307,20 @@ impl Problems<'_> {
             200,
             "names become directory names, at most 255 bytes",
         );
+        self.at_least_1(
+            "controller.retention_interval_secs",
+            c.retention_interval_secs,
+        );
+        for retention in [
+            ("controller.events_retention_days", c.events_retention_days),
+            ("controller.jobs_retention_days", c.jobs_retention_days),
+            (
+                "controller.workers_retention_days",
+                c.workers_retention_days,
+            ),
+        ] {
+            self.at_most(retention, 36_500, "a hundred years; 0 keeps forever");
+        }
         self.at_least_1("server.reconcile_interval_ms", s.reconcile_interval_ms);
         self.at_least_1("server.max_row_bytes", s.max_row_bytes);
         let h = &config.http;

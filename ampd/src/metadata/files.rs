@@ -172,6 +172,35 @@ where
         .await?)
 }
 
+/// The files of the active revisions of every table of manifest `manifest_hash` of dataset
+/// `namespace/name`, by revision and, within one, by id (the order [`list`] gives). One statement,
+/// whatever the number of tables.
+pub async fn list_active_of_manifest<C>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    manifest_hash: &str,
+) -> Result<Vec<file_metadata::Model>>
+where
+    C: ConnectionTrait,
+{
+    use entity::physical_tables as tables;
+    let active = Query::select()
+        .column(tables::Column::ActiveRevisionId)
+        .from(tables::Entity)
+        .and_where(tables::Column::DatasetNamespace.eq(namespace))
+        .and_where(tables::Column::DatasetName.eq(name))
+        .and_where(tables::Column::ManifestHash.eq(manifest_hash))
+        .and_where(tables::Column::ActiveRevisionId.is_not_null())
+        .to_owned();
+    Ok(file_metadata::Entity::find()
+        .filter(file_metadata::Column::RevisionId.in_subquery(active))
+        .order_by_asc(file_metadata::Column::RevisionId)
+        .order_by_asc(file_metadata::Column::Id)
+        .all(db)
+        .await?)
+}
+
 /// Schedules every file of revision `revision_id` for deletion `expiration` from now (database
 /// clock), with path `<revision path>/<file name>`, and marks the revision as scheduled (it then
 /// accepts no more files). Files already scheduled keep their entry, and a revision already

@@ -8,7 +8,10 @@ use sea_orm::sqlx::{self, Connection as _, PgConnection};
 
 use crate::config::MetadataDbConfig;
 use crate::db;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    Set, Statement, Value,
+};
 use sha2::{Digest, Sha256};
 
 use super::{Error, Result, micros};
@@ -121,6 +124,87 @@ where
         .await?)
 }
 
+/// Which workers a page of [`list_page`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// Every worker ever registered.
+    Any,
+    /// Only the live ones.
+    Live,
+    /// Only those that are not live.
+    NotLive,
+}
+
+/// A page of workers by node id, each with whether it is live (`heartbeat_at > now() - window`, by
+/// the database clock): those after node id `after` (keyset pagination: pass the last node id of
+/// the previous page), filtered by `liveness`, at most `limit`. One statement, walking
+/// `workers_node_id_key`.
+pub async fn list_page<C>(
+    db: &C,
+    window: Duration,
+    liveness: Liveness,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<(workers::Model, bool)>>
+where
+    C: ConnectionTrait,
+{
+    let window = micros("liveness window", window)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let live = "w.heartbeat_at > now() - $1 * interval '1 microsecond'";
+    let mut conditions = match liveness {
+        Liveness::Any => Vec::new(),
+        Liveness::Live => vec![live.to_owned()],
+        Liveness::NotLive => vec![format!("NOT ({live})")],
+    };
+    let mut values = vec![Value::from(window), Value::from(limit)];
+    if let Some(after) = after {
+        values.push(Value::from(after.to_owned()));
+        conditions.push("w.node_id > $3".to_owned());
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    // Custom SQL: the liveness of each row is a computed column read beside the model.
+    let sql =
+        format!("SELECT w.*, {live} AS live FROM workers w {filter} ORDER BY w.node_id LIMIT $2");
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let live: bool = row.try_get("", "live")?;
+        out.push((workers::Model::from_query_result(&row, "")?, live));
+    }
+    Ok(out)
+}
+
+/// Whether worker `node_id` is live (`heartbeat_at > now() - window`, by the database clock);
+/// `false` when it never registered. One statement.
+pub async fn is_live<C>(db: &C, node_id: &str, window: Duration) -> Result<bool>
+where
+    C: ConnectionTrait,
+{
+    let window = micros("liveness window", window)?;
+    let found = workers::Entity::find()
+        .filter(workers::Column::NodeId.eq(node_id))
+        .filter(
+            Expr::col(workers::Column::HeartbeatAt).gt(Expr::cust_with_values(
+                "now() - $1 * interval '1 microsecond'",
+                [window],
+            )),
+        )
+        .one(db)
+        .await?;
+    Ok(found.is_some())
+}
+
 /// The live workers: `heartbeat_at > now() - window`, by the database clock; by node id.
 pub async fn list_live<C>(db: &C, window: Duration) -> Result<Vec<workers::Model>>
 where
@@ -137,6 +221,63 @@ where
         .order_by_asc(workers::Column::NodeId)
         .all(db)
         .await?)
+}
+
+/// Deletes up to `batch` workers that are gone: not live (no heartbeat within `window`), last
+/// seen `older_than` ago or earlier (the later of their last heartbeat and their last
+/// registration, so a worker that signed off counts as last seen when it last started), holding
+/// no active job, and whose node id no process holds ([`claim`]: a worker paused for longer keeps
+/// its row and its claim epoch). Returns how many. The finished jobs that named such a worker keep
+/// their history (their events name the node) and lose the link (`jobs_node_id_fkey` is
+/// `ON DELETE SET NULL`). Rows another transaction holds are skipped, and each row is checked
+/// again as it is deleted, so a worker that heartbeats or registers meanwhile stays. One
+/// statement.
+#[tracing::instrument(skip(db), err)]
+pub async fn delete_gone<C>(
+    db: &C,
+    window: Duration,
+    older_than: Duration,
+    batch: u64,
+) -> Result<u64>
+where
+    C: ConnectionTrait,
+{
+    let window = micros("liveness window", window)?;
+    let age = micros("workers retention", older_than)?;
+    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    let active = super::jobs::ACTIVE
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // The claim key of `claim_key`, computed by the database: the first 8 bytes of
+    // sha256("ampd/node-claim/" || node_id) as two big-endian int4, which pg_locks shows as
+    // classid and objid (objsubid 2 for the two-int4 form).
+    let gone = "w.heartbeat_at <= now() - $1 * interval '1 microsecond' \
+         AND GREATEST(w.heartbeat_at, w.registered_at) <= now() - $2 * interval '1 microsecond'";
+    let sql = format!(
+        "DELETE FROM workers w WHERE w.id IN (\
+           SELECT w.id FROM workers w \
+           WHERE {gone} \
+             AND NOT EXISTS (SELECT 1 FROM jobs j \
+                 WHERE j.node_id = w.node_id AND j.status IN ({active})) \
+             AND NOT EXISTS (SELECT 1 FROM pg_locks l, LATERAL (SELECT \
+                   sha256(convert_to('ampd/node-claim/' || w.node_id, 'UTF8')) AS d) k \
+                 WHERE l.locktype = 'advisory' AND l.objsubid = 2 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND l.classid = (('x' || encode(substring(k.d FROM 1 FOR 4), 'hex'))::bit(32)::int4)::oid \
+                   AND l.objid = (('x' || encode(substring(k.d FROM 5 FOR 4), 'hex'))::bit(32)::int4)::oid) \
+           ORDER BY w.id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+         AND {gone}"
+    );
+    let done = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [Value::from(window), Value::from(age), Value::from(batch)],
+        ))
+        .await?;
+    Ok(done.rows_affected())
 }
 
 /// The advisory lock key of a node claim, in the two-`int4` key space (see the module docs of

@@ -30,6 +30,8 @@ use tests::wire::StatementCounter;
 mod memory;
 #[path = "ampd_bench/metrics.rs"]
 mod metrics;
+#[path = "ampd_bench/scale.rs"]
+mod scale;
 #[path = "ampd_bench/services.rs"]
 mod services;
 
@@ -44,7 +46,8 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
-     [--only fresh|noop|scaling|throughput|services|memory|metrics (repeatable; implies --no-write)]";
+     [--only fresh|noop|scaling|throughput|services|memory|metrics|scale (repeatable; implies --no-write)] \
+     [--fleet WORKERS,ACTIVE,HISTORY,EVENTS,EVER (scale; default 256,2000,98000,10000000,10000)]";
 
 #[derive(Debug)]
 struct Args {
@@ -54,6 +57,8 @@ struct Args {
     write: bool,
     /// Measure only these parts (all when empty).
     only: Vec<String>,
+    /// The fleet of `scale`.
+    fleet: scale::Fleet,
 }
 
 impl Args {
@@ -68,6 +73,7 @@ impl Args {
             out: workspace_root().join("BENCHMARKS.md"),
             write: true,
             only: Vec::new(),
+            fleet: scale::Fleet::default(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -84,6 +90,7 @@ impl Args {
                         .map_err(|e| format!("--secs: {e}"))?;
                 }
                 "--out" => args.out = PathBuf::from(value("--out")?),
+                "--fleet" => args.fleet = scale::Fleet::parse(&value("--fleet")?)?,
                 "--no-write" => args.write = false,
                 "--only" => {
                     let part = value("--only")?;
@@ -95,6 +102,7 @@ impl Args {
                         "services",
                         "memory",
                         "metrics",
+                        "scale",
                     ]
                     .contains(&part.as_str())
                     {
@@ -1230,6 +1238,7 @@ struct Report {
     services: Option<services::Services>,
     memory: Option<memory::Memory>,
     metrics: Option<metrics::Cost>,
+    scale: Option<scale::Scale>,
     elapsed: Duration,
 }
 
@@ -1454,6 +1463,9 @@ impl Report {
             md.push('\n');
             md.push_str(&metrics::markdown(c));
         }
+        if let Some(s) = &self.scale {
+            md.push_str(&scale::markdown(s));
+        }
         md
     }
 }
@@ -1533,6 +1545,11 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         eprintln!("the services' work ...");
         services = Some(services::measure(&ctx, first, &tools, args.secs).await?);
     }
+    let mut scale = None;
+    if args.wants("scale") {
+        eprintln!("a fleet and its history ...");
+        scale = Some(scale::measure(&ctx, first, &args.fleet, stat_statements).await?);
+    }
     let mut memory = None;
     if args.wants("memory") {
         eprintln!("the controller's memory per request ...");
@@ -1570,6 +1587,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
         services,
         memory,
         metrics,
+        scale,
         elapsed: started.elapsed(),
     })
 }

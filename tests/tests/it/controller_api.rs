@@ -978,10 +978,7 @@ async fn jobs_are_listed_filtered_paged_stopped_and_deleted() {
         .expect("stopped");
     let reply = c.put(&format!("/jobs/{scheduled}/stop")).await;
     assert_eq!(reply.ok(200)["status"], "STOPPED");
-    let events: Vec<String> = c
-        .get(&format!("/jobs/{scheduled}/events"))
-        .await
-        .ok(200)
+    let events: Vec<String> = c.get(&format!("/jobs/{scheduled}/events")).await.ok(200)["events"]
         .as_array()
         .expect("events")
         .iter()
@@ -1189,7 +1186,8 @@ async fn workers_show_liveness_and_active_jobs() {
         .expect("id");
 
     let all = c.get("/workers").await.ok(200).clone();
-    let summary: Vec<(&str, bool, Vec<i64>)> = all
+    assert_eq!(all["next_after"], serde_json::Value::Null);
+    let summary: Vec<(&str, bool, Vec<i64>)> = all["workers"]
         .as_array()
         .expect("workers")
         .iter()

@@ -252,8 +252,7 @@ impl Stack {
     /// `GET /jobs/{id}/events`: each event's type, node and detail, oldest first.
     async fn events(&self, id: i64) -> Vec<(String, Option<String>, Value)> {
         let reply = self.admin.get(&format!("/jobs/{id}/events")).await;
-        reply
-            .ok(200)
+        reply.ok(200)["events"]
             .as_array()
             .expect("events")
             .iter()

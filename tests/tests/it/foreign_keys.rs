@@ -201,15 +201,30 @@ async fn deleting_a_manifest_cascades_to_links_tags_tables_revisions_and_files()
 }
 
 #[tokio::test]
-async fn a_worker_referenced_by_a_job_cannot_be_deleted() {
+async fn deleting_a_worker_unlinks_its_jobs_and_keeps_their_history() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let _f = fixture(&conn).await;
-    let err = workers::Entity::delete_many()
+    let f = fixture(&conn).await;
+    let deleted = workers::Entity::delete_many()
         .exec(&conn)
         .await
-        .expect_err("refused");
-    assert!(err.to_string().contains("jobs_node_id_fkey"), "{err}");
+        .expect("jobs_node_id_fkey is ON DELETE SET NULL");
+    assert_eq!(deleted.rows_affected, 1);
+    let job = jobs::Entity::find_by_id(f.job.id)
+        .one(&conn)
+        .await
+        .unwrap()
+        .expect("the job stays");
+    assert_eq!(job.node_id, None);
+    assert_eq!(
+        f.job
+            .find_related(job_events::Entity)
+            .count(&conn)
+            .await
+            .unwrap(),
+        2,
+        "its events stay"
+    );
 }
 
 #[tokio::test]

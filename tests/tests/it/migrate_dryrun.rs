@@ -304,7 +304,42 @@ async fn status_json_shows_which_pending_migrations_run_together_and_which_alone
                 "m20261206_000002_add_claim_epochs".to_owned(),
                 4,
                 "transaction".to_owned()
-            )
+            ),
+            (
+                "m20261206_000003_jobs_node_fk_set_null".to_owned(),
+                4,
+                "transaction".to_owned()
+            ),
+            (
+                "m20261206_000004_validate_jobs_node_fk".to_owned(),
+                5,
+                "alone".to_owned()
+            ),
+            (
+                "m20261206_000005_index_physical_table_revisions_table".to_owned(),
+                6,
+                "alone".to_owned()
+            ),
+            (
+                "m20261206_000006_index_jobs_status_id".to_owned(),
+                7,
+                "alone".to_owned()
+            ),
+            (
+                "m20261206_000007_index_job_events_created_at".to_owned(),
+                8,
+                "alone".to_owned()
+            ),
+            (
+                "m20261206_000008_index_physical_table_revisions_writer".to_owned(),
+                9,
+                "alone".to_owned()
+            ),
+            (
+                "m20261206_000009_index_jobs_finished_updated_at".to_owned(),
+                10,
+                "alone".to_owned()
+            ),
         ]
     );
 }

@@ -176,7 +176,7 @@ impl Solo {
         assert_eq!(history["status"], "COMPLETED", "{history}");
         let events = self.get(&format!("/jobs/{job}/events")).await;
         assert!(
-            events.as_array().is_some_and(|e| e.len() >= 2),
+            events["events"].as_array().is_some_and(|e| e.len() >= 2),
             "the job's events: {events}"
         );
         assert_eq!(self.rows("1.0.0").await, example_rows());

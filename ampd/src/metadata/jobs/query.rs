@@ -104,6 +104,24 @@ where
         .await?)
 }
 
+/// The active jobs (SCHEDULED, RUNNING, STOP_REQUESTED, STOPPING) assigned to any of `node_ids`,
+/// by node and, within one, by id. One statement, whatever the number of nodes.
+pub async fn list_active_for_nodes<C>(db: &C, node_ids: &[String]) -> Result<Vec<jobs::Model>>
+where
+    C: ConnectionTrait,
+{
+    if node_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(jobs::Entity::find()
+        .filter(jobs::Column::NodeId.is_in(node_ids.iter().cloned()))
+        .filter(jobs::Column::Status.is_in(names(&ACTIVE)))
+        .order_by_asc(jobs::Column::NodeId)
+        .order_by_asc(jobs::Column::Id)
+        .all(db)
+        .await?)
+}
+
 /// The orphaned jobs: active, and assigned to no node or to a worker whose last heartbeat is
 /// `window` old or older (by the database clock). By id.
 pub async fn list_orphaned<C>(db: &C, window: Duration) -> Result<Vec<jobs::Model>>
@@ -181,6 +199,29 @@ where
         );
     }
     Ok(query.exec(db).await?.rows_affected)
+}
+
+/// A page of the events of job `job_id`, oldest first: those with an id above `after_id` (keyset
+/// pagination: pass the last id of the previous page), at most `limit`. One statement, walking
+/// `idx_job_events_job_id_id`.
+pub async fn list_events_page<C>(
+    db: &C,
+    job_id: i64,
+    after_id: Option<i64>,
+    limit: u64,
+) -> Result<Vec<job_events::Model>>
+where
+    C: ConnectionTrait,
+{
+    let mut query = job_events::Entity::find().filter(job_events::Column::JobId.eq(job_id));
+    if let Some(after) = after_id {
+        query = query.filter(job_events::Column::Id.gt(after));
+    }
+    Ok(query
+        .order_by_asc(job_events::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
 }
 
 /// The events of job `job_id`, oldest first (empty for an unknown job).

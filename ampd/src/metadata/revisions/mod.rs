@@ -236,6 +236,29 @@ where
         .await?)
 }
 
+/// The revisions of every table of manifest `manifest_hash` of dataset `namespace/name`, by table
+/// id and, within one, oldest first. One statement, whatever the number of tables
+/// (`idx_physical_table_revisions_table_id`).
+pub async fn list_of_manifest<C>(
+    db: &C,
+    namespace: &str,
+    name: &str,
+    manifest_hash: &str,
+) -> Result<Vec<revisions::Model>>
+where
+    C: ConnectionTrait,
+{
+    Ok(revisions::Entity::find()
+        .inner_join(tables::Entity)
+        .filter(tables::Column::DatasetNamespace.eq(namespace))
+        .filter(tables::Column::DatasetName.eq(name))
+        .filter(tables::Column::ManifestHash.eq(manifest_hash))
+        .order_by_asc(revisions::Column::PhysicalTableId)
+        .order_by_asc(revisions::Column::Id)
+        .all(db)
+        .await?)
+}
+
 /// Deletes revision `revision_id` with its files and gc entries. `Conflict` while it is active;
 /// `NotFound` when it does not exist.
 #[tracing::instrument(skip(db), err)]

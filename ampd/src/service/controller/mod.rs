@@ -1,7 +1,9 @@
-//! The controller service: the admin API ([`api`]) and the scheduler loop ([`scheduler`]).
+//! The controller service: the admin API ([`api`]), the scheduler loop ([`scheduler`]) and the
+//! retention loop ([`retention`]).
 
 pub mod api;
 pub mod manifests;
+pub mod retention;
 pub mod scheduler;
 
 use std::sync::Arc;
@@ -64,9 +66,15 @@ pub async fn run(
     };
     let policy = Policy::new(&config.controller, &config.worker);
     let interval = Duration::from_millis(config.controller.reconcile_interval_ms);
-    let schedule = scheduler::run(db, policy, interval, stop.clone());
+    let schedule = scheduler::run(db.clone(), policy, interval, stop.clone());
+    let retention = retention::run(
+        db,
+        retention::Retention::new(&config.controller, &config.worker),
+        Duration::from_secs(config.controller.retention_interval_secs),
+        stop.clone(),
+    );
     tracing::info!("controller started");
-    let (served, ()) = tokio::join!(serve, schedule);
+    let (served, (), ()) = tokio::join!(serve, schedule, retention);
     tracing::info!("controller stopped");
     served.map_err(|source| ServiceError::Io {
         what: format!("serving the admin API on {}", config.controller.admin_addr),

@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ControllerConfig, WorkerConfig};
 use crate::metadata::{self, jobs, workers};
 
-/// At most this many jobs are retried per tick.
+/// At most this many jobs are retried per pass.
 const RETRY_BATCH: u64 = 100;
+/// At most this many passes follow one another in one tick while each leaves work for the next.
+const MAX_PASSES_PER_TICK: usize = 50;
 
 /// What a reconcile pass goes by.
 #[derive(Clone, Debug)]
@@ -57,17 +59,27 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                // A stop is not held up by a pass waiting on a database that does not answer:
-                // the pass is dropped, its transaction, if any, never commits.
-                let started = std::time::Instant::now();
-                let Some(pass) =
-                    crate::service::until_stopped(&shutdown, reconcile(&db, &policy)).await
-                else {
+                // A pass that left work for the next one (a full retry batch) is followed at once
+                // by another, so a backlog (every job of a lost worker) does not wait a tick
+                // per batch. A stop is not held up by a pass waiting on a database that does not
+                // answer: the pass is dropped, its transaction, if any, never commits.
+                for _ in 0..MAX_PASSES_PER_TICK {
+                    let started = std::time::Instant::now();
+                    let Some(result) =
+                        crate::service::until_stopped(&shutdown, pass(&db, &policy)).await
+                    else {
+                        return;
+                    };
+                    crate::metrics::scheduling_pass(started.elapsed(), result.is_ok());
+                    match result {
+                        Ok(More::Yes) if !shutdown.is_cancelled() => continue,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "scheduling pass failed; retrying at the next tick"
+                        ),
+                    }
                     break;
-                };
-                crate::metrics::scheduling_pass(started.elapsed(), pass.is_ok());
-                if let Err(e) = pass {
-                    tracing::warn!(error = %e, "scheduling pass failed; retrying at the next tick");
                 }
             }
         }
@@ -130,7 +142,24 @@ fn lost_race(err: &metadata::Error) -> bool {
 /// worker; stops the lost worker was asked for complete without it. Then ERROR jobs due for a retry
 /// get a new attempt on a live worker (their previous node when it is live, else the least-loaded
 /// one), or are given up once they have failed `max_attempts` times.
+///
+/// Its statements do not grow with the number of workers or of finished jobs: four reads (the
+/// live workers, their loads, the orphaned jobs, the jobs due for a retry) and one statement per
+/// job it changes.
 pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), metadata::Error> {
+    pass(db, policy).await.map(|_| ())
+}
+
+/// Whether a pass left work for the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum More {
+    Yes,
+    No,
+}
+
+/// [`reconcile`], telling whether it left jobs due for a retry for the next pass (its batch was
+/// full).
+async fn pass(db: &DatabaseConnection, policy: &Policy) -> Result<More, metadata::Error> {
     let mut placement = Placement::read(db, policy.liveness_window).await?;
     recover_orphans(db, policy.liveness_window, &mut placement).await?;
     retry_due(db, policy, &mut placement).await
@@ -177,7 +206,7 @@ async fn retry_due(
     db: &DatabaseConnection,
     policy: &Policy,
     placement: &mut Placement,
-) -> Result<(), metadata::Error> {
+) -> Result<More, metadata::Error> {
     let due = jobs::list_due_for_retry(
         db,
         policy.retry_base_delay,
@@ -185,6 +214,8 @@ async fn retry_due(
         RETRY_BATCH,
     )
     .await?;
+    let full = due.len() as u64 == RETRY_BATCH;
+    let mut changed = 0;
     for job in due {
         let give_up = job.attempt >= policy.max_attempts;
         let done = if give_up {
@@ -204,22 +235,29 @@ async fn retry_due(
         };
         match done {
             Ok(j) => {
+                changed += 1;
                 if give_up {
                     crate::metrics::job_given_up();
                 } else {
                     crate::metrics::job_retried();
                 }
                 tracing::info!(
-                job_id = j.id,
-                status = %j.status,
-                attempt = j.attempt,
-                node = ?j.node_id,
-                "retried a failed job"
+                    job_id = j.id,
+                    status = %j.status,
+                    attempt = j.attempt,
+                    node = ?j.node_id,
+                    "retried a failed job"
                 )
             }
             Err(e) if lost_race(&e) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    // Only when this pass made progress: jobs it could not place (no live worker) stay first in
+    // line and would otherwise fill every batch again.
+    Ok(if full && changed > 0 {
+        More::Yes
+    } else {
+        More::No
+    })
 }

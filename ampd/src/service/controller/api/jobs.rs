@@ -190,29 +190,71 @@ pub async fn get(State(app): State<Shared>, Path(id): Path<i64>) -> Result<Json<
     Ok(Json(find(&app, id).await?.into()))
 }
 
+/// The largest page `GET /jobs/{id}/events` gives.
+pub const MAX_EVENTS_LIMIT: u64 = 1000;
+/// The page of events when `limit` is not given.
+pub const DEFAULT_EVENTS_LIMIT: u64 = 100;
+
+/// A page of a job's events.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobEventPage {
+    /// The events, oldest first.
+    pub events: Vec<JobEvent>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// The page of `GET /jobs/{id}/events`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Events per page, 1 to 1000; 100 when absent.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u64>,
+    /// Only events with a larger id: the previous page's `next_after`.
+    pub after: Option<i64>,
+}
+
 /// List a job's events.
 ///
-/// Oldest first: its history of transitions, recoveries included.
+/// Oldest first, a page at a time (keyset: pass the previous page's `next_after` as `after`): its
+/// history of transitions, recoveries included. The events of a job that finished longer ago than
+/// `[controller] events_retention_days` are deleted.
 #[utoipa::path(
     get,
     path = "/jobs/{id}/events",
     operation_id = "list_job_events",
     tag = "jobs",
-    params(("id" = i64, Path, description = "The job's id")),
+    params(("id" = i64, Path, description = "The job's id"), EventsQuery),
     responses(
-        (status = 200, description = "The events", body = [JobEvent]),
-        (status = 400, description = "`invalid_request`: the id is not a number", body = ErrorBody),
+        (status = 200, description = "A page of the events", body = JobEventPage),
+        (status = 400, description = "`invalid_request`: the id is not a number, a limit outside \
+            1..=1000, or a parameter that is not a number", body = ErrorBody),
         (status = 404, description = "`not_found`: no such job", body = ErrorBody),
     ),
 )]
 pub async fn events(
     State(app): State<Shared>,
     Path(id): Path<i64>,
-) -> Result<Json<Vec<JobEvent>>, ApiError> {
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<JobEventPage>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_EVENTS_LIMIT);
+    if !(1..=MAX_EVENTS_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit {limit} is out of range: use 1 to {MAX_EVENTS_LIMIT}"
+        )));
+    }
     find(&app, id).await?;
-    let events = db("list job events", || jobs::list_events(&app.db, id)).await?;
-    Ok(Json(
-        events
+    let events = db("list job events", || {
+        jobs::list_events_page(&app.db, id, query.after, limit)
+    })
+    .await?;
+    let next_after = match events.last() {
+        Some(last) if events.len() as u64 == limit => Some(last.id),
+        _ => None,
+    };
+    Ok(Json(JobEventPage {
+        events: events
             .into_iter()
             .map(|e| JobEvent {
                 id: e.id,
@@ -223,7 +265,8 @@ pub async fn events(
                 created_at: e.created_at,
             })
             .collect(),
-    ))
+        next_after,
+    }))
 }
 
 /// Ask a job to stop.

@@ -65,7 +65,7 @@ pub async fn activate(
         "revision activated"
     );
     let table = done.table;
-    let view = table_view(&app, table.table_name.clone(), Some(&table)).await?;
+    let view = table_view(&app, table.table_name.clone(), &table).await?;
     Ok(Json(Activated {
         namespace: table.dataset_namespace,
         name: table.dataset_name,

@@ -1,6 +1,8 @@
 //! `GET /datasets/{ns}/{name}/versions/{ref}/tables`: a version's tables, each with its active
 //! revision and files, and its revisions.
 
+use std::collections::{BTreeMap, HashMap};
+
 use axum::extract::State;
 use serde::Serialize;
 
@@ -101,28 +103,63 @@ pub async fn tables(
         namespace, name, ..
     } = path;
     let manifest = load(&app, &found).await?;
+    // Three statements whatever the number of tables: the tables, their revisions, the active
+    // revisions' files.
     let physical = db("list tables", || {
         revisions::list_tables_of_manifest(&app.db, &namespace, &name, &found.hash)
     })
     .await?;
+    let all_revisions = db("list revisions", || {
+        revisions::list_of_manifest(&app.db, &namespace, &name, &found.hash)
+    })
+    .await?;
+    let active_files = db("list files", || {
+        metadata::files::list_active_of_manifest(&app.db, &namespace, &name, &found.hash)
+    })
+    .await?;
+    let mut revisions_of = group(all_revisions, |r| r.physical_table_id);
+    let mut files_of = group(active_files, |f| f.revision_id);
     // The manifest's tables, and any table a job registered for it.
-    let mut names: Vec<String> = manifest
+    let mut by_name: BTreeMap<String, Option<entity::physical_tables::Model>> = manifest
         .get("tables")
         .and_then(|t| t.as_object())
-        .map(|t| t.keys().cloned().collect())
+        .map(|t| t.keys().map(|k| (k.clone(), None)).collect())
         .unwrap_or_default();
-    names.extend(physical.iter().map(|t| t.table_name.clone()));
-    names.sort();
-    names.dedup();
-    let mut tables = Vec::with_capacity(names.len());
-    for table_name in names {
-        let table = physical.iter().find(|t| t.table_name == table_name);
-        tables.push(table_view(&app, table_name, table).await?);
+    for table in physical {
+        by_name.insert(table.table_name.clone(), Some(table));
     }
+    let tables = by_name
+        .into_iter()
+        .map(|(table_name, table)| match table {
+            Some(table) => {
+                let revisions = revisions_of.remove(&table.id).unwrap_or_default();
+                let files = table
+                    .active_revision_id
+                    .and_then(|id| files_of.remove(&id))
+                    .unwrap_or_default();
+                view(table_name, &table, revisions, files)
+            }
+            None => Table {
+                name: table_name,
+                table_id: None,
+                active_revision: None,
+                revisions: Vec::new(),
+            },
+        })
+        .collect();
     Ok(Json(Tables {
         hash: found.hash,
         tables,
     }))
+}
+
+/// `items` grouped by `key`, each group in the order `items` came in.
+fn group<T>(items: Vec<T>, key: impl Fn(&T) -> i64) -> HashMap<i64, Vec<T>> {
+    let mut out: HashMap<i64, Vec<T>> = HashMap::new();
+    for item in items {
+        out.entry(key(&item)).or_default().push(item);
+    }
+    out
 }
 
 fn meta_str(meta: &serde_json::Value, key: &str) -> Option<String> {
@@ -133,44 +170,48 @@ fn meta_u64(meta: &serde_json::Value, key: &str) -> Option<u64> {
     meta.get(key).and_then(|v| v.as_u64())
 }
 
-/// Table `name` (physical table `table`, if one is registered) with its active revision, that
-/// revision's files, and its revisions.
+/// Table `name` (physical table `table`) with its active revision, that revision's files, and its
+/// revisions, read from the database (two statements).
 pub(crate) async fn table_view(
     app: &Shared,
     name: String,
-    table: Option<&entity::physical_tables::Model>,
+    table: &entity::physical_tables::Model,
 ) -> Result<Table, ApiError> {
-    let Some(table) = table else {
-        return Ok(Table {
-            name,
-            table_id: None,
-            active_revision: None,
-            revisions: Vec::new(),
-        });
-    };
     let all = db("list revisions", || revisions::list(&app.db, table.id)).await?;
-    let active = match all.iter().find(|r| Some(r.id) == table.active_revision_id) {
-        Some(r) => {
-            let files = db("list files", || metadata::files::list(&app.db, r.id)).await?;
-            Some(ActiveRevision {
-                id: r.id,
-                path: r.path.clone(),
-                activated_at: meta_str(&r.metadata, "activated_at"),
-                rows: meta_u64(&r.metadata, "rows"),
-                files: files
-                    .into_iter()
-                    .map(|f| File {
-                        rows: meta_u64(&f.metadata, "rows"),
-                        sha256: meta_str(&f.metadata, "sha256"),
-                        name: f.file_name,
-                        size: f.object_size,
-                    })
-                    .collect(),
-            })
-        }
-        None => None,
+    let files = match table.active_revision_id {
+        Some(active) => db("list files", || metadata::files::list(&app.db, active)).await?,
+        None => Vec::new(),
     };
-    Ok(Table {
+    Ok(view(name, table, all, files))
+}
+
+/// Table `name` (physical table `table`) from its revisions `all` (oldest first) and the files of
+/// its active revision (`files`, by id).
+fn view(
+    name: String,
+    table: &entity::physical_tables::Model,
+    all: Vec<entity::physical_table_revisions::Model>,
+    files: Vec<entity::file_metadata::Model>,
+) -> Table {
+    let active = all
+        .iter()
+        .find(|r| Some(r.id) == table.active_revision_id)
+        .map(|r| ActiveRevision {
+            id: r.id,
+            path: r.path.clone(),
+            activated_at: meta_str(&r.metadata, "activated_at"),
+            rows: meta_u64(&r.metadata, "rows"),
+            files: files
+                .into_iter()
+                .map(|f| File {
+                    rows: meta_u64(&f.metadata, "rows"),
+                    sha256: meta_str(&f.metadata, "sha256"),
+                    name: f.file_name,
+                    size: f.object_size,
+                })
+                .collect(),
+        });
+    Table {
         name,
         table_id: Some(table.id),
         active_revision: active,
@@ -185,5 +226,5 @@ pub(crate) async fn table_view(
                 created_at: r.created_at,
             })
             .collect(),
-    })
+    }
 }
