@@ -55,6 +55,12 @@ const MAX_ATTEMPTS: u64 = 8;
 const GC_INTERVAL_MS: u64 = 300;
 const GC_GRACE_SECS: u64 = 2;
 
+/// The longest a request to a service may take: a service that answers nothing is a failure
+/// (with the schedule and the logs), not a test that waits for ever.
+const REQUEST_WITHIN: Duration = Duration::from_secs(15);
+/// The longest a seed may take, whatever it waits on.
+const SEED_WITHIN: Duration = Duration::from_secs(240);
+
 /// How long the schedule of actions and faults runs.
 const SCHEDULE: Duration = Duration::from_secs(10);
 /// The workers.
@@ -113,7 +119,14 @@ async fn random_schedules_of_faults_break_no_invariant() {
         );
         let at = Instant::now();
         // Its own task, so that a failing seed (a panic) is reported and the next one runs.
-        let ran = tokio::spawn(run_seed(seed, pg.clone())).await;
+        let mut task = tokio::spawn(run_seed(seed, pg.clone()));
+        let ran = match tokio::time::timeout(SEED_WITHIN, &mut task).await {
+            Ok(ran) => ran.map_err(|e| e.to_string()),
+            Err(_) => {
+                task.abort();
+                Err(format!("not finished within {SEED_WITHIN:?}"))
+            }
+        };
         match ran {
             Ok(summary) => eprintln!(
                 "fault seed {seed}: passed in {:.1} s: {summary}",
@@ -290,9 +303,19 @@ impl World {
         self.workers[index].node.clone()
     }
 
+    /// A request to the admin API: its status and body; no answer within [`REQUEST_WITHIN`] fails
+    /// the seed.
     async fn call(&self, method: Method, path: &str, body: Body) -> (u16, Value) {
-        let reply = self.admin.call(method, path, body).await;
-        (reply.status, reply.body)
+        let call = self.admin.call(method.clone(), path, body);
+        match tokio::time::timeout(REQUEST_WITHIN, call).await {
+            Ok(reply) => (reply.status, reply.body),
+            Err(_) => panic!(
+                "{}",
+                self.failure(&format!(
+                    "{method} {path}: no answer within {REQUEST_WITHIN:?}"
+                ))
+            ),
+        }
     }
 }
 
@@ -1021,7 +1044,8 @@ async fn check(w: &mut World) -> String {
 
 /// `GET path` from the server: its status and body.
 async fn fetch(rows: &Api, path: &str) -> (u16, String) {
-    match rows.http().get(rows.url(path)).send().await {
+    let request = rows.http().get(rows.url(path)).timeout(REQUEST_WITHIN);
+    match request.send().await {
         Ok(response) => {
             let status = response.status().as_u16();
             (status, response.text().await.unwrap_or_default())
