@@ -39,7 +39,13 @@ use tests::services::{Service, Workspace, free_addr};
 use tokio::sync::Mutex;
 
 /// Seeds that broke an invariant once: they always run.
-const REGRESSIONS: &[u64] = &[];
+const REGRESSIONS: &[u64] = &[
+    // Once (PostgreSQL restarted under the services): a worker stopped beating and left a
+    // collector batch idle in its transaction after `files::forget`, holding its revisions'
+    // locks; a revision's creation and a roll back waited on it for good. Not reproduced by a
+    // replay of the seed since; the cause is not known yet.
+    341_059_383,
+];
 
 /// Seeds every run of the test command runs besides [`REGRESSIONS`].
 const FIXED: &[u64] = &[1, 2];
