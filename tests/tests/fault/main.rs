@@ -38,17 +38,18 @@ use tests::proxy::{Fault, FaultProxy};
 use tests::services::{Service, Workspace, free_addr};
 use tokio::sync::Mutex;
 
-/// Seeds that broke an invariant once: they always run.
+/// Seeds that failed once: they always run.
 const REGRESSIONS: &[u64] = &[
-    // Once (PostgreSQL restarted under the services): a worker stopped beating and left a
-    // collector batch idle in its transaction after `files::forget`, holding its revisions'
-    // locks; a revision's creation and a roll back waited on it for good. Not reproduced by a
-    // replay of the seed since; the cause is not known yet.
+    // Both hung the schedule itself: an action's request to the admin API (a roll back) waited
+    // on a revision's lock that a worker's collector transaction held while the worker was
+    // paused (728286145) or its pool stalled (341059383), so the schedule never went on to heal
+    // that worker. Actions now give up after `ACTION_WITHIN`.
     341_059_383,
+    728_286_145,
 ];
 
 /// Seeds every run of the test command runs besides [`REGRESSIONS`].
-const FIXED: &[u64] = &[1, 2];
+const FIXED: &[u64] = &[1];
 
 /// The services' timing: short, so that a seed takes at most about 30 s.
 const HEARTBEAT_MS: u64 = 200;
@@ -61,8 +62,12 @@ const MAX_ATTEMPTS: u64 = 8;
 const GC_INTERVAL_MS: u64 = 300;
 const GC_GRACE_SECS: u64 = 2;
 
-/// The longest a request to a service may take: a service that answers nothing is a failure
-/// (with the schedule and the logs), not a test that waits for ever.
+/// The longest the schedule waits for an answer of the admin API before it goes on (the request
+/// is dropped): during the faults a request may wait on a lock that a paused or partitioned
+/// worker's transaction holds, and the schedule must go on to heal that worker.
+const ACTION_WITHIN: Duration = Duration::from_secs(2);
+/// The longest the checker waits for an answer of the server: after the heal, a service that
+/// answers nothing is a failure (with the schedule and the logs), not a test that waits for ever.
 const REQUEST_WITHIN: Duration = Duration::from_secs(15);
 /// The longest a seed may take, whatever it waits on.
 const SEED_WITHIN: Duration = Duration::from_secs(240);
@@ -309,18 +314,18 @@ impl World {
         self.workers[index].node.clone()
     }
 
-    /// A request to the admin API: its status and body; no answer within [`REQUEST_WITHIN`] fails
-    /// the seed.
-    async fn call(&self, method: Method, path: &str, body: Body) -> (u16, Value) {
+    /// A request to the admin API: its status and body; `(0, null)`, noted, when no answer came
+    /// within [`ACTION_WITHIN`].
+    async fn call(&mut self, method: Method, path: &str, body: Body) -> (u16, Value) {
         let call = self.admin.call(method.clone(), path, body);
-        match tokio::time::timeout(REQUEST_WITHIN, call).await {
+        match tokio::time::timeout(ACTION_WITHIN, call).await {
             Ok(reply) => (reply.status, reply.body),
-            Err(_) => panic!(
-                "{}",
-                self.failure(&format!(
-                    "{method} {path}: no answer within {REQUEST_WITHIN:?}"
-                ))
-            ),
+            Err(_) => {
+                self.note(format!(
+                    "{method} {path}: no answer within {ACTION_WITHIN:?}; going on"
+                ));
+                (0, Value::Null)
+            }
         }
     }
 }
