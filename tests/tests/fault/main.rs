@@ -46,6 +46,11 @@ const REGRESSIONS: &[u64] = &[
     // that worker. Actions now give up after `ACTION_WITHIN`.
     341_059_383,
     728_286_145,
+    // Once: 3.5 s after the heal a job was still STOP_REQUESTED on a live worker. The worker,
+    // restarted after a SIGKILL, had failed the job's attempt 1 as left running, started attempt
+    // 2, and was asked to stop it 20 ms later; it logged nothing more for the job (no stop, no
+    // completion). Not reproduced by a replay; the cause is not known yet.
+    304_425_964,
 ];
 
 /// Seeds every run of the test command runs besides [`REGRESSIONS`].
