@@ -199,9 +199,14 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
+/// The `application_name` of a service's pooled connections (a session of its own sets another:
+/// the node claim's, the listener's, the migration session's), so they can be told apart in
+/// `pg_stat_activity`.
+pub const POOL_APPLICATION_NAME: &str = "ampd";
+
 /// Connection options for `url` as ampd uses them everywhere: no startup parameter a pooler could
 /// refuse, an IPv6 literal host (`[::1]`) as an address, no TLS request on a Unix socket,
-/// statements logged at debug level, application name `ampd`.
+/// statements logged at debug level, application name [`POOL_APPLICATION_NAME`].
 fn connect_options(url: &DatabaseUrl, key: &'static str) -> Result<PgConnectOptions, ConnectError> {
     let opts: PgConnectOptions =
         url.expose()
@@ -232,7 +237,7 @@ fn connect_options(url: &DatabaseUrl, key: &'static str) -> Result<PgConnectOpti
     };
     Ok(opts
         .log_statements(log::LevelFilter::Debug)
-        .application_name("ampd")
+        .application_name(POOL_APPLICATION_NAME)
         // A startup parameter PgBouncer refuses ("unsupported startup parameter"); PostgreSQL 12+
         // sends floats exactly without it.
         .extra_float_digits(None))

@@ -238,3 +238,102 @@ pub fn find_bindir() -> Result<PathBuf, String> {
     postgres::find_bindir(explicit.as_deref())
         .map_err(|e| format!("{e} (or set AMP_TEST_PG_BINDIR)"))
 }
+
+/// A PostgreSQL server of a test's own, on a Unix socket in a directory the test gives, which the
+/// test can stop and start again (the server [`admin_url`] names is shared by every test of a
+/// process and never restarted). Its superuser is `postgres`; it is stopped when dropped.
+pub struct OwnCluster {
+    bindir: PathBuf,
+    user: Option<String>,
+    data: PathBuf,
+    options: StartOptions,
+    server: Option<Server>,
+}
+
+impl OwnCluster {
+    /// `initdb` in `<dir>/data` and a server on a socket in `<dir>/run` (its log in
+    /// `<dir>/postgres.log`), with the extra server `settings`; returns once it accepts
+    /// connections.
+    pub async fn start(dir: &Path, settings: &[(&str, &str)]) -> OwnCluster {
+        let bindir = find_bindir().expect("PostgreSQL's server programs");
+        let user = postgres::server_user().expect("a user to run PostgreSQL as");
+        let data = dir.join("data");
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).expect("mkdir");
+        if let Some(user) = &user {
+            postgres::chown(user, &[&run]).expect("chown");
+        }
+        let options = StartOptions {
+            socket_dir: run,
+            port: 5432,
+            listen_address: None,
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            log_file: dir.join("postgres.log"),
+            remove_after_stop: None,
+            stop_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(120),
+        };
+        let mut pg = OwnCluster {
+            bindir,
+            user,
+            data,
+            options,
+            server: None,
+        };
+        let (bindir, data, user) = (pg.bindir.clone(), pg.data.clone(), pg.user.clone());
+        tokio::task::spawn_blocking(move || {
+            let init = InitOptions {
+                superuser: SUPERUSER.to_owned(),
+                no_sync: true,
+            };
+            postgres::initdb(&bindir, &data, user.as_deref(), &init)
+        })
+        .await
+        .expect("initdb ran")
+        .expect("initdb");
+        pg.start_again().await;
+        pg
+    }
+
+    /// The URL of `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        self.server
+            .as_ref()
+            .expect("running")
+            .url(SUPERUSER, database)
+    }
+
+    /// Fast shutdown: every session is terminated; returns once the server has stopped.
+    pub async fn stop(&mut self) {
+        let server = self.server.take().expect("running");
+        tokio::task::spawn_blocking(move || server.stop())
+            .await
+            .expect("stop ran")
+            .expect("PostgreSQL stops");
+    }
+
+    /// Starts the server again if it is stopped (a test that failed between [`stop`](Self::stop)
+    /// and [`start_again`](Self::start_again) left it so).
+    pub async fn ensure_running(&mut self) {
+        if self.server.is_none() {
+            self.start_again().await;
+        }
+    }
+
+    /// Starts the server on the same data directory and socket; returns once it accepts
+    /// connections.
+    pub async fn start_again(&mut self) {
+        let (bindir, data) = (self.bindir.clone(), self.data.clone());
+        let (user, options) = (self.user.clone(), self.options.clone());
+        let server = tokio::task::spawn_blocking(move || {
+            Server::start(&bindir, &data, user.as_deref(), &options)
+        })
+        .await
+        .expect("start ran")
+        .expect("PostgreSQL starts");
+        self.server = Some(server);
+    }
+}

@@ -5,7 +5,8 @@
 //!
 //! A fault applies to every connection, or only to those whose startup message names a given
 //! `application_name` (the pool, a node claim's session and the notification listener each set
-//! their own), so a test can stall one of a process's connections and leave the others working.
+//! their own), so a test can stall one of a process's connections and leave the others working;
+//! when several prefixes match a name, the longest decides.
 //! A stalled connection stays open and holds its bytes: nothing is lost, nothing is refused, the
 //! bytes move on when the stall ends, as after a partition heals. A dropped connection is closed
 //! on both sides at once (also one waiting for data), and new connections are closed as they
@@ -56,9 +57,12 @@ impl Faults {
         if peer.number < self.blackholed_below {
             return Fault::Stall;
         }
+        // The longest prefix that matches wins, so `ampd` can name a pool's connections while
+        // `ampd-listener` names the listener's apart.
         self.by_application
             .iter()
-            .find(|(prefix, _)| peer.application.starts_with(prefix.as_str()))
+            .filter(|(prefix, _)| peer.application.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
             .map_or(self.all, |(_, fault)| *fault)
     }
 }
@@ -217,7 +221,7 @@ impl FaultProxy {
     }
 
     /// Applies `fault` to the connections whose `application_name` starts with `prefix`, open or
-    /// new, until [`clear_for`](Self::clear_for).
+    /// new, until [`clear_for`](Self::clear_for). Where several prefixes match, the longest decides.
     pub fn set_for(&self, prefix: &str, fault: Fault) {
         self.faults.send_modify(|faults| {
             faults.by_application.retain(|(p, _)| p != prefix);
@@ -239,6 +243,29 @@ impl FaultProxy {
             tokio::time::sleep(duration).await;
             faults.send_modify(|faults| faults.all = Fault::Pass);
         });
+    }
+
+    /// Applies `fault` to the pool's connections of an ampd process
+    /// ([`ampd::db::POOL_APPLICATION_NAME`]) and to none of its others (the node claim's, the
+    /// listener's); [`clear_pool`](Self::clear_pool) ends it.
+    pub fn set_for_pool(&self, fault: Fault) {
+        self.set_for(ampd::metadata::workers::CLAIM_APPLICATION_NAME, Fault::Pass);
+        self.set_for(
+            ampd::metadata::notifications::LISTENER_APPLICATION_NAME,
+            Fault::Pass,
+        );
+        self.set_for(ampd::db::POOL_APPLICATION_NAME, fault);
+    }
+
+    /// Ends what [`set_for_pool`](Self::set_for_pool) set.
+    pub fn clear_pool(&self) {
+        for prefix in [
+            ampd::db::POOL_APPLICATION_NAME,
+            ampd::metadata::workers::CLAIM_APPLICATION_NAME,
+            ampd::metadata::notifications::LISTENER_APPLICATION_NAME,
+        ] {
+            self.clear_for(prefix);
+        }
     }
 
     /// Stalls, for as long as the proxy runs, every connection it has accepted so far, and none it

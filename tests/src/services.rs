@@ -255,6 +255,17 @@ impl Service {
         }
     }
 
+    /// Pauses the process (SIGSTOP), as a frozen VM or a stopped container does: its sockets
+    /// stay open and nothing it would send is sent, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a [paused](Self::pause) process run on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// Sends SIGTERM and waits (at most 60 s) for the process to exit.
     pub async fn stop(mut self) -> Exit {
         let asked = Instant::now();

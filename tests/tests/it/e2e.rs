@@ -19,7 +19,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ampd::postgres::{self, InitOptions, Server, StartOptions};
 use reqwest::Method;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::{Value, json};
@@ -27,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tests::TestDb;
 use tests::api::{Api, Body, eventually, snapshot};
 use tests::cli::TempDir;
+use tests::cluster::OwnCluster;
 use tests::services::{Service, Workspace, free_addr};
 
 /// Generous bound on anything a test waits for.
@@ -831,96 +831,11 @@ async fn a_job_whose_worker_is_killed_completes_on_the_other_and_never_runs_twic
     s.stop_all().await;
 }
 
-/// A PostgreSQL server of a test's own, on a Unix socket in a directory of the test's, which the
-/// test can stop and start again (the harness's shared server is never restarted).
-struct OwnPostgres {
-    bindir: PathBuf,
-    user: Option<String>,
-    data: PathBuf,
-    options: StartOptions,
-    server: Option<Server>,
-}
-
-impl OwnPostgres {
-    /// `initdb` in `<dir>/data` and a server on a socket in `<dir>/run`.
-    async fn start(dir: &Path) -> OwnPostgres {
-        let bindir = postgres::find_bindir(None).expect("PostgreSQL's server programs");
-        let user = postgres::server_user().expect("a user to run PostgreSQL as");
-        let data = dir.join("data");
-        let run = dir.join("run");
-        std::fs::create_dir_all(&run).expect("mkdir");
-        if let Some(user) = &user {
-            postgres::chown(user, &[&run]).expect("chown");
-        }
-        let options = StartOptions {
-            socket_dir: run,
-            port: 5432,
-            listen_address: None,
-            settings: Vec::new(),
-            log_file: dir.join("postgres.log"),
-            remove_after_stop: None,
-            stop_timeout: Duration::from_secs(30),
-            ready_timeout: WAIT,
-        };
-        let mut pg = OwnPostgres {
-            bindir,
-            user,
-            data,
-            options,
-            server: None,
-        };
-        let (bindir, data, user) = (pg.bindir.clone(), pg.data.clone(), pg.user.clone());
-        tokio::task::spawn_blocking(move || {
-            let init = InitOptions {
-                superuser: "postgres".to_owned(),
-                no_sync: true,
-            };
-            postgres::initdb(&bindir, &data, user.as_deref(), &init)
-        })
-        .await
-        .expect("initdb ran")
-        .expect("initdb");
-        pg.start_again().await;
-        pg
-    }
-
-    /// The URL of `database` as the superuser.
-    fn url(&self, database: &str) -> String {
-        self.server
-            .as_ref()
-            .expect("running")
-            .url("postgres", database)
-    }
-
-    /// Fast shutdown: every session is terminated; returns once the server has stopped.
-    async fn stop(&mut self) {
-        let server = self.server.take().expect("running");
-        tokio::task::spawn_blocking(move || server.stop())
-            .await
-            .expect("stop ran")
-            .expect("PostgreSQL stops");
-    }
-
-    /// Starts the server on the same data directory and socket; returns once it accepts
-    /// connections.
-    async fn start_again(&mut self) {
-        let (bindir, data) = (self.bindir.clone(), self.data.clone());
-        let (user, options) = (self.user.clone(), self.options.clone());
-        let server = tokio::task::spawn_blocking(move || {
-            Server::start(&bindir, &data, user.as_deref(), &options)
-        })
-        .await
-        .expect("start ran")
-        .expect("PostgreSQL starts");
-        self.server = Some(server);
-    }
-}
-
 #[tokio::test]
 async fn services_ride_out_a_postgresql_restart_and_deploy_afterwards() {
     // Dropped in reverse order: the services, then PostgreSQL, then its directory.
     let pg_dir = TempDir::new();
-    let mut pg = OwnPostgres::start(pg_dir.path()).await;
+    let mut pg = OwnCluster::start(pg_dir.path(), &[]).await;
     let admin = tests::connect(&pg.url("postgres"), 1).await;
     admin
         .execute_unprepared("CREATE DATABASE amp")

@@ -1,12 +1,13 @@
 //! A worker under adversarial timing: two processes with one node id, a start whose answer was
-//! lost, a stalled node-claim connection, and a job paused between creating its revision row and
-//! its directory while the revision is collected. Pauses inside a worker process are failpoints
+//! lost, a stalled node-claim connection, a stalled listener, a stalled pool, and a job paused
+//! between creating its revision row and its directory while the revision is collected. Pauses inside a worker process are failpoints
 //! (`ampd::failpoint`), never sleeps.
 
 use std::time::{Duration, Instant};
 
 use ampd::manifest;
 use ampd::metadata::jobs::{self, JobClaim};
+use ampd::metadata::notifications::LISTENER_APPLICATION_NAME;
 use ampd::metadata::{Error, datasets, revisions, workers};
 use ampd::service::controller::{self, Policy};
 use ampd::service::gc;
@@ -388,5 +389,230 @@ async fn a_revision_collected_while_its_writer_paused_gets_no_directory() {
         "no directory without a row:\n{}",
         worker.log()
     );
+    worker.stop().await;
+}
+
+/// Waits until the worker's connection named `application` is open on the test's database.
+async fn wait_for_session(conn: &DatabaseConnection, worker: &Service, application: &str) {
+    eventually(
+        &format!("{application}'s session:\n{}", worker.log()),
+        || async {
+            tests::sql::count(
+                conn,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = '{application}'"
+                ),
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_whose_listener_stalls_starts_new_jobs_within_its_reconcile_interval() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let proxy = FaultProxy::start(db.url()).await;
+    let ws = Workspace::new();
+    let node = tests::unique_name("w");
+    let interval = Duration::from_millis(1000);
+    let config = ws.config(
+        &format!("{node}.toml"),
+        proxy.url(),
+        &format!(
+            "[worker]\nreconcile_interval_ms = {}\nheartbeat_interval_ms = 200\n\
+             gc_interval_ms = 600000\n",
+            interval.as_millis()
+        ),
+    );
+    let mut worker = Service::start(&node, &config, &["worker", "--node-id", &node], &[]);
+    worker
+        .wait_for_log(Duration::from_secs(60), |log| {
+            log.contains("worker started")
+        })
+        .await;
+    // The listener's connection is open, then frozen: the START notifications of the deploys
+    // below never reach the worker.
+    wait_for_session(&conn, &worker, LISTENER_APPLICATION_NAME).await;
+    proxy.set_for(LISTENER_APPLICATION_NAME, Fault::Stall);
+    // Bounds a start by the reconcile interval, with room for a loaded machine's scheduling.
+    let bound = interval + Duration::from_millis(1000);
+    let mut slowest = Duration::ZERO;
+    for n in 0..3 {
+        let deployed = Instant::now();
+        let id = deploy(&conn, &ws, &format!("listener{n}"), &node).await;
+        eventually(&format!("job {id} starts:\n{}", worker.log()), || async {
+            job(&conn, id).await.job_status().unwrap() != JobStatus::Scheduled
+        })
+        .await;
+        let took = deployed.elapsed();
+        slowest = slowest.max(took);
+        assert!(
+            took <= bound,
+            "job {id} started {took:?} after its deploy, past the reconcile interval \
+             ({interval:?}):\n{}",
+            worker.log()
+        );
+        wait_status(&conn, &worker, id, JobStatus::Completed).await;
+        assert_eq!(
+            rows::event_types(&conn, id).await,
+            ["SCHEDULED", "RUNNING", "COMPLETED"]
+        );
+        // The next deploy falls elsewhere in the reconcile cycle.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!(
+        "with the listener stalled, the slowest of 3 jobs started {slowest:?} after its deploy"
+    );
+    assert!(worker.is_running(), "{}", worker.log());
+    proxy.clear_for(LISTENER_APPLICATION_NAME);
+    worker.stop().await;
+}
+
+/// The hex sha256 of the file at `path`.
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+#[tokio::test]
+async fn a_pool_stalled_past_the_liveness_window_loses_no_job_and_runs_none_twice() {
+    let db = TestDb::migrated().await;
+    let conn = db.connect().await;
+    let proxy = FaultProxy::start(db.url()).await;
+    let ws = Workspace::new();
+    let node = tests::unique_name("w");
+    let mut worker = paused_worker(
+        &ws,
+        proxy.url(),
+        &node,
+        "heartbeat_interval_ms = 100\nreconcile_interval_ms = 300\ngc_interval_ms = 200\n\
+         gc_grace_secs = 0\nrows_per_file = 1",
+    )
+    .await;
+    let window = Duration::from_secs(1);
+    let policy = Policy {
+        liveness_window: window,
+        retry_base_delay: Duration::from_millis(100),
+        retry_max_delay: Duration::from_millis(100),
+        max_attempts: 5,
+    };
+    let id = deploy(&conn, &ws, "pool", &node).await;
+    // Attempt 1 is RUNNING and has created its revision's row, held at the failpoint.
+    worker
+        .wait_for_log(Duration::from_secs(60), |log| {
+            reached(log, BEFORE_REVISION_DIR)
+        })
+        .await;
+    let table = revisions::list_tables(&conn, "eth", "pool")
+        .await
+        .unwrap()
+        .remove(0);
+    let first = revisions::list(&conn, table.id).await.unwrap().remove(0);
+
+    // The pool stalls (the claim and the listener do not); the job goes on into it. The
+    // heartbeat, through the pool, stops: the controller fails the job as `worker_lost`.
+    proxy.set_for_pool(Fault::Stall);
+    worker.failpoint(BEFORE_REVISION_DIR, "off").await;
+    let stalled = Instant::now();
+    eventually(
+        &format!("job {id} failed as lost:\n{}", worker.log()),
+        || async {
+            controller::reconcile(&conn, &policy).await.unwrap();
+            job(&conn, id).await.job_status().unwrap() == JobStatus::Error
+        },
+    )
+    .await;
+    // A while longer, then the stall ends: the attempt's writes held in it now reach the database.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.clear_pool();
+    let stall = stalled.elapsed();
+    // The worker is live again, the controller retries the job there, attempt 2 completes.
+    eventually(
+        &format!("job {id} completes:\n{}", worker.log()),
+        || async {
+            controller::reconcile(&conn, &policy).await.unwrap();
+            job(&conn, id).await.job_status().unwrap() == JobStatus::Completed
+        },
+    )
+    .await;
+
+    let done = job(&conn, id).await;
+    assert_eq!(done.attempt, 2, "{done:?}");
+    assert_eq!(
+        rows::event_types(&conn, id).await,
+        [
+            "SCHEDULED",
+            "RUNNING",
+            "ERROR",
+            "SCHEDULED",
+            "RUNNING",
+            "COMPLETED"
+        ],
+        "one attempt lost, one run to completion, nothing twice"
+    );
+    // The active revision is attempt 2's, with every file it registered on disk as registered;
+    // attempt 1 wrote nothing into it.
+    let active = rows::active_revision(&conn, table.id)
+        .await
+        .expect("an active revision");
+    assert_ne!(active.id, first.id);
+    assert_eq!(active.metadata["attempt"], 2, "{:?}", active.metadata);
+    assert_eq!(active.metadata["job_id"], id, "{:?}", active.metadata);
+    let files = ampd::metadata::files::list(&conn, active.id).await.unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f.file_name.as_str()).collect();
+    assert_eq!(names, ["part-00000.jsonl", "part-00001.jsonl"]);
+    let dir = ws.data_dir().join(&active.path);
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(
+        on_disk, names,
+        "the revision's directory holds its files only"
+    );
+    for file in &files {
+        let path = dir.join(&file.file_name);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            file.object_size as u64
+        );
+        assert_eq!(
+            file.metadata["sha256"].as_str(),
+            Some(sha256_of(&path).as_str())
+        );
+    }
+    // Attempt 1's revision is abandoned and collected, row and directory.
+    eventually(
+        &format!("attempt 1's revision collected:\n{}", worker.log()),
+        || async {
+            revisions::get(&conn, first.id).await.unwrap().is_none()
+                && revision_dirs(&ws.data_dir()) == [active.path.clone()]
+        },
+    )
+    .await;
+    // The worker recovered: it beats again and runs a new job once.
+    assert!(worker.is_running(), "{}", worker.log());
+    let age: f64 = tests::sql::value(
+        &conn,
+        &format!(
+            "SELECT extract(epoch FROM now() - heartbeat_at)::float8 FROM workers \
+             WHERE node_id = '{node}'"
+        ),
+    )
+    .await;
+    assert!(age < window.as_secs_f64(), "heartbeat {age:.1} s old");
+    let next = deploy(&conn, &ws, "after", &node).await;
+    wait_status(&conn, &worker, next, JobStatus::Completed).await;
+    assert_eq!(
+        rows::event_types(&conn, next).await,
+        ["SCHEDULED", "RUNNING", "COMPLETED"]
+    );
+    eprintln!("pool stalled {stall:?}; the job was retried and completed once");
     worker.stop().await;
 }
