@@ -368,7 +368,7 @@ async fn metrics_answer_from_the_last_values_while_the_database_stalls() {
     let db = TestDb::empty().await;
     let proxy = FaultProxy::start(db.url()).await;
     let ws = Workspace::new();
-    let (admin_addr, taken) = (free_addr(), free_addr());
+    let admin_addr = free_addr();
     // metrics_open: /metrics needs no token, the rest of the admin API still does.
     let controller = ws.config(
         "controller.toml",
@@ -424,7 +424,9 @@ async fn metrics_answer_from_the_last_values_while_the_database_stalls() {
     .await;
 
     // A worker whose metrics address is taken warns and runs on.
-    let listener = std::net::TcpListener::bind(taken).unwrap();
+    // Bound by the test on a port the system picks, so no other test can hold it first.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = listener.local_addr().unwrap();
     let worker = ws.config(
         "w.toml",
         db.url(),

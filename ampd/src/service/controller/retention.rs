@@ -92,7 +92,15 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                match pass(&db, &retention, &shutdown).await {
+                // A stop is not held up by a batch waiting on a database that does not answer:
+                // the pass is dropped (each batch is its own transaction, which never commits).
+                let Some(passed) =
+                    crate::service::until_stopped(&shutdown, pass(&db, &retention, &shutdown))
+                        .await
+                else {
+                    break;
+                };
+                match passed {
                     Ok(deleted) if deleted.any() => tracing::info!(
                         events = deleted.events,
                         jobs = deleted.jobs,

@@ -112,6 +112,12 @@ impl Placement {
         Ok(Placement { load })
     }
 
+    /// Counts `node` as lost from now on: its heartbeat, live when the placement was read, has
+    /// since aged past the window (one of its jobs was just found orphaned).
+    pub fn forget(&mut self, node: &str) {
+        self.load.remove(node);
+    }
+
     /// Whether `node` is live.
     pub fn is_live(&self, node: &str) -> bool {
         self.load.contains_key(node)
@@ -172,6 +178,11 @@ async fn recover_orphans(
     placement: &mut Placement,
 ) -> Result<(), metadata::Error> {
     for job in jobs::list_orphaned(db, window).await? {
+        // The placement was read a moment before the orphans: a node whose heartbeat aged past
+        // the window in between is lost, and must get neither this job nor its retry.
+        if let Some(lost) = &job.node_id {
+            placement.forget(lost);
+        }
         let done = match job.job_status() {
             Ok(JobStatus::Running) => jobs::fail_lost(db, &job, window).await,
             Ok(JobStatus::Scheduled) => match placement.pick() {
