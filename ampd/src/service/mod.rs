@@ -90,6 +90,27 @@ pub fn stop_on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
+/// Runs `pass` at once and then every `interval` (a late tick is not made up) until `shutdown` is
+/// cancelled. A pass in progress is dropped then, so a stop never waits on a database that does
+/// not answer (a transaction the pass had open never commits).
+pub async fn every<F, Fut>(interval: Duration, shutdown: &CancellationToken, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if until_stopped(shutdown, pass()).await.is_none() {
+            return;
+        }
+    }
+}
+
 /// `work`'s output, or `None` when `shutdown` is cancelled first (the work is dropped).
 pub async fn until_stopped<F: Future>(shutdown: &CancellationToken, work: F) -> Option<F::Output> {
     tokio::select! {

@@ -86,36 +86,23 @@ pub async fn run(
         tracing::info!("retention is off");
         return;
     }
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                // A stop is not held up by a batch waiting on a database that does not answer:
-                // the pass is dropped (each batch is its own transaction, which never commits).
-                let Some(passed) =
-                    crate::service::until_stopped(&shutdown, pass(&db, &retention, &shutdown))
-                        .await
-                else {
-                    break;
-                };
-                match passed {
-                    Ok(deleted) if deleted.any() => tracing::info!(
-                        events = deleted.events,
-                        jobs = deleted.jobs,
-                        workers = deleted.workers,
-                        "retention pass deleted old rows"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "retention pass failed; retrying at the next pass"
-                    ),
-                }
-            }
+    let (db, retention, stop) = (&db, &retention, &shutdown);
+    crate::service::every(interval, stop, || async move {
+        match pass(db, retention, stop).await {
+            Ok(deleted) if deleted.any() => tracing::info!(
+                events = deleted.events,
+                jobs = deleted.jobs,
+                workers = deleted.workers,
+                "retention pass deleted old rows"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "retention pass failed; retrying at the next pass"
+            ),
         }
-    }
+    })
+    .await;
 }
 
 /// One pass: the events of old finished jobs, then old finished jobs, then workers gone for long,

@@ -53,37 +53,26 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                // A pass that left work for the next one (a full retry batch) is followed at once
-                // by another, so a backlog (every job of a lost worker) does not wait a tick
-                // per batch. A stop is not held up by a pass waiting on a database that does not
-                // answer: the pass is dropped, its transaction, if any, never commits.
-                for _ in 0..MAX_PASSES_PER_TICK {
-                    let started = std::time::Instant::now();
-                    let Some(result) =
-                        crate::service::until_stopped(&shutdown, pass(&db, &policy)).await
-                    else {
-                        return;
-                    };
-                    crate::metrics::scheduling_pass(started.elapsed(), result.is_ok());
-                    match result {
-                        Ok(More::Yes) if !shutdown.is_cancelled() => continue,
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(
-                            error = %e,
-                            "scheduling pass failed; retrying at the next tick"
-                        ),
-                    }
-                    break;
-                }
+    let (db, policy, stop) = (&db, &policy, &shutdown);
+    crate::service::every(interval, stop, || async move {
+        // A pass that left work for the next one (a full retry batch) is followed at once by
+        // another, so a backlog (every job of a lost worker) does not wait a tick per batch.
+        for _ in 0..MAX_PASSES_PER_TICK {
+            let started = std::time::Instant::now();
+            let result = pass(db, policy).await;
+            crate::metrics::scheduling_pass(started.elapsed(), result.is_ok());
+            match result {
+                Ok(More::Yes) if !stop.is_cancelled() => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "scheduling pass failed; retrying at the next tick"
+                ),
             }
+            break;
         }
-    }
+    })
+    .await;
 }
 
 /// The live workers, each with its number of active jobs: where to place a job (the least loaded,

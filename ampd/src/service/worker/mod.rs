@@ -344,17 +344,7 @@ async fn heartbeat_loop(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if until_stopped(&stop, beat(&db, &node_id)).await.is_none() {
-            return;
-        }
-    }
+    super::every(every, &stop, || beat(&db, &node_id)).await;
 }
 
 /// One heartbeat.
@@ -453,21 +443,12 @@ async fn gc_loop(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
+    super::every(every, &stop, || async {
+        if let Err(e) = gc::collect(&db, &data_dir).await {
+            tracing::warn!(error = %e, "garbage collection failed; retrying at the next pass");
         }
-        match until_stopped(&stop, gc::collect(&db, &data_dir)).await {
-            None => return,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "garbage collection failed; retrying at the next pass")
-            }
-        }
-    }
+    })
+    .await;
 }
 
 /// A job this worker runs.
