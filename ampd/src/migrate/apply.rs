@@ -15,16 +15,16 @@
 //! A run stops at the first failure. Steps committed before it stay applied and recorded, and the
 //! error names them.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use migration::{Algorithm, MigrationTrait, SchemaManager};
+use migration::{Algorithm, MigrationTrait};
 use sea_orm::DbErr;
 use serde::Serialize;
 
 use super::error::{Identity, MigrateError, describe, privilege_error, quote_literal};
 use super::lock::{self, Scope};
 use super::plan::{Plan, Step, StepKind};
-use super::session::{Session, no_answer};
+use super::session::{Event, Session, no_answer};
 use super::set::MigrationSet;
 use super::{leftovers, record, state, verify};
 use crate::config::MetadataDbConfig;
@@ -121,6 +121,10 @@ const RESET_SQL: &str =
 pub(super) enum Replan {
     /// Read the applied set again under each step's lock, and plan from it.
     UnderEachLock,
+    /// Read and plan under the first step's lock only; under each later one, show those reads
+    /// and go on with that plan (a dry run: it applies nothing, so reading again would find the
+    /// steps it has shown still pending).
+    UnderFirstLock,
     /// Run the plan as given (a dry run of one migration, which reads nothing).
     Never,
 }
@@ -139,8 +143,7 @@ pub(super) async fn apply(
     plan: &Plan<'_>,
     replan: Replan,
 ) -> Result<Done, MigrateError> {
-    let hold =
-        replan == Replan::UnderEachLock && plan.steps.iter().any(|s| s.kind == StepKind::Alone);
+    let hold = replan != Replan::Never && plan.steps.iter().any(|s| s.kind == StepKind::Alone);
     if !hold {
         return steps(session, cfg, set, plan, replan).await;
     }
@@ -223,12 +226,11 @@ async fn steps(
         };
         match result {
             Ok(applied) => {
-                for a in applied.iter().filter(|_| !session.is_dry()) {
-                    tracing::info!(
-                        migration = %a.name,
-                        duration_ms = a.duration.as_millis() as u64,
-                        "applied migration"
-                    );
+                for a in &applied {
+                    session.tell(Event::Applied {
+                        name: &a.name,
+                        duration: a.duration,
+                    });
                 }
                 if step.bookkeeping {
                     done.adopted = fresh.bookkeeping.adopt.clone();
@@ -298,8 +300,8 @@ async fn end_alone(session: &Session) {
     let _ = lock::release(session).await;
 }
 
-/// The plan under the lock: the applied set read and validated again, and planned (a dry run, in
-/// which nothing is applied, skips the `index` steps it has shown); or `given` from step `index`.
+/// The plan under the lock: the applied set read and validated again, and planned; or `given` from
+/// step `index` (see [`Replan`]).
 async fn planned<'a>(
     session: &Session,
     set: &'a MigrationSet,
@@ -315,10 +317,9 @@ async fn planned<'a>(
     if replan == Replan::Never {
         return Ok((rest(), Identity::default()));
     }
-    if session.is_dry() && index > 0 {
+    if replan == Replan::UnderFirstLock && index > 0 {
         // A real run reads again here, and finds this run's earlier steps applied (and the
-        // bookkeeping tables in their current layout); a dry run, which applied nothing, shows
-        // the statement and goes on with its plan.
+        // bookkeeping tables in their current layout).
         session.record_elsewhere(
             &state::probe_sql(),
             "on this session, under this step's lock: the applied set again (in a real run it \
@@ -339,11 +340,7 @@ async fn planned<'a>(
         "applied set under the lock"
     );
     let verdict = verify::check(set, &state)?;
-    let mut plan = super::plan::plan(set, &state, &verdict);
-    if session.is_dry() {
-        plan.steps.drain(..index.min(plan.steps.len()));
-    }
-    Ok((plan, state.who))
+    Ok((super::plan::plan(set, &state, &verdict), state.who))
 }
 
 enum Failed {
@@ -419,38 +416,15 @@ async fn alone_step(
     Ok(applied)
 }
 
-/// Runs `migration.up` on the session; the time it took (`None` in a dry run). In a dry run a
-/// migration that fails (because it needs data the dry run cannot give it) is not a failure: the
-/// script says where it stopped.
+/// Runs `migration.up` on the session; the time it took (`None` in a dry run).
 async fn up(
     session: &Session,
     migration: &dyn MigrationTrait,
 ) -> Result<Option<Duration>, Failure> {
-    let name = migration.name();
-    let conn = session.seaorm().await.map_err(failed(name))?;
-    let started = Instant::now();
-    let result = migration.up(&SchemaManager::new(&conn)).await;
-    let result = match result {
-        // A BEGIN/COMMIT the migration asked for that failed is its failure.
-        Ok(()) => session.settled().await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) if session.is_dry() => Ok(None),
-        Ok(()) => Ok(Some(started.elapsed())),
-        Err(e) if session.is_dry() => {
-            session.note(format!(
-                "in this dry run {name} stopped here ({}): the rest of what it sends depends on \
-                 the database's data and is known only when it runs",
-                describe(&e)
-            ));
-            Ok(None)
-        }
-        Err(e) => Err(Failure {
-            name: name.to_owned(),
-            err: e,
-        }),
-    }
+    session
+        .up(migration)
+        .await
+        .map_err(failed(migration.name()))
 }
 
 async fn record(

@@ -16,7 +16,7 @@
 //!
 //! What a migration did to data (a backfill) cannot be checked: the operator vouches for it.
 
-use migration::{MigrationTrait, SchemaManager};
+use migration::MigrationTrait;
 
 use super::catalog::{self, Catalog};
 use super::error::{MigrateError, describe, quote_ident, quote_literal};
@@ -185,9 +185,7 @@ async fn reference(
 /// Runs `migration.up` on the session, outside any transaction (the scratch schema is dropped
 /// whatever happens).
 async fn run_up(session: &Session, migration: &dyn MigrationTrait) -> Result<(), sea_orm::DbErr> {
-    let conn = session.seaorm().await?;
-    migration.up(&SchemaManager::new(&conn)).await?;
-    session.settled().await
+    session.up(migration).await.map(drop)
 }
 
 /// Records `names` in one transaction, creating the bookkeeping tables if need be.

@@ -1,5 +1,5 @@
 //! `ampd migrate --dry-run`: what a run would send, in order, with nothing sent that changes
-//! anything. It is a run on a dry session (see [`super::session`]): the statements that only read
+//! anything. It is a run on a recording session (see [`super::recording`]): the statements that only read
 //! (the applied set, the look for leftovers, the session check) are run, so the plan is the one a
 //! real run would make now; the lock, the settings, the bookkeeping and every migration statement
 //! are only written down.
@@ -93,8 +93,8 @@ fn one_line(text: &str) -> String {
 
 /// What `ampd migrate` would send to the database now, in order, sending only what reads.
 pub async fn dry_run(cfg: &MetadataDbConfig, set: &MigrationSet) -> Result<DryRun, MigrateError> {
-    let session = Session::dry(Some(cfg)).await?;
-    let result = run(&session, cfg, set).await;
+    let session = Session::recording(Some(cfg)).await?;
+    let result = run(&session, cfg, set, apply::Replan::UnderFirstLock).await;
     session.close().await;
     result?;
     Ok(DryRun::new(
@@ -120,7 +120,7 @@ pub async fn dry_run_one(
         .ok_or_else(|| MigrateError::UnknownMigration {
             name: name.to_owned(),
         })?;
-    let session = Session::dry(None).await?;
+    let session = Session::recording(None).await?;
     let plan = Plan {
         steps: vec![Step {
             kind: if uses_transaction(migration) {

@@ -1,7 +1,7 @@
 //! `ampd migrate impact`: what each pending statement will lock, rewrite or scan on this database,
 //! and which sessions would block it now. Read-only on the target.
 //!
-//! 1. On the target, a dry session ([`Session::dry`]) reads the applied set, validates it and plans
+//! 1. On the target, a recording session ([`Session::recording`]) reads the applied set, validates it and plans
 //!    the run as `ampd migrate` would ([`state`], [`verify`], [`plan`]).
 //! 2. A shadow database (`metadata_db.shadow_url`, emptied first, or with `--create-shadow` a
 //!    temporary database created on the target's server and dropped after) is brought to the
@@ -433,7 +433,9 @@ pub async fn impact(
     options: ImpactOptions,
 ) -> Result<Impact, ImpactError> {
     let started = Instant::now();
-    let target = Session::dry(Some(cfg)).await.map_err(ImpactError::from)?;
+    let target = Session::recording(Some(cfg))
+        .await
+        .map_err(ImpactError::from)?;
     let result = on_target(&target, cfg, set, options).await;
     target.close().await;
     let mut impact = result?;

@@ -5,20 +5,18 @@
 //! valid index the migration would fail to create. Either way the run refuses and gives the
 //! statement that removes it; it never counts the migration as applied.
 
-use migration::{MigrationTrait, SchemaManager};
+use migration::MigrationTrait;
 
 use super::error::{MigrateError, quote_ident, quote_literal};
 use super::session::{Line, Session};
 
 /// The statements `migration` sends when it runs, as far as they are known without running it.
 pub(super) async fn capture(migration: &dyn MigrationTrait) -> Vec<String> {
-    let Ok(session) = Session::dry(None).await else {
+    let Ok(session) = Session::recording(None).await else {
         return Vec::new();
     };
-    if let Ok(conn) = session.seaorm().await {
-        // A migration that needs data it cannot have here stops early: what it sent so far counts.
-        let _ = migration.up(&SchemaManager::new(&conn)).await;
-    }
+    // A migration that needs data it cannot have here stops early: what it sent so far counts.
+    let _ = session.up(migration).await;
     session
         .script()
         .into_iter()

@@ -87,7 +87,7 @@ pub(super) async fn acquire(
         });
         attempts += 1;
         let got = session
-            .ask_within(&take_sql(scope), note, true, deadline())
+            .ask_within(&take_sql(scope), note, deadline())
             .await
             .map_err(|e| lock_error(e, started))?;
         if got {
@@ -159,10 +159,10 @@ async fn wait_until_free(
                     )
                 });
                 let deadline = limit.saturating_sub(started.elapsed()) + LOCK_MARGIN;
-                let ask = session.ask_within(&sql, note, true, deadline);
+                let ask = session.ask_within(&sql, note, deadline);
                 async move {
                     match ask.await {
-                        Ok(free) if free || session.is_dry() => Ok(()),
+                        Ok(true) => Ok(()),
                         Ok(_) => Err(Probe::Held),
                         Err(e) => Err(Probe::Failed(lock_error(e, started))),
                     }
@@ -229,7 +229,6 @@ pub(super) async fn ensure_held(session: &Session) -> Result<(), MigrateError> {
         .ask(
             &held_sql(),
             Some("the session running this step must be the one holding the lock".into()),
-            true,
         )
         .await
         .map_err(MigrateError::database)?;
@@ -244,7 +243,7 @@ pub(super) async fn ensure_held(session: &Session) -> Result<(), MigrateError> {
 /// held it.
 pub(super) async fn release(session: &Session) -> Result<(), MigrateError> {
     let held = session
-        .ask(&unlock_sql(), None, true)
+        .ask(&unlock_sql(), None)
         .await
         .map_err(MigrateError::database)?;
     if held {

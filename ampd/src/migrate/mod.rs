@@ -35,11 +35,13 @@ mod dry_run;
 mod error;
 mod impact;
 mod leftovers;
+mod live;
 mod lock;
 mod order;
 mod plan;
 mod preflight;
 mod record;
+mod recording;
 mod session;
 mod set;
 mod state;
@@ -116,7 +118,7 @@ pub async fn migrate(
 ) -> Result<MigrateReport, MigrateError> {
     let started = Instant::now();
     let session = Session::live(cfg).await?;
-    let result = run(&session, cfg, set).await;
+    let result = run(&session, cfg, set, apply::Replan::UnderEachLock).await;
     session.close().await;
     let outcome = result?;
     Ok(MigrateReport {
@@ -127,11 +129,13 @@ pub async fn migrate(
     })
 }
 
-/// A run on `session` (a real one, or a dry run's, which sends nothing that changes anything).
+/// A run on `session` (a live one, or a dry run's recording, which sends nothing that changes
+/// anything), planning again as `replan` says.
 async fn run(
     session: &Session,
     cfg: &MetadataDbConfig,
     set: &MigrationSet,
+    replan: apply::Replan,
 ) -> Result<Outcome, MigrateError> {
     // Read and validate without the lock: with nothing to do, that was the run's one query.
     let state = state::read_checked(session).await?;
@@ -142,10 +146,7 @@ async fn run(
             late.pending.join(", "),
             late.newest
         );
-        session.note(&text);
-        if !session.is_dry() {
-            tracing::warn!("{text}");
-        }
+        session.tell(session::Event::OutOfOrder(&text));
     }
     let plan = plan::plan(set, &state, &verdict);
     if plan.steps.is_empty() {
@@ -158,7 +159,7 @@ async fn run(
     // Everything that can refuse the run, while nothing has changed.
     preflight::check(session, cfg, &plan).await?;
     // The steps, each under the lock, each planned again under it.
-    let done = apply::apply(session, cfg, set, &plan, apply::Replan::UnderEachLock).await?;
+    let done = apply::apply(session, cfg, set, &plan, replan).await?;
     let version = set
         .names()
         .into_iter()

@@ -14,7 +14,7 @@ use sea_orm::{DatabaseBackend, DbErr};
 
 use super::error::quote_literal;
 use super::plan::Bookkeeping;
-use super::session::Session;
+use super::session::{Event, Session};
 use super::set::{AMPD_VERSION, MigrationSet};
 
 /// ampd's companion to `seaql_migrations`.
@@ -166,9 +166,7 @@ pub(super) async fn ensure(
                 set.is_compatible(name)
             ))
             .await?;
-        if !session.is_dry() {
-            tracing::info!(migration = %name, "recorded a migration applied without ampd");
-        }
+        session.tell(Event::Adopted(name));
     }
     Ok(())
 }

@@ -1,34 +1,20 @@
-//! The migration session: one `PgConnection`, opened on `metadata_db.direct_url` (default `url`) and
-//! held for the whole run, on which the lock, every transaction, every migration statement and the
-//! bookkeeping run. SeaORM's migrations reach it through a proxy connection, so nothing can take
-//! another connection behind the run's back (a pool of one would, after a reconnect, without the
-//! lock).
-//!
-//! Every statement has a client-side deadline ([`Deadlines`]): the run's own statements (reads,
-//! the lock, the settings, the bookkeeping) `ddl_lock_timeout_ms` plus [`QUICK_MARGIN`], a
-//! migration's statements `migration_statement_timeout_secs`. A statement that gets no answer in
-//! time (a frozen network or server) closes the connection, so the server ends what it was doing
-//! when it notices, and fails with [`NO_ANSWER`]. On TCP the client socket has keepalive on
-//! ([`crate::db::keepalive`]), so a peer that vanished is noticed even between statements.
-//!
-//! A dry run uses the same session type with a script: statements that change nothing (reading
-//! the applied set, looking for leftovers) run for real when there is a connection, everything is
-//! written to the script, and nothing that changes anything (the lock, DDL, bookkeeping rows) is
-//! sent. The run's code is the same either way, so the script is what a real run would send.
+//! The migration session: what a run's code sends its statements to. A live run has a [`Live`]
+//! session, one connection held for the whole run (see [`super::live`]); a dry run has a
+//! [`Recording`] (see [`super::recording`]), which writes every statement into a script and sends
+//! only those that read. The run's code is the same either way, so a dry run's script is what a
+//! real run would send; this type only hands each call to one or the other.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use migration::{MigrationTrait, SchemaManager};
 use sea_orm::sqlx::postgres::PgRow;
 use sea_orm::sqlx::{self, Column as _, Connection as _, PgConnection, TypeInfo as _};
-use sea_orm::{
-    DatabaseBackend, DatabaseConnection, DbErr, ProxyDatabaseTrait, ProxyExecResult, ProxyRow,
-    QueryResult, RuntimeErr, Statement,
-};
+use sea_orm::{DbErr, ProxyRow, QueryResult, RuntimeErr, Statement};
 use sea_query_sqlx::SqlxValues;
 
-use super::error::MigrateError;
+use super::error::{MigrateError, describe};
+use super::live::Live;
+use super::recording::Recording;
 use super::state::Reader;
 use crate::config::MetadataDbConfig;
 use crate::db::{self, BACKEND_PID_SQL};
@@ -47,40 +33,29 @@ pub enum Line {
     Note(String),
 }
 
-/// What the statements of a session's connection go to.
-struct Wire {
-    /// The connection: absent only in a dry run that reads nothing from a database.
-    conn: Option<PgConnection>,
-    /// Open transaction levels: 0 outside a transaction, 1 in one, more in savepoints.
-    depth: u32,
-    /// A failure of a `BEGIN`/`COMMIT` a migration asked for through SeaORM, which SeaORM's proxy
-    /// interface cannot return: reported by the session's next statement.
-    deferred: Option<DbErr>,
-}
-
-struct Inner {
-    wire: tokio::sync::Mutex<Wire>,
-    /// The client-side deadline of the run's own statements.
-    quick: Duration,
-    /// The client-side deadline of a migration's statements, in milliseconds (changed for a step).
-    migration_ms: AtomicU64,
-    /// The script of a dry run; `None` for a real run.
-    script: Option<StdMutex<Vec<Line>>>,
-    /// A SeaORM transaction was dropped unfinished: roll it back before the next statement.
-    rollback_pending: AtomicBool,
+/// What a run tells its operator as it goes. A live session logs it; a recording, which applies
+/// nothing, writes into its script what concerns the plan and drops what only a real run can say.
+pub(super) enum Event<'a> {
+    /// Migrations are applied out of order (allowed): why, in words.
+    OutOfOrder(&'a str),
+    /// A migration was applied, in this long.
+    Applied { name: &'a str, duration: Duration },
+    /// A migration applied without ampd was recorded as applied.
+    Adopted(&'a str),
 }
 
 /// The migration session (see the module documentation).
-pub(super) struct Session {
-    inner: Arc<Inner>,
+pub(super) enum Session {
+    Live(Live),
+    Recording(Recording),
 }
 
 pub(super) fn exec_err(e: sqlx::Error) -> DbErr {
-    DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
+    DbErr::Exec(RuntimeErr::SqlxError(std::sync::Arc::new(e)))
 }
 
-fn query_err(e: sqlx::Error) -> DbErr {
-    DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
+pub(super) fn query_err(e: sqlx::Error) -> DbErr {
+    DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(e)))
 }
 
 /// How much longer than `ddl_lock_timeout_ms` one of the run's own statements may go without an
@@ -91,7 +66,7 @@ pub const QUICK_MARGIN: Duration = Duration::from_secs(10);
 pub const NO_ANSWER: &str = "no answer from the server within ";
 
 /// The error of a statement that got no answer within `limit`.
-fn stalled(limit: Duration) -> DbErr {
+pub(super) fn stalled(limit: Duration) -> DbErr {
     DbErr::Conn(RuntimeErr::Internal(format!(
         "{NO_ANSWER}{:.1} s (a frozen network or a stalled server); the connection was closed",
         limit.as_secs_f64()
@@ -110,221 +85,112 @@ pub fn no_answer(err: &DbErr) -> Option<f64> {
         .ok()
 }
 
-/// Waits at most `limit` for `$work` (an async block using `$conn`, the connection of `$wire`); a
-/// missed deadline drops the connection (its state is unknown) and is [`stalled`]. (A macro, not a
-/// function taking an async closure: such a closure's future is not `Send` for every lifetime,
-/// which the services' spawned tasks need.)
-macro_rules! within {
-    ($wire:expr, $limit:expr, |$conn:ident| $work:expr) => {{
-        let wire: &mut Wire = $wire;
-        let limit: Duration = $limit;
-        let outcome = match wire.conn.as_mut() {
-            None => None,
-            Some($conn) => Some(tokio::time::timeout(limit, $work).await),
-        };
-        match outcome {
-            None => Err(lost()),
-            Some(Ok(result)) => result,
-            Some(Err(_)) => {
-                wire.conn = None;
-                wire.depth = 0;
-                Err(stalled(limit))
-            }
-        }
-    }};
-}
-
-fn lost() -> DbErr {
-    DbErr::Conn(RuntimeErr::Internal(
-        "the migration session's connection is closed".into(),
-    ))
-}
-
 impl Session {
-    fn new(conn: Option<PgConnection>, dry: bool, cfg: &MetadataDbConfig) -> Session {
-        Session {
-            inner: Arc::new(Inner {
-                wire: tokio::sync::Mutex::new(Wire {
-                    conn,
-                    depth: 0,
-                    deferred: None,
-                }),
-                quick: Duration::from_millis(cfg.ddl_lock_timeout_ms) + QUICK_MARGIN,
-                migration_ms: AtomicU64::new(cfg.migration_statement_timeout_secs.max(1) * 1000),
-                script: dry.then(|| StdMutex::new(Vec::new())),
-                rollback_pending: AtomicBool::new(false),
-            }),
-        }
-    }
-
     /// Connects the session of a real run to `metadata_db.direct_url` (default `url`).
     pub async fn live(cfg: &MetadataDbConfig) -> Result<Session, MigrateError> {
-        let conn = db::open_with_keepalive(cfg, db::session_url(cfg)?).await?;
-        Ok(Session::new(Some(conn), false, cfg))
+        Ok(Session::Live(Live::connect(cfg, true).await?))
+    }
+
+    /// A recording session: connected to read what a run would read when `cfg` is given, else
+    /// reading nothing.
+    pub async fn recording(cfg: Option<&MetadataDbConfig>) -> Result<Session, MigrateError> {
+        Ok(Session::Recording(Recording::new(cfg).await?))
     }
 
     /// Sets the client-side deadline of a migration's statements (for a step that may wait long).
     pub fn set_migration_deadline(&self, limit: Duration) {
-        self.inner
-            .migration_ms
-            .store(limit.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    /// A dry run's session: connected to read what a run would read when `cfg` is given, else
-    /// reading nothing.
-    pub async fn dry(cfg: Option<&MetadataDbConfig>) -> Result<Session, MigrateError> {
-        let conn = match cfg {
-            Some(cfg) => Some(db::open(cfg, db::session_url(cfg)?).await?),
-            None => None,
-        };
-        let defaults = MetadataDbConfig::default();
-        Ok(Session::new(conn, true, cfg.unwrap_or(&defaults)))
-    }
-
-    /// Whether this is a dry run.
-    pub fn is_dry(&self) -> bool {
-        self.inner.script.is_some()
-    }
-
-    /// Adds `line` to a dry run's script.
-    fn record(&self, line: Line) {
-        if let Some(script) = &self.inner.script {
-            match script.lock() {
-                Ok(mut s) => s.push(line),
-                Err(poisoned) => poisoned.into_inner().push(line),
-            }
+        if let Session::Live(live) = self {
+            live.set_migration_deadline(limit);
         }
     }
 
-    /// A comment in a dry run's script (nothing in a real run).
+    /// A comment in a recording's script (nothing in a live run).
     pub fn note(&self, text: impl Into<String>) {
-        self.record(Line::Note(text.into()));
+        if let Session::Recording(recording) = self {
+            recording.note(text.into());
+        }
     }
 
-    /// Records that `sql` is sent on another connection than the session's.
+    /// Records that `sql` is sent on another connection than the session's (or, in a recording,
+    /// that a real run would send it where the recording cannot).
     pub fn record_elsewhere(&self, sql: &str, note: impl Into<String>) {
-        self.record(Line::Sql {
-            sql: sql.to_owned(),
-            note: Some(note.into()),
-        });
+        if let Session::Recording(recording) = self {
+            recording.statement(sql, Some(note.into()));
+        }
     }
 
-    /// The script so far.
+    /// Tells the operator `event` (see [`Event`]).
+    pub fn tell(&self, event: Event<'_>) {
+        match (self, event) {
+            (Session::Live(_), Event::OutOfOrder(text)) => tracing::warn!("{text}"),
+            (Session::Live(_), Event::Applied { name, duration }) => tracing::info!(
+                migration = %name,
+                duration_ms = duration.as_millis() as u64,
+                "applied migration"
+            ),
+            (Session::Live(_), Event::Adopted(name)) => {
+                tracing::info!(migration = %name, "recorded a migration applied without ampd")
+            }
+            (Session::Recording(recording), Event::OutOfOrder(text)) => {
+                recording.note(text.to_owned())
+            }
+            (Session::Recording(_), Event::Applied { .. } | Event::Adopted(_)) => {}
+        }
+    }
+
+    /// A recording's script so far (a live session keeps none).
     pub fn script(&self) -> Vec<Line> {
-        match &self.inner.script {
-            Some(script) => match script.lock() {
-                Ok(s) => s.clone(),
-                Err(poisoned) => poisoned.into_inner().clone(),
-            },
-            None => Vec::new(),
+        match self {
+            Session::Live(_) => Vec::new(),
+            Session::Recording(recording) => recording.script(),
         }
     }
 
-    /// Runs `sql`, which changes nothing, and returns its rows: in a dry run too, when connected.
+    /// Runs `sql`, which changes nothing, and returns its rows (a recording runs it when connected).
     pub async fn read(&self, sql: &str) -> Result<Vec<QueryResult>, DbErr> {
-        self.record(Line::Sql {
-            sql: sql.to_owned(),
-            note: None,
-        });
-        let mut wire = self.inner.wire.lock().await;
-        self.inner.settle(&mut wire).await?;
-        if wire.conn.is_none() && self.is_dry() {
-            return Ok(Vec::new());
+        match self {
+            Session::Live(live) => live.read(sql).await,
+            Session::Recording(recording) => recording.read(sql).await,
         }
-        let rows = within!(&mut wire, self.inner.quick, |conn| async move {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                .fetch_all(conn)
-                .await
-                .map_err(query_err)
-        })?;
-        Ok(rows.into_iter().map(QueryResult::from).collect())
     }
 
-    /// Runs `sql`, which changes something: sent in a real run, only written down in a dry run.
+    /// Runs `sql`, which changes something.
     pub async fn write(&self, sql: &str) -> Result<(), DbErr> {
         self.write_noted(sql, None).await
     }
 
     /// [`Session::write`] with a client-side deadline of `limit` (at most the run's own).
     pub async fn write_within(&self, sql: &str, limit: Duration) -> Result<(), DbErr> {
-        self.record(Line::Sql {
-            sql: sql.to_owned(),
-            note: None,
-        });
-        if self.is_dry() {
-            return Ok(());
+        match self {
+            Session::Live(live) => live.write_within(sql, limit).await,
+            Session::Recording(recording) => {
+                recording.statement(sql, None);
+                Ok(())
+            }
         }
-        let mut wire = self.inner.wire.lock().await;
-        self.inner.settle(&mut wire).await?;
-        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                .execute(conn)
-                .await
-                .map(|_| ())
-                .map_err(exec_err)
-        })
     }
 
-    /// Opens a transaction (`BEGIN`) with a client-side deadline of `limit`.
-    pub async fn begin_within(&self, limit: Duration) -> Result<(), DbErr> {
-        self.write_within("BEGIN", limit).await?;
-        self.inner.wire.lock().await.depth = 1;
-        Ok(())
-    }
-
-    /// Rolls back the open transaction with a client-side deadline of `limit`, and says whether
-    /// that failed (a lock attempt that lost needs to know the session still works).
-    pub async fn rollback_within(&self, limit: Duration) -> Result<(), DbErr> {
-        if self.is_dry() {
-            return Ok(());
-        }
-        let mut wire = self.inner.wire.lock().await;
-        let open = wire.depth > 0;
-        wire.depth = 0;
-        wire.deferred = None;
-        self.inner.rollback_pending.store(false, Ordering::SeqCst);
-        if !open {
-            return Ok(());
-        }
-        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
-            sqlx::raw_sql("ROLLBACK")
-                .execute(conn)
-                .await
-                .map(|_| ())
-                .map_err(exec_err)
-        })
-    }
-
-    /// [`Session::write`] with a remark for the script.
+    /// [`Session::write`] with a remark for a recording's script.
     pub async fn write_noted(&self, sql: &str, note: Option<String>) -> Result<(), DbErr> {
-        self.record(Line::Sql {
-            sql: sql.to_owned(),
-            note,
-        });
-        if self.is_dry() {
-            return Ok(());
+        match self {
+            Session::Live(live) => live.write(sql).await,
+            Session::Recording(recording) => {
+                recording.statement(sql, note);
+                Ok(())
+            }
         }
-        let mut wire = self.inner.wire.lock().await;
-        self.inner.settle(&mut wire).await?;
-        within!(&mut wire, self.inner.quick, |conn| async move {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                .execute(conn)
-                .await
-                .map(|_| ())
-                .map_err(exec_err)
-        })
     }
 
-    /// Asks `sql`, a one-boolean question that changes something (taking or releasing the lock): in
-    /// a dry run it is only written down, with `note`, and `dry_answer` is the answer.
-    pub async fn ask(
-        &self,
-        sql: &str,
-        note: Option<String>,
-        dry_answer: bool,
-    ) -> Result<bool, DbErr> {
-        self.ask_within(sql, note, dry_answer, self.inner.quick)
-            .await
+    /// Asks `sql`, a one-boolean question that may change something (taking or releasing the
+    /// lock); `note` is said about it in a recording's script, which answers yes.
+    pub async fn ask(&self, sql: &str, note: Option<String>) -> Result<bool, DbErr> {
+        match self {
+            Session::Live(live) => live.ask_within(sql, live.quick()).await,
+            Session::Recording(recording) => {
+                recording.statement(sql, note);
+                Ok(true)
+            }
+        }
     }
 
     /// [`Session::ask`] with a client-side deadline of `limit` (at most the run's own).
@@ -332,26 +198,93 @@ impl Session {
         &self,
         sql: &str,
         note: Option<String>,
-        dry_answer: bool,
         limit: Duration,
     ) -> Result<bool, DbErr> {
-        self.record(Line::Sql {
-            sql: sql.to_owned(),
-            note,
-        });
-        if self.is_dry() {
-            return Ok(dry_answer);
+        match self {
+            Session::Live(live) => live.ask_within(sql, limit).await,
+            Session::Recording(recording) => {
+                recording.statement(sql, note);
+                Ok(true)
+            }
         }
-        let mut wire = self.inner.wire.lock().await;
-        self.inner.settle(&mut wire).await?;
-        use sqlx::Row as _;
-        within!(&mut wire, limit.min(self.inner.quick), |conn| async move {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                .fetch_one(conn)
-                .await
-                .and_then(|row| row.try_get::<bool, _>(0))
-                .map_err(query_err)
-        })
+    }
+
+    /// Opens a transaction (`BEGIN`) with a client-side deadline of `limit`.
+    pub async fn begin_within(&self, limit: Duration) -> Result<(), DbErr> {
+        match self {
+            Session::Live(live) => live.begin_within(limit).await,
+            Session::Recording(recording) => {
+                recording.begin();
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens a transaction (`BEGIN`).
+    pub async fn begin(&self) -> Result<(), DbErr> {
+        match self {
+            Session::Live(live) => live.begin_within(live.quick()).await,
+            Session::Recording(recording) => {
+                recording.begin();
+                Ok(())
+            }
+        }
+    }
+
+    /// Commits the transaction opened by [`Session::begin`].
+    pub async fn commit(&self) -> Result<(), DbErr> {
+        match self {
+            Session::Live(live) => live.commit().await,
+            Session::Recording(recording) => {
+                recording.commit();
+                Ok(())
+            }
+        }
+    }
+
+    /// Rolls back the open transaction with a client-side deadline of `limit`, and says whether
+    /// that failed (a lock attempt that lost needs to know the session still works). A recording
+    /// has nothing to undo.
+    pub async fn rollback_within(&self, limit: Duration) -> Result<(), DbErr> {
+        match self {
+            Session::Live(live) => live.rollback_within(limit).await,
+            Session::Recording(_) => Ok(()),
+        }
+    }
+
+    /// Rolls back whatever transaction is open, after a failure. Errors are ignored: a session
+    /// that cannot roll back is lost, and the server rolls back when it goes.
+    pub async fn rollback(&self) {
+        if let Session::Live(live) = self {
+            let _ = live.rollback_within(live.quick()).await;
+        }
+    }
+
+    /// Runs `migration`'s `up` on the session and returns the time it took. A recording cannot
+    /// time it (`None`), and a migration that fails there (because it needs data a recording
+    /// cannot give it) is not a failure: the script says where it stopped.
+    pub async fn up(&self, migration: &dyn MigrationTrait) -> Result<Option<Duration>, DbErr> {
+        let conn = self.seaorm().await?;
+        let started = Instant::now();
+        let result = match migration.up(&SchemaManager::new(&conn)).await {
+            // A BEGIN/COMMIT the migration asked for that failed is its failure.
+            Ok(()) => self.settled().await,
+            Err(e) => Err(e),
+        };
+        match (self, result) {
+            (Session::Live(_), Ok(())) => Ok(Some(started.elapsed())),
+            (Session::Live(_), Err(e)) => Err(e),
+            (Session::Recording(_), Ok(())) => Ok(None),
+            (Session::Recording(recording), Err(e)) => {
+                recording.note(format!(
+                    "in this dry run {} stopped here ({}): the rest of what it sends depends on \
+                     the database's data and is known only when it runs",
+                    migration.name(),
+                    describe(&e)
+                ));
+                Ok(None)
+            }
+        }
     }
 
     /// The server process serving the session (asked, so that a dry run shows it too).
@@ -362,55 +295,33 @@ impl Session {
             .transpose()
     }
 
-    /// Opens a transaction (`BEGIN`).
-    pub async fn begin(&self) -> Result<(), DbErr> {
-        self.write("BEGIN").await?;
-        self.inner.wire.lock().await.depth = 1;
-        Ok(())
-    }
-
-    /// Commits the transaction opened by [`Session::begin`].
-    pub async fn commit(&self) -> Result<(), DbErr> {
-        let result = self.write("COMMIT").await;
-        self.inner.wire.lock().await.depth = 0;
-        result
-    }
-
-    /// Rolls back whatever transaction is open, after a failure (real runs only: a dry run has no
-    /// failures to undo). Errors are ignored: a session that cannot roll back is lost, and the
-    /// server rolls back when it goes.
-    pub async fn rollback(&self) {
-        if self.is_dry() {
-            return;
-        }
-        let mut wire = self.inner.wire.lock().await;
-        let open = wire.depth > 0;
-        wire.depth = 0;
-        wire.deferred = None;
-        self.inner.rollback_pending.store(false, Ordering::SeqCst);
-        if open {
-            let quick = self.inner.quick;
-            let _ = within!(&mut wire, quick, |conn| async move {
-                sqlx::raw_sql("ROLLBACK")
-                    .execute(conn)
-                    .await
-                    .map_err(exec_err)
-            });
-        }
-    }
-
     /// Returns the failure of a `BEGIN`/`COMMIT` a migration asked for, if one failed.
     pub async fn settled(&self) -> Result<(), DbErr> {
-        let mut wire = self.inner.wire.lock().await;
-        self.inner.settle(&mut wire).await
+        match self {
+            Session::Live(live) => live.settled().await,
+            Session::Recording(_) => Ok(()),
+        }
     }
 
     /// A SeaORM connection whose every statement goes to this session.
-    pub async fn seaorm(&self) -> Result<DatabaseConnection, DbErr> {
-        let proxy: Arc<Box<dyn ProxyDatabaseTrait>> = Arc::new(Box::new(Proxy(self.inner.clone())));
-        sea_orm::Database::connect_proxy(DatabaseBackend::Postgres, proxy).await
+    pub async fn seaorm(&self) -> Result<sea_orm::DatabaseConnection, DbErr> {
+        match self {
+            Session::Live(live) => live.seaorm().await,
+            Session::Recording(recording) => recording.seaorm().await,
+        }
     }
 
+    /// A second connection to the session's URL, for [`Session::check_own`]; none for a recording
+    /// that contacts no database.
+    async fn second_connection(
+        &self,
+        cfg: &MetadataDbConfig,
+    ) -> Result<Option<PgConnection>, MigrateError> {
+        match self {
+            Session::Recording(recording) if !recording.connected() => Ok(None),
+            _ => Ok(Some(db::open(cfg, db::session_url(cfg)?).await?)),
+        }
+    }
     /// Checks that the session is a session of its own, as a step that must run alone (`migration`)
     /// needs: in [`PROBE_ROUNDS`] rounds, the session and a second connection to the same URL ask
     /// which server process serves them. On PostgreSQL (or a pooler in session mode) the session
@@ -429,11 +340,7 @@ impl Session {
              each always the same"
         );
         let url = db::session_url(cfg)?;
-        let mut second = if self.is_dry() && self.inner.wire.lock().await.conn.is_none() {
-            None
-        } else {
-            Some(db::open(cfg, url).await?)
-        };
+        let mut second = self.second_connection(cfg).await?;
         let mut own = Vec::new();
         let mut other = Vec::new();
         for round in 0..PROBE_ROUNDS {
@@ -481,8 +388,9 @@ impl Session {
 
     /// Closes the connection (the server releases a lock still held).
     pub async fn close(&self) {
-        if let Some(conn) = self.inner.wire.lock().await.conn.take() {
-            let _ = conn.close().await;
+        match self {
+            Session::Live(live) => live.close().await,
+            Session::Recording(recording) => recording.close().await,
         }
     }
 }
@@ -497,88 +405,8 @@ impl Reader for Session {
     }
 }
 
-impl Inner {
-    /// The client-side deadline of a migration's statements now.
-    fn migration_deadline(&self) -> Duration {
-        Duration::from_millis(self.migration_ms.load(Ordering::SeqCst))
-    }
-
-    /// Before a statement: a SeaORM transaction dropped unfinished is rolled back, and a failure
-    /// that could not be returned earlier is returned now.
-    async fn settle(&self, wire: &mut Wire) -> Result<(), DbErr> {
-        if self.rollback_pending.swap(false, Ordering::SeqCst) && wire.depth > 0 {
-            let sql = end_sql(wire.depth, false);
-            wire.depth -= 1;
-            if let Some(script) = &self.script {
-                push(
-                    script,
-                    Line::Sql {
-                        sql: sql.clone(),
-                        note: None,
-                    },
-                );
-            } else if wire.conn.is_some() {
-                within!(wire, self.quick, |conn| async move {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(conn)
-                        .await
-                        .map_err(exec_err)
-                })?;
-            }
-        }
-        match wire.deferred.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// `BEGIN` (or a savepoint in a transaction) for a transaction SeaORM opens.
-    async fn open_level(&self) {
-        let mut wire = self.wire.lock().await;
-        if let Err(e) = self.settle(&mut wire).await {
-            wire.deferred = Some(e);
-            return;
-        }
-        let sql = if wire.depth == 0 {
-            "BEGIN".to_owned()
-        } else {
-            format!("SAVEPOINT ampd_{}", wire.depth)
-        };
-        wire.depth += 1;
-        self.send_level(&mut wire, sql).await;
-    }
-
-    /// `COMMIT`/`ROLLBACK` (or their savepoint forms) for a transaction SeaORM ends.
-    async fn close_level(&self, commit: bool) {
-        let mut wire = self.wire.lock().await;
-        if wire.depth == 0 {
-            return;
-        }
-        let sql = end_sql(wire.depth, commit);
-        wire.depth -= 1;
-        self.send_level(&mut wire, sql).await;
-    }
-
-    async fn send_level(&self, wire: &mut Wire, sql: String) {
-        if let Some(script) = &self.script {
-            push(script, Line::Sql { sql, note: None });
-            return;
-        }
-        let result = within!(wire, self.quick, |conn| async move {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(conn)
-                .await
-                .map(|_| ())
-                .map_err(exec_err)
-        });
-        if let Err(e) = result {
-            wire.deferred.get_or_insert(e);
-        }
-    }
-}
-
 /// The statement that ends transaction level `depth` (1 = the transaction itself).
-fn end_sql(depth: u32, commit: bool) -> String {
+pub(super) fn end_sql(depth: u32, commit: bool) -> String {
     match (depth, commit) {
         (1, true) => "COMMIT".to_owned(),
         (1, false) => "ROLLBACK".to_owned(),
@@ -587,13 +415,6 @@ fn end_sql(depth: u32, commit: bool) -> String {
             "ROLLBACK TO SAVEPOINT ampd_{0}; RELEASE SAVEPOINT ampd_{0}",
             d - 1
         ),
-    }
-}
-
-fn push(script: &StdMutex<Vec<Line>>, line: Line) {
-    match script.lock() {
-        Ok(mut s) => s.push(line),
-        Err(poisoned) => poisoned.into_inner().push(line),
     }
 }
 
@@ -701,107 +522,10 @@ pub(super) fn proxy_row(row: PgRow) -> Result<ProxyRow, DbErr> {
     )))
 }
 
-/// SeaORM's view of the session.
-#[derive(Debug)]
-struct Proxy(Arc<Inner>);
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MigrationSession")
-            .field("dry", &self.script.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Proxy {
-    /// The session's wire for a migration's `statement`, after what must come first; `None` in a
-    /// dry run, which writes the statement into the script (with `note`) instead.
-    async fn wire_for(
-        &self,
-        statement: &Statement,
-        note: Option<&str>,
-    ) -> Result<Option<tokio::sync::MutexGuard<'_, Wire>>, DbErr> {
-        let inner = &self.0;
-        let mut wire = inner.wire.lock().await;
-        inner.settle(&mut wire).await?;
-        match &inner.script {
-            Some(script) => {
-                push(
-                    script,
-                    Line::Sql {
-                        sql: display(statement),
-                        note: note.map(str::to_owned),
-                    },
-                );
-                Ok(None)
-            }
-            None => Ok(Some(wire)),
-        }
-    }
-}
-
-/// What a dry run says about a statement whose rows a migration reads.
-const ROWS_NOTE: &str = "returns rows in a real run; a dry run has none to give the migration, so \
-                         what it sends next may depend on the data";
-
-// Statements with parameters are prepared and bound, as SeaORM sends them on its pools; those
-// without are sent as they are (they may hold several statements, as `execute_unprepared` allows).
-#[async_trait::async_trait]
-impl ProxyDatabaseTrait for Proxy {
-    async fn query(&self, statement: Statement) -> Result<Vec<ProxyRow>, DbErr> {
-        let Some(mut wire) = self.wire_for(&statement, Some(ROWS_NOTE)).await? else {
-            return Ok(Vec::new());
-        };
-        let limit = self.0.migration_deadline();
-        let rows = within!(&mut wire, limit, |conn| async move {
-            fetch_all(conn, statement).await.map_err(query_err)
-        })?;
-        rows.into_iter().map(proxy_row).collect()
-    }
-
-    async fn execute(&self, statement: Statement) -> Result<ProxyExecResult, DbErr> {
-        let Some(mut wire) = self.wire_for(&statement, None).await? else {
-            return Ok(ProxyExecResult::default());
-        };
-        let limit = self.0.migration_deadline();
-        let done = within!(&mut wire, limit, |conn| async move {
-            match statement.values {
-                Some(values) => {
-                    sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
-                        .execute(conn)
-                        .await
-                }
-                None => {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
-                        .execute(conn)
-                        .await
-                }
-            }
-            .map_err(exec_err)
-        })?;
-        Ok(ProxyExecResult::new(0, done.rows_affected()))
-    }
-
-    async fn begin(&self) {
-        self.0.open_level().await;
-    }
-
-    async fn commit(&self) {
-        self.0.close_level(true).await;
-    }
-
-    async fn rollback(&self) {
-        self.0.close_level(false).await;
-    }
-
-    fn start_rollback(&self) {
-        self.0.rollback_pending.store(true, Ordering::SeqCst);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sea_orm::DatabaseBackend;
 
     #[test]
     fn placeholders_are_checked_before_values_are_put_in_place() {
