@@ -20,10 +20,11 @@ use sea_orm::{
     DatabaseBackend, DatabaseConnection, DbErr, ProxyDatabaseTrait, ProxyExecResult, ProxyRow,
     QueryResult, RuntimeErr, Statement,
 };
-use sea_query_sqlx::SqlxValues;
 
 use super::error::MigrateError;
-use super::session::{QUICK_MARGIN, end_sql, exec_err, fetch_all, proxy_row, query_err, stalled};
+use super::session::{
+    QUICK_MARGIN, end_sql, exec_err, execute, fetch_all, proxy_row, query_err, stalled,
+};
 use crate::config::MetadataDbConfig;
 use crate::db;
 
@@ -308,19 +309,7 @@ impl ProxyDatabaseTrait for Proxy {
         inner.settle(&mut wire).await?;
         let limit = inner.migration_deadline();
         let done = within!(&mut wire, limit, |conn| async move {
-            match statement.values {
-                Some(values) => {
-                    sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
-                        .execute(conn)
-                        .await
-                }
-                None => {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
-                        .execute(conn)
-                        .await
-                }
-            }
-            .map_err(exec_err)
+            execute(conn, statement).await.map_err(exec_err)
         })?;
         Ok(ProxyExecResult::new(0, done.rows_affected()))
     }

@@ -503,6 +503,25 @@ pub(super) async fn fetch_all(
     }
 }
 
+/// Runs `statement` on `conn`, as [`fetch_all`] does, for what it changes.
+pub(super) async fn execute(
+    conn: &mut PgConnection,
+    statement: Statement,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    match statement.values {
+        Some(values) => {
+            sqlx::query_with(sqlx::AssertSqlSafe(statement.sql), SqlxValues(values))
+                .execute(conn)
+                .await
+        }
+        None => {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.sql))
+                .execute(conn)
+                .await
+        }
+    }
+}
+
 pub(super) fn proxy_row(row: PgRow) -> Result<ProxyRow, DbErr> {
     use sea_orm::sqlx::Row as _;
     if let Some(column) = row
