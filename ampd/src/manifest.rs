@@ -23,6 +23,8 @@ use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
+pub mod canonical;
+
 /// The manifest kind this module knows.
 pub const STATIC: &str = "static";
 /// The job kind that materializes a static manifest.
