@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
+use serde_json::value::RawValue;
 
 use crate::manifest::{self, ManifestError, Source, StaticManifest};
 use crate::metadata::{self, datasets};
@@ -44,10 +45,12 @@ async fn write_synced(path: &Path, content: &[u8]) -> io::Result<()> {
     file.sync_all().await
 }
 
-/// Reads back the manifest stored at `relative` (`manifest_files.path`) under `data_dir`.
-pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Value> {
+/// Reads back the manifest stored at `relative` (`manifest_files.path`) under `data_dir`: its
+/// bytes, checked to be JSON, not parsed into a tree.
+pub async fn load(data_dir: &Path, relative: &str) -> io::Result<Box<RawValue>> {
     let bytes = tokio::fs::read(data_dir.join(relative)).await?;
-    serde_json::from_slice(&bytes).map_err(io::Error::other)
+    let text = String::from_utf8(bytes).map_err(io::Error::other)?;
+    RawValue::from_string(text).map_err(io::Error::other)
 }
 
 /// Checks every CSV source of `manifest` in `sources_dir`, when that directory exists here (the
@@ -55,10 +58,10 @@ pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Val
 /// file must open beneath the directory as a regular file ([`manifest::open_source`]: no
 /// absolute path, `..` or symbolic link leading out) and its header row must name the table's columns, in order. Rows
 /// are checked by the worker as it reads them.
-pub async fn check_sources(
+pub async fn check_sources<R>(
     sources_dir: PathBuf,
     max_record_bytes: u64,
-    manifest: &StaticManifest,
+    manifest: &StaticManifest<R>,
 ) -> Result<(), ManifestError> {
     let csv: Vec<(String, String, Vec<String>)> = manifest
         .tables
