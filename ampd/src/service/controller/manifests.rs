@@ -18,10 +18,7 @@ use crate::metadata::{self, datasets};
 pub async fn store(data_dir: &Path, hash: &str, content: &[u8]) -> io::Result<String> {
     let relative = manifest::manifest_path(hash);
     let path = data_dir.join(&relative);
-    if tokio::fs::read(&path)
-        .await
-        .is_ok_and(|held| held == content)
-    {
+    if holds(&path, content).await {
         return Ok(relative);
     }
     let dir = path.parent().unwrap_or(data_dir);
@@ -36,6 +33,31 @@ pub async fn store(data_dir: &Path, hash: &str, content: &[u8]) -> io::Result<St
         let _ = tokio::fs::remove_file(&temp).await;
     }
     renamed.map(|()| relative)
+}
+
+/// Whether the file at `path` holds exactly `content`, compared a piece at a time (a manifest can
+/// be as large as a request body; reading it whole would hold it twice).
+async fn holds(path: &Path, content: &[u8]) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return false;
+    };
+    if !file
+        .metadata()
+        .await
+        .is_ok_and(|m| m.len() == content.len() as u64)
+    {
+        return false;
+    }
+    let mut piece = vec![0; 64 * 1024];
+    let mut at = 0;
+    loop {
+        match file.read(&mut piece).await {
+            Ok(0) => return at == content.len(),
+            Ok(n) if content.get(at..at + n) == Some(&piece[..n]) => at += n,
+            _ => return false,
+        }
+    }
 }
 
 async fn write_synced(path: &Path, content: &[u8]) -> io::Result<()> {
