@@ -22,6 +22,9 @@ use std::io::Write;
 use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub mod canonical;
 
 /// The manifest kind this module knows.
 pub const STATIC: &str = "static";
@@ -102,31 +105,63 @@ pub struct Column {
     pub ty: ColumnType,
 }
 
-/// Where a table's rows come from.
+/// Where a table's rows come from; `R` is what a parse keeps of inline rows ([`Rows`]).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Source {
+pub enum Source<R = Vec<Vec<serde_json::Value>>> {
     /// Given in the manifest.
-    Rows(Vec<Vec<serde_json::Value>>),
+    Rows(R),
     /// A CSV file, relative to the sources directory.
     Csv(String),
 }
 
 /// A table of a static manifest.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Table {
+pub struct Table<R = Vec<Vec<serde_json::Value>>> {
     /// Its name.
     pub name: String,
     /// Its columns, in order.
     pub columns: Vec<Column>,
     /// Its rows.
-    pub source: Source,
+    pub source: Source<R>,
 }
 
-/// A parsed, validated static manifest: its tables by name.
+/// A parsed, validated static manifest: its tables by name. `R` is what the parse kept of each
+/// table's inline rows: the rows themselves (the default, for the worker, which writes them) or
+/// their number (`usize`, for the controller, which only checks them).
 #[derive(Clone, Debug, PartialEq)]
-pub struct StaticManifest {
+pub struct StaticManifest<R = Vec<Vec<serde_json::Value>>> {
     /// The tables, ordered by name.
-    pub tables: Vec<Table>,
+    pub tables: Vec<Table<R>>,
+}
+
+/// What a parse keeps of a table's inline rows, each checked before it is kept.
+pub trait Rows {
+    /// Nothing yet, room for `n` rows.
+    fn with_capacity(n: usize) -> Self;
+    /// Keeps a checked row.
+    fn push(&mut self, row: Vec<serde_json::Value>);
+}
+
+/// Every row.
+impl Rows for Vec<Vec<serde_json::Value>> {
+    fn with_capacity(n: usize) -> Self {
+        Vec::with_capacity(n)
+    }
+
+    fn push(&mut self, row: Vec<serde_json::Value>) {
+        Vec::push(self, row);
+    }
+}
+
+/// The number of rows: a check that keeps no row after it has been checked.
+impl Rows for usize {
+    fn with_capacity(_: usize) -> Self {
+        0
+    }
+
+    fn push(&mut self, _: Vec<serde_json::Value>) {
+        *self += 1;
+    }
 }
 
 /// What is wrong with a manifest, and where (`tables.prices.rows[3][1]`).
@@ -147,16 +182,21 @@ fn err(at: impl fmt::Display, message: impl Into<String>) -> ManifestError {
 }
 
 #[derive(Deserialize)]
-struct RawManifest {
-    kind: serde_json::Value,
-    tables: Option<serde_json::Value>,
+struct RawManifest<'a> {
+    #[serde(borrow)]
+    kind: &'a RawValue,
+    #[serde(borrow)]
+    tables: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct RawTable {
-    columns: Option<serde_json::Value>,
-    rows: Option<serde_json::Value>,
-    csv: Option<serde_json::Value>,
+struct RawTable<'a> {
+    #[serde(borrow)]
+    columns: Option<&'a RawValue>,
+    #[serde(borrow)]
+    rows: Option<&'a RawValue>,
+    #[serde(borrow)]
+    csv: Option<&'a RawValue>,
 }
 
 /// A table or column name: `[a-z][a-z0-9_]*`, at most [`MAX_NAME_LEN`] characters.
@@ -167,13 +207,46 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// The manifest's `kind` (any string), or an error when there is none.
-pub fn kind_of(manifest: &serde_json::Value) -> Result<&str, ManifestError> {
-    manifest
-        .get("kind")
-        .and_then(|k| k.as_str())
+/// The `kind` (any non-empty string) of the manifest whose stored bytes are `manifest`
+/// ([`canonical::canonical`]), or an error when there is none.
+pub fn kind_of(manifest: &str) -> Result<String, ManifestError> {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(borrow)]
+        kind: Option<&'a RawValue>,
+    }
+    let missing = || err("kind", "a manifest needs a non-empty string field \"kind\"");
+    if !manifest.starts_with('{') {
+        return Err(missing());
+    }
+    let Kind { kind } = serde_json::from_str(manifest).map_err(|_| missing())?;
+    kind.filter(|k| k.get().starts_with('"'))
+        .and_then(|k| serde_json::from_str::<String>(k.get()).ok())
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| err("kind", "a manifest needs a non-empty string field \"kind\""))
+        .ok_or_else(missing)
+}
+
+/// The names in the `tables` object of the manifest whose stored bytes are `manifest`, in order,
+/// whatever their tables hold: none when there is no such object.
+pub fn table_names(manifest: &str) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Tables<'a> {
+        #[serde(borrow)]
+        tables: Option<&'a RawValue>,
+    }
+    if !manifest.starts_with('{') {
+        return Vec::new();
+    }
+    match serde_json::from_str(manifest) {
+        Ok(Tables {
+            tables: Some(tables),
+        }) if tables.get().starts_with('{') => {
+            serde_json::from_str::<BTreeMap<String, serde::de::IgnoredAny>>(tables.get())
+                .map(|t| t.into_keys().collect())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Bounds on what one manifest may hold, each checked before the work it bounds (the controller's
@@ -205,47 +278,50 @@ fn over_limit(at: &str, what: &str, count: usize, max: usize, key: &str) -> Mani
     )
 }
 
-impl StaticManifest {
-    /// Parses and validates a static manifest: its structure, names and types, and every inline
-    /// row. CSV files are checked when they are read.
-    pub fn parse(manifest: &serde_json::Value) -> Result<StaticManifest, ManifestError> {
+impl<R: Rows> StaticManifest<R> {
+    /// Parses and validates a static manifest from its stored bytes (canonical JSON:
+    /// [`canonical::canonical`]): its structure, names and types, and every inline row. CSV files
+    /// are checked when they are read.
+    pub fn parse(manifest: &str) -> Result<Self, ManifestError> {
         StaticManifest::parse_within(manifest, Limits::NONE)
     }
 
     /// [`StaticManifest::parse`], refusing a manifest over `limits` (the message names the
-    /// limit). Linear in the manifest's size; run it off the async runtime.
-    pub fn parse_within(
-        manifest: &serde_json::Value,
-        limits: Limits,
-    ) -> Result<StaticManifest, ManifestError> {
-        let raw: RawManifest = serde_json::from_value(manifest.clone())
+    /// limit). The rows are read one at a time, each checked and then handed to `R`. Linear in
+    /// the manifest's size; run it off the async runtime.
+    pub fn parse_within(manifest: &str, limits: Limits) -> Result<Self, ManifestError> {
+        let raw: RawManifest = from_text(manifest)
             .map_err(|e| err("manifest", format!("not a manifest object: {e}")))?;
-        if raw.kind.as_str() != Some(STATIC) {
+        // Canonical text: a string is the same bytes as `Value`'s, and so is its display.
+        if raw.kind.get() != "\"static\"" {
             return Err(err(
                 "kind",
                 format!(
                     "unsupported manifest kind {}; this ampd runs \"static\"",
-                    raw.kind
+                    raw.kind.get()
                 ),
             ));
         }
-        let Some(serde_json::Value::Object(tables)) = raw.tables else {
+        let Some(tables) = raw.tables.filter(|t| t.get().starts_with('{')) else {
             return Err(err("tables", "expected an object of tables by name"));
         };
-        if tables.is_empty() {
+        let count = count(tables.get());
+        if count == 0 {
             return Err(err("tables", "a manifest needs at least one table"));
         }
-        if tables.len() > limits.max_tables {
+        if count > limits.max_tables {
             return Err(over_limit(
                 "tables",
                 "tables",
-                tables.len(),
+                count,
                 limits.max_tables,
                 "max_manifest_tables",
             ));
         }
         let mut rows_left = limits.max_inline_rows;
-        let tables: BTreeMap<String, serde_json::Value> = tables.into_iter().collect();
+        // Canonical text: the keys are sorted and unique, as in the `Value` tree's map.
+        let tables: BTreeMap<String, &RawValue> =
+            serde_json::from_str(tables.get()).map_err(|e| err("tables", without_position(&e)))?;
         let mut parsed = Vec::with_capacity(tables.len());
         for (name, value) in tables {
             let at = format!("tables.{name}");
@@ -262,34 +338,99 @@ impl StaticManifest {
     }
 }
 
-fn parse_table(
+/// `T` read from `text` (canonical JSON), or serde's message as reading it from its `Value`
+/// would give it: without the text's line and column, and with a struct given as an array of
+/// more elements than it has fields refused as `Value` refuses it.
+fn from_text<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, String> {
+    serde_json::from_str(text).map_err(|e| {
+        if text.starts_with('[') && e.to_string().starts_with("trailing characters") {
+            let len = count(text);
+            return <serde_json::Error as serde::de::Error>::invalid_length(
+                len,
+                &"fewer elements in array",
+            )
+            .to_string();
+        }
+        without_position(&e)
+    })
+}
+
+/// The message of `e` without the position serde_json adds when it reads text.
+fn without_position(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    if e.line() == 0 {
+        return message;
+    }
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match message.strip_suffix(&position) {
+        Some(m) => m.to_owned(),
+        None => message,
+    }
+}
+
+/// The elements of the array or the entries of the object `text` holds (0 for anything else),
+/// counted without keeping them.
+fn count(text: &str) -> usize {
+    use serde::Deserializer as _;
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct Count;
+    impl<'de> Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array or an object")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    serde_json::Deserializer::from_str(text)
+        .deserialize_any(Count)
+        .unwrap_or(0)
+}
+
+fn parse_table<R: Rows>(
     at: &str,
     name: String,
-    value: serde_json::Value,
+    value: &RawValue,
     limits: &Limits,
     rows_left: &mut usize,
-) -> Result<Table, ManifestError> {
-    let raw: RawTable = serde_json::from_value(value)
-        .map_err(|e| err(at, format!("expected a table object: {e}")))?;
+) -> Result<Table<R>, ManifestError> {
+    let raw: RawTable =
+        from_text(value.get()).map_err(|e| err(at, format!("expected a table object: {e}")))?;
     let columns = parse_columns(&format!("{at}.columns"), raw.columns, limits.max_columns)?;
     let source = match (raw.rows, raw.csv) {
         (Some(rows), None) => {
             let at = format!("{at}.rows");
-            if let serde_json::Value::Array(rows) = &rows {
-                if rows.len() > *rows_left {
+            let mut n = 0;
+            if rows.get().starts_with('[') {
+                n = count(rows.get());
+                if n > *rows_left {
                     return Err(over_limit(
                         &at,
                         "inline rows (with the tables before it)",
-                        limits.max_inline_rows - *rows_left + rows.len(),
+                        limits.max_inline_rows - *rows_left + n,
                         limits.max_inline_rows,
                         "max_inline_rows",
                     ));
                 }
-                *rows_left -= rows.len();
+                *rows_left -= n;
             }
-            Source::Rows(parse_rows(&at, &columns, rows)?)
+            Source::Rows(parse_rows(&at, &columns, rows, n)?)
         }
-        (None, Some(serde_json::Value::String(path))) => {
+        (None, Some(csv)) if csv.get().starts_with('"') => {
+            let path: String = serde_json::from_str(csv.get())
+                .map_err(|e| err(format!("{at}.csv"), without_position(&e)))?;
             check_relative(&path).map_err(|m| err(format!("{at}.csv"), m))?;
             Source::Csv(path)
         }
@@ -306,37 +447,44 @@ fn parse_table(
 
 fn parse_columns(
     at: &str,
-    value: Option<serde_json::Value>,
+    value: Option<&RawValue>,
     max_columns: usize,
 ) -> Result<Vec<Column>, ManifestError> {
-    let Some(serde_json::Value::Array(items)) = value else {
+    let Some(value) = value.filter(|v| v.get().starts_with('[')) else {
         return Err(err(at, "expected an array of {\"name\", \"type\"} objects"));
     };
-    if items.is_empty() {
+    let count = count(value.get());
+    if count == 0 {
         return Err(err(at, "a table needs at least one column"));
     }
-    if items.len() > max_columns {
+    if count > max_columns {
         return Err(over_limit(
             at,
             "columns",
-            items.len(),
+            count,
             max_columns,
             "max_table_columns",
         ));
     }
+    let items: Vec<&RawValue> =
+        serde_json::from_str(value.get()).map_err(|e| err(at, without_position(&e)))?;
     let mut columns: Vec<Column> = Vec::with_capacity(items.len());
     let mut seen = std::collections::HashSet::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("{at}[{i}]");
-        let column: Column = serde_json::from_value(item).map_err(|e| {
-            err(
-                &at,
-                format!(
-                    "{e}; a column is {{\"name\": ..., \"type\": ...}} with a type of int64, \
-                     float64, string, bool, timestamp"
-                ),
-            )
-        })?;
+        // A column is small: read through its `Value`, so serde's messages are those it has
+        // always given.
+        let column: Column = serde_json::from_str::<serde_json::Value>(item.get())
+            .and_then(serde_json::from_value)
+            .map_err(|e| {
+                err(
+                    &at,
+                    format!(
+                        "{e}; a column is {{\"name\": ..., \"type\": ...}} with a type of int64, \
+                         float64, string, bool, timestamp"
+                    ),
+                )
+            })?;
         if !valid_name(&column.name) {
             return Err(err(
                 &at,
@@ -355,38 +503,87 @@ fn parse_columns(
     Ok(columns)
 }
 
-fn parse_rows(
+/// The rows of `value` (an array of `n` rows), read and checked one at a time.
+fn parse_rows<R: Rows>(
     at: &str,
     columns: &[Column],
-    value: serde_json::Value,
-) -> Result<Vec<Vec<serde_json::Value>>, ManifestError> {
-    let serde_json::Value::Array(rows) = value else {
+    value: &RawValue,
+    n: usize,
+) -> Result<R, ManifestError> {
+    use serde::Deserializer as _;
+    if !value.get().starts_with('[') {
         return Err(err(at, "expected an array of rows"));
+    }
+    let mut reader = RowReader {
+        at,
+        width: columns.len(),
+        encoder: RowEncoder::new(columns),
+        scratch: Vec::new(),
+        rows: R::with_capacity(n),
+        failed: None,
     };
-    let encoder = RowEncoder::new(columns);
-    let mut scratch = Vec::new();
-    let mut parsed = Vec::with_capacity(rows.len());
-    for (r, row) in rows.into_iter().enumerate() {
+    let read = serde_json::Deserializer::from_str(value.get()).deserialize_seq(&mut reader);
+    match (read, reader.failed) {
+        (_, Some(e)) => Err(e),
+        (Ok(()), None) => Ok(reader.rows),
+        (Err(e), None) => Err(err(at, without_position(&e))),
+    }
+}
+
+/// Reads an array of rows, checking each and handing it to `rows`; the first row that does not
+/// fit ends the read with its error in `failed`.
+struct RowReader<'a, R> {
+    at: &'a str,
+    width: usize,
+    encoder: RowEncoder,
+    scratch: Vec<u8>,
+    rows: R,
+    failed: Option<ManifestError>,
+}
+
+impl<R: Rows> RowReader<'_, R> {
+    fn row(&mut self, r: usize, row: serde_json::Value) -> Result<(), ManifestError> {
+        let at = self.at;
         let serde_json::Value::Array(values) = row else {
             return Err(err(format!("{at}[{r}]"), "expected an array of values"));
         };
-        if values.len() != columns.len() {
+        if values.len() != self.width {
             return Err(err(
                 format!("{at}[{r}]"),
                 format!(
                     "has {} values, the table has {} columns",
                     values.len(),
-                    columns.len()
+                    self.width
                 ),
             ));
         }
-        scratch.clear();
-        encoder
-            .encode_json(&values, &mut scratch)
+        self.scratch.clear();
+        self.encoder
+            .encode_json(&values, &mut self.scratch)
             .map_err(|e| err(format!("{at}[{r}][{}]", e.column), e.message))?;
-        parsed.push(values);
+        self.rows.push(values);
+        Ok(())
     }
-    Ok(parsed)
+}
+
+impl<'de, R: Rows> serde::de::Visitor<'de> for &mut RowReader<'_, R> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of rows")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut r = 0;
+        while let Some(row) = seq.next_element::<serde_json::Value>()? {
+            if let Err(e) = self.row(r, row) {
+                self.failed = Some(e);
+                return Err(serde::de::Error::custom("a row does not fit"));
+            }
+            r += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Whether `path` is a plain relative path: not empty, not absolute, no `..` or `.`, so that it
@@ -799,10 +996,14 @@ mod tests {
 
     #[test]
     fn the_documented_example_parses_and_encodes_in_column_order() {
-        let m = StaticManifest::parse(&manifest(json!({"prices": {
+        let text = manifest(json!({"prices": {
             "columns": [{"name": "symbol", "type": "string"}, {"name": "price", "type": "float64"}],
-            "rows": [["ETH", 3100.5], ["BTC", 91000.0]]}})))
-        .unwrap();
+            "rows": [["ETH", 3100.5], ["BTC", 91000.0]]}}))
+        .to_string();
+        let m: StaticManifest = StaticManifest::parse(&text).unwrap();
+        let counted = StaticManifest::<usize>::parse(&text).unwrap();
+        assert_eq!(counted.tables[0].source, Source::Rows(2));
+        assert_eq!(counted.tables[0].columns, m.tables[0].columns);
         let t = &m.tables[0];
         let enc = RowEncoder::new(&t.columns);
         let mut out = Vec::new();
@@ -902,8 +1103,11 @@ mod tests {
             ),
         ];
         for (m, at) in cases {
-            let e = StaticManifest::parse(&m).expect_err(&m.to_string());
+            let text = m.to_string();
+            let e = StaticManifest::<usize>::parse(&text).expect_err(&text);
             assert_eq!(e.at, at, "{m}: {e}");
+            let kept = StaticManifest::<Vec<Vec<serde_json::Value>>>::parse(&text);
+            assert_eq!(kept.expect_err(&text), e, "{m}");
         }
     }
 

@@ -193,9 +193,146 @@ pub fn from_object<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, A
     })
 }
 
+/// A JSON request body, kept as its bytes: checked as [`Json`] checks one (the content type, the
+/// size limit, the syntax, with the same rejections) without building a tree of it, so a large
+/// body costs its bytes and no more. [`JsonBody::object_with_raw`] reads an object from it.
+#[derive(Debug, Clone)]
+pub struct JsonBody(pub axum::body::Bytes);
+
+impl<S> FromRequest<S> for JsonBody
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // The content type is judged by axum's own `Json`, shown the headers only.
+        let mut headers_only = Request::new(axum::body::Body::empty());
+        *headers_only.headers_mut() = req.headers().clone();
+        if let Err(r @ JsonRejection::MissingJsonContentType(_)) =
+            axum::Json::<serde::de::IgnoredAny>::from_request(headers_only, state).await
+        {
+            return Err(r.into());
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| rejection(r.status(), r.body_text()))?;
+        let checked = bytes.clone();
+        tokio::task::spawn_blocking(move || check_syntax(&checked))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "checking a request body failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server's log",
+                )
+            })??;
+        Ok(JsonBody(bytes))
+    }
+}
+
+/// 400 or 422 with `Json`'s message unless `bytes` is one JSON value, read as `Json` reads it into a
+/// `serde_json::Value` ([`Syntax`](crate::manifest::canonical::Syntax): the same errors at the
+/// same paths).
+fn check_syntax(bytes: &[u8]) -> Result<(), ApiError> {
+    let syntax =
+        |e: &dyn std::fmt::Display| format!("Failed to parse the request body as JSON: {e}");
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    if let Err(e) =
+        serde_path_to_error::deserialize::<_, crate::manifest::canonical::Syntax>(&mut de)
+    {
+        return Err(match e.inner().classify() {
+            serde_json::error::Category::Data => rejection(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            ),
+            _ => rejection(StatusCode::BAD_REQUEST, syntax(&e)),
+        });
+    }
+    de.end()
+        .map_err(|e| rejection(StatusCode::BAD_REQUEST, syntax(&e)))
+}
+
+impl JsonBody {
+    /// `T` read from the body as [`Json`] reads it ([`from_object`]: the same errors), except the
+    /// field `raw`, which `T` sees as `null`; its value is returned as the range of the body's bytes
+    /// that holds it (the last, if it is given twice), unread, or `None` when it is missing.
+    pub fn object_with_raw<T: DeserializeOwned>(
+        &self,
+        raw: &str,
+    ) -> Result<(T, Option<std::ops::Range<usize>>), ApiError> {
+        use serde_json::Value;
+        let bytes: &[u8] = &self.0;
+        let first = bytes
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        if first != Some(&b'{') {
+            // Not an object: `from_object` says what it is, from a value of the same kind.
+            let kind = match first {
+                Some(b'[') => Value::Array(Vec::new()),
+                Some(b'n') => Value::Null,
+                Some(b't' | b'f') => Value::Bool(true),
+                Some(b'"') => Value::String(String::new()),
+                _ => Value::from(0),
+            };
+            return from_object::<T>(kind).map(|t| (t, None));
+        }
+        let fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+            serde_json::from_slice(bytes)
+                .map_err(|e| rejection(StatusCode::BAD_REQUEST, e.to_string()))?;
+        // What `T` needs of each field to give the errors it gives from the whole value: an array
+        // or an object only as one (its contents are never in a message), a scalar as itself.
+        let mut object = serde_json::Map::new();
+        let mut range = None;
+        for (name, value) in fields {
+            let text = value.get();
+            let shallow = if name == raw {
+                let start = text.as_ptr() as usize - bytes.as_ptr() as usize;
+                range = Some(start..start + text.len());
+                Value::Null
+            } else if text.starts_with('[') {
+                Value::Array(Vec::new())
+            } else if text.starts_with('{') {
+                Value::Object(serde_json::Map::new())
+            } else {
+                serde_json::from_str(text)
+                    .map_err(|e| rejection(StatusCode::BAD_REQUEST, e.to_string()))?
+            };
+            object.insert(name, shallow);
+        }
+        from_object::<T>(Value::Object(object)).map(|t| (t, range))
+    }
+}
+
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+/// `value` as [`Json`] answers it, written into a buffer of `size` bytes (about its length), so a
+/// large answer is not copied again each time the buffer would have grown.
+pub fn json_sized<T: Serialize>(value: &T, size: usize) -> Response {
+    let mut body = Vec::with_capacity(size);
+    match serde_json::to_writer(&mut body, value) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding a response failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server's log",
+            )
+            .into_response()
+        }
     }
 }
 
@@ -376,6 +513,104 @@ mod bearer_tests {
             "s3cret",
         ] {
             assert!(!token.admits(&with(refused)), "{refused}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct WithTree {
+        namespace: String,
+        version: u32,
+        manifest: serde_json::Value,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct WithRaw {
+        namespace: String,
+        version: u32,
+        manifest: serde::de::IgnoredAny,
+    }
+
+    type Answer = Result<(String, u32, Vec<u8>), (StatusCode, &'static str, String)>;
+
+    fn refused(e: ApiError) -> (StatusCode, &'static str, String) {
+        (e.status, e.code, e.message)
+    }
+
+    /// What `Json` gives: the request read into a tree, the manifest written back.
+    fn through_tree(body: &[u8]) -> Answer {
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_bytes(body)
+            .map_err(|r| refused(ApiError::from(r)))?;
+        let read: WithTree = from_object(value).map_err(refused)?;
+        let manifest = serde_json::to_vec(&read.manifest).expect("encode");
+        Ok((read.namespace, read.version, manifest))
+    }
+
+    /// What `JsonBody` gives: the same, the manifest canonical from its text.
+    fn through_bytes(body: &[u8]) -> Answer {
+        check_syntax(body).map_err(refused)?;
+        let body = JsonBody(axum::body::Bytes::copy_from_slice(body));
+        let (read, at) = body
+            .object_with_raw::<WithRaw>("manifest")
+            .map_err(refused)?;
+        let text = std::str::from_utf8(&body.0[at.expect("a manifest")]).expect("utf-8");
+        let manifest = crate::manifest::canonical::canonical(text).expect("canonical");
+        Ok((read.namespace, read.version, manifest))
+    }
+
+    #[test]
+    fn a_body_read_from_its_bytes_answers_as_one_read_into_a_tree() {
+        let deep = format!(
+            "{{\"namespace\": \"a\", \"version\": 1, \"manifest\": {}{}}}",
+            "[".repeat(130),
+            "]".repeat(130)
+        );
+        let bodies: Vec<&[u8]> = vec![
+            br#"{"namespace": "a", "version": 1, "manifest": {"b": 1, "a": [1.0, -0, 1E2, "\u00e9"], "b": 2}}"#,
+            br#" {"manifest": null, "version": 7, "namespace": "\u0041\n"} "#,
+            br#"{"namespace": "a", "namespace": "b", "version": 1, "manifest": 1, "manifest": {"k": []}}"#,
+            br#"{"namespace": "a", "version": 1}"#,
+            br#"{"namespace": "a", "manifest": {}}"#,
+            br#"{"namespace": 5, "version": 1, "manifest": {}}"#,
+            br#"{"namespace": [1, 2], "version": 1, "manifest": {}}"#,
+            br#"{"namespace": {"x": 1}, "version": 1, "manifest": {}}"#,
+            br#"{"namespace": null, "version": 1, "manifest": {}}"#,
+            br#"{"namespace": "a", "version": 1.5, "manifest": {}}"#,
+            br#"{"namespace": "a", "version": -1, "manifest": {}}"#,
+            br#"{"namespace": "a", "version": "1", "manifest": {}}"#,
+            br#"{"namespace": "a", "version": 99999999999, "manifest": {}}"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {}, "tag": [1, {"x": 2}]}"#,
+            br#"{"zzz": 1, "namespace": 5, "version": 1, "manifest": {}}"#,
+            br#"{"aaa": 1, "namespace": 5, "version": 1, "manifest": {}}"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {"tables": [1, }}"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {"tables": {"t": [[1], [2, 1e400]]}}}"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {"a": "\x"}}"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {}} x"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {}"#,
+            br#"{"namespace": "a", "version": 1, "manifest": {1: 2}}"#,
+            b"{\"namespace\": \"\xff\", \"version\": 1, \"manifest\": {}}",
+            b"",
+            b"   ",
+            b"null",
+            b"[1, 2]",
+            b"\"x\"",
+            b"5",
+            b"-1.5",
+            b"true",
+            b"{}",
+            deep.as_bytes(),
+        ];
+        for body in bodies {
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(through_bytes(body), through_tree(body), "{text}");
         }
     }
 }

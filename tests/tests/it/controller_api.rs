@@ -525,6 +525,78 @@ async fn datasets_are_registered_listed_resolved_and_versions_deleted() {
 }
 
 #[tokio::test]
+async fn a_manifest_is_stored_as_its_json_value_and_read_back_as_stored() {
+    let c = Controller::start("", "").await;
+    // Unsorted and duplicate keys (the last wins), escapes and unicode, floats, big integers,
+    // nested objects in a field the manifest ignores, and whitespace: the stored bytes are those
+    // of the manifest's `serde_json::Value`, as they always were.
+    let manifest = r#" {
+        "tables" : {"zeta": {"rows": [[-0.0, "\u00e9\n\"\\\/", 1E2], [1e300, "😀\ud83d\ude00", -0]],
+                              "columns": [{"type": "float64", "name": "f"}, {"name": "s", "type": "string"},
+                                          {"type": "float64", "name": "g"}]},
+                     "alpha": {"columns": [{"name": "n", "type": "int64"}],
+                               "rows": [[9223372036854775807], [-9223372036854775808]]}},
+        "kind": "ignored",
+        "meta": {"b": [1.0, 18446744073709551615, 18446744073709551616, {"y": null, "x": {}}],
+                 "a": "\u0000", "a": "last", "é": 1, "e": 2},
+        "kind" : "static"
+    } "#;
+    let value: Value = serde_json::from_str(manifest).expect("a JSON manifest");
+    let body = format!(
+        "{{\"namespace\": \"demo\", \"name\": \"odd\", \"version\": \"1.0.0\", \"manifest\": {manifest}}}"
+    );
+    let reply = c
+        .call(
+            Method::POST,
+            "/datasets",
+            Body::Raw(body.clone(), "application/json"),
+        )
+        .await;
+    let hash = hash_of(&value);
+    assert_eq!(reply.ok(201)["hash"], hash.as_str());
+    let stored = std::fs::read(c.ws.data_dir().join(format!("manifests/{hash}.json")))
+        .expect("the manifest file");
+    assert_eq!(
+        String::from_utf8(stored.clone()).expect("utf-8"),
+        String::from_utf8(serde_json::to_vec(&value).expect("encode")).expect("utf-8")
+    );
+
+    // Read back: the stored bytes verbatim as the manifest.
+    let text = c
+        .api
+        .http()
+        .get(c.api.url("/datasets/demo/odd/versions/1.0.0"))
+        .send()
+        .await
+        .expect("GET the version")
+        .text()
+        .await
+        .expect("its body");
+    let stored = String::from_utf8(stored).expect("utf-8");
+    assert!(text.contains(&format!("\"manifest\":{stored},")), "{text}");
+    let read: Value = serde_json::from_str(&text).expect("a JSON answer");
+    assert_eq!(read["manifest"], value);
+
+    // The same manifest sent as a tree, or as the same text again, is the same version.
+    assert_eq!(
+        c.register("demo", "odd", "1.0.0", value.clone()).await,
+        hash
+    );
+    let again = c
+        .call(
+            Method::POST,
+            "/datasets",
+            Body::Raw(body, "application/json"),
+        )
+        .await;
+    assert_eq!(again.ok(201)["hash"], hash.as_str());
+    // Deploying checks the stored bytes again: they are a valid manifest.
+    let deployed = c.deploy("demo/odd", "1.0.0", Body::None).await;
+    assert_eq!(deployed.status, 202, "{}", deployed.body);
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn registering_bad_input_is_refused_and_changes_nothing() {
     let c = Controller::start("max_body_bytes = 16384", "").await;
     let sources = c.ws.sources_dir();

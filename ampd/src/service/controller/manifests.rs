@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
+use serde_json::value::RawValue;
 
 use crate::manifest::{self, ManifestError, Source, StaticManifest};
 use crate::metadata::{self, datasets};
@@ -17,10 +18,7 @@ use crate::metadata::{self, datasets};
 pub async fn store(data_dir: &Path, hash: &str, content: &[u8]) -> io::Result<String> {
     let relative = manifest::manifest_path(hash);
     let path = data_dir.join(&relative);
-    if tokio::fs::read(&path)
-        .await
-        .is_ok_and(|held| held == content)
-    {
+    if holds(&path, content).await {
         return Ok(relative);
     }
     let dir = path.parent().unwrap_or(data_dir);
@@ -37,6 +35,31 @@ pub async fn store(data_dir: &Path, hash: &str, content: &[u8]) -> io::Result<St
     renamed.map(|()| relative)
 }
 
+/// Whether the file at `path` holds exactly `content`, compared a piece at a time (a manifest can
+/// be as large as a request body; reading it whole would hold it twice).
+async fn holds(path: &Path, content: &[u8]) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return false;
+    };
+    if !file
+        .metadata()
+        .await
+        .is_ok_and(|m| m.len() == content.len() as u64)
+    {
+        return false;
+    }
+    let mut piece = vec![0; 64 * 1024];
+    let mut at = 0;
+    loop {
+        match file.read(&mut piece).await {
+            Ok(0) => return at == content.len(),
+            Ok(n) if content.get(at..at + n) == Some(&piece[..n]) => at += n,
+            _ => return false,
+        }
+    }
+}
+
 async fn write_synced(path: &Path, content: &[u8]) -> io::Result<()> {
     use tokio::io::AsyncWriteExt;
     let mut file = tokio::fs::File::create(path).await?;
@@ -44,10 +67,12 @@ async fn write_synced(path: &Path, content: &[u8]) -> io::Result<()> {
     file.sync_all().await
 }
 
-/// Reads back the manifest stored at `relative` (`manifest_files.path`) under `data_dir`.
-pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Value> {
+/// Reads back the manifest stored at `relative` (`manifest_files.path`) under `data_dir`: its
+/// bytes, checked to be JSON, not parsed into a tree.
+pub async fn load(data_dir: &Path, relative: &str) -> io::Result<Box<RawValue>> {
     let bytes = tokio::fs::read(data_dir.join(relative)).await?;
-    serde_json::from_slice(&bytes).map_err(io::Error::other)
+    let text = String::from_utf8(bytes).map_err(io::Error::other)?;
+    RawValue::from_string(text).map_err(io::Error::other)
 }
 
 /// Checks every CSV source of `manifest` in `sources_dir`, when that directory exists here (the
@@ -55,10 +80,10 @@ pub async fn load(data_dir: &Path, relative: &str) -> io::Result<serde_json::Val
 /// file must open beneath the directory as a regular file ([`manifest::open_source`]: no
 /// absolute path, `..` or symbolic link leading out) and its header row must name the table's columns, in order. Rows
 /// are checked by the worker as it reads them.
-pub async fn check_sources(
+pub async fn check_sources<R>(
     sources_dir: PathBuf,
     max_record_bytes: u64,
-    manifest: &StaticManifest,
+    manifest: &StaticManifest<R>,
 ) -> Result<(), ManifestError> {
     let csv: Vec<(String, String, Vec<String>)> = manifest
         .tables

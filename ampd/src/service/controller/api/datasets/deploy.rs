@@ -111,10 +111,12 @@ pub async fn deploy(
     // A manifest stored before a limit was lowered stays readable, but is not deployed.
     let stored = load(&app, &found).await?;
     let limits = app.limits;
-    tokio::task::spawn_blocking(move || StaticManifest::parse_within(&stored, limits).map(drop))
-        .await
-        .map_err(|e| internal("validating a manifest", e))?
-        .map_err(invalid_manifest)?;
+    tokio::task::spawn_blocking(move || {
+        StaticManifest::<usize>::parse_within(stored.get(), limits).map(drop)
+    })
+    .await
+    .map_err(|e| internal("validating a manifest", e))?
+    .map_err(invalid_manifest)?;
     let node = choose_node(&app, body.unwrap_or_default().node_id).await?;
     let descriptor = serde_json::json!({
         "namespace": namespace,

@@ -6,10 +6,10 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{NoFields, OptionalJson, Shared, db, internal};
-use crate::manifest::{self, StaticManifest};
+use crate::manifest::{self, StaticManifest, canonical};
 use crate::metadata::{self, datasets};
 use crate::service::controller::manifests;
-use crate::service::http::{ApiError, ErrorBody, Json, Path};
+use crate::service::http::{self, ApiError, ErrorBody, Json, JsonBody, Path};
 
 pub mod deploy;
 pub mod tables;
@@ -29,7 +29,19 @@ pub struct RegisterDataset {
     /// A semantic version (`1.0.0`, `1.1.0-rc.1`); `latest` and `dev` are managed by ampd.
     pub version: String,
     /// The manifest: `{"kind": "static", "tables": {...}}` (see the README for the format).
-    pub manifest: serde_json::Value,
+    #[schema(value_type = serde_json::Value)]
+    pub manifest: InBody,
+}
+
+/// The `manifest` of a [`RegisterDataset`] as the request is read: its value stays in the body's
+/// bytes ([`JsonBody::object_with_raw`]), from which it is validated and stored.
+#[derive(Debug, Clone, Copy)]
+pub struct InBody;
+
+impl<'de> Deserialize<'de> for InBody {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<InBody, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| InBody)
+    }
 }
 
 /// A registered version.
@@ -91,7 +103,8 @@ pub struct Version {
     /// The manifest's kind (`static`).
     pub kind: String,
     /// The manifest, as stored.
-    pub manifest: serde_json::Value,
+    #[schema(value_type = serde_json::Value)]
+    pub manifest: Box<serde_json::value::RawValue>,
     /// The tags that name this manifest (`1.0.0`, `latest`, `dev`, ...).
     pub tags: Vec<String>,
 }
@@ -181,7 +194,7 @@ pub(crate) fn within_name_limit(max: usize, names: &[(&str, &str)]) -> Result<()
 async fn load(
     app: &Shared,
     manifest: &entity::manifest_files::Model,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<Box<serde_json::value::RawValue>, ApiError> {
     manifests::load(&app.data_dir, &manifest.path)
         .await
         .map_err(|e| internal(&format!("reading manifest file {}", manifest.path), e))
@@ -195,16 +208,17 @@ fn invalid_manifest(e: manifest::ManifestError) -> ApiError {
     )
 }
 
-/// A manifest's kind, its parse within `limits`, its bytes as stored and their hash.
+/// The kind of the manifest whose JSON text is `manifest`, its check within `limits` (rows
+/// counted, not kept), its bytes as stored and their hash.
 fn validate(
-    manifest: &serde_json::Value,
+    manifest: &[u8],
     limits: manifest::Limits,
-) -> Result<(String, StaticManifest, Vec<u8>, String), ApiError> {
-    let kind = manifest::kind_of(manifest)
-        .map_err(invalid_manifest)?
-        .to_owned();
-    let parsed = StaticManifest::parse_within(manifest, limits).map_err(invalid_manifest)?;
-    let content = serde_json::to_vec(manifest).map_err(|e| internal("encoding a manifest", e))?;
+) -> Result<(String, StaticManifest<usize>, Vec<u8>, String), ApiError> {
+    let text = std::str::from_utf8(manifest).map_err(|e| internal("reading a manifest", e))?;
+    let content = canonical::canonical(text).map_err(|e| internal("encoding a manifest", e))?;
+    let stored = std::str::from_utf8(&content).map_err(|e| internal("encoding a manifest", e))?;
+    let kind = manifest::kind_of(stored).map_err(invalid_manifest)?;
+    let parsed = StaticManifest::parse_within(stored, limits).map_err(invalid_manifest)?;
     let hash = datasets::manifest_hash(&content);
     Ok((kind, parsed, content, hash))
 }
@@ -235,8 +249,11 @@ fn validate(
 )]
 pub async fn register(
     State(app): State<Shared>,
-    Json(req): Json<RegisterDataset>,
+    body: JsonBody,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    let (req, manifest) = body.object_with_raw::<RegisterDataset>("manifest")?;
+    // A request without the field does not read as a `RegisterDataset`.
+    let manifest = manifest.ok_or_else(|| internal("reading a registration", "no manifest"))?;
     within_name_limit(
         app.max_name_len,
         &[
@@ -257,10 +274,11 @@ pub async fn register(
         .to_string();
     // Validation and encoding are linear in the manifest but can take a while on a large one:
     // off the async runtime, so health checks and the scheduler never wait behind them.
+    // The manifest is read from the body's bytes, which go once it is validated.
     let limits = app.limits;
-    let body = req.manifest;
+    let body = body.0;
     let (kind, parsed, content, hash) =
-        tokio::task::spawn_blocking(move || validate(&body, limits))
+        tokio::task::spawn_blocking(move || validate(&body[manifest], limits))
             .await
             .map_err(|e| internal("validating a manifest", e))??;
     manifests::check_sources(app.sources_dir.clone(), app.max_csv_record_bytes, &parsed)
@@ -396,17 +414,19 @@ pub async fn get(
 pub async fn get_version(
     State(app): State<Shared>,
     Path(path): Path<VersionPath>,
-) -> Result<Json<Version>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let found = resolve(&app, &path).await?;
     let VersionPath {
         namespace, name, ..
     } = path;
+    // The stored bytes go into the answer as they are, never parsed into a tree.
     let manifest = load(&app, &found).await?;
     let tags = db("list tags", || {
         datasets::list_tags(&app.db, &namespace, &name)
     })
     .await?;
-    Ok(Json(Version {
+    let size = manifest.get().len() + 1024;
+    let version = Version {
         tags: tags
             .into_iter()
             .filter(|t| t.hash == found.hash)
@@ -417,7 +437,8 @@ pub async fn get_version(
         hash: found.hash,
         kind: found.kind,
         manifest,
-    }))
+    };
+    Ok(http::json_sized(&version, size))
 }
 
 /// Delete a version.

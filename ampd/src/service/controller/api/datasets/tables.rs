@@ -7,6 +7,7 @@ use axum::extract::State;
 use serde::Serialize;
 
 use super::{VersionErrors, VersionPath, load, resolve};
+use crate::manifest;
 use crate::metadata::{self, revisions};
 use crate::service::controller::api::{Shared, db};
 use crate::service::http::{ApiError, Json, Path};
@@ -120,11 +121,11 @@ pub async fn tables(
     let mut revisions_of = group(all_revisions, |r| r.physical_table_id);
     let mut files_of = group(active_files, |f| f.revision_id);
     // The manifest's tables, and any table a job registered for it.
-    let mut by_name: BTreeMap<String, Option<entity::physical_tables::Model>> = manifest
-        .get("tables")
-        .and_then(|t| t.as_object())
-        .map(|t| t.keys().map(|k| (k.clone(), None)).collect())
-        .unwrap_or_default();
+    let mut by_name: BTreeMap<String, Option<entity::physical_tables::Model>> =
+        manifest::table_names(manifest.get())
+            .into_iter()
+            .map(|k| (k, None))
+            .collect();
     for table in physical {
         by_name.insert(table.table_name.clone(), Some(table));
     }

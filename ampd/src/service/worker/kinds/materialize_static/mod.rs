@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Failure, Job, JobError, JobKind};
 use crate::manifest::{
     self, Column, FORMAT_JSONL, FileMeta, RevisionMeta, RowEncoder, Source, StaticManifest,
+    canonical,
 };
 use crate::metadata::jobs::{self, Target};
 use crate::metadata::{datasets, files, revisions};
@@ -135,9 +136,14 @@ async fn read_manifest(job: &Job, target: &Target<'_>) -> Result<StaticManifest,
             ..Failure::new("invalid_manifest", message)
         })
     };
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| invalid("manifest".into(), format!("manifest: not JSON: {e}")))?;
-    StaticManifest::parse(&value).map_err(|e| invalid(e.at.clone(), e.to_string()))
+    let not_json = |e: String| invalid("manifest".into(), format!("manifest: not JSON: {e}"));
+    // The controller stores canonical bytes; these are read as canonical again in case they were
+    // written some other way, so the manifest's rules see them as the controller saw them.
+    serde_json::from_slice::<canonical::Syntax>(&bytes).map_err(|e| not_json(e.to_string()))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| not_json(e.to_string()))?;
+    let stored = canonical::canonical(text).map_err(|e| not_json(e.to_string()))?;
+    let text = std::str::from_utf8(&stored).map_err(|e| not_json(e.to_string()))?;
+    StaticManifest::parse(text).map_err(|e| invalid(e.at.clone(), e.to_string()))
 }
 
 /// Where a table's rows come from.
