@@ -20,6 +20,7 @@ mod metadata_files;
 mod metadata_gc;
 mod metadata_jobs;
 mod metadata_notifications;
+mod metadata_overview;
 mod metadata_revisions;
 mod metadata_workers;
 mod migrate_baseline;
