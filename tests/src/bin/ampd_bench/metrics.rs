@@ -21,8 +21,9 @@ use super::{
 
 /// Connections of the admin API's load.
 const LOAD_CONNECTIONS: usize = 8;
-/// On/off pairs of each comparison (each pair run as on, off or off, on in turn).
-const PAIRS: usize = 2;
+/// On/off pairs of each comparison (each pair run as on, off or off, on in turn): five, so that a
+/// median is not one noisy run's.
+const PAIRS: usize = 5;
 /// Scrapes timed.
 const SCRAPES: usize = 7;
 /// Workers and jobs of the scrape's database.
