@@ -91,7 +91,8 @@ pub struct Side {
     pub pass_db_ms: Option<f64>,
     pub heartbeat_ms: (f64, f64),
     pub recovery_s: f64,
-    pub routes: Vec<(String, f64, f64)>,
+    /// Each route: its path, p50 and p99 (ms), and the size of its answer (bytes).
+    pub routes: Vec<(String, f64, f64, usize)>,
     pub retention: Option<RetentionFigures>,
     pub size_mb: f64,
 }
@@ -506,6 +507,7 @@ async fn measure_running(
         "/datasets".to_owned(),
     ] {
         let mut ms = Vec::with_capacity(REQUESTS);
+        let mut bytes = 0;
         for _ in 0..REQUESTS {
             let started = Instant::now();
             let r = http
@@ -514,14 +516,18 @@ async fn measure_running(
                 .await
                 .map_err(|e| format!("GET {path}: {e}"))?;
             let status = r.status();
-            let _ = r.bytes().await;
+            bytes = r.bytes().await.map(|b| b.len()).unwrap_or(0);
             if !status.is_success() {
                 return Err(format!("GET {path}: {status}"));
             }
             ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        side.routes
-            .push((path, percentile(&mut ms, 0.5), percentile(&mut ms, 0.99)));
+        side.routes.push((
+            path,
+            percentile(&mut ms, 0.5),
+            percentile(&mut ms, 0.99),
+            bytes,
+        ));
     }
 
     eprint!("{}", explain_live(db).await?);
@@ -644,7 +650,17 @@ async fn explain_live(db: &DatabaseConnection) -> Res<String> {
         "SELECT * FROM jobs WHERE node_id IN ({list}) AND status IN ('SCHEDULED', 'RUNNING', \
          'STOP_REQUESTED', 'STOPPING') ORDER BY node_id, id"
     );
-    let mut out = String::from("  GET /workers?live=true, its page:\n");
+    let mut out = format!(
+        "  GET /workers?live=true: {} active jobs on the page's {} workers; its page:\n",
+        if nodes.is_empty() {
+            "0".to_owned()
+        } else {
+            lines(format!("SELECT count(*)::text FROM ({jobs}) j"))
+                .await?
+                .concat()
+        },
+        nodes.len()
+    );
     for l in lines(format!("EXPLAIN (ANALYZE, BUFFERS) {page}")).await? {
         out.push_str(&format!("    {l}\n"));
     }
@@ -785,6 +801,10 @@ fn ms(x: f64) -> String {
     super::ms(x)
 }
 
+fn kb(bytes: usize) -> String {
+    format!("{:.1} kB", bytes as f64 / 1000.0)
+}
+
 pub fn markdown(s: &Scale) -> String {
     use std::fmt::Write as _;
     let f = &s.fleet;
@@ -837,14 +857,16 @@ pub fn markdown(s: &Scale) -> String {
         ms(s.full.heartbeat_ms.0),
         ms(s.full.heartbeat_ms.1)
     );
-    for ((path, e50, e99), (_, h50, h99)) in s.empty.routes.iter().zip(&s.full.routes) {
+    for ((path, e50, e99, eb), (_, h50, h99, hb)) in s.empty.routes.iter().zip(&s.full.routes) {
         let _ = writeln!(
             md,
-            "| `GET {path}` p50 / p99 | {} / {} | {} / {} | p99 ≤ 10 ms |",
+            "| `GET {path}` p50 / p99 (answer) | {} / {} ({}) | {} / {} ({}) | p99 ≤ 10 ms |",
             ms(*e50),
             ms(*e99),
+            kb(*eb),
             ms(*h50),
-            ms(*h99)
+            ms(*h99),
+            kb(*hb)
         );
     }
     if let Some(r) = &s.full.retention {
@@ -881,12 +903,13 @@ fn side_markdown(title: &str, f: &Fleet, side: &Side) -> String {
         ms(side.heartbeat_ms.0),
         ms(side.heartbeat_ms.1)
     );
-    for (path, p50, p99) in &side.routes {
+    for (path, p50, p99, bytes) in &side.routes {
         let _ = writeln!(
             md,
-            "| `GET {path}` p50 / p99 | {} / {} |",
+            "| `GET {path}` p50 / p99 (answer) | {} / {} ({}) |",
             ms(*p50),
-            ms(*p99)
+            ms(*p99),
+            kb(*bytes)
         );
     }
     md
