@@ -138,12 +138,12 @@ impl YearPlan {
             .map(|p| p.trim().parse::<usize>())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("--year {text:?}: {e}; use jobs_per_day[,events_per_job]"))?;
-        match n.as_slice() {
-            &[jobs_per_day] => Ok(YearPlan {
+        match *n.as_slice() {
+            [jobs_per_day] => Ok(YearPlan {
                 jobs_per_day,
                 events_per_job: None,
             }),
-            &[jobs_per_day, events] if events >= 1 => Ok(YearPlan {
+            [jobs_per_day, events] if events >= 1 => Ok(YearPlan {
                 jobs_per_day,
                 events_per_job: Some(events),
             }),
