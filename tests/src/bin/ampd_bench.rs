@@ -47,7 +47,9 @@ const HISTORY: [usize; 3] = [1, 100, 1000];
 const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S (throughput run length, default 10)] \
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
      [--only fresh|noop|scaling|throughput|services|memory|metrics|scale (repeatable; implies --no-write)] \
-     [--fleet WORKERS,ACTIVE,HISTORY,EVENTS,EVER (scale; default 256,2000,98000,10000000,10000)]";
+     [--fleet WORKERS,ACTIVE,HISTORY,EVENTS,EVER (scale; default 256,2000,98000,10000000,10000)] \
+     [--year JOBS_PER_DAY[,EVENTS_PER_JOB] (scale's simulated year; default 10000 and the fleet's \
+     events per finished job; 0 skips it)]";
 
 #[derive(Debug)]
 struct Args {
@@ -59,6 +61,8 @@ struct Args {
     only: Vec<String>,
     /// The fleet of `scale`.
     fleet: scale::Fleet,
+    /// The simulated year of `scale`.
+    year: scale::YearPlan,
 }
 
 impl Args {
@@ -74,6 +78,7 @@ impl Args {
             write: true,
             only: Vec::new(),
             fleet: scale::Fleet::default(),
+            year: scale::YearPlan::default(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -91,6 +96,7 @@ impl Args {
                 }
                 "--out" => args.out = PathBuf::from(value("--out")?),
                 "--fleet" => args.fleet = scale::Fleet::parse(&value("--fleet")?)?,
+                "--year" => args.year = scale::YearPlan::parse(&value("--year")?)?,
                 "--no-write" => args.write = false,
                 "--only" => {
                     let part = value("--only")?;
@@ -1548,7 +1554,7 @@ async fn measure_all(args: &Args, bins: &Binaries, tmp: &Path, started: Instant)
     let mut scale = None;
     if args.wants("scale") {
         eprintln!("a fleet and its history ...");
-        scale = Some(scale::measure(&ctx, first, &args.fleet, stat_statements).await?);
+        scale = Some(scale::measure(&ctx, first, &args.fleet, &args.year, stat_statements).await?);
     }
     let mut memory = None;
     if args.wants("memory") {

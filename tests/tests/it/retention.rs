@@ -84,8 +84,13 @@ async fn job_exists(db: &DatabaseConnection, job_id: i64) -> bool {
 async fn events_of_jobs_finished_before_the_retention_go_in_batches_and_no_others() {
     let db = TestDb::migrated().await;
     let conn = db.connect().await;
-    let old = job(&conn, "old", "COMPLETED", 40, 1503).await;
+    // A batch is the events of EVENTS_BATCH jobs, each job's whole history in one statement.
+    let old = job(&conn, "old", "COMPLETED", 40, 2503).await;
     let failed = job(&conn, "failed", "FATAL", 31, 2).await;
+    let mut others = Vec::new();
+    for i in 0..EVENTS_BATCH {
+        others.push(job(&conn, &format!("other{i}"), "STOPPED", 35, 1).await);
+    }
     let recent = job(&conn, "recent", "COMPLETED", 10, 2).await;
     // A job finished 10 days ago whose first events are 40 days old: its history stays whole.
     exec(
@@ -105,16 +110,18 @@ async fn events_of_jobs_finished_before_the_retention_go_in_batches_and_no_other
     assert_eq!(
         deleted,
         Deleted {
-            events: 1505,
+            events: 2503 + 2 + EVENTS_BATCH,
             jobs: 0,
             workers: 0
         }
     );
-    // 1505 events in batches of 1000: two statements, each deleting one batch.
-    assert_eq!(EVENTS_BATCH, 1000);
+    // EVENTS_BATCH + 2 jobs: two statements, a full batch and a short one, however many events
+    // the oldest job has.
+    assert_eq!(EVENTS_BATCH, 20);
     assert_eq!(counter.statements(), 2, "{:?}", counter.sent());
-    assert_eq!(events_of(&conn, old).await, 0);
-    assert_eq!(events_of(&conn, failed).await, 0);
+    for id in others.iter().chain([&old, &failed]) {
+        assert_eq!(events_of(&conn, *id).await, 0, "job {id}'s events go");
+    }
     assert_eq!(events_of(&conn, recent).await, 3);
     assert_eq!(events_of(&conn, running).await, 3);
     for id in [old, failed, recent, running] {

@@ -76,7 +76,7 @@ pub use query::{
     count_active_by_node, delete, delete_terminal, get, list, list_active_for_node,
     list_active_for_nodes, list_due_for_retry, list_events, list_events_page, list_orphaned,
 };
-pub use retention::{delete_events_of_finished, delete_finished};
+pub use retention::{EventsPurged, delete_events_of_finished, delete_finished};
 pub use schedule::schedule;
 pub use worker::{
     Completed, mark_completed, mark_error, mark_fatal, mark_running, mark_stopped, mark_stopping,

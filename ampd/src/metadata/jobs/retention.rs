@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, Value};
+use sea_orm::{ConnectionTrait, DbErr, Value};
 
 use super::TERMINAL;
 use super::transition::stmt;
@@ -22,13 +22,29 @@ fn terminal_list() -> String {
         .join(", ")
 }
 
-/// Deletes up to `batch` events of jobs that finished `older_than` ago or earlier (terminal, last
-/// updated then), oldest first; returns how many. The events of an active job, or of one that
-/// finished more recently, are never touched, so a job's history goes whole or not at all once
-/// the job is old enough. One statement, reading `idx_job_events_created_at` (an event of such a
-/// job is at least as old as the job's last update).
+/// What one statement of [`delete_events_of_finished`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventsPurged {
+    /// The finished jobs whose events it deleted (a short batch is the last one).
+    pub jobs: u64,
+    /// The events it deleted.
+    pub events: u64,
+}
+
+/// Deletes every event of up to `batch` jobs that finished `older_than` ago or earlier (terminal,
+/// last updated then) and still have events, oldest first; returns how many jobs and events. The
+/// events of an active job, or of one that finished more recently, are never touched, so a job's
+/// history goes whole or not at all. One statement, driven by the jobs: it walks
+/// `idx_jobs_finished_updated_at` from the oldest event's time (a job with events was last updated
+/// no earlier than its first event) and reads each job's events through
+/// `idx_job_events_job_id_id`, so a batch costs its jobs' events and not a scan of the events
+/// kept. It reads `jobs` without locking a row of it.
 #[tracing::instrument(skip(db), err)]
-pub async fn delete_events_of_finished<C>(db: &C, older_than: Duration, batch: u64) -> Result<u64>
+pub async fn delete_events_of_finished<C>(
+    db: &C,
+    older_than: Duration,
+    batch: u64,
+) -> Result<EventsPurged>
 where
     C: ConnectionTrait,
 {
@@ -37,17 +53,25 @@ where
     let terminal = terminal_list();
     let sql = format!(
         "WITH doomed AS (\
-           SELECT e.id FROM job_events e JOIN jobs j ON j.id = e.job_id \
-           WHERE e.created_at <= now() - $1 * interval '1 microsecond' \
-             AND j.status IN ({terminal}) \
+           SELECT j.id FROM jobs j \
+           WHERE j.status IN ({terminal}) \
              AND j.updated_at <= now() - $1 * interval '1 microsecond' \
-           ORDER BY e.created_at LIMIT $2) \
-         DELETE FROM job_events WHERE id IN (SELECT id FROM doomed)"
+             AND j.updated_at >= (SELECT min(created_at) FROM job_events) \
+             AND EXISTS (SELECT 1 FROM job_events e WHERE e.job_id = j.id) \
+           ORDER BY j.updated_at LIMIT $2), \
+         gone AS (DELETE FROM job_events WHERE job_id IN (SELECT id FROM doomed) RETURNING 1) \
+         SELECT (SELECT count(*) FROM doomed) AS jobs, (SELECT count(*) FROM gone) AS events"
     );
-    let done = db
-        .execute_raw(stmt(sql, vec![Value::from(age), Value::from(batch)]))
-        .await?;
-    Ok(done.rows_affected())
+    let row = db
+        .query_one_raw(stmt(sql, vec![Value::from(age), Value::from(batch)]))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("the events retention's counts".into()))?;
+    let jobs: i64 = row.try_get("", "jobs")?;
+    let events: i64 = row.try_get("", "events")?;
+    Ok(EventsPurged {
+        jobs: u64::try_from(jobs).unwrap_or(0),
+        events: u64::try_from(events).unwrap_or(0),
+    })
 }
 
 /// Deletes up to `batch` finished jobs (terminal) last updated `older_than` ago or earlier, oldest

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ControllerConfig, WorkerConfig};
 use crate::metadata::{self, jobs, workers};
 
-/// Events deleted per statement.
-pub const EVENTS_BATCH: u64 = 1000;
+/// Finished jobs whose events are deleted per statement (all the events of each).
+pub const EVENTS_BATCH: u64 = 20;
 /// Jobs deleted per statement (with whatever events they still have).
 pub const JOBS_BATCH: u64 = 100;
 /// Workers deleted per statement.
@@ -114,10 +114,13 @@ pub async fn pass(
 ) -> Result<Deleted, metadata::Error> {
     let mut deleted = Deleted::default();
     if let Some(age) = retention.events {
-        deleted.events = drain(stop, EVENTS_BATCH, || {
-            jobs::delete_events_of_finished(db, age, EVENTS_BATCH)
-        })
-        .await?;
+        loop {
+            let purged = jobs::delete_events_of_finished(db, age, EVENTS_BATCH).await?;
+            deleted.events += purged.events;
+            if purged.jobs < EVENTS_BATCH || stop.is_cancelled() {
+                break;
+            }
+        }
     }
     if let Some(age) = retention.jobs {
         deleted.jobs = drain(stop, JOBS_BATCH, || {

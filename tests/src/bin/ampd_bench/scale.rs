@@ -12,8 +12,15 @@
 //! - recovery: a quarter of the workers stop heartbeating at once; the time from their last
 //!   heartbeat until every one of their RUNNING jobs is SCHEDULED on a live worker;
 //! - then, on the history side, one retention pass with the defaults over the backdated history
-//!   (the controller stopped), in-process: its time and its longest statement on `jobs` (each
-//!   statement is its own transaction, so no lock on `jobs` is held longer).
+//!   (the controller stopped), in-process: its time, the events deleted per second, and the
+//!   longest statement of each kind: those that delete jobs (each its own transaction, so no lock
+//!   on `jobs` is held longer) apart from those that delete events (they lock no row of `jobs`);
+//! - last, on a database of its own, 365 simulated days of `--year` finished jobs a day with
+//!   retention's defaults ([`simulate_year`]): the database's size after day 120 and day 365.
+//!
+//! Each side's figures are printed (stderr) as soon as the side ends, the retention pass's when it
+//! ends, so a run cut off later still leaves them; `EXPLAIN (ANALYZE, BUFFERS)` of
+//! `GET /workers?live=true`'s two statements is printed beside them.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -84,15 +91,92 @@ pub struct Side {
     pub pass_db_ms: Option<f64>,
     pub heartbeat_ms: (f64, f64),
     pub recovery_s: f64,
-    pub routes: Vec<(String, f64, f64)>,
-    pub retention: Option<(f64, f64, u64, u64)>,
+    /// Each route: its path, p50 and p99 (ms), and the size of its answer (bytes).
+    pub routes: Vec<(String, f64, f64, usize)>,
+    pub retention: Option<RetentionFigures>,
     pub size_mb: f64,
+}
+
+/// One retention pass, the statements that delete events timed apart from those that delete
+/// jobs (only the latter lock rows of `jobs`; each statement is its own transaction).
+#[derive(Clone, Debug, Default)]
+pub struct RetentionFigures {
+    pub secs: f64,
+    pub events: u64,
+    pub events_secs: f64,
+    pub events_statements: u64,
+    pub longest_events_ms: f64,
+    pub jobs: u64,
+    pub jobs_secs: f64,
+    pub jobs_statements: u64,
+    pub longest_jobs_ms: f64,
+}
+
+/// The simulated year: `jobs_per_day` finished jobs a day with `events_per_job` events each,
+/// inserted a chunk of days at a time, a retention pass (the defaults) and a VACUUM after each.
+#[derive(Clone, Debug)]
+pub struct YearPlan {
+    pub jobs_per_day: usize,
+    /// `None`: as many as the fleet's history has per job.
+    pub events_per_job: Option<usize>,
+}
+
+impl Default for YearPlan {
+    fn default() -> YearPlan {
+        YearPlan {
+            jobs_per_day: 10_000,
+            events_per_job: None,
+        }
+    }
+}
+
+impl YearPlan {
+    /// Parses `jobs_per_day[,events_per_job]`; `0` skips the year.
+    pub fn parse(text: &str) -> Res<YearPlan> {
+        let n: Vec<usize> = text
+            .split(',')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--year {text:?}: {e}; use jobs_per_day[,events_per_job]"))?;
+        match *n.as_slice() {
+            [jobs_per_day] => Ok(YearPlan {
+                jobs_per_day,
+                events_per_job: None,
+            }),
+            [jobs_per_day, events] if events >= 1 => Ok(YearPlan {
+                jobs_per_day,
+                events_per_job: Some(events),
+            }),
+            _ => Err(format!(
+                "--year {text:?}: jobs_per_day[,events_per_job] (0 jobs skips the year; at \
+                 least 1 event per job)"
+            )),
+        }
+    }
+}
+
+/// What the simulated year measured.
+#[derive(Clone, Debug, Default)]
+pub struct Year {
+    pub jobs_per_day: usize,
+    pub events_per_job: usize,
+    /// `pg_database_size` after day 120 and day 365, MB.
+    pub size_120_mb: f64,
+    pub size_365_mb: f64,
+    /// Rows in `jobs` and `job_events` after day 120 and after day 365.
+    pub rows_120: (i64, i64),
+    pub rows_365: (i64, i64),
+    /// Wall time of the whole simulation, s.
+    pub secs: f64,
+    /// The longest retention pass (s) and its events per second.
+    pub longest_pass_s: f64,
 }
 
 pub struct Scale {
     pub fleet: Fleet,
     pub empty: Side,
     pub full: Side,
+    pub year: Option<Year>,
     pub liveness_s: f64,
 }
 
@@ -105,6 +189,7 @@ pub async fn measure(
     ctx: &Ctx<'_>,
     transport: &Transport,
     fleet: &Fleet,
+    plan: &YearPlan,
     stat_statements: bool,
 ) -> Res<Scale> {
     let mut dbs = Databases::new(transport).await;
@@ -115,10 +200,25 @@ pub async fn measure(
         fleet.history, fleet.events
     );
     let full = side(ctx, &mut dbs, fleet, true, stat_statements).await?;
+    let year = if plan.jobs_per_day > 0 {
+        let events_per_job = plan
+            .events_per_job
+            .unwrap_or_else(|| (fleet.events / fleet.history.max(1)).max(1));
+        eprintln!(
+            "scale: 365 simulated days of {} jobs a day with {events_per_job} events each ...",
+            plan.jobs_per_day
+        );
+        let year = simulate_year(ctx, &mut dbs, plan.jobs_per_day, events_per_job).await?;
+        eprint!("{}", year_markdown(&year));
+        Some(year)
+    } else {
+        None
+    };
     Ok(Scale {
         fleet: fleet.clone(),
         empty,
         full,
+        year,
         liveness_s: LIVENESS_MS as f64 / 1000.0,
     })
 }
@@ -153,8 +253,10 @@ async fn fill(db: &DatabaseConnection, fleet: &Fleet, history: bool) -> Res<()> 
     if history {
         let (h, e, ever) = (fleet.history, fleet.events, fleet.ever);
         // Finished jobs spread over the last 100 days, interleaved in id order with nothing else
-        // (they come before the active ones in the primary key, as in a real history); gone
-        // workers registered once; every finished job with events/history events.
+        // (they come before the active ones in the primary key, as in a real history), each
+        // COMPLETED, STOPPED or FATAL: an ERROR job would be due for a retry, which a history
+        // long finished is not; gone workers registered once; every finished job with
+        // events/history events.
         exec(
             db,
             &format!(
@@ -165,7 +267,7 @@ async fn fill(db: &DatabaseConnection, fleet: &Fleet, history: bool) -> Res<()> 
                  INSERT INTO jobs (idempotency_key, kind, node_id, status, descriptor, attempt, \
                      created_at, updated_at) \
                  SELECT 'done' || i, 'materialize-static', NULL, \
-                     (ARRAY['COMPLETED', 'STOPPED', 'ERROR', 'FATAL'])[1 + i % 4], \
+                     (ARRAY['COMPLETED', 'STOPPED', 'FATAL'])[1 + i % 3], \
                      jsonb_build_object('namespace', 'old', 'name', 'd' || i, 'manifest_hash', 'h'), 1, \
                      now() - (100.0 * i / {h}) * interval '1 day', \
                      now() - (100.0 * i / {h}) * interval '1 day' \
@@ -330,8 +432,16 @@ async fn side(
     let mut l = latencies;
     side.heartbeat_ms = (percentile(&mut l, 0.5), percentile(&mut l, 0.99));
     side.size_mb = size_mb;
+    // Printed at once, so that a run cut off later still leaves this side's figures.
+    eprint!(
+        "{}",
+        side_markdown(if history { "history" } else { "no history" }, fleet, &side)
+    );
     if history {
-        side.retention = Some(retention_pass(&db).await?);
+        eprintln!("scale: one retention pass with the defaults over the history ...");
+        let figures = retention_pass(&db).await?;
+        eprint!("{}", retention_markdown(&figures));
+        side.retention = Some(figures);
     }
     let _ = db.close().await;
     dbs.drop(&name).await?;
@@ -397,6 +507,7 @@ async fn measure_running(
         "/datasets".to_owned(),
     ] {
         let mut ms = Vec::with_capacity(REQUESTS);
+        let mut bytes = 0;
         for _ in 0..REQUESTS {
             let started = Instant::now();
             let r = http
@@ -405,15 +516,21 @@ async fn measure_running(
                 .await
                 .map_err(|e| format!("GET {path}: {e}"))?;
             let status = r.status();
-            let _ = r.bytes().await;
+            bytes = r.bytes().await.map(|b| b.len()).unwrap_or(0);
             if !status.is_success() {
                 return Err(format!("GET {path}: {status}"));
             }
             ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        side.routes
-            .push((path, percentile(&mut ms, 0.5), percentile(&mut ms, 0.99)));
+        side.routes.push((
+            path,
+            percentile(&mut ms, 0.5),
+            percentile(&mut ms, 0.99),
+            bytes,
+        ));
     }
+
+    eprint!("{}", explain_live(db).await?);
 
     // Recovery: the first quarter stops heartbeating.
     beats.silence_dead();
@@ -445,9 +562,10 @@ async fn measure_running(
     Ok(side)
 }
 
-/// One retention pass with the defaults, statement by statement: (total s, longest statement on
-/// `jobs` in ms, events deleted, jobs deleted).
-async fn retention_pass(db: &DatabaseConnection) -> Res<(f64, f64, u64, u64)> {
+/// One retention pass with the defaults, statement by statement, as `retention::pass` runs it:
+/// the statements that delete events (they read `jobs`, lock none of its rows) timed apart from
+/// those that delete jobs (each locks the rows it deletes until it commits).
+async fn retention_pass(db: &DatabaseConnection) -> Res<RetentionFigures> {
     use ampd::metadata::jobs;
     use ampd::service::controller::retention::{EVENTS_BATCH, JOBS_BATCH, Retention};
     let r = Retention::new(
@@ -459,41 +577,232 @@ async fn retention_pass(db: &DatabaseConnection) -> Res<(f64, f64, u64, u64)> {
         r.jobs.ok_or("jobs retention is off by default?")?,
     );
     let started = Instant::now();
-    let mut longest_ms: f64 = 0.0;
-    let (mut events, mut deleted_jobs) = (0, 0);
+    let mut f = RetentionFigures::default();
     loop {
         let t = Instant::now();
-        let n = jobs::delete_events_of_finished(db, events_age, EVENTS_BATCH)
+        let purged = jobs::delete_events_of_finished(db, events_age, EVENTS_BATCH)
             .await
             .map_err(|e| format!("retention: {e}"))?;
-        // The events batch also reads `jobs` (a shared lock on no row).
-        longest_ms = longest_ms.max(t.elapsed().as_secs_f64() * 1000.0);
-        events += n;
-        if n < EVENTS_BATCH {
+        f.longest_events_ms = f.longest_events_ms.max(t.elapsed().as_secs_f64() * 1000.0);
+        f.events_statements += 1;
+        f.events += purged.events;
+        if f.events_statements % 500 == 0 {
+            eprintln!(
+                "  {} events deleted in {:.0} s ...",
+                f.events,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if purged.jobs < EVENTS_BATCH {
             break;
         }
     }
+    f.events_secs = started.elapsed().as_secs_f64();
+    let jobs_started = Instant::now();
     loop {
         let t = Instant::now();
         let n = jobs::delete_finished(db, jobs_age, JOBS_BATCH)
             .await
             .map_err(|e| format!("retention: {e}"))?;
-        longest_ms = longest_ms.max(t.elapsed().as_secs_f64() * 1000.0);
-        deleted_jobs += n;
+        f.longest_jobs_ms = f.longest_jobs_ms.max(t.elapsed().as_secs_f64() * 1000.0);
+        f.jobs_statements += 1;
+        f.jobs += n;
         if n < JOBS_BATCH {
             break;
         }
     }
-    Ok((
-        started.elapsed().as_secs_f64(),
-        longest_ms,
-        events,
-        deleted_jobs,
-    ))
+    f.jobs_secs = jobs_started.elapsed().as_secs_f64();
+    f.secs = started.elapsed().as_secs_f64();
+    Ok(f)
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the two statements of `GET /workers?live=true` (the page, then
+/// the active jobs of its workers), as the controller sends them, and the state of `workers`.
+async fn explain_live(db: &DatabaseConnection) -> Res<String> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let lines = |sql: String| async move {
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                sql.clone(),
+            ))
+            .await
+            .map_err(|e| format!("{sql}: {e}"))?;
+        rows.iter()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{sql}: {e}"))
+    };
+    let live = format!(
+        "w.heartbeat_at > now() - {} * interval '1 microsecond'",
+        LIVENESS_MS * 1000
+    );
+    let page = format!(
+        "SELECT w.*, {live} AS live FROM workers w WHERE {live} ORDER BY w.node_id LIMIT 100"
+    );
+    let nodes = lines(format!("SELECT node_id FROM ({page}) p")).await?;
+    let list = nodes
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let jobs = format!(
+        "SELECT * FROM jobs WHERE node_id IN ({list}) AND status IN ('SCHEDULED', 'RUNNING', \
+         'STOP_REQUESTED', 'STOPPING') ORDER BY node_id, id"
+    );
+    let mut out = format!(
+        "  GET /workers?live=true: {} active jobs on the page's {} workers; its page:\n",
+        if nodes.is_empty() {
+            "0".to_owned()
+        } else {
+            lines(format!("SELECT count(*)::text FROM ({jobs}) j"))
+                .await?
+                .concat()
+        },
+        nodes.len()
+    );
+    for l in lines(format!("EXPLAIN (ANALYZE, BUFFERS) {page}")).await? {
+        out.push_str(&format!("    {l}\n"));
+    }
+    out.push_str("  and the active jobs of the page's workers:\n");
+    if nodes.is_empty() {
+        out.push_str("    (no live worker)\n");
+    } else {
+        for l in lines(format!("EXPLAIN (ANALYZE, BUFFERS) {jobs}")).await? {
+            out.push_str(&format!("    {l}\n"));
+        }
+    }
+    for l in lines(
+        "SELECT format('workers: %s live tuples, %s dead, %s updates (%s HOT), heap %s, \
+         workers_node_id_key %s, last autovacuum %s', n_live_tup, n_dead_tup, n_tup_upd, \
+         n_tup_hot_upd, pg_size_pretty(pg_relation_size('workers')), \
+         pg_size_pretty(pg_relation_size('workers_node_id_key')), \
+         coalesce(last_autovacuum::text, 'never')) FROM pg_stat_user_tables \
+         WHERE relname = 'workers'"
+            .to_owned(),
+    )
+    .await?
+    {
+        out.push_str(&format!("  {l}\n"));
+    }
+    Ok(out)
+}
+
+const DAY_CHUNK: usize = 5;
+
+/// 365 simulated days of `jobs_per_day` finished jobs a day (`events_per_job` events each) on a
+/// new migrated database with retention's defaults: a chunk of `DAY_CHUNK` days is inserted, then
+/// a retention pass runs as at the end of that chunk's last day, then a plain VACUUM (what
+/// autovacuum does on a server), and so on. The rows of day `d` are dated `365 - d` days before
+/// the real clock, so day 365 ends now; retention reads the database's clock, so a pass at the
+/// end of day `k` is run with every age lengthened by `365 - k` days (the rows it compares are
+/// then exactly as old as at day `k`).
+async fn simulate_year(
+    ctx: &Ctx<'_>,
+    dbs: &mut Databases<'_>,
+    jobs_per_day: usize,
+    events_per_job: usize,
+) -> Res<Year> {
+    use ampd::service::controller::retention::{self, Retention};
+    let (name, url) = dbs.create().await?;
+    ctx.ampd_migrate(&url, None)?;
+    let db = tests::connect(&url, 2).await;
+    let defaults = Retention::new(
+        &ampd::config::ControllerConfig::default(),
+        &ampd::config::WorkerConfig::default(),
+    );
+    let (events_age, jobs_age) = (
+        defaults
+            .events
+            .ok_or("events retention is off by default?")?,
+        defaults.jobs.ok_or("jobs retention is off by default?")?,
+    );
+    const DAYS: usize = 365;
+    let day = Duration::from_secs(24 * 60 * 60);
+    let started = Instant::now();
+    let mut year = Year {
+        jobs_per_day,
+        events_per_job,
+        ..Year::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let rows = |db: DatabaseConnection| async move {
+        Ok::<_, String>((
+            scalar(&db, "SELECT count(*) FROM jobs").await?,
+            scalar(&db, "SELECT count(*) FROM job_events").await?,
+        ))
+    };
+    let mut first = 1;
+    while first <= DAYS {
+        let last = (first + DAY_CHUNK - 1).min(DAYS);
+        // Each job finished at a point of its day (spread over the day), its events in the
+        // minutes before, every status a finished job has.
+        exec(
+            &db,
+            &format!(
+                "WITH j AS (\
+                   INSERT INTO jobs (idempotency_key, kind, node_id, status, descriptor, attempt, \
+                       created_at, updated_at) \
+                   SELECT 'y' || d || '.' || i, 'materialize-static', NULL, \
+                       (ARRAY['COMPLETED', 'STOPPED', 'FATAL'])[1 + i % 3], \
+                       jsonb_build_object('namespace', 'year', 'name', 'd' || i, 'manifest_hash', 'h'), 1, \
+                       t - interval '10 minutes', t \
+                   FROM generate_series({first}, {last}) d, generate_series(1, {jobs_per_day}) i, \
+                       LATERAL (SELECT now() - ({DAYS} - d) * interval '1 day' \
+                           - (1.0 - i::float8 / {jobs_per_day}) * interval '1 day' AS t) at \
+                   RETURNING id, updated_at) \
+                 INSERT INTO job_events (job_id, node_id, event_type, created_at) \
+                 SELECT j.id, 'w00001', 'RUNNING', j.updated_at - (k * interval '1 second') \
+                 FROM j, generate_series(1, {events_per_job}) k"
+            ),
+        )
+        .await?;
+        let shift = day.saturating_mul((DAYS - last) as u32);
+        let r = Retention {
+            events: Some(events_age + shift),
+            jobs: Some(jobs_age + shift),
+            workers: None,
+            liveness_window: defaults.liveness_window,
+        };
+        let t = Instant::now();
+        let deleted = retention::pass(&db, &r, &stop)
+            .await
+            .map_err(|e| format!("retention pass at day {last}: {e}"))?;
+        let pass_s = t.elapsed().as_secs_f64();
+        year.longest_pass_s = year.longest_pass_s.max(pass_s);
+        exec(&db, "VACUUM").await?;
+        if last % 30 < DAY_CHUNK || last == DAYS {
+            eprintln!(
+                "  day {last}: {:.0} MB; the pass deleted {} events and {} jobs in {pass_s:.1} s \
+                 ({:.0} s so far)",
+                scalar(&db, "SELECT pg_database_size(current_database())").await? as f64 / 1e6,
+                deleted.events,
+                deleted.jobs,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if last == 120 {
+            year.size_120_mb =
+                scalar(&db, "SELECT pg_database_size(current_database())").await? as f64 / 1e6;
+            year.rows_120 = rows(db.clone()).await?;
+        }
+        first = last + 1;
+    }
+    year.size_365_mb =
+        scalar(&db, "SELECT pg_database_size(current_database())").await? as f64 / 1e6;
+    year.rows_365 = rows(db.clone()).await?;
+    year.secs = started.elapsed().as_secs_f64();
+    let _ = db.close().await;
+    dbs.drop(&name).await?;
+    Ok(year)
 }
 
 fn ms(x: f64) -> String {
     super::ms(x)
+}
+
+fn kb(bytes: usize) -> String {
+    format!("{:.1} kB", bytes as f64 / 1000.0)
 }
 
 pub fn markdown(s: &Scale) -> String {
@@ -548,26 +857,124 @@ pub fn markdown(s: &Scale) -> String {
         ms(s.full.heartbeat_ms.0),
         ms(s.full.heartbeat_ms.1)
     );
-    for ((path, e50, e99), (_, h50, h99)) in s.empty.routes.iter().zip(&s.full.routes) {
+    for ((path, e50, e99, eb), (_, h50, h99, hb)) in s.empty.routes.iter().zip(&s.full.routes) {
         let _ = writeln!(
             md,
-            "| `GET {path}` p50 / p99 | {} / {} | {} / {} | p99 ≤ 10 ms |",
+            "| `GET {path}` p50 / p99 (answer) | {} / {} ({}) | {} / {} ({}) | p99 ≤ 10 ms |",
             ms(*e50),
             ms(*e99),
+            kb(*eb),
             ms(*h50),
-            ms(*h99)
+            ms(*h99),
+            kb(*hb)
         );
     }
-    if let Some((secs, longest, events, jobs)) = s.full.retention {
+    if let Some(r) = &s.full.retention {
+        md.push_str(&retention_rows(r));
+    }
+    if let Some(y) = &s.year {
+        md.push('\n');
+        md.push_str(&year_markdown(y));
+    }
+    md
+}
+
+/// One side's figures as a table of their own, printed as soon as the side is measured.
+fn side_markdown(title: &str, f: &Fleet, side: &Side) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(md, "\n| measure | {title} |\n|---|---|");
+    let _ = writeln!(md, "| database size | {:.0} MB |", side.size_mb);
+    let _ = writeln!(
+        md,
+        "| database time per scheduling pass (`pg_stat_statements`) | {} |",
+        side.pass_db_ms.map(ms).unwrap_or_else(|| "–".to_owned())
+    );
+    let _ = writeln!(
+        md,
+        "| recovery of the {} RUNNING jobs of {} silenced workers | {:.1} s |",
+        f.dead() * 4,
+        f.dead(),
+        side.recovery_s
+    );
+    let _ = writeln!(
+        md,
+        "| heartbeat write p50 / p99 during passes | {} / {} |",
+        ms(side.heartbeat_ms.0),
+        ms(side.heartbeat_ms.1)
+    );
+    for (path, p50, p99, bytes) in &side.routes {
         let _ = writeln!(
             md,
-            "| one retention pass, defaults (30 / 90 days): {events} events, {jobs} jobs deleted | | {secs:.1} s | |"
-        );
-        let _ = writeln!(
-            md,
-            "| its longest statement touching `jobs` (its own transaction: the longest lock) | | {} | ≤ 100 ms |",
-            ms(longest)
+            "| `GET {path}` p50 / p99 (answer) | {} / {} ({}) |",
+            ms(*p50),
+            ms(*p99),
+            kb(*bytes)
         );
     }
+    md
+}
+
+/// The rows of the history column that a retention pass fills.
+fn retention_rows(r: &RetentionFigures) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| one retention pass, defaults (30 / 90 days): {} events, {} jobs deleted | | {:.1} s | |",
+        r.events, r.jobs, r.secs
+    );
+    let _ = writeln!(
+        md,
+        "| its events: {} statements, {:.1} s, {:.0} events/s; longest statement (reads `jobs`, locks none of its rows) | | {} | |",
+        r.events_statements,
+        r.events_secs,
+        r.events as f64 / r.events_secs.max(1e-9),
+        ms(r.longest_events_ms)
+    );
+    let _ = writeln!(
+        md,
+        "| its jobs: {} statements, {:.1} s; longest statement (its own transaction: the longest lock on `jobs`) | | {} | ≤ 100 ms |",
+        r.jobs_statements,
+        r.jobs_secs,
+        ms(r.longest_jobs_ms)
+    );
+    md
+}
+
+/// The retention pass's figures, printed as soon as the pass ends.
+fn retention_markdown(r: &RetentionFigures) -> String {
+    format!(
+        "\n| retention | | history | goal |\n|---|---|---|---|\n{}",
+        retention_rows(r)
+    )
+}
+
+/// The simulated year's figures.
+pub fn year_markdown(y: &Year) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| 365 simulated days, {} jobs a day with {} events each, retention's defaults | after day 120 | after day 365 | goal |\n|---|---|---|---|",
+        y.jobs_per_day, y.events_per_job
+    );
+    let _ = writeln!(
+        md,
+        "| `pg_database_size` | {:.0} MB | {:.0} MB ({:.2}×) | ≤ 1.2× |",
+        y.size_120_mb,
+        y.size_365_mb,
+        y.size_365_mb / y.size_120_mb.max(1e-9)
+    );
+    let _ = writeln!(
+        md,
+        "| rows in `jobs` / `job_events` | {} / {} | {} / {} | |",
+        y.rows_120.0, y.rows_120.1, y.rows_365.0, y.rows_365.1
+    );
+    let _ = writeln!(
+        md,
+        "| the simulation's wall time; its longest retention pass | | {:.0} s; {:.1} s | |",
+        y.secs, y.longest_pass_s
+    );
     md
 }
