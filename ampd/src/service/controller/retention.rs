@@ -114,32 +114,33 @@ pub async fn pass(
 ) -> Result<Deleted, metadata::Error> {
     let mut deleted = Deleted::default();
     if let Some(age) = retention.events {
-        loop {
+        deleted.events = drain(stop, EVENTS_BATCH, || async move {
             let purged = jobs::delete_events_of_finished(db, age, EVENTS_BATCH).await?;
-            deleted.events += purged.events;
-            if purged.jobs < EVENTS_BATCH || stop.is_cancelled() {
-                break;
-            }
-        }
+            Ok((purged.jobs, purged.events))
+        })
+        .await?;
     }
     if let Some(age) = retention.jobs {
-        deleted.jobs = drain(stop, JOBS_BATCH, || {
-            jobs::delete_finished(db, age, JOBS_BATCH)
+        deleted.jobs = drain(stop, JOBS_BATCH, || async move {
+            let n = jobs::delete_finished(db, age, JOBS_BATCH).await?;
+            Ok((n, n))
         })
         .await?;
     }
     if let Some(age) = retention.workers {
         let window = retention.liveness_window;
-        deleted.workers = drain(stop, WORKERS_BATCH, || {
-            workers::delete_gone(db, window, age, WORKERS_BATCH)
+        deleted.workers = drain(stop, WORKERS_BATCH, || async move {
+            let n = workers::delete_gone(db, window, age, WORKERS_BATCH).await?;
+            Ok((n, n))
         })
         .await?;
     }
     Ok(deleted)
 }
 
-/// Runs `batch_op` (which deletes at most `batch` rows) until it deletes fewer, or `stop` is
-/// cancelled; returns how many it deleted in all.
+/// Runs `batch_op` until a batch comes back short, or `stop` is cancelled; returns how many rows it
+/// deleted in all. A batch answers how many of its `batch` units it took (rows, or the jobs whose
+/// events it deleted) and how many rows it deleted.
 async fn drain<F, Fut>(
     stop: &CancellationToken,
     batch: u64,
@@ -147,13 +148,13 @@ async fn drain<F, Fut>(
 ) -> metadata::Result<u64>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = metadata::Result<u64>>,
+    Fut: std::future::Future<Output = metadata::Result<(u64, u64)>>,
 {
     let mut total = 0;
     loop {
-        let n = batch_op().await?;
-        total += n;
-        if n < batch || stop.is_cancelled() {
+        let (taken, deleted) = batch_op().await?;
+        total += deleted;
+        if taken < batch || stop.is_cancelled() {
             return Ok(total);
         }
     }
