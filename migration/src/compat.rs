@@ -46,6 +46,7 @@ pub static COMPATIBLE: &[&str] = &[
     "m20261206_000007_index_job_events_created_at",
     "m20261206_000008_index_physical_table_revisions_writer",
     "m20261206_000009_index_jobs_finished_updated_at",
+    "m20261206_000010_index_workers_heartbeat_at",
 ];
 
 /// Whether the migration called `name` was reviewed as compatible with binaries that do not know

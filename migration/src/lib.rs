@@ -34,6 +34,7 @@ mod m20261206_000006_index_jobs_status_id;
 mod m20261206_000007_index_job_events_created_at;
 mod m20261206_000008_index_physical_table_revisions_writer;
 mod m20261206_000009_index_jobs_finished_updated_at;
+mod m20261206_000010_index_workers_heartbeat_at;
 
 /// The Rust snippets of the README and of `docs/`, compiled as doc tests of this crate (`cargo test
 /// -p migration --doc`, part of `cargo test --workspace`) so that they keep compiling as written. A
@@ -72,6 +73,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000007_index_job_events_created_at::Migration),
             Box::new(m20261206_000008_index_physical_table_revisions_writer::Migration),
             Box::new(m20261206_000009_index_jobs_finished_updated_at::Migration),
+            Box::new(m20261206_000010_index_workers_heartbeat_at::Migration),
         ]
     }
 }

@@ -340,6 +340,11 @@ async fn status_json_shows_which_pending_migrations_run_together_and_which_alone
                 10,
                 "alone".to_owned()
             ),
+            (
+                "m20261206_000010_index_workers_heartbeat_at".to_owned(),
+                11,
+                "alone".to_owned()
+            ),
         ]
     );
 }
