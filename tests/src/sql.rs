@@ -81,3 +81,16 @@ pub async fn lock_waiter(db: &DatabaseConnection, what: &str, within: Duration) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The plan of `stmt`, as `EXPLAIN (FORMAT JSON)` gives it, as text.
+pub async fn plan_of<C: ConnectionTrait>(db: &C, stmt: &Statement) -> String {
+    let explain = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!("EXPLAIN (FORMAT JSON) {}", stmt.sql),
+        stmt.values.clone().map(|v| v.0).unwrap_or_default(),
+    );
+    let row = db.query_one_raw(explain).await.unwrap().expect("a plan");
+    row.try_get_by_index::<serde_json::Value>(0)
+        .unwrap()
+        .to_string()
+}

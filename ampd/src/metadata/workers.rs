@@ -223,6 +223,45 @@ where
         .await?)
 }
 
+/// The live workers (`heartbeat_at > now() - window`, by the database clock), by node id, each
+/// with its number of active jobs (SCHEDULED, RUNNING, STOP_REQUESTED, STOPPING): where a job can
+/// be placed. One statement, reading the live workers through `idx_workers_heartbeat_at` and their
+/// jobs through `idx_jobs_node_id_status`: it does not grow with the workers ever registered nor
+/// with the finished jobs.
+pub async fn list_live_load<C>(db: &C, window: Duration) -> Result<Vec<(String, i64)>>
+where
+    C: ConnectionTrait,
+{
+    let rows = db.query_all_raw(list_live_load_statement(window)?).await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("", "node_id")?, row.try_get("", "active")?)))
+        .collect()
+}
+
+/// The statement [`list_live_load`] runs (to `EXPLAIN` it).
+pub fn list_live_load_statement(window: Duration) -> Result<Statement> {
+    let window = micros("liveness window", window)?;
+    let active = super::jobs::ACTIVE
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Custom SQL: a count per row reads plainly only as SQL. A correlated count rather than a
+    // join: its plan is one probe of `idx_jobs_node_id_status` per live worker whatever the
+    // table's statistics, where a join was planned as a merge over every job's index entry,
+    // the finished ones too (15 ms a pass beside 98 000 finished jobs).
+    Ok(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "SELECT w.node_id, (SELECT count(*) FROM jobs j \
+                 WHERE j.node_id = w.node_id AND j.status IN ({active})) AS active \
+             FROM workers w WHERE w.heartbeat_at > now() - $1 * interval '1 microsecond' \
+             ORDER BY w.node_id"
+        ),
+        [Value::from(window)],
+    ))
+}
+
 /// Deletes up to `batch` workers that are gone: not live (no heartbeat within `window`), last
 /// seen `older_than` ago or earlier (the later of their last heartbeat and their last
 /// registration, so a worker that signed off counts as last seen when it last started), holding

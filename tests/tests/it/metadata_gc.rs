@@ -482,19 +482,6 @@ async fn a_roll_back_committed_after_a_revision_was_listed_as_emptied_keeps_its_
     );
 }
 
-/// The plan of `stmt`, as `EXPLAIN (FORMAT JSON)` gives it, as text.
-async fn plan_of<C: ConnectionTrait>(db: &C, stmt: &sea_orm::Statement) -> String {
-    let explain = sea_orm::Statement::from_sql_and_values(
-        sea_orm::DbBackend::Postgres,
-        format!("EXPLAIN (FORMAT JSON) {}", stmt.sql),
-        stmt.values.clone().map(|v| v.0).unwrap_or_default(),
-    );
-    let row = db.query_one_raw(explain).await.unwrap().expect("a plan");
-    row.try_get_by_index::<serde_json::Value>(0)
-        .unwrap()
-        .to_string()
-}
-
 /// Issue 21, item 7: a collector batch reads the soonest expired entries through
 /// `idx_gc_manifest_expiration_file_id` and stops after its batch, instead of reading and sorting
 /// the whole backlog (what the plan is without the index).
@@ -521,7 +508,7 @@ async fn a_collector_batch_reads_its_entries_through_the_index_not_the_whole_bac
     .unwrap();
     let stmt = files::list_expired_statement(100);
 
-    let plan = plan_of(&db, &stmt).await;
+    let plan = tests::sql::plan_of(&db, &stmt).await;
     assert!(
         plan.contains("\"Index Name\":\"idx_gc_manifest_expiration_file_id\""),
         "the batch does not read through the index: {plan}"
@@ -535,7 +522,7 @@ async fn a_collector_batch_reads_its_entries_through_the_index_not_the_whole_bac
     tx.execute_unprepared("DROP INDEX idx_gc_manifest_expiration_file_id")
         .await
         .unwrap();
-    let before = plan_of(&tx, &stmt).await;
+    let before = tests::sql::plan_of(&tx, &stmt).await;
     tx.rollback().await.unwrap();
     assert!(before.contains("\"Node Type\":\"Sort\""), "{before}");
 

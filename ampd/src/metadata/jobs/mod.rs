@@ -73,8 +73,8 @@ pub use controller::{
     fail_lost, give_up, reassign, request_stop, reschedule, stop_lost, worker_lost,
 };
 pub use query::{
-    count_active_by_node, delete, delete_terminal, get, list, list_active_for_node,
-    list_active_for_nodes, list_due_for_retry, list_events, list_events_page, list_orphaned,
+    delete, delete_terminal, get, list, list_active_for_node, list_active_for_nodes,
+    list_due_for_retry, list_events, list_events_page, list_orphaned, list_orphaned_statement,
 };
 pub use retention::{EventsPurged, delete_events_of_finished, delete_finished};
 pub use schedule::schedule;

@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use entity::{JobStatus, job_events, jobs, workers};
 use sea_orm::sea_query::extension::postgres::PgExpr;
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement,
 };
 
 use super::{ACTIVE, TERMINAL, WORKER_LOST, WORKER_SHUTDOWN, status_of};
@@ -69,24 +70,6 @@ where
     }
 }
 
-/// How many active jobs each node has (nodes without any are absent).
-pub async fn count_active_by_node<C>(db: &C) -> Result<Vec<(String, i64)>>
-where
-    C: ConnectionTrait,
-{
-    Ok(jobs::Entity::find()
-        .select_only()
-        .column(jobs::Column::NodeId)
-        .column_as(jobs::Column::Id.count(), "active")
-        .filter(jobs::Column::Status.is_in(names(&ACTIVE)))
-        .filter(jobs::Column::NodeId.is_not_null())
-        .group_by(jobs::Column::NodeId)
-        .order_by_asc(jobs::Column::NodeId)
-        .into_tuple()
-        .all(db)
-        .await?)
-}
-
 fn names(statuses: &[JobStatus]) -> Vec<&'static str> {
     statuses.iter().map(|s| s.as_str()).collect()
 }
@@ -124,23 +107,39 @@ where
 
 /// The orphaned jobs: active, and assigned to no node or to a worker whose last heartbeat is
 /// `window` old or older (by the database clock). By id.
+///
+/// One statement that reads the active jobs and the live workers only (a hashed `NOT IN` over
+/// `idx_workers_heartbeat_at`), not every worker ever registered.
 pub async fn list_orphaned<C>(db: &C, window: Duration) -> Result<Vec<jobs::Model>>
 where
     C: ConnectionTrait,
 {
+    let stmt = list_orphaned_statement(window)?;
+    Ok(jobs::Entity::find().from_raw_sql(stmt).all(db).await?)
+}
+
+/// The statement [`list_orphaned`] runs (to `EXPLAIN` it).
+pub fn list_orphaned_statement(window: Duration) -> Result<Statement> {
     let window = micros("liveness window", window)?;
-    Ok(jobs::Entity::find()
-        .left_join(workers::Entity)
-        .filter(jobs::Column::Status.is_in(names(&ACTIVE)))
-        .filter(Condition::any().add(jobs::Column::NodeId.is_null()).add(
-            Expr::col((workers::Entity, workers::Column::HeartbeatAt)).lte(Expr::cust_with_values(
+    let live = Query::select()
+        .column(workers::Column::NodeId)
+        .from(workers::Entity)
+        .and_where(
+            Expr::col(workers::Column::HeartbeatAt).gt(Expr::cust_with_values(
                 "now() - $1 * interval '1 microsecond'",
                 [window],
             )),
-        ))
+        )
+        .to_owned();
+    Ok(jobs::Entity::find()
+        .filter(jobs::Column::Status.is_in(names(&ACTIVE)))
+        .filter(
+            Condition::any()
+                .add(jobs::Column::NodeId.is_null())
+                .add(jobs::Column::NodeId.not_in_subquery(live)),
+        )
         .order_by_asc(jobs::Column::Id)
-        .all(db)
-        .await?)
+        .build(DbBackend::Postgres))
 }
 
 /// ERROR jobs due for a retry, oldest failure first, at most `limit`: at once when their worker was

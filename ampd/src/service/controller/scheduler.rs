@@ -88,16 +88,10 @@ impl Placement {
         db: &DatabaseConnection,
         window: Duration,
     ) -> Result<Placement, metadata::Error> {
-        let mut load: BTreeMap<String, i64> = workers::list_live(db, window)
+        let load = workers::list_live_load(db, window)
             .await?
             .into_iter()
-            .map(|w| (w.node_id, 0))
             .collect();
-        for (node, active) in jobs::count_active_by_node(db).await? {
-            if let Some(n) = load.get_mut(&node) {
-                *n = active;
-            }
-        }
         Ok(Placement { load })
     }
 
@@ -138,9 +132,10 @@ fn lost_race(err: &metadata::Error) -> bool {
 /// get a new attempt on a live worker (their previous node when it is live, else the least-loaded
 /// one), or are given up once they have failed `max_attempts` times.
 ///
-/// Its statements do not grow with the number of workers or of finished jobs: four reads (the
-/// live workers, their loads, the orphaned jobs, the jobs due for a retry) and one statement per
-/// job it changes.
+/// Its statements do not grow with the number of workers or of finished jobs: three reads (the
+/// live workers with their loads, the orphaned jobs, the jobs due for a retry) and one statement
+/// per job it changes; the reads do not grow with the workers ever registered nor with the
+/// finished jobs either (they read the live workers and the active jobs through their indexes).
 pub async fn reconcile(db: &DatabaseConnection, policy: &Policy) -> Result<(), metadata::Error> {
     pass(db, policy).await.map(|_| ())
 }
