@@ -48,8 +48,8 @@ const USAGE: &str = "usage: ampd-bench [--runs N (>= 15, default 15)] [--secs S 
      [--out PATH (default BENCHMARKS.md at the workspace root)] [--no-write] \
      [--only fresh|noop|scaling|throughput|services|memory|metrics|scale (repeatable; implies --no-write)] \
      [--fleet WORKERS,ACTIVE,HISTORY,EVENTS,EVER (scale; default 256,2000,98000,10000000,10000)] \
-     [--year JOBS_PER_DAY[,EVENTS_PER_JOB] (scale's simulated year; default 10000 and the fleet's \
-     events per finished job; 0 skips it)]";
+     [--year JOBS_PER_DAY[,EVENTS_PER_JOB] (scale's simulated year; default 10000,10; \
+     0 skips it)]";
 
 #[derive(Debug)]
 struct Args {

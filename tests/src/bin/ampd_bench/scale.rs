@@ -117,15 +117,20 @@ pub struct RetentionFigures {
 #[derive(Clone, Debug)]
 pub struct YearPlan {
     pub jobs_per_day: usize,
-    /// `None`: as many as the fleet's history has per job.
-    pub events_per_job: Option<usize>,
+    pub events_per_job: usize,
 }
+
+/// Events per job of the simulated year when `--year` does not say: a job writes one event per
+/// transition, three when it completes at its first attempt (SCHEDULED, RUNNING, COMPLETED);
+/// ten leaves room for a placement, a retry and a stop. (The fleet's history has about a hundred
+/// per job, to load the retention pass; a year of those would take hours to insert here.)
+pub const YEAR_EVENTS_PER_JOB: usize = 10;
 
 impl Default for YearPlan {
     fn default() -> YearPlan {
         YearPlan {
             jobs_per_day: 10_000,
-            events_per_job: None,
+            events_per_job: YEAR_EVENTS_PER_JOB,
         }
     }
 }
@@ -141,11 +146,11 @@ impl YearPlan {
         match *n.as_slice() {
             [jobs_per_day] => Ok(YearPlan {
                 jobs_per_day,
-                events_per_job: None,
+                events_per_job: YEAR_EVENTS_PER_JOB,
             }),
-            [jobs_per_day, events] if events >= 1 => Ok(YearPlan {
+            [jobs_per_day, events_per_job] if events_per_job >= 1 => Ok(YearPlan {
                 jobs_per_day,
-                events_per_job: Some(events),
+                events_per_job,
             }),
             _ => Err(format!(
                 "--year {text:?}: jobs_per_day[,events_per_job] (0 jobs skips the year; at \
@@ -201,9 +206,7 @@ pub async fn measure(
     );
     let full = side(ctx, &mut dbs, fleet, true, stat_statements).await?;
     let year = if plan.jobs_per_day > 0 {
-        let events_per_job = plan
-            .events_per_job
-            .unwrap_or_else(|| (fleet.events / fleet.history.max(1)).max(1));
+        let events_per_job = plan.events_per_job;
         eprintln!(
             "scale: 365 simulated days of {} jobs a day with {events_per_job} events each ...",
             plan.jobs_per_day
@@ -494,6 +497,10 @@ async fn measure_running(
         .await?;
         let passes = (QUIET_SECS * 1000 / PASS_MS) as f64;
         side.pass_db_ms = Some(micros as f64 / 1000.0 / passes);
+        eprint!(
+            "{}",
+            statements_of_the_passes(&dbs.admin, oid, passes).await?
+        );
     }
 
     let events_of = scalar(db, "SELECT coalesce(max(job_id), 1) FROM job_events").await?;
@@ -614,6 +621,34 @@ async fn retention_pass(db: &DatabaseConnection) -> Res<RetentionFigures> {
     f.jobs_secs = jobs_started.elapsed().as_secs_f64();
     f.secs = started.elapsed().as_secs_f64();
     Ok(f)
+}
+
+/// Where the passes' database time went: the statements of the quiet stretch (the heartbeats
+/// left out), the costliest first, each with its calls and time per pass.
+async fn statements_of_the_passes(
+    admin: &DatabaseConnection,
+    oid: i64,
+    passes: f64,
+) -> Res<String> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let sql = format!(
+        "SELECT calls, total_exec_time, regexp_replace(left(query, 110), '\\s+', ' ', 'g') \
+         FROM pg_stat_statements WHERE dbid = {oid} \
+         AND query NOT ILIKE '%heartbeat_at\" = CURRENT_TIMESTAMP%' \
+         AND query NOT ILIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT 6"
+    );
+    let rows = admin
+        .query_all_raw(Statement::from_string(admin.get_database_backend(), sql))
+        .await
+        .map_err(|e| format!("pg_stat_statements: {e}"))?;
+    let mut out = "  the passes' statements, costliest first (calls, ms per pass):\n".to_owned();
+    for r in rows {
+        let calls: i64 = r.try_get_by_index(0).map_err(|e| e.to_string())?;
+        let ms: f64 = r.try_get_by_index(1).map_err(|e| e.to_string())?;
+        let query: String = r.try_get_by_index(2).map_err(|e| e.to_string())?;
+        out.push_str(&format!("    {calls:>5} {:>7.2}  {query}\n", ms / passes));
+    }
+    Ok(out)
 }
 
 /// `EXPLAIN (ANALYZE, BUFFERS)` of the two statements of `GET /workers?live=true` (the page, then
