@@ -223,6 +223,16 @@ where
         .await?)
 }
 
+/// The active statuses as an SQL list (`'SCHEDULED', 'RUNNING', ...`), for the custom statements
+/// below.
+fn active_statuses_sql() -> String {
+    super::jobs::ACTIVE
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The live workers (`heartbeat_at > now() - window`, by the database clock), by node id, each
 /// with its number of active jobs (SCHEDULED, RUNNING, STOP_REQUESTED, STOPPING): where a job can
 /// be placed. One statement, reading the live workers through `idx_workers_heartbeat_at` and their
@@ -241,11 +251,7 @@ where
 /// The statement [`list_live_load`] runs (to `EXPLAIN` it).
 pub fn list_live_load_statement(window: Duration) -> Result<Statement> {
     let window = micros("liveness window", window)?;
-    let active = super::jobs::ACTIVE
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let active = active_statuses_sql();
     // Custom SQL: a count per row reads plainly only as SQL. A correlated count rather than a
     // join: its plan is one probe of `idx_jobs_node_id_status` per live worker whatever the
     // table's statistics, where a join was planned as a merge over every job's index entry,
@@ -284,11 +290,7 @@ where
     let window = micros("liveness window", window)?;
     let age = micros("workers retention", older_than)?;
     let batch = i64::try_from(batch).unwrap_or(i64::MAX);
-    let active = super::jobs::ACTIVE
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let active = active_statuses_sql();
     // The claim key of `claim_key`, computed by the database: the first 8 bytes of
     // sha256("ampd/node-claim/" || node_id) as two big-endian int4, which pg_locks shows as
     // classid and objid (objsubid 2 for the two-int4 form).
